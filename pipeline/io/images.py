@@ -1,0 +1,128 @@
+"""Image I/O: every image the pipeline reads becomes 8-bit RGB, in one documented way.
+
+Conversions done by :func:`read_rgb`:
+
+- grayscale (``L``, ``1``, ``I``, ``I;16``, ``F``): the single channel is repeated three times;
+- 16-bit and 32-bit integer / float data: scaled linearly from the type's full range
+  (0–65535 for 16-bit) to 0–255 and rounded, never clipped at 255;
+- RGBA / LA / palette with transparency: composited over a white background
+  (the usual choice of SR data loaders, which drop alpha);
+- palette (``P``) and CMYK / YCbCr: converted to RGB by Pillow.
+
+Corrupt or truncated files raise :class:`ImageError` naming the file (Pillow's lenient
+loading of truncated files is switched off here).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from pipeline.io.atomic import atomic_path
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be read as an image."""
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        # Pillow opens 16-bit PNGs as int32 mode "I"; their range is still 0..65535
+        maximum = 65535.0 if array.max(initial=0) > 255 or array.dtype.itemsize >= 2 else 255.0
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / maximum)), 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    raise ImageError(f"unsupported pixel type {array.dtype}")
+
+
+def decode_rgb(image: Image.Image, name: str = "<image>") -> np.ndarray:
+    """Convert an opened Pillow image to uint8 ``[H, W, 3]`` as documented in the module."""
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba).convert("RGB")
+        mode = "RGB"
+    if mode in ("I", "I;16", "I;16B", "I;16L", "F", "1", "L"):
+        array = _to_uint8(np.asarray(image))
+        return np.ascontiguousarray(np.repeat(array[:, :, None], 3, axis=2))
+    if mode != "RGB":
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError(f"{name}: could not convert mode {mode} to RGB")
+    return np.ascontiguousarray(_to_uint8(array))
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read any supported image file as uint8 RGB ``[H, W, 3]`` (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            # 16-bit RGB PNG/TIFF: Pillow cannot hold it as RGB; read the raw array instead
+            if image.mode in ("RGB;16", "RGBA;16", "I;16") or "16" in image.mode:
+                array = np.asarray(image)
+                if array.ndim == 3:
+                    return np.ascontiguousarray(_to_uint8(array[:, :, :3]))
+            return decode_rgb(image, str(path))
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(f"cannot read image {path}: {error}") from error
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write uint8 ``[H, W, 3]`` as PNG through a temporary name (deterministic bytes)."""
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"{path}: expected uint8 [H, W, 3], got {array.dtype} {array.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode="RGB").save(buffer, format="PNG", optimize=False, compress_level=6)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
+
+
+def list_images(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted, hidden files skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    wanted = {extension.lower() for extension in extensions}
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.is_file()
+        and path.suffix.lower() in wanted
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """float ``[3, H, W]`` in [-1, 1] → uint8 ``[H, W, 3]`` (clamped, rounded)."""
+    scaled = tensor.detach().float().cpu().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
+    return scaled.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()

@@ -1,0 +1,125 @@
+"""The one interface both SR families implement; later stages use only this.
+
+Conventions (every method):
+- images are float tensors ``[B, 3, H, W]`` in ``[-1, 1]``;
+- ``lq`` is the low-quality input already at the HQ size (bicubic upsampled with
+  :func:`upsample_lq` when the stored LQ is small), so one tensor shape serves all codecs;
+- a *latent codec* maps images to latents and back; it may use the LQ as context
+  (the demo's residual pixel codec does, the SD VAE ignores it);
+- *error maps* are per-pixel squared denoising errors on the latent grid, mean over
+  channels, ``[B, N, h, w]`` for ``N`` target images per LQ, computed under one shared
+  timestep and one shared noise per LQ (DESIGN.md point 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def upsample_lq(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic upsampling of an LQ batch to ``size`` (H, W), clamped to [-1, 1]; identity if equal."""
+    if tuple(lq.shape[-2:]) == tuple(size):
+        return lq
+    return F.interpolate(lq, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+class LatentCodec(ABC):
+    """Images <-> latents. ``lq`` is the HQ-sized LQ, for codecs that code relative to it."""
+
+    #: channels of the latent
+    latent_channels: int
+    #: spatial factor from image to latent grid (8 for the SD VAE)
+    downscale: int
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor, lq: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, lq: torch.Tensor) -> torch.Tensor: ...
+
+
+class SRModel(ABC, nn.Module):
+    """A diffusion SR model of either family (``onestep`` or ``multistep``)."""
+
+    framework: ClassVar[str]
+    codec: LatentCodec
+
+    # -- persistence -------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> SRModel:
+        """Load from a folder written by :meth:`save_pretrained` (or a real-weights folder/hub id)."""
+
+    @abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a self-describing folder (diffusers layout, safetensors only)."""
+
+    # -- training ----------------------------------------------------------------------
+    @abstractmethod
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters preference training updates (LoRA weights or the ControlNet/UNet)."""
+
+    @abstractmethod
+    def draw_timesteps_and_noise(
+        self, lq: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One timestep ``[B]`` and one noise tensor ``[B, C, h, w]`` per LQ, drawn on the CPU."""
+
+    @abstractmethod
+    def error_maps(
+        self,
+        lq: torch.Tensor,
+        targets: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Per-pixel squared denoising error ``[B, N, h, w]`` of ``targets [B, N, 3, H, W]``.
+
+        Multi-step: ``||eps_theta(x_t(target), t, lq, prompt) - eps||^2`` averaged over latent channels.
+        One-step: ``||z_hat(lq) - encode(target)||^2`` (the one-step limit, DESIGN.md point 4).
+        Gradients flow into :meth:`trainable_parameters`.
+        """
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this context, forward passes use the frozen reference weights.
+
+        LoRA models disable their adapters; full fine-tunes swap in a frozen copy.
+        """
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @abstractmethod
+    def pretrain_loss(
+        self, lq: torch.Tensor, hq: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The family's own pretraining objective on a batch of pairs, and scalar stats to log."""
+
+    # -- inference ---------------------------------------------------------------------
+    @abstractmethod
+    def sample(
+        self,
+        lq: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """SR images ``[B, 3, H, W]`` in [-1, 1]; one generator per image makes each image's
+        result independent of its batch neighbours."""
+
+    def describe(self) -> dict[str, str]:
+        """What this model is made of (weights path, codec, stand-ins), for stage metadata."""
+        return {"framework": self.framework, "codec": type(self.codec).__name__}

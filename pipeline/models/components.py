@@ -1,0 +1,165 @@
+"""Building blocks both SR families share: text encoder, UNet, pretrained-folder checks.
+
+Tiny components are built from configs (nothing is downloaded), so tests and the CPU demo run
+the same code paths as real SD 2-base weights; real weights come from a local diffusers folder
+(checked with :func:`check_pretrained_folder`) or a hub id resolved from the local cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+#: files every SD 2-base / 2.1-base diffusers folder holds, per subfolder
+SD_BASE_REQUIRED: dict[str, list[str]] = {
+    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "vae": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "text_encoder": ["config.json", "model.safetensors"],
+    "tokenizer": ["tokenizer_config.json"],
+    "scheduler": ["scheduler_config.json"],
+}
+
+# A few common English merges so prompts tokenize into more than single bytes.
+_TINY_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "e n", "o r"]
+TINY_MAX_LENGTH = 16
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over the 256 byte-level symbols plus a few merges, built offline.
+
+    The vocab/merges files are generated into a temporary folder and loaded from there, the same
+    way a real tokenizer folder is read.
+    """
+    symbols = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab[token] = len(vocab)
+    for merge in _TINY_MERGES:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file = Path(folder, "vocab.json")
+        merges_file = Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(_TINY_MERGES) + "\n", encoding="utf-8")
+        return CLIPTokenizer(
+            vocab=str(vocab_file), merges=str(merges_file), model_max_length=max_length
+        )
+
+
+def build_tiny_text_encoder(
+    hidden_size: int = 32, num_layers: int = 2, max_length: int = TINY_MAX_LENGTH
+) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A tiny CLIP text model (``hidden_size``, ``num_layers``) and its offline tokenizer."""
+    tokenizer = build_tiny_tokenizer(max_length)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=hidden_size,
+    )
+    return CLIPTextModel(config), tokenizer
+
+
+def encode_prompts(
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    prompts: Sequence[str],
+    device: torch.device | str,
+) -> torch.Tensor:
+    """Last hidden states ``[B, L, D]`` of the prompts, padded/truncated to the tokenizer length."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def build_tiny_unet(
+    in_channels: int,
+    out_channels: int,
+    cross_attention_dim: int,
+    sample_size: int,
+    block_out_channels: Sequence[int] = (32, 64),
+    attention_head_dim: int = 8,
+) -> UNet2DConditionModel:
+    """A small SD-style UNet: cross-attention in the first down / last up block, 1 layer per block."""
+    depth = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (depth - 1),
+        up_block_types=("UpBlock2D",) * (depth - 1) + ("CrossAttnUpBlock2D",),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim,
+        norm_num_groups=min(8, *block_out_channels),
+    )
+
+
+def check_pretrained_folder(path: str | Path, required: dict[str, list[str]]) -> Path:
+    """Raise ``FileNotFoundError`` naming ``path`` and every expected file that is missing.
+
+    ``required`` maps subfolders to file names (``{"unet": ["config.json", ...]}``; key ``""``
+    for files at the root). Returns the folder as a ``Path``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pretrained model folder not found: {folder}")
+    missing = [
+        f"{sub}/{name}" if sub else name
+        for sub, names in required.items()
+        for name in names
+        if not (folder / sub / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(
+            f"pretrained model folder {folder} is incomplete; missing: {', '.join(missing)}"
+        )
+    return folder
+
+
+def resolve_pretrained(
+    path_or_id: str | Path, required: dict[str, list[str]], allow_download: bool = False
+) -> tuple[str, dict]:
+    """Where to load from and the ``from_pretrained`` keyword arguments that go with it.
+
+    An existing folder is checked with :func:`check_pretrained_folder`; a string of the form
+    ``org/name`` that is not an existing path is a hub id, loaded with ``local_files_only``
+    unless ``allow_download``. Anything else is a missing folder.
+    """
+    text = str(path_or_id)
+    if Path(text).exists():
+        return str(check_pretrained_folder(text, required)), {}
+    if _HUB_ID.match(text):
+        return text, {"local_files_only": not allow_download}
+    raise FileNotFoundError(f"pretrained model folder not found: {text}")
+
+
+def hub_load_error(path_or_id: str, error: Exception) -> FileNotFoundError:
+    """A clear error for a hub id that is neither a local folder nor in the local cache."""
+    return FileNotFoundError(
+        f"could not load {path_or_id!r}: not a local folder and not in the Hugging Face cache "
+        f"(downloads are off; set allow_download or give a local diffusers folder): {error}"
+    )

@@ -1,0 +1,535 @@
+"""The multi-step SR family: SD 2-base UNet + ControlNet on the LQ (DESIGN.md point 5).
+
+The LQ (HQ-sized, in [-1, 1]) enters through a diffusers ``ControlNetModel`` whose conditioning
+embedding downsamples by the codec's factor (8 for the SD VAE, 4 for the demo's residual pixel
+codec), so its features land on the latent grid. Text prompts steer the UNet through
+cross-attention; classifier-free guidance uses the negative prompt as the unconditional text.
+Sampling runs spaced DDPM or DDIM; large images are denoised in Gaussian-blended latent tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pipeline.io.atomic import atomic_path
+from pipeline.models.base import LatentCodec, SRModel
+from pipeline.models.codecs import (
+    ResidualPixelCodec,
+    VaeCodec,
+    build_tiny_vae,
+    load_codec,
+    save_codec,
+)
+from pipeline.models.colorfix import COLOR_FIXES, apply_color_fix
+from pipeline.models.components import (
+    SD_BASE_REQUIRED,
+    build_tiny_text_encoder,
+    build_tiny_unet,
+    encode_prompts,
+    hub_load_error,
+    resolve_pretrained,
+)
+from pipeline.models.tiling import tiled_apply
+from pipeline.seeding import derive_seed
+
+MODEL_FILE = "dspo_model.json"
+#: channel widths of the ControlNet conditioning embedding; one stride-2 stage per entry after the first
+CONDITIONING_WIDTHS = (16, 32, 96, 256)
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclasses.dataclass
+class MultiStepSettings:
+    """Everything besides weights that defines the model's behaviour (saved in dspo_model.json)."""
+
+    sampler: str = "ddpm"  # "ddpm" (spaced ancestral) or "ddim" (eta 0)
+    steps: int = 20  # default sampling steps
+    cfg: float = 4.5  # default guidance scale; 1 = conditional branch only
+    conditioning_scale: float = 1.0  # ControlNet residual scale
+    default_negative_prompt: str = ""  # unconditional text when no negative prompt is given
+    prompt_dropout: float = 0.1  # pretraining: probability a prompt is replaced by "" (for CFG)
+    error_map_cfg: float = 1.0  # guidance used in error maps when negative prompts are given
+    color_fix: str = "adain"  # "adain", "wavelet" or "none"
+    latent_tile_size: int = 96  # latent pixels per tile when sampling; 0 = never tile
+    latent_tile_overlap: int = 32
+    train_unet: bool = False  # trainable set: ControlNet, plus the UNet when true
+    gradient_checkpointing: bool = False
+    weights: str = ""  # where the base weights came from (for stage metadata)
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"model.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(
+                f"model.color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}"
+            )
+        if self.latent_tile_size and self.latent_tile_overlap >= self.latent_tile_size:
+            raise ValueError("model.latent_tile_overlap must be smaller than latent_tile_size")
+
+
+def sd_scheduler_config() -> dict:
+    """The SD 2-base noise schedule (``scheduler/scheduler_config.json``)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    }
+
+
+def conditioning_widths(downscale: int) -> tuple[int, ...]:
+    """ControlNet conditioning-embedding widths that downsample the image by ``downscale``."""
+    stages = int(math.log2(downscale))
+    if 2**stages != downscale or stages + 1 > len(CONDITIONING_WIDTHS):
+        raise ValueError(f"codec downscale must be 1, 2, 4 or 8, got {downscale}")
+    return CONDITIONING_WIDTHS[: stages + 1]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class MultiStepSR(SRModel):
+    framework = "multistep"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        codec: LatentCodec,
+        scheduler: DDPMScheduler,
+        settings: MultiStepSettings | None = None,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+        self.text_encoder = text_encoder.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.codec = codec
+        self.scheduler = scheduler
+        self.settings = settings or MultiStepSettings()
+        self.compute_dtype = torch.float32
+        # frozen copies for reference(); kept out of _modules so they are neither trained nor saved
+        self.__dict__["_reference_modules"] = None
+        self.controlnet.requires_grad_(True)
+        self.unet.requires_grad_(self.settings.train_unet)
+        self.set_gradient_checkpointing(self.settings.gradient_checkpointing)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def build_tiny(
+        cls,
+        codec: str = "pixel",
+        factor: int = 4,
+        pixel_scale: float = 4.0,
+        block_out_channels: Sequence[int] = (32, 64),
+        text_hidden_size: int = 32,
+        seed: int = 0,
+        **settings,
+    ) -> MultiStepSR:
+        """A small randomly initialised model for tests and the CPU demo (UNet trainable)."""
+        settings = {"train_unet": True, "weights": f"tiny-random(seed={seed})", **settings}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, "model_init", "multistep"))
+            if codec == "pixel":
+                latent_codec: LatentCodec = ResidualPixelCodec(factor=factor, scale=pixel_scale)
+            elif codec == "vae":
+                latent_codec = VaeCodec(build_tiny_vae())
+            else:
+                raise ValueError(f"model.codec must be 'pixel' or 'vae', got {codec!r}")
+            text_encoder, tokenizer = build_tiny_text_encoder(hidden_size=text_hidden_size)
+            channels = latent_codec.latent_channels
+            unet = build_tiny_unet(channels, channels, text_hidden_size, 16, block_out_channels)
+            controlnet = ControlNetModel.from_unet(
+                unet,
+                conditioning_embedding_out_channels=conditioning_widths(latent_codec.downscale),
+            )
+        scheduler = DDPMScheduler.from_config(sd_scheduler_config())
+        return cls(
+            unet, controlnet, text_encoder, tokenizer, latent_codec, scheduler,
+            MultiStepSettings(**settings),
+        )  # fmt: skip
+
+    @classmethod
+    def from_sd_base(
+        cls,
+        path_or_id: str | Path,
+        *,
+        allow_download: bool = False,
+        vae_tile_size: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
+        **settings,
+    ) -> MultiStepSR:
+        """Build from an SD 2-base / 2.1-base diffusers folder or hub id (ControlNet initialised
+        from the UNet unless the folder has ``controlnet/``)."""
+        source, load_kwargs = resolve_pretrained(path_or_id, SD_BASE_REQUIRED, allow_download)
+        try:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **load_kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", **load_kwargs
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **load_kwargs)
+            codec = VaeCodec.from_pretrained(
+                source, subfolder="vae", tile_size=vae_tile_size, **load_kwargs
+            )
+            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **load_kwargs)
+            if Path(source, "controlnet", "config.json").is_file():
+                controlnet = ControlNetModel.from_pretrained(source, subfolder="controlnet")
+            else:
+                controlnet = ControlNetModel.from_unet(
+                    unet, conditioning_embedding_out_channels=conditioning_widths(codec.downscale)
+                )
+        except OSError as error:
+            if Path(source).exists():
+                raise
+            raise hub_load_error(source, error) from error
+        model = cls(
+            unet, controlnet, text_encoder, tokenizer, codec, scheduler,
+            MultiStepSettings(**{"weights": str(path_or_id), **settings}),
+        )  # fmt: skip
+        return model.to_device(device, dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str = "cpu", dtype: str = "float32", **overrides
+    ) -> MultiStepSR:
+        """Load a folder written by :meth:`save_pretrained`; an SD base folder or hub id without
+        ``dspo_model.json`` goes to :meth:`from_sd_base`. ``overrides`` replace settings."""
+        folder = Path(path)
+        if not (folder / MODEL_FILE).is_file():
+            return cls.from_sd_base(path, device=device, dtype=dtype, **overrides)
+        description = json.loads((folder / MODEL_FILE).read_text())
+        if description.get("framework") != cls.framework:
+            raise ValueError(f"{folder / MODEL_FILE} is not a {cls.framework} model")
+        settings = {**description.get("settings", {}), **overrides}
+        vae_tile_size = settings.pop("vae_tile_size", None)
+        codec_overrides = {} if vae_tile_size is None else {"tile_size": vae_tile_size}
+        model = cls(
+            UNet2DConditionModel.from_pretrained(folder / "unet"),
+            ControlNetModel.from_pretrained(folder / "controlnet"),
+            CLIPTextModel.from_pretrained(folder / "text_encoder"),
+            CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            load_codec(folder / "codec", **codec_overrides),
+            DDPMScheduler.from_pretrained(folder / "scheduler"),
+            MultiStepSettings(**settings),
+        )
+        return model.to_device(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Diffusers subfolders (unet/, controlnet/, text_encoder/, tokenizer/, scheduler/,
+        codec/) plus ``dspo_model.json``; written to a temporary folder and renamed."""
+        with atomic_path(path) as folder:
+            folder.mkdir(parents=True)
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            self.controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+            self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+            self.tokenizer.save_pretrained(folder / "tokenizer")
+            self.scheduler.save_pretrained(folder / "scheduler")
+            save_codec(self.codec, folder / "codec")
+            description = {
+                "framework": self.framework,
+                "settings": dataclasses.asdict(self.settings),
+            }
+            (folder / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+    def to_device(self, device: str | torch.device = "cpu", dtype: str = "float32") -> MultiStepSR:
+        """Move to ``device`` ("auto" picks cuda when present). ``dtype="bfloat16"`` on cuda puts
+        the frozen modules in bf16 and runs forwards under autocast; trainable weights stay fp32.
+        On the CPU everything stays fp32."""
+        device = resolve_device(device)
+        self.to(device)
+        use_bf16 = dtype == "bfloat16" and device.type == "cuda"
+        self.compute_dtype = torch.bfloat16 if use_bf16 else torch.float32
+        if use_bf16:
+            self.text_encoder.to(dtype=torch.bfloat16)
+            if isinstance(self.codec, nn.Module):
+                self.codec.to(dtype=torch.bfloat16)
+            if not self.settings.train_unet:
+                self.unet.to(dtype=torch.bfloat16)
+        return self
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for module in (self.unet, self.controlnet):
+            if enabled:
+                module.enable_gradient_checkpointing()
+            else:
+                module.disable_gradient_checkpointing()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            **super().describe(),
+            "weights": self.settings.weights,
+            "sampler": self.settings.sampler,
+            "trainable": "controlnet+unet" if self.settings.train_unet else "controlnet",
+        }
+
+    # -- shared forward pieces ---------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _autocast(self):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def _text(self, prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
+
+    def predict_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        lq: torch.Tensor,
+        text_embeddings: torch.Tensor,
+    ) -> torch.Tensor:
+        """The UNet output (ε for SD 2-base) with ControlNet residuals from the LQ."""
+        with self._autocast():
+            down_residuals, mid_residual = self.controlnet(
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=text_embeddings,
+                controlnet_cond=lq,
+                conditioning_scale=self.settings.conditioning_scale,
+                return_dict=False,
+            )
+            prediction = self.unet(
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=text_embeddings,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=mid_residual,
+            ).sample
+        return prediction.float()
+
+    def guided_noise(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        lq: torch.Tensor,
+        prompt_embeddings: torch.Tensor,
+        negative_embeddings: torch.Tensor,
+        cfg: float,
+    ) -> torch.Tensor:
+        """Classifier-free guidance ``ε_neg + cfg (ε_cond - ε_neg)``; ``cfg == 1`` runs only the
+        conditional branch."""
+        if cfg == 1.0:
+            return self.predict_noise(noisy_latents, timesteps, lq, prompt_embeddings)
+        both = self.predict_noise(
+            torch.cat([noisy_latents, noisy_latents]),
+            torch.cat([timesteps, timesteps]),
+            torch.cat([lq, lq]),
+            torch.cat([negative_embeddings, prompt_embeddings]),
+        )
+        negative, conditional = both.chunk(2)
+        return negative + cfg * (conditional - negative)
+
+    def _training_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def _negatives(self, negative_prompts: Sequence[str] | None, count: int) -> list[str]:
+        if negative_prompts is None:
+            return [self.settings.default_negative_prompt] * count
+        if len(negative_prompts) != count:
+            raise ValueError(f"{len(negative_prompts)} negative prompts for {count} images")
+        return [text or self.settings.default_negative_prompt for text in negative_prompts]
+
+    # -- training ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        modules = [self.controlnet, self.unet] if self.settings.train_unet else [self.controlnet]
+        return [p for module in modules for p in module.parameters()]
+
+    def draw_timesteps_and_noise(
+        self, lq: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, _, height, width = lq.shape
+        steps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch,), generator=generator)
+        down = self.codec.downscale
+        shape = (batch, self.codec.latent_channels, height // down, width // down)
+        return timesteps, torch.randn(shape, generator=generator)
+
+    def error_maps(
+        self,
+        lq: torch.Tensor,
+        targets: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """``||ε_θ(x_t(target), t, lq, prompt) - ε||²`` mean over latent channels (Eq. 6/7).
+
+        With negative prompts and ``error_map_cfg != 1`` the prediction is the guided one, the
+        negative prompt taking the unconditional branch (DESIGN.md point 7).
+        """
+        batch, count = targets.shape[:2]
+        device = self.device
+        lq = lq.to(device)
+        lq_per_target = lq.repeat_interleave(count, dim=0)
+        with torch.no_grad():
+            latents = self.codec.encode(targets.flatten(0, 1).to(device), lq_per_target).float()
+        timesteps = timesteps.to(device).repeat_interleave(count)
+        noise = noise.to(device).repeat_interleave(count, dim=0)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        embeddings = self._text(prompts).repeat_interleave(count, dim=0)
+        if negative_prompts is not None and self.settings.error_map_cfg != 1.0:
+            negative = self._text(self._negatives(negative_prompts, batch))
+            prediction = self.guided_noise(
+                noisy, timesteps, lq_per_target, embeddings,
+                negative.repeat_interleave(count, dim=0), self.settings.error_map_cfg,
+            )  # fmt: skip
+        else:
+            prediction = self.predict_noise(noisy, timesteps, lq_per_target, embeddings)
+        target = self._training_target(latents, noise, timesteps)
+        squared = (prediction - target).pow(2).mean(dim=1)
+        return squared.view(batch, count, *squared.shape[-2:])
+
+    def pretrain_loss(
+        self, lq: torch.Tensor, hq: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Conditional ε-MSE; each prompt is dropped to "" with probability ``prompt_dropout``
+        so the model also learns the unconditional branch CFG needs."""
+        timesteps, noise = self.draw_timesteps_and_noise(lq, generator)
+        dropped = torch.rand(len(prompts), generator=generator) < self.settings.prompt_dropout
+        prompts = [
+            "" if drop else text for text, drop in zip(prompts, dropped.tolist(), strict=True)
+        ]
+        maps = self.error_maps(lq, hq[:, None], timesteps, noise, prompts)
+        loss = maps.mean()
+        return loss, {"loss": float(loss.detach()), "prompt_dropout": float(dropped.float().mean())}
+
+    def snapshot_reference(self) -> None:
+        """Freeze a copy of the trainable modules now (called lazily by :meth:`reference`)."""
+        names = ["controlnet", "unet"] if self.settings.train_unet else ["controlnet"]
+        copies = {name: copy.deepcopy(getattr(self, name)).requires_grad_(False) for name in names}
+        self.__dict__["_reference_modules"] = copies
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Swap in the frozen copy of the trainable modules, taken before the first update."""
+        if self._reference_modules is None:
+            self.snapshot_reference()
+        current = {name: self._modules[name] for name in self._reference_modules}
+        try:
+            for name, frozen in self._reference_modules.items():
+                self._modules[name] = frozen.to(self.device)
+            yield
+        finally:
+            self._modules.update(current)
+
+    # -- inference ---------------------------------------------------------------------------
+    def _sampling_scheduler(self, steps: int):
+        if self.settings.sampler == "ddim":
+            scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        else:
+            scheduler = DDPMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def _size_multiple(self) -> int:
+        return self.codec.downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _tiled_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        lq: torch.Tensor,
+        prompt_embeddings: torch.Tensor,
+        negative_embeddings: torch.Tensor,
+        cfg: float,
+    ) -> torch.Tensor:
+        """Guided noise over the whole latent, in Gaussian-blended tiles when it exceeds one."""
+        down = self.codec.downscale
+
+        def predict_tile(rows: slice, cols: slice) -> torch.Tensor:
+            image_rows = slice(rows.start * down, rows.stop * down)
+            image_cols = slice(cols.start * down, cols.stop * down)
+            return self.guided_noise(
+                latents[..., rows, cols], timesteps, lq[..., image_rows, image_cols],
+                prompt_embeddings, negative_embeddings, cfg,
+            )  # fmt: skip
+
+        return tiled_apply(
+            predict_tile, latents.shape,
+            self.settings.latent_tile_size, self.settings.latent_tile_overlap,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def sample(
+        self,
+        lq: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """Spaced DDPM/DDIM from pure noise with CFG, tiled when the latent exceeds one tile,
+        then colour correction against the LQ. Images whose sides are not a multiple of the
+        model's stride are padded (replicate) and cropped back."""
+        steps = steps or self.settings.steps
+        cfg = self.settings.cfg if cfg is None else cfg
+        batch, _, height, width = lq.shape
+        if generators is None:
+            generators = [torch.Generator().manual_seed(0) for _ in range(batch)]
+        if len(generators) != batch or len(prompts) != batch:
+            raise ValueError(f"need one prompt and one generator per image ({batch})")
+        lq = lq.to(self.device).float()
+        multiple = self._size_multiple()
+        pad_h, pad_w = -height % multiple, -width % multiple
+        padded_lq = F.pad(lq, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else lq
+        down = self.codec.downscale
+        shape = (
+            1,
+            self.codec.latent_channels,
+            padded_lq.shape[2] // down,
+            padded_lq.shape[3] // down,
+        )
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        prompt_embeddings = self._text(prompts)
+        negative_embeddings = self._text(self._negatives(negative_prompts, batch))
+        scheduler = self._sampling_scheduler(steps)
+        latents = latents * scheduler.init_noise_sigma
+
+        for timestep in scheduler.timesteps:
+            timesteps = torch.full((batch,), int(timestep), device=self.device)
+            noise_prediction = self._tiled_noise(
+                latents, timesteps, padded_lq, prompt_embeddings, negative_embeddings, cfg
+            )
+            # one scheduler step per image so each image's noise comes from its own generator
+            latents = torch.cat([
+                scheduler.step(
+                    noise_prediction[i : i + 1], timestep, latents[i : i + 1], generator=generators[i]
+                ).prev_sample
+                for i in range(batch)
+            ])  # fmt: skip
+        images = self.codec.decode(latents, padded_lq).float()[..., :height, :width]
+        return apply_color_fix(images, lq, self.settings.color_fix)

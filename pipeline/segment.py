@@ -1,0 +1,493 @@
+"""Semantic instance extraction (DSPO Sec. 4.2.1): SAM masks turned into one partition per image.
+
+Steps, as in the paper's section:
+
+1. :func:`generate_mask_records` runs the semantic extraction model on the shared frame
+   (the HQ image by default, DESIGN.md point 1). With a configured checkpoint this is
+   ``segment_anything.SamAutomaticMaskGenerator`` (:func:`load_sam`, :func:`build_mask_generator`);
+   without one a classical scikit-image segmenter (:func:`classical_mask_records`) stands in
+   and the run log and every metadata record say that SAM was not used.
+2. :func:`masks_to_partition` turns the overlapping, gappy masks into the partition
+   ``S = {s_m}, Σ_m s_m = 1`` the loss needs (DESIGN.md point 2) and computes the instance
+   weights of Eq. (3), ``w_m = |s_m| / Σ_m |s_m|``.
+3. :func:`segment_images` does both for a folder; :func:`main` writes the label maps to
+   ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`) and the ``instances`` table.
+
+Segmentation draws no random numbers (SAM's point grid and the classical segmenters are
+deterministic); ``--seed`` is recorded in the metadata for provenance only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.io.images import list_images, read_rgb
+from pipeline.io.masks import write_label_maps
+from pipeline.io.tables import write_table
+
+MaskRecord = dict[str, Any]
+
+#: SamAutomaticMaskGenerator's own defaults (segment_anything/automatic_mask_generator.py)
+SAM_GENERATOR_DEFAULTS: dict[str, Any] = {
+    "points_per_side": 32,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0,
+    "box_nms_thresh": 0.7,
+    "crop_n_layers": 0,
+    "crop_nms_thresh": 0.7,
+    "crop_overlap_ratio": 512 / 1500,
+    "crop_n_points_downscale_factor": 1,
+    "min_mask_region_area": 0,
+}
+
+#: segment_anything/build_sam.py's architectures; ``architecture`` in the config overrides keys
+SAM_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    name: {
+        "encoder_embed_dim": dim,
+        "encoder_depth": depth,
+        "encoder_num_heads": heads,
+        "encoder_global_attn_indexes": list(global_indexes),
+        "image_size": 1024,
+        "patch_size": 16,
+        "window_size": 14,
+        "prompt_embed_dim": 256,
+        "decoder_depth": 2,
+        "decoder_mlp_dim": 2048,
+        "decoder_num_heads": 8,
+        "iou_head_hidden_dim": 256,
+    }
+    for name, dim, depth, heads, global_indexes in (
+        ("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
+        ("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
+        ("vit_b", 768, 12, 12, (2, 5, 8, 11)),
+    )
+}
+
+CLASSICAL_DEFAULTS: dict[str, Any] = {
+    "method": "felzenszwalb",
+    "felzenszwalb": {"scale": 100.0, "sigma": 0.8, "min_size": 50},
+    "slic": {"n_segments": 16, "compactness": 10.0, "sigma": 1.0},
+}
+
+#: the ``segment`` config section's defaults (the JSON Schema repeats them)
+DEFAULTS: dict[str, Any] = {
+    "source": "hq",
+    "top_k": 5,
+    "device": "auto",
+    "checkpoint": None,
+    "model_type": "vit_h",
+    "architecture": {},
+    "generator": dict(SAM_GENERATOR_DEFAULTS),
+    "classical": CLASSICAL_DEFAULTS,
+}
+
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``segment`` section with defaults filled in; unknown keys raise ``KeyError``."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown segment config keys: {unknown}")
+    resolved = {**DEFAULTS, **config}
+    generator = dict(config.get("generator") or {})
+    unknown = sorted(set(generator) - set(SAM_GENERATOR_DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown segment.generator keys: {unknown}")
+    resolved["generator"] = {**SAM_GENERATOR_DEFAULTS, **generator}
+    classical = dict(config.get("classical") or {})
+    resolved["classical"] = {
+        "method": classical.get("method", CLASSICAL_DEFAULTS["method"]),
+        **{
+            method: {**CLASSICAL_DEFAULTS[method], **classical.get(method, {})}
+            for method in ("felzenszwalb", "slic")
+        },
+    }
+    if resolved["classical"]["method"] not in ("felzenszwalb", "slic"):
+        raise ValueError(
+            f"segment.classical.method must be 'felzenszwalb' or 'slic', "
+            f"got {resolved['classical']['method']!r}"
+        )
+    if resolved["model_type"] not in SAM_ARCHITECTURES:
+        raise ValueError(
+            f"segment.model_type {resolved['model_type']!r} unknown; "
+            f"known: {sorted(SAM_ARCHITECTURES)}"
+        )
+    if resolved["top_k"] is not None and int(resolved["top_k"]) < 1:
+        raise ValueError(f"segment.top_k must be >= 1 or null, got {resolved['top_k']}")
+    return resolved
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+# -- 1. semantic extraction ------------------------------------------------------------------
+
+
+def build_sam(architecture: Mapping[str, Any]) -> torch.nn.Module:
+    """An untrained ``Sam`` assembled from segment_anything's modules (mirrors ``_build_sam``).
+
+    ``architecture`` holds the keys of :data:`SAM_ARCHITECTURES`; the real ViT-H/L/B use
+    those values, tests use tiny ones through this same function.
+    """
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    image_size = int(architecture["image_size"])
+    prompt_dim = int(architecture["prompt_embed_dim"])
+    embedding_size = image_size // int(architecture["patch_size"])
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=int(architecture["encoder_depth"]),
+            embed_dim=int(architecture["encoder_embed_dim"]),
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=int(architecture["encoder_num_heads"]),
+            patch_size=int(architecture["patch_size"]),
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(architecture["encoder_global_attn_indexes"]),
+            window_size=int(architecture["window_size"]),
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=int(architecture["decoder_depth"]),
+                embedding_dim=prompt_dim,
+                mlp_dim=int(architecture["decoder_mlp_dim"]),
+                num_heads=int(architecture["decoder_num_heads"]),
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=int(architecture["iou_head_hidden_dim"]),
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def load_sam_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Read a SAM state dict from ``.safetensors`` or a released ``.pth`` file.
+
+    The released SAM checkpoints (``sam_vit_h_4b8939.pth``, ...) are pickled state dicts;
+    they are read with ``torch.load(weights_only=True)``, which unpickles tensors and plain
+    containers only and refuses arbitrary objects, so no code in the file is executed.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {checkpoint}")
+    if checkpoint.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint))
+    state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"SAM checkpoint {checkpoint} does not hold a state dict")
+    return state_dict
+
+
+def load_sam(
+    checkpoint: str | Path,
+    model_type: str = "vit_h",
+    architecture: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+) -> torch.nn.Module:
+    """Build the ``model_type`` SAM (keys overridden by ``architecture``) and load its weights."""
+    state_dict = load_sam_state_dict(checkpoint)
+    sam = build_sam({**SAM_ARCHITECTURES[model_type], **(architecture or {})})
+    try:
+        sam.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"SAM checkpoint {checkpoint} does not match model_type {model_type!r} "
+            f"with architecture overrides {dict(architecture or {})}: {error}"
+        ) from error
+    return sam.to(resolve_device(device))
+
+
+def build_mask_generator(sam: torch.nn.Module, generator: Mapping[str, Any]):
+    """``SamAutomaticMaskGenerator`` with every setting from config (binary-mask output)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    return SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **generator)
+
+
+def classical_mask_records(
+    image: np.ndarray, method: str, params: Mapping[str, Any]
+) -> list[MaskRecord]:
+    """SAM-shaped records from a scikit-image segmentation (the stand-in when SAM is absent).
+
+    The segments already form a partition, so ``predicted_iou`` and ``stability_score`` are
+    set to 1.0 (they only break overlap ties, and there is no overlap).
+    """
+    from skimage.segmentation import felzenszwalb, slic
+
+    if method == "felzenszwalb":
+        segments = felzenszwalb(image, **params)
+    elif method == "slic":
+        segments = slic(image, start_label=0, channel_axis=-1, **params)
+    else:
+        raise ValueError(f"unknown classical segmenter {method!r} (felzenszwalb or slic)")
+    records = []
+    for label in np.unique(segments):
+        mask = segments == label
+        records.append(
+            {
+                "segmentation": mask,
+                "area": int(mask.sum()),
+                "bbox": list(mask_bbox(mask)),
+                "predicted_iou": 1.0,
+                "stability_score": 1.0,
+            }
+        )
+    return records
+
+
+@dataclass
+class Segmenter:
+    """A callable image → mask records, with what it is for the metadata."""
+
+    generate: Callable[[np.ndarray], list[MaskRecord]]
+    info: dict[str, Any]
+
+
+def build_segmenter(config: Mapping[str, Any]) -> Segmenter:
+    """SAM when ``checkpoint`` is set (missing file → ``FileNotFoundError``), else classical."""
+    config = resolve_config(config)
+    if config["checkpoint"]:
+        device = resolve_device(config["device"])
+        sam = load_sam(config["checkpoint"], config["model_type"], config["architecture"], device)
+        generator = build_mask_generator(sam, config["generator"])
+        info = {
+            "backend": "sam",
+            "sam_used": True,
+            "model_type": config["model_type"],
+            "architecture": {**SAM_ARCHITECTURES[config["model_type"]], **config["architecture"]},
+            "checkpoint": str(Path(config["checkpoint"]).resolve()),
+            "generator": config["generator"],
+            "device": device,
+        }
+        return Segmenter(generator.generate, info)
+    method = config["classical"]["method"]
+    params = config["classical"][method]
+    info = {
+        "backend": "classical",
+        "sam_used": False,
+        "model_type": None,
+        "checkpoint": None,
+        "generator": {"method": method, **params},
+        "note": f"no SAM checkpoint configured: scikit-image {method} stands in for SAM",
+    }
+    return Segmenter(partial(classical_mask_records, method=method, params=params), info)
+
+
+def generate_mask_records(image: np.ndarray, segmenter: Segmenter) -> list[MaskRecord]:
+    """Step 1: the semantic extraction model's masks for one RGB uint8 image."""
+    return segmenter.generate(image)
+
+
+# -- 2. partition and weights (Eq. 3) ---------------------------------------------------------
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight box ``(x, y, w, h)`` of a non-empty boolean mask (SAM's XYWH convention)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return (0, 0, 0, 0)
+    return (int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+
+
+@dataclass
+class Partition:
+    """One image's partition: ``label_map`` uint16 ``[H, W]`` and one row per instance.
+
+    Instance ids: kept instances are ``1..K`` by decreasing area; the remainder (uncovered
+    pixels plus the folded small instances) is ``0`` and absent when it has no pixels.
+    """
+
+    label_map: np.ndarray
+    instances: list[dict[str, Any]]
+
+    @property
+    def remainder_id(self) -> int | None:
+        return next((row["instance_id"] for row in self.instances if row["is_remainder"]), None)
+
+
+REMAINDER_ID = 0
+
+
+def masks_to_partition(
+    records: Sequence[MaskRecord], shape: tuple[int, int], top_k: int | None = 5
+) -> Partition:
+    """Overlapping masks → a partition with at most ``top_k`` instances plus a remainder.
+
+    - a pixel claimed by several masks goes to the mask with the highest ``predicted_iou``,
+      then the smallest area, then the earliest record;
+    - pixels no mask claims form the remainder;
+    - after overlap resolution the ``top_k`` largest instances are kept (``None`` keeps all),
+      the others are folded into the remainder;
+    - Eq. (3): ``w_m = |s_m| / Σ_m |s_m|`` over all instances including the remainder, so the
+      weights sum to one (``Σ_m |s_m| = H·W``).
+    """
+    height, width = shape
+    masks = [np.asarray(record["segmentation"], dtype=bool) for record in records]
+    for index, mask in enumerate(masks):
+        if mask.shape != (height, width):
+            raise ValueError(f"mask record {index} has shape {mask.shape}, expected {shape}")
+    areas = [int(mask.sum()) for mask in masks]
+    priority = sorted(
+        range(len(masks)),
+        key=lambda i: (-float(records[i].get("predicted_iou", 0.0)), areas[i], i),
+    )
+    # owner[y, x] = index into `masks` + 1 of the mask holding the pixel, 0 = unclaimed;
+    # masks are visited best first and take only unclaimed pixels
+    owner = np.zeros((height, width), dtype=np.int64)
+    for index in priority:
+        owner[masks[index] & (owner == 0)] = index + 1
+    resolved_areas = np.bincount(owner.ravel(), minlength=len(masks) + 1)
+    rank = {index: position for position, index in enumerate(priority)}
+    survivors = [i for i in range(len(masks)) if resolved_areas[i + 1] > 0]
+    survivors.sort(key=lambda i: (-resolved_areas[i + 1], rank[i]))
+    kept = survivors if top_k is None else survivors[: int(top_k)]
+    if len(kept) >= 65535:
+        raise ValueError(f"{len(kept)} instances do not fit a uint16 label map")
+
+    relabel = np.full(len(masks) + 1, REMAINDER_ID, dtype=np.uint16)
+    for new_id, index in enumerate(kept, start=1):
+        relabel[index + 1] = new_id
+    label_map = relabel[owner]
+
+    total = float(height * width)
+    instances = []
+    for new_id, index in enumerate(kept, start=1):
+        mask = label_map == new_id
+        instances.append(
+            _instance_row(new_id, mask, total, float(records[index].get("predicted_iou", np.nan)))
+        )
+    remainder = label_map == REMAINDER_ID
+    if remainder.any():
+        instances.append(_instance_row(REMAINDER_ID, remainder, total, float("nan"), True))
+    return Partition(label_map=label_map, instances=instances)
+
+
+def _instance_row(
+    instance_id: int, mask: np.ndarray, total: float, score: float, is_remainder: bool = False
+) -> dict[str, Any]:
+    area = int(mask.sum())
+    x, y, w, h = mask_bbox(mask)
+    return {
+        "instance_id": instance_id,
+        "area": area,
+        "bbox_x": x,
+        "bbox_y": y,
+        "bbox_w": w,
+        "bbox_h": h,
+        "weight": area / total,
+        "score": score,
+        "is_remainder": is_remainder,
+    }
+
+
+# -- 3. the stage ---------------------------------------------------------------------------
+
+
+def segment_images(
+    image_paths: Sequence[Path], config: Mapping[str, Any], segmenter: Segmenter | None = None
+) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Segment every image: label maps, the ``instances`` rows, per-map attrs, segmenter info."""
+    config = resolve_config(config)
+    segmenter = segmenter or build_segmenter(config)
+    label_maps: dict[str, np.ndarray] = {}
+    map_attrs: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for path in tqdm(image_paths, desc="segment", file=sys.stderr, mininterval=1):
+        image_id = Path(path).stem
+        if image_id in label_maps:
+            raise ValueError(f"two images share the id {image_id!r} (second: {path})")
+        image = read_rgb(path)
+        records = generate_mask_records(image, segmenter)
+        partition = masks_to_partition(records, image.shape[:2], config["top_k"])
+        label_maps[image_id] = partition.label_map
+        map_attrs[image_id] = {
+            "instance_ids": [row["instance_id"] for row in partition.instances],
+            "areas": [row["area"] for row in partition.instances],
+            "weights": [row["weight"] for row in partition.instances],
+            "remainder_id": partition.remainder_id,
+            "source_image": str(path),
+            "n_masks_generated": len(records),
+        }
+        rows.extend({"image_id": image_id, **row} for row in partition.instances)
+    columns = ["image_id", "instance_id", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+    columns += ["weight", "score", "is_remainder"]
+    return label_maps, pd.DataFrame(rows, columns=columns), map_attrs, segmenter.info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline segment", description="SAM instances → partition label maps"
+    )
+    parser.add_argument("--images", required=True, type=Path, help="shared-frame image folder")
+    parser.add_argument("--out-zarr", required=True, type=Path, help="masks/{framework}.zarr")
+    parser.add_argument("--out-table", required=True, type=Path, help="instances.parquet")
+    parser.add_argument("--config", default="{}", help="the segment config section as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
+    args = parser.parse_args(argv)
+
+    config = resolve_config(json.loads(args.config))
+    segmenter = build_segmenter(config)
+    if segmenter.info["sam_used"]:
+        print(f"segment: SAM {config['model_type']} from {config['checkpoint']}", file=sys.stderr)
+    else:
+        print(f"segment: SAM NOT USED — {segmenter.info['note']}", file=sys.stderr)
+    started = time.perf_counter()
+    label_maps, instances, map_attrs, info = segment_images(
+        list_images(args.images), config, segmenter
+    )
+    metadata = {
+        **info,
+        "source": config["source"],
+        "images": str(args.images),
+        "top_k": config["top_k"],
+        "seed": args.seed,
+    }
+    write_label_maps(args.out_zarr, label_maps, metadata, map_attrs)
+    write_table(instances, args.out_table, "instances", metadata)
+    print(
+        f"segment: {len(label_maps)} images, {len(instances)} instances "
+        f"in {time.perf_counter() - started:.1f} s (backend {info['backend']})",
+        file=sys.stderr,
+    )
+    return 0

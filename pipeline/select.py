@@ -1,0 +1,346 @@
+"""Select stage: Best/Worst-of-N winners and losers per instance (DSPO Sec. 4.2.1 and 5.1).
+
+Automatic IQA method (DESIGN.md point 8). Per instance, each metric of the objective is min–max
+normalised across the N candidates, flipped to ``1 - x`` where pyiqa says lower is better, and
+the weighted sum is the candidate's objective score. The best candidate is the winner, the
+worst the loser, ``margin`` the score difference. A tie for best or for worst (within
+``tie_tolerance``) gives no pair, so an instance whose candidates all score alike gives none;
+a metric whose values are equal across the candidates of an instance contributes nothing
+there, and a metric with a missing (NaN) value on an instance is left out of that instance.
+
+Human method. Annotations (CSV or Parquet, table ``annotations``): one row per annotator and
+instance with columns ``annotator, image_id, instance_id, best, worst, flagged``; ``best`` and
+``worst`` name candidate settings, ``flagged`` lists the candidates whose captions the annotator
+marks as not matching the image, separated by ``;`` (empty: none); ``instance_id = -1`` rates
+the whole image. Per instance the winner is the candidate with strictly the most ``best``
+votes and the loser the one with strictly the most ``worst`` votes (else no pair);
+``margin = (best votes of winner + worst votes of loser) / (2 · annotators)``. Rows naming an
+unknown image, instance or candidate, with ``best == worst``, or repeating an annotator on an
+instance raise :class:`AnnotationError` listing every such row.
+
+Outputs in ``pairs/{framework}/`` (table ``preference_pairs``), per objective ``O``:
+``O.parquet`` — instance pairs, ``weight`` = the instance weight w_m of the instances table;
+``O_image.parquet`` — image-level pairs from the whole-image scores (``instance_id = -1``,
+``weight = 1``) for Diffusion-DPO and DDPO; SFT trains on their ``winner`` (the preferred
+image). Human annotations give ``human.parquet`` and ``human_image.parquet`` (source ``human``).
+
+Negative prompt (DESIGN.md point 7): one per image, carried by every pair of that image,
+because winner and loser are denoised from the same LQ and sampling uses one negative prompt
+per LQ. For IQA pairs it joins the image's hallucinated candidate captions of the captions
+table (``pipeline.caption.image_negative_prompts``); for human pairs the captions of the candidates flagged by a strict majority of an
+instance's annotators. Without a captions table it is the empty string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.caption import image_negative_prompts
+from pipeline.io.tables import read_table, to_arrow, write_table
+from pipeline.score import WHOLE_IMAGE_ID
+
+PAPER_OBJECTIVES: dict[str, dict[str, float]] = {
+    "perception": {"niqe": 1.0, "musiq": 1.0, "maniqa": 1.0, "clipiqa": 1.0},
+    "fidelity": {"psnr": 1.0, "ssim": 1.0, "lpips": 1.0, "dists": 1.0},
+    "united": {
+        metric: 1.0
+        for metric in ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
+    },
+}
+
+DEFAULTS: dict[str, Any] = {
+    "objectives": PAPER_OBJECTIVES,
+    "tie_tolerance": 1e-9,
+    "include_remainder": True,
+}
+
+PAIR_COLUMNS = [
+    "image_id",
+    "instance_id",
+    "weight",
+    "winner",
+    "loser",
+    "margin",
+    "negative_prompt",
+    "source",
+]
+FLAG_SEPARATOR = ";"
+KEYS = ["image_id", "instance_id"]
+
+
+class AnnotationError(ValueError):
+    """Human annotation rows that cannot be turned into pairs."""
+
+
+def objective_scores(scores: pd.DataFrame, metric_weights: Mapping[str, float]) -> pd.DataFrame:
+    """Per (image, instance, candidate) the weighted sum of normalised metrics (DESIGN.md 8).
+
+    Returns columns image_id, instance_id, candidate, score.
+    """
+    missing = sorted(set(metric_weights) - set(scores["metric"]))
+    if missing:
+        raise KeyError(
+            f"metrics {missing} are not in the scores table (it has {sorted(set(scores['metric']))})"
+        )
+    table = scores[scores["metric"].isin(list(metric_weights))].copy()
+    groups = table.groupby([*KEYS, "metric"])["value"]
+    low, high = groups.transform("min"), groups.transform("max")
+    has_nan = groups.transform(lambda values: values.isna().any()).astype(bool)
+    spread = (high - low).to_numpy()
+    scaled = np.divide(
+        (table["value"] - low).to_numpy(), spread, out=np.zeros(len(table)), where=spread > 0
+    )
+    # flip where lower is better so 1 is always the best candidate; all-equal metrics give 0
+    flipped = np.where(table["lower_better"].to_numpy(bool) & (spread > 0), 1.0 - scaled, scaled)
+    weights = table["metric"].map(dict(metric_weights)).to_numpy(float)
+    table["score"] = np.where(has_nan.to_numpy(), 0.0, flipped * weights)
+    summed = table.groupby([*KEYS, "candidate"], as_index=False)["score"].sum()
+    return summed.sort_values([*KEYS, "candidate"], ignore_index=True)
+
+
+def best_and_worst(candidate_scores: pd.DataFrame, tie_tolerance: float = 1e-9) -> pd.DataFrame:
+    """Best/Worst-of-N per instance: columns image_id, instance_id, winner, loser, margin.
+
+    No pair where the best or the worst score is shared (within ``tie_tolerance``).
+    """
+    rows = []
+    for (image_id, instance_id), group in candidate_scores.groupby(KEYS, sort=True):
+        values = group["score"].to_numpy(float)
+        best, worst = values.max(), values.min()
+        if len(values) < 2 or best - worst <= tie_tolerance:
+            continue
+        if (values >= best - tie_tolerance).sum() > 1 or (
+            values <= worst + tie_tolerance
+        ).sum() > 1:
+            continue
+        names = group["candidate"].to_numpy()
+        rows.append(
+            (
+                image_id,
+                int(instance_id),
+                names[values.argmax()],
+                names[values.argmin()],
+                best - worst,
+            )
+        )
+    return pd.DataFrame(rows, columns=[*KEYS, "winner", "loser", "margin"])
+
+
+def hallucinated_prompts(captions: pd.DataFrame | None) -> dict[str, str]:
+    """Per image, its hallucinated candidate captions (caption stage's rule; {} without captions)."""
+    return {} if captions is None else image_negative_prompts(captions)
+
+
+def finish_pairs(
+    pairs: pd.DataFrame,
+    instances: pd.DataFrame,
+    negative_prompts: Mapping[str, str],
+    source: str,
+    include_remainder: bool = True,
+) -> pd.DataFrame:
+    """Add weight (w_m; 1 for image-level pairs), negative prompt and source."""
+    weights = {
+        (str(r.image_id), int(r.instance_id)): float(r.weight) for r in instances.itertuples()
+    }
+    remainder = {
+        (str(r.image_id), int(r.instance_id)) for r in instances.itertuples() if r.is_remainder
+    }
+    keys = list(zip(pairs["image_id"].astype(str), pairs["instance_id"].astype(int), strict=True))
+    frame = pairs.copy()
+    frame["weight"] = [1.0 if key[1] == WHOLE_IMAGE_ID else weights[key] for key in keys]
+    frame["negative_prompt"] = [negative_prompts.get(key[0], "") for key in keys]
+    frame["source"] = source
+    if not include_remainder:
+        frame = frame[[key not in remainder for key in keys]]
+    return frame[PAIR_COLUMNS].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- human annotations
+
+
+def read_annotations(path: Path) -> pd.DataFrame:
+    """Annotations from CSV or Parquet, checked against the ``annotations`` table."""
+    if path.suffix.lower() == ".csv":
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        try:
+            frame["instance_id"] = frame["instance_id"].astype(int)
+        except (KeyError, ValueError) as error:
+            raise AnnotationError(f"{path}: instance_id must be integers: {error}") from error
+        return to_arrow(frame, "annotations", str(path)).to_pandas()
+    return read_table(path, "annotations")
+
+
+def flagged_candidates(value: Any) -> list[str]:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return [name.strip() for name in str(value).split(FLAG_SEPARATOR) if name.strip()]
+
+
+def check_annotations(
+    annotations: pd.DataFrame, instances: pd.DataFrame, candidates: Mapping[str, set[str]]
+) -> None:
+    """Raise AnnotationError listing every row that names unknown things or contradicts itself."""
+    known_instances = set(
+        zip(instances["image_id"].astype(str), instances["instance_id"].astype(int), strict=True)
+    )
+    problems = []
+    duplicated = annotations.duplicated(["annotator", *KEYS], keep=False)
+    for index, row in annotations.iterrows():
+        image_id, instance_id = str(row["image_id"]), int(row["instance_id"])
+        reasons = []
+        if image_id not in candidates:
+            reasons.append(f"unknown image {image_id!r}")
+        else:
+            if instance_id != WHOLE_IMAGE_ID and (image_id, instance_id) not in known_instances:
+                reasons.append(f"unknown instance {instance_id}")
+            named = [row["best"], row["worst"], *flagged_candidates(row["flagged"])]
+            unknown = [str(name) for name in named if str(name) not in candidates[image_id]]
+            if unknown:
+                reasons.append(f"unknown candidates {unknown}")
+        if row["best"] == row["worst"]:
+            reasons.append("best == worst")
+        if duplicated[index]:
+            reasons.append("annotator rates this instance more than once")
+        if reasons:
+            problems.append(f"row {index}: {row.to_dict()}: {'; '.join(reasons)}")
+    if problems:
+        raise AnnotationError("bad annotation rows:\n" + "\n".join(problems))
+
+
+def vote(annotations: pd.DataFrame) -> pd.DataFrame:
+    """Majority vote per instance: columns image_id, instance_id, winner, loser, margin."""
+    rows = []
+    for (image_id, instance_id), group in annotations.groupby(KEYS, sort=True):
+        best_votes = group["best"].value_counts()
+        worst_votes = group["worst"].value_counts()
+        if (best_votes == best_votes.max()).sum() > 1 or (
+            worst_votes == worst_votes.max()
+        ).sum() > 1:
+            continue
+        winner, loser = best_votes.idxmax(), worst_votes.idxmax()
+        if winner == loser:
+            continue
+        margin = (best_votes.max() + worst_votes.max()) / (2 * len(group))
+        rows.append((image_id, int(instance_id), winner, loser, float(margin)))
+    return pd.DataFrame(rows, columns=[*KEYS, "winner", "loser", "margin"])
+
+
+def human_flagged_prompts(
+    annotations: pd.DataFrame, captions: pd.DataFrame | None
+) -> dict[str, str]:
+    """Per image, the captions of candidates flagged by a strict majority of an instance's annotators."""
+    if captions is None:
+        return {}
+    chosen = set()
+    for (image_id, instance_id), group in annotations.groupby(KEYS):
+        counts = pd.Series(
+            [name for value in group["flagged"] for name in flagged_candidates(value)]
+        )
+        chosen |= {
+            (str(image_id), int(instance_id), name)
+            for name, n in counts.value_counts().items()
+            if 2 * n > len(group)
+        }
+    keys = zip(
+        captions["image_id"].astype(str),
+        captions["instance_id"].astype(int),
+        captions["candidate"],
+        strict=True,
+    )
+    return image_negative_prompts(captions.assign(hallucinated=[key in chosen for key in keys]))
+
+
+# ---------------------------------------------------------------- stage
+
+
+def split_levels(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(instance-level pairs, image-level pairs)."""
+    image_level = pairs["instance_id"] == WHOLE_IMAGE_ID
+    return pairs[~image_level].reset_index(drop=True), pairs[image_level].reset_index(drop=True)
+
+
+def write_pairs(
+    pairs: pd.DataFrame, out_dir: Path, name: str, metadata: dict[str, Any]
+) -> dict[str, int]:
+    instance_pairs, image_pairs = split_levels(pairs)
+    write_table(
+        instance_pairs,
+        out_dir / f"{name}.parquet",
+        "preference_pairs",
+        {**metadata, "level": "instance"},
+    )
+    write_table(
+        image_pairs,
+        out_dir / f"{name}_image.parquet",
+        "preference_pairs",
+        {**metadata, "level": "image"},
+    )
+    return {"instance": len(instance_pairs), "image": len(image_pairs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline select", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--scores", type=Path, required=True, help="scores parquet")
+    parser.add_argument("--instances", type=Path, required=True, help="instances.parquet")
+    parser.add_argument("--captions", type=Path, help="captions parquet (optional)")
+    parser.add_argument(
+        "--annotations", type=Path, help="human annotations, CSV or Parquet (optional)"
+    )
+    parser.add_argument("--out-dir", type=Path, required=True, help="pairs/{framework}/")
+    parser.add_argument("--config", default="{}", help="the `select` config section as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="global seed (selection draws nothing)")
+    args = parser.parse_args(argv)
+    config = {**DEFAULTS, **json.loads(args.config)}
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown select config keys: {unknown}")
+    scores = read_table(args.scores, "scores")
+    instances = read_table(args.instances, "instances")
+    captions = read_table(args.captions, "captions") if args.captions else None
+    prompts = hallucinated_prompts(captions)
+    common = {"scores": str(args.scores), "captions": str(args.captions) if args.captions else None}
+    counts = {}
+    for objective, metric_weights in config["objectives"].items():
+        chosen = best_and_worst(objective_scores(scores, metric_weights), config["tie_tolerance"])
+        pairs = finish_pairs(chosen, instances, prompts, "iqa", config["include_remainder"])
+        metadata = {
+            **common,
+            "objective": objective,
+            "metric_weights": metric_weights,
+            "tie_tolerance": config["tie_tolerance"],
+        }
+        counts[objective] = write_pairs(pairs, args.out_dir, objective, metadata)
+    if args.annotations:
+        annotations = read_annotations(args.annotations)
+        candidates = (
+            scores.groupby("image_id")["candidate"]
+            .agg(lambda names: set(map(str, names)))
+            .to_dict()
+        )
+        check_annotations(annotations, instances, candidates)
+        human_prompts = human_flagged_prompts(annotations, captions)
+        pairs = finish_pairs(
+            vote(annotations), instances, human_prompts, "human", config["include_remainder"]
+        )
+        metadata = {
+            **common,
+            "annotations": str(args.annotations),
+            "annotators": int(annotations["annotator"].nunique()),
+        }
+        counts["human"] = write_pairs(pairs, args.out_dir, "human", metadata)
+    print(json.dumps({"pairs": counts}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Caption stage: crops, similarity threshold, negative prompts, real BLIP on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import caption
+from pipeline.caption import (
+    flag_hallucinations,
+    image_negative_prompts,
+    instance_crop,
+    negative_prompts,
+    score_captions,
+)
+from pipeline.io.images import write_png
+from pipeline.io.masks import write_label_maps
+from pipeline.io.tables import read_metadata, read_table, write_table
+
+WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue", "tree", "sky"]
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory):
+    """A tiny BLIP captioner saved with save_pretrained (tokenizer from a written vocab)."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("blip")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    text = {"vocab_size": len(vocab), "hidden_size": 16, "encoder_hidden_size": 16}
+    text |= {"intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text |= {"max_position_embeddings": 32, "bos_token_id": 5, "eos_token_id": 3}
+    text |= {"sep_token_id": 3, "pad_token_id": 0}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "image_size": 32, "patch_size": 16}
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(
+        BlipConfig(vision_config=vision, text_config=text, projection_dim=16)
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_text_encoder(tmp_path_factory):
+    """A tiny sentence-transformers model (BERT + mean pooling) saved locally."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    bert = tmp_path_factory.mktemp("bert")
+    (bert / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])
+    )
+    BertTokenizer(str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=15,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    BertModel(config).save_pretrained(bert)
+    word = Transformer(str(bert))
+    folder = tmp_path_factory.mktemp("sentence")
+    SentenceTransformer(modules=[word, Pooling(16)]).save(str(folder))
+    return folder
+
+
+# -- crops ----------------------------------------------------------------------------------
+
+
+def test_crop_fills_outside_mask_with_instance_mean_or_grey():
+    image = np.zeros((6, 8, 3), dtype=np.uint8)
+    image[..., 0] = np.arange(8)[None, :] * 10
+    label_map = np.zeros((6, 8), dtype=np.uint16)
+    label_map[1:4, 2:5] = 1
+    label_map[2, 2] = 0  # a hole inside the box
+    crop = instance_crop(image, label_map, 1, (2, 1, 3, 3), fill="mean")
+    assert crop.shape == (3, 3, 3)
+    inside_red = [20, 30, 40, 30, 40, 20, 30, 40]  # the 8 instance pixels
+    assert crop[1, 0, 0] == round(np.mean(inside_red))
+    assert crop[0, 0, 0] == 20 and crop[1, 1, 0] == 30  # instance pixels untouched
+    grey = instance_crop(image, label_map, 1, (2, 1, 3, 3), fill="grey")
+    np.testing.assert_array_equal(grey[1, 0], [128, 128, 128])
+
+
+def test_crop_at_image_borders_is_clipped():
+    image = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    label_map = np.zeros((5, 7), dtype=np.uint16)
+    label_map[3:, 5:] = 2  # bottom-right corner
+    label_map[:2, :1] = 3  # top-left corner
+    corner = instance_crop(image, label_map, 2, (5, 3, 4, 4))  # box runs past both borders
+    np.testing.assert_array_equal(corner, image[3:, 5:])
+    top_left = instance_crop(image, label_map, 3, (-1, -1, 2, 3))
+    np.testing.assert_array_equal(top_left, image[:2, :1])
+    with pytest.raises(ValueError, match="outside"):
+        instance_crop(image, label_map, 2, (7, 0, 2, 2))
+    with pytest.raises(ValueError, match="no pixel"):
+        instance_crop(image, label_map, 9, (0, 0, 3, 3))
+    with pytest.raises(ValueError, match="differ in size"):
+        instance_crop(image[:4], label_map, 2, (5, 3, 2, 2))
+
+
+# -- similarity and negative prompts ---------------------------------------------------------
+
+
+class FixedEmbedder:
+    """Embeddings fixed by hand, so the cosine of each pair is known."""
+
+    path = "fixed"
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode(self, texts):
+        return np.array([self.vectors[text] for text in texts], dtype=np.float64)
+
+
+def test_threshold_on_fixed_embeddings():
+    angle_high, angle_low = np.arccos(0.5), np.arccos(0.05)
+    embedder = FixedEmbedder(
+        {
+            "a cat": [1.0, 0.0],
+            "a kitten": [2 * np.cos(angle_high), 2 * np.sin(angle_high)],  # cosine 0.5
+            "a tree": [np.cos(angle_low), np.sin(angle_low)],  # cosine 0.05
+            "a sky": [0.0, 1.0],
+            "blue sky": [np.cos(np.arccos(0.1)), np.sin(np.arccos(0.1))],  # exactly 0.1
+        }
+    )
+    rows = [
+        ("img", 1, "hq", "a cat"),
+        ("img", 1, "s20", "a kitten"),
+        ("img", 1, "s80", "a tree"),
+        ("img", 2, "hq", "a cat"),
+        ("img", 2, "s20", "blue sky"),
+        ("img", 2, "s80", "a sky"),
+    ]
+    frame = pd.DataFrame(rows, columns=["image_id", "instance_id", "candidate", "caption"])
+    scored = score_captions(frame, embedder, threshold=0.1)
+    np.testing.assert_allclose(scored["similarity"], [1.0, 0.5, 0.05, 1.0, 0.1, 0.0], atol=1e-12)
+    # below the threshold is a hallucination; exactly 0.1 is not; HQ rows never are
+    assert scored["hallucinated"].tolist() == [False, False, True, False, False, True]
+    np.testing.assert_array_equal(
+        flag_hallucinations([0.0999, 0.1, 0.2], 0.1), [True, False, False]
+    )
+
+
+def test_negative_prompts_join_hallucinated_texts():
+    frame = pd.DataFrame(
+        [
+            ("a", 2, "s1", "a dog", True),
+            ("a", 1, "s1", "a tree", True),
+            ("a", 3, "s1", "a tree", True),
+            ("a", 1, "s2", "a cat", False),
+            ("a", 2, "s2", "red sky", True),
+            ("a", 1, "hq", "a cat", False),
+            ("b", 1, "s1", "a cat", False),
+        ],
+        columns=["image_id", "instance_id", "candidate", "caption", "hallucinated"],
+    )
+    assert negative_prompts(frame) == {
+        ("a", "s1"): "a tree, a dog",  # instance order, repeats dropped
+        ("a", "s2"): "red sky",
+        ("b", "s1"): "",
+    }
+    assert image_negative_prompts(frame) == {"a": "a tree, a dog, red sky", "b": ""}
+    assert negative_prompts(frame.iloc[0:0]) == {}
+
+
+# -- the real BLIP path and the stage ---------------------------------------------------------
+
+
+def test_tiny_blip_captions_match_direct_generate(tiny_blip):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    crops = [
+        (np.random.default_rng(i).random((9 + i, 13, 3)) * 255).astype(np.uint8) for i in range(3)
+    ]
+    captioner = caption.BlipCaptioner(tiny_blip, "cpu", max_new_tokens=6, batch_size=2)
+    texts = captioner.caption(crops)
+    processor = BlipProcessor.from_pretrained(tiny_blip)
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
+    with torch.no_grad():
+        ids = model.generate(**processor(images=crops, return_tensors="pt"), max_new_tokens=6)
+    expected = [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    assert texts == expected
+    assert all(text and "[DEC]" not in text and "[SEP]" not in text for text in texts)
+    assert all(set(text.split()) <= set(WORDS) for text in texts)
+
+    prompted = caption.BlipCaptioner(tiny_blip, "cpu", prompt="a photo of", max_new_tokens=6)
+    assert all(not text.startswith("a photo of") for text in prompted.caption(crops))
+    assert caption.strip_prompt("a photo of a red tree", "A photo of") == "a red tree"
+
+
+def test_missing_captioner_path_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="BLIP captioner not found"):
+        caption.BlipCaptioner(tmp_path / "no_blip")
+
+
+def _write_stage_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    hq = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
+    write_png(tmp_path / "hq" / "img0.png", hq)
+    rows = []
+    for setting in ("cfg6", "rank16"):
+        path = tmp_path / "cand" / setting / "img0.png"
+        write_png(
+            path, np.clip(hq.astype(int) + rng.integers(-30, 30, hq.shape), 0, 255).astype(np.uint8)
+        )
+        rows.append(("img0", setting, setting, 1, 6.0, 0, "", str(path)))
+    columns = ["image_id", "setting", "variant", "steps", "cfg", "seed", "negative_prompt", "path"]
+    write_table(pd.DataFrame(rows, columns=columns), tmp_path / "candidates.parquet", "candidates")
+    label_map = np.zeros((20, 24), dtype=np.uint16)
+    label_map[:10, :12] = 1
+    label_map[12:, 14:] = 2
+    write_label_maps(tmp_path / "masks.zarr", {"img0": label_map}, {"backend": "classical"})
+    instances = pd.DataFrame(
+        [
+            ("img0", 1, 120, 0, 0, 12, 10, 120 / 480, 1.0, False),
+            ("img0", 2, 80, 14, 12, 10, 8, 80 / 480, 1.0, False),
+            ("img0", 0, 280, 0, 0, 24, 20, 280 / 480, np.nan, True),
+        ],
+        columns=["image_id", "instance_id", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+        + ["weight", "score", "is_remainder"],
+    )
+    write_table(instances, tmp_path / "instances.parquet", "instances")
+
+
+def _stage_argv(tmp_path, config):
+    return [
+        "--hq", str(tmp_path / "hq"),
+        "--candidates", str(tmp_path / "candidates.parquet"),
+        "--masks-zarr", str(tmp_path / "masks.zarr"),
+        "--instances", str(tmp_path / "instances.parquet"),
+        "--out", str(tmp_path / "captions.parquet"),
+        "--config", json.dumps(config),
+        "--seed", "7",
+    ]  # fmt: skip
+
+
+def test_stage_end_to_end_with_tiny_models(tmp_path, tiny_blip, tiny_text_encoder):
+    _write_stage_inputs(tmp_path)
+    config = {
+        "captioner": str(tiny_blip),
+        "text_encoder": str(tiny_text_encoder),
+        "max_new_tokens": 5,
+        "device": "cpu",
+        "threshold": 2.0,  # every candidate below: all flagged, so prompts are non-empty
+    }
+    assert caption.main(_stage_argv(tmp_path, config)) == 0
+    table = read_table(tmp_path / "captions.parquet", "captions")
+    assert len(table) == 3 * 3  # 3 instances x (hq + 2 candidates)
+    assert set(table["candidate"]) == {"hq", "cfg6", "rank16"}
+    hq_rows = table[table["candidate"] == "hq"]
+    assert (hq_rows["similarity"] == 1.0).all() and not hq_rows["hallucinated"].any()
+    others = table[table["candidate"] != "hq"]
+    assert others["hallucinated"].all()
+    assert ((others["similarity"] >= -1 - 1e-9) & (others["similarity"] <= 1 + 1e-9)).all()
+    metadata = read_metadata(tmp_path / "captions.parquet")
+    assert metadata["skipped"] is False and metadata["seed"] == 7
+    assert metadata["text_encoder"] == str(tiny_text_encoder)
+    prompts = negative_prompts(table)
+    assert set(prompts) == {("img0", "cfg6"), ("img0", "rank16")}
+    expected = ", ".join(
+        dict.fromkeys(table[table["candidate"] == "cfg6"].sort_values("instance_id")["caption"])
+    )
+    assert prompts[("img0", "cfg6")] == expected
+
+
+def test_stage_without_captioner_is_an_explicit_skip(tmp_path):
+    _write_stage_inputs(tmp_path)
+    assert caption.main(_stage_argv(tmp_path, {})) == 0
+    table = read_table(tmp_path / "captions.parquet", "captions")
+    assert table.empty
+    metadata = read_metadata(tmp_path / "captions.parquet")
+    assert metadata["skipped"] is True and "captioner" in metadata["reason"]

@@ -1,0 +1,207 @@
+"""GPU lease and the run-gpu wrapper, on a fake device pool (no GPU needed)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import run_gpu
+from pipeline.gpu_lease import GpuLeaseError, lease, threads_per_process
+
+REPO = Path(__file__).resolve().parents[1]
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def _hold_and_report(n_gpus, lock_dir, barrier, results):
+    with lease(n_gpus, pool="0,1,2,3", lock_dir=lock_dir, timeout=20) as held:
+        results.put((held.devices, os.environ["CUDA_VISIBLE_DEVICES"]))
+        barrier.wait(timeout=20)  # every job holds its devices at the same moment
+
+
+@pytest.mark.parametrize("requests", [[1, 1, 1, 1], [2, 2], [1, 2, 1]])
+def test_concurrent_jobs_get_disjoint_devices(tmp_path, requests):
+    barrier, results = FORK.Barrier(len(requests)), FORK.Queue()
+    jobs = [
+        FORK.Process(target=_hold_and_report, args=(n, tmp_path, barrier, results))
+        for n in requests
+    ]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=30)
+        assert job.exitcode == 0
+    granted = [results.get(timeout=1) for _ in requests]
+    devices = [device for held, _ in granted for device in held]
+    assert sorted(devices) == sorted(set(devices))  # disjoint
+    assert sorted(len(held) for held, _ in granted) == sorted(requests)
+    assert all(env == ",".join(held) for held, env in granted)
+
+
+def test_busy_device_waits_then_times_out(tmp_path):
+    with lease(2, pool="0,1", lock_dir=tmp_path):
+        start = time.monotonic()
+        with pytest.raises(GpuLeaseError, match="timed out after 0.3 s waiting for 1 free GPU"):
+            with lease(1, pool="0,1", lock_dir=tmp_path, timeout=0.3):
+                pass
+        assert time.monotonic() - start >= 0.3
+    with lease(2, pool="0,1", lock_dir=tmp_path, timeout=1) as again:
+        assert again.devices == ["0", "1"]
+
+
+def test_killed_holder_frees_its_devices(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from pipeline.gpu_lease import lease
+            with lease(2, pool="0,1", lock_dir={str(tmp_path)!r}):
+                print("held", flush=True)
+                time.sleep(60)
+        """)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GpuLeaseError, match="timed out"):
+            with lease(1, pool="0,1", lock_dir=tmp_path, timeout=0.2):
+                pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        with lease(2, pool="0,1", lock_dir=tmp_path, timeout=2) as after:
+            assert after.devices == ["0", "1"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_under_slurm_the_lease_keeps_slurms_assignment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with lease(2, pool="0,1", lock_dir=tmp_path / "locks") as held:
+        assert (held.mode, held.devices) == ("slurm", ["3"])
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert not (tmp_path / "locks").exists()
+
+
+def test_zero_gpus_or_empty_pool_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with lease(0, lock_dir=tmp_path) as held:
+        assert (held.mode, held.devices) == ("cpu", [])
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # the job must not touch a GPU
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    with lease(2, pool="", lock_dir=tmp_path) as held:
+        assert (held.mode, held.devices) == ("cpu", [])
+
+
+def test_pool_defaults_to_cuda_visible_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    with lease(1, lock_dir=tmp_path) as first, lease(1, lock_dir=tmp_path) as second:
+        assert (first.devices, second.devices) == (["5"], ["7"])
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu5.lock", "gpu7.lock"]
+
+
+def test_lock_dir_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPO_GPU_LEASE_DIR", str(tmp_path / "env_locks"))
+    with lease(1, pool="2"):
+        assert (tmp_path / "env_locks" / "gpu2.lock").read_text().startswith(f"pid={os.getpid()}")
+
+
+def test_more_gpus_than_the_pool_is_an_error(tmp_path):
+    with pytest.raises(GpuLeaseError, match=r"3 GPUs requested but the pool has only 2 \(devices 0,1\)"):
+        with lease(3, pool="0,1", lock_dir=tmp_path):
+            pass
+
+
+def test_threads_per_process(monkeypatch):
+    assert threads_per_process(8, 3) == 2
+    assert threads_per_process(1, 4) == 1
+    assert threads_per_process(6, 0) == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert threads_per_process(None, 2) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads_per_process(None, 2) == 1
+
+
+def test_launch_command_wraps_accelerate_only_for_several_processes():
+    command = ["python", "-m", "pipeline", "train", "--seed", "1"]
+    assert run_gpu.launch_command(command, 1, use_accelerate=True) == command
+    assert run_gpu.launch_command(command, 2, use_accelerate=False) == command
+    launched = run_gpu.launch_command(command, 2, use_accelerate=True)
+    assert launched[1:3] == ["-m", "accelerate.commands.launch"]
+    assert launched[launched.index("--num_processes") + 1] == "2"
+    assert "--multi_gpu" in launched
+    assert launched[-len(command) - 1 :] == ["--no_python", *command]
+
+
+ENV_PROBE = (
+    "import os, sys; open(sys.argv[1] + os.environ.get('RANK', 'single'), 'w').write("
+    "os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + os.environ['OMP_NUM_THREADS'] + ' ' "
+    "+ os.environ.get('WORLD_SIZE', '-'))"
+)
+
+
+def test_run_gpu_sets_devices_and_threads_and_forwards_exit_code(tmp_path):
+    probe = str(tmp_path / "env_")
+    common = ["--pool", "0,1,2", "--lock-dir", str(tmp_path / "locks"), "--threads", "4"]
+    assert run_gpu.main(["--gpus", "2", *common, "--", sys.executable, "-c", ENV_PROBE, probe]) == 0
+    assert (tmp_path / "env_single").read_text() == "0,1 4 -"
+    exit_seven = [sys.executable, "-c", "raise SystemExit(7)"]
+    assert run_gpu.main(["--gpus", "1", *common, "--", *exit_seven]) == 7
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    assert run_gpu.main(["--gpus", "0", "--", *killed]) == 128 + signal.SIGKILL
+    assert run_gpu.main(["--gpus", "4", *common, "--", *exit_seven]) == 2  # pool too small
+
+
+def test_run_gpu_accelerate_runs_one_process_per_gpu(tmp_path):
+    probe = str(tmp_path / "rank_")
+    argv = ["--gpus", "2", "--pool", "0,1", "--lock-dir", str(tmp_path), "--threads", "4"]
+    command = [sys.executable, "-c", ENV_PROBE, probe]
+    assert run_gpu.main([*argv, "--accelerate", "--", *command]) == 0
+    assert sorted(p.name for p in tmp_path.glob("rank_*")) == ["rank_0", "rank_1"]
+    assert {p.read_text() for p in tmp_path.glob("rank_*")} == {"0,1 2 2"}
+
+
+def test_run_gpu_forwards_sigterm_to_the_command(tmp_path):
+    marker = tmp_path / "got_sigterm"
+    child_code = textwrap.dedent(f"""
+        import pathlib, signal, sys, time
+        def stop(signum, frame):
+            pathlib.Path({str(marker)!r}).write_text(str(signum))
+            sys.exit(5)
+        signal.signal(signal.SIGTERM, stop)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "0", "--",
+         sys.executable, "-c", child_code],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wrapper.stdout.readline().strip() == "ready"
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(timeout=20) == 5
+        assert marker.read_text() == str(int(signal.SIGTERM))
+    finally:
+        wrapper.kill()
+        wrapper.wait()
+
+
+def test_run_gpu_needs_a_command_after_double_dash():
+    with pytest.raises(SystemExit, match="missing '--'"):
+        run_gpu.main(["--gpus", "1", "echo"])

@@ -1,0 +1,17 @@
+rule degrade:
+    output:
+        directory("results/data/{split}"),
+    log:
+        "logs/degrade/{split}.log",
+    benchmark:
+        "benchmarks/degrade/{split}.tsv"
+    wildcard_constraints:
+        split="train|test",
+    params:
+        code=code_hash("degrade"),
+        config=section("degrade"),
+        seed=config["seed"],
+    threads: workflow.cores
+    shell:
+        "{PYTHON} -m pipeline degrade --split {wildcards.split} --out {output} "
+        "--config {params.config:q} --seed {params.seed} --workers {threads} > {log} 2>&1"
