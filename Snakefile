@@ -7,14 +7,36 @@ from snakemake.utils import min_version
 min_version("9.12")
 
 
-configfile: "config.yaml"
+# config.yaml is the demo; a preset given with --configfile replaces it (rather than being
+# merged into it), so a paper run never inherits the demo's stand-ins.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
 
 
 report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    framework="|".join(FRAMEWORKS),
+    method="|".join(METHODS),
+    objective="|".join(SELECT_OBJECTIVES),
+    testset="|".join(TESTSETS),
+
+
 include: "workflow/rules/degrade.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/candidates.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/caption.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/select.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:

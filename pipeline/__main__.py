@@ -26,7 +26,11 @@ STAGES = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m pipeline {" + ",".join(s.replace("_", "-") for s in STAGES) + ",bench} ..."
+    usage = (
+        "usage: python -m pipeline {"
+        + ",".join(s.replace("_", "-") for s in STAGES)
+        + ",bench} ..."
+    )
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2

@@ -321,7 +321,8 @@ def degrade_split(
             "stage": "degrade",
             "split": split,
             "seed": seed,
-            "config": config,
+            # workers changes speed, not bytes: leave it out so the file is the same either way
+            "config": {key: value for key, value in config.items() if key != "workers"},
             "source_root": str(
                 demo_root() if config["source"] == "demo" else Path(config["source"])
             ),
@@ -340,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder (hq/, lq/, pairs.parquet)")
     parser.add_argument("--config", default="{}", help="the degrade config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed")
+    parser.add_argument("--workers", type=int, help="worker processes (overrides the config)")
     args = parser.parse_args(argv)
-    frame = degrade_split(args.split, args.out, json.loads(args.config), args.seed)
+    config = json.loads(args.config)
+    if args.workers is not None:
+        config["workers"] = args.workers
+    frame = degrade_split(args.split, args.out, config, args.seed)
     print(f"degrade: {len(frame)} {args.split} pairs in {args.out}", file=sys.stderr)
     return 0

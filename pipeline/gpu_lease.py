@@ -155,8 +155,10 @@ def lease(
     devices = visible_pool(pool) if n_gpus > 0 else []
     if not devices:
         if n_gpus > 0:
-            print(f"gpu_lease: {n_gpus} GPU(s) requested, none visible: running on the CPU",
-                  file=sys.stderr)
+            print(
+                f"gpu_lease: {n_gpus} GPU(s) requested, none visible: running on the CPU",
+                file=sys.stderr,
+            )
         with _cuda_visible_devices(""):
             yield Lease([], [], "cpu")
         return
@@ -191,8 +193,10 @@ def _acquire(
                 f"{','.join(devices)} (locks in {lock_dir})"
             )
         if not announced:
-            print(f"gpu_lease: waiting for {n_gpus} free GPU(s) of {','.join(devices)}",
-                  file=sys.stderr)
+            print(
+                f"gpu_lease: waiting for {n_gpus} free GPU(s) of {','.join(devices)}",
+                file=sys.stderr,
+            )
             announced = True
         # Jitter keeps jobs that started together from retrying in lockstep.
         time.sleep(0.05 + random.random() * 0.2)

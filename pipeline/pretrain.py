@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,14 +77,6 @@ def build_model(framework: str, config: dict[str, Any], variant: str, seed: int)
     return model.to_device(config["device"])
 
 
-def pretrain_parameters(model: SRModel) -> list[torch.nn.Parameter]:
-    """The parameters the family's pretraining objective trains (all that require grad when
-    the family has no ``pretrain_parameters``)."""
-    if hasattr(model, "pretrain_parameters"):
-        return model.pretrain_parameters()
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 class PairSource:
     """The training pairs of ``pairs.parquet``; images are read when a batch needs them."""
 
@@ -111,10 +102,12 @@ class PairSource:
         left = int(torch.randint(0, (width - crop_size) // factor + 1, (1,), generator=generator))
         flip = hflip and bool(torch.rand(1, generator=generator) < 0.5)
         top, left = top * factor, left * factor
-        hq_crop = to_tensor(np.ascontiguousarray(hq[top : top + crop_size, left : left + crop_size]))
+        hq_crop = to_tensor(hq[top : top + crop_size, left : left + crop_size].copy())
         lq_size = crop_size // factor
-        lq_crop = lq[top // factor : top // factor + lq_size, left // factor : left // factor + lq_size]
-        lq_crop = upsample_lq(to_tensor(np.ascontiguousarray(lq_crop))[None], (crop_size, crop_size))[0]
+        lq_crop = lq[
+            top // factor : top // factor + lq_size, left // factor : left // factor + lq_size
+        ]
+        lq_crop = upsample_lq(to_tensor(lq_crop.copy())[None], (crop_size, crop_size))[0]
         if flip:
             hq_crop, lq_crop = hq_crop.flip(-1), lq_crop.flip(-1)
         return lq_crop, hq_crop
@@ -148,7 +141,9 @@ def save_checkpoint(
     }
     with atomic_path(folder) as temporary:
         temporary.mkdir(parents=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in _named_trainable(model, params).items()}
+        weights = {
+            k: v.detach().cpu().contiguous() for k, v in _named_trainable(model, params).items()
+        }
         save_file(weights, temporary / "model.safetensors")
         save_file(tensors, temporary / "optimizer.safetensors")
         document = {"step": step, "param_groups": state["param_groups"], "log": log}
@@ -197,7 +192,7 @@ def pretrain(
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoint"
     torch.manual_seed(0)  # nothing should draw from the global RNG; keep it fixed regardless
     model = build_model(framework, config, variant, seed)
-    params = pretrain_parameters(model)
+    params = model.pretrain_parameters()
     optimizer = torch.optim.AdamW(
         params, lr=config["lr"], betas=tuple(config["adam_betas"]),
         weight_decay=config["weight_decay"],
@@ -217,8 +212,10 @@ def pretrain(
         prompts = [config["prompt"]] * len(lq)
         loss, stats = model.pretrain_loss(lq, hq, prompts, torch_generator(seed, "pretrain_loss",
                                                                            variant, step))  # fmt: skip
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"pretrain {framework}/{variant}: loss {float(loss)} at step {step}")
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(
+                f"pretrain {framework}/{variant}: loss {float(loss)} at step {step}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"] or math.inf)
@@ -226,7 +223,7 @@ def pretrain(
         terms = {k: v for k, v in stats.items() if k != "loss"}
         log.append({"step": step, "loss": float(loss.detach()), "terms": json.dumps(terms),
                     "lr": config["lr"], "grad_norm": float(norm)})  # fmt: skip
-        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
         done = step + 1
         if config["checkpoint_every"] and done % config["checkpoint_every"] == 0 and done < total:
             save_checkpoint(checkpoint, model, params, optimizer, done, log)

@@ -13,6 +13,7 @@ and K processes each using all of them would oversubscribe the cores K-fold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -49,14 +50,16 @@ def launch_command(command: list[str], n_processes: int, use_accelerate: bool) -
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", str(n_processes), "--num_machines", "1",
         "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        # Only silences the launcher's warning: Accelerator(mixed_precision=...) in the
+        # training code takes precedence over this setting.
+        "--mixed_precision", "no",
         "--no_python", *command,
     ]  # fmt: skip
 
 
-def job_environment(devices_env: str | None, threads: int) -> dict[str, str]:
+def job_environment(threads: int) -> dict[str, str]:
+    """The current environment (with the lease's CUDA_VISIBLE_DEVICES) and the thread count."""
     environment = dict(os.environ)
-    if devices_env is not None:
-        environment["CUDA_VISIBLE_DEVICES"] = devices_env
     for variable in THREAD_VARIABLES:
         environment[variable] = str(threads)
     return environment
@@ -64,7 +67,8 @@ def job_environment(devices_env: str | None, threads: int) -> dict[str, str]:
 
 def _die_with_parent() -> None:
     # Runs in the child before exec: if the wrapper dies (even by SIGKILL), the job gets SIGTERM
-    # instead of running on as an orphan on devices whose lease is gone.
+    # instead of running on as an orphan nobody waits for (it still holds the lock fds, so its
+    # devices stay leased until it has actually exited).
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -84,10 +88,8 @@ def run_forwarding_signals(command: list[str], environment: dict[str, str], fds:
     )
 
     def forward(signum: int, _frame: object) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the child has just exited
             os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
@@ -110,7 +112,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )  # fmt: skip
     parser.add_argument("--accelerate", action="store_true", help="one process per leased GPU")
     parser.add_argument("--pool", default=None, help="device ids, default CUDA_VISIBLE_DEVICES")
-    parser.add_argument("--lock-dir", default=None, help="default $DSPO_GPU_LEASE_DIR or .gpu_leases")
+    parser.add_argument(
+        "--lock-dir", default=None, help="default $DSPO_GPU_LEASE_DIR or .gpu_leases"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for devices")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"OMP_NUM_THREADS={threads}",
                 file=sys.stderr,
             )
-            environment = job_environment(os.environ.get("CUDA_VISIBLE_DEVICES"), threads)
+            environment = job_environment(threads)
             return run_forwarding_signals(final_command, environment, held.fds)
     except GpuLeaseError as error:
         print(f"run-gpu: {error}", file=sys.stderr)

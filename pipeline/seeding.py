@@ -24,7 +24,9 @@ def numpy_rng(global_seed: int, stage: str, *keys: object) -> np.random.Generato
     return np.random.default_rng(derive_seed(global_seed, stage, *keys))
 
 
-def torch_generator(global_seed: int, stage: str, *keys: object, device: str = "cpu") -> torch.Generator:
+def torch_generator(
+    global_seed: int, stage: str, *keys: object, device: str = "cpu"
+) -> torch.Generator:
     """A torch generator seeded by :func:`derive_seed` (CPU by default, so draws match across devices)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(derive_seed(global_seed, stage, *keys))

@@ -52,11 +52,11 @@ def test_concurrent_jobs_get_disjoint_devices(tmp_path, requests):
 
 
 def test_busy_device_waits_then_times_out(tmp_path):
-    with lease(2, pool="0,1", lock_dir=tmp_path):
+    with lease(2, pool="0,1", lock_dir=tmp_path, timeout=5):
         start = time.monotonic()
-        with pytest.raises(GpuLeaseError, match="timed out after 0.3 s waiting for 1 free GPU"):
-            with lease(1, pool="0,1", lock_dir=tmp_path, timeout=0.3):
-                pass
+        expected = "timed out after 0.3 s waiting for 1 free GPU"
+        with pytest.raises(GpuLeaseError, match=expected), lease(1, "0,1", tmp_path, 0.3):
+            pass
         assert time.monotonic() - start >= 0.3
     with lease(2, pool="0,1", lock_dir=tmp_path, timeout=1) as again:
         assert again.devices == ["0", "1"]
@@ -75,9 +75,8 @@ def test_killed_holder_frees_its_devices(tmp_path):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(GpuLeaseError, match="timed out"):
-            with lease(1, pool="0,1", lock_dir=tmp_path, timeout=0.2):
-                pass
+        with pytest.raises(GpuLeaseError, match="timed out"), lease(1, "0,1", tmp_path, 0.2):
+            pass
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
         with lease(2, pool="0,1", lock_dir=tmp_path, timeout=2) as after:
@@ -108,23 +107,25 @@ def test_zero_gpus_or_empty_pool_runs_on_cpu(tmp_path, monkeypatch):
 
 def test_pool_defaults_to_cuda_visible_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
-    with lease(1, lock_dir=tmp_path) as first, lease(1, lock_dir=tmp_path) as second:
-        assert (first.devices, second.devices) == (["5"], ["7"])
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == "7"
+    with lease(2, lock_dir=tmp_path, timeout=5) as held:
+        assert held.devices == ["5", "7"]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu5.lock", "gpu7.lock"]
+    with lease(1, lock_dir=tmp_path, timeout=5) as held:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5,7"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu5.lock", "gpu7.lock"]
 
 
 def test_lock_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("DSPO_GPU_LEASE_DIR", str(tmp_path / "env_locks"))
-    with lease(1, pool="2"):
+    with lease(1, pool="2", timeout=5):
         assert (tmp_path / "env_locks" / "gpu2.lock").read_text().startswith(f"pid={os.getpid()}")
 
 
 def test_more_gpus_than_the_pool_is_an_error(tmp_path):
-    with pytest.raises(GpuLeaseError, match=r"3 GPUs requested but the pool has only 2 \(devices 0,1\)"):
-        with lease(3, pool="0,1", lock_dir=tmp_path):
-            pass
+    expected = r"3 GPUs requested but the pool has only 2 \(devices 0,1\)"
+    with pytest.raises(GpuLeaseError, match=expected), lease(3, pool="0,1", lock_dir=tmp_path):
+        pass
 
 
 def test_threads_per_process(monkeypatch):
@@ -158,6 +159,7 @@ ENV_PROBE = (
 def test_run_gpu_sets_devices_and_threads_and_forwards_exit_code(tmp_path):
     probe = str(tmp_path / "env_")
     common = ["--pool", "0,1,2", "--lock-dir", str(tmp_path / "locks"), "--threads", "4"]
+    common += ["--timeout", "10"]
     assert run_gpu.main(["--gpus", "2", *common, "--", sys.executable, "-c", ENV_PROBE, probe]) == 0
     assert (tmp_path / "env_single").read_text() == "0,1 4 -"
     exit_seven = [sys.executable, "-c", "raise SystemExit(7)"]
@@ -170,6 +172,7 @@ def test_run_gpu_sets_devices_and_threads_and_forwards_exit_code(tmp_path):
 def test_run_gpu_accelerate_runs_one_process_per_gpu(tmp_path):
     probe = str(tmp_path / "rank_")
     argv = ["--gpus", "2", "--pool", "0,1", "--lock-dir", str(tmp_path), "--threads", "4"]
+    argv += ["--timeout", "10"]
     command = [sys.executable, "-c", ENV_PROBE, probe]
     assert run_gpu.main([*argv, "--accelerate", "--", *command]) == 0
     assert sorted(p.name for p in tmp_path.glob("rank_*")) == ["rank_0", "rank_1"]
@@ -205,3 +208,22 @@ def test_run_gpu_forwards_sigterm_to_the_command(tmp_path):
 def test_run_gpu_needs_a_command_after_double_dash():
     with pytest.raises(SystemExit, match="missing '--'"):
         run_gpu.main(["--gpus", "1", "echo"])
+
+
+def test_killed_wrapper_stops_its_command_and_frees_the_devices(tmp_path):
+    sleeper = "import time; print('ready', flush=True); time.sleep(60)"
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "2", "--pool", "0,1",
+         "--lock-dir", str(tmp_path), "--", sys.executable, "-c", sleeper],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wrapper.stdout.readline().strip() == "ready"
+        wrapper.send_signal(signal.SIGKILL)
+        wrapper.wait(timeout=10)
+        # The command got SIGTERM from the kernel (parent-death signal) and released the locks.
+        with lease(2, pool="0,1", lock_dir=tmp_path, timeout=10) as after:
+            assert after.devices == ["0", "1"]
+    finally:
+        wrapper.kill()
+        wrapper.wait()

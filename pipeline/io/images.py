@@ -43,7 +43,9 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.integer):
         # Pillow opens 16-bit PNGs as int32 mode "I"; their range is still 0..65535
         maximum = 65535.0 if array.max(initial=0) > 255 or array.dtype.itemsize >= 2 else 255.0
-        return np.clip(np.rint(array.astype(np.float64) * (255.0 / maximum)), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / maximum)), 0, 255).astype(
+            np.uint8
+        )
     if np.issubdtype(array.dtype, np.floating):
         scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
         return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
@@ -102,7 +104,9 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         temporary.write_bytes(buffer.getvalue())
 
 
-def list_images(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
+def list_images(
+    folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS
+) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted, hidden files skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -119,7 +123,13 @@ def list_images(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXT
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return (
+        torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))
+        .permute(2, 0, 1)
+        .float()
+        .div(127.5)
+        .sub(1.0)
+    )
 
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:

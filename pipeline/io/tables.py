@@ -43,6 +43,7 @@ def _kernel_fields(prefix: str) -> list[tuple[str, pa.DataType]]:
         (f"{prefix}_omega_c", pa.float64()),
     ]
 
+
 SCHEMAS: dict[str, pa.Schema] = {
     # data/{split}/pairs.parquet: one row per HQ/LQ pair (image_id = file stem; several crops of
     # one source image share source_id) and every degradation parameter drawn, None where it

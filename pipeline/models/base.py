@@ -67,6 +67,10 @@ class SRModel(ABC, nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters preference training updates (LoRA weights or the ControlNet/UNet)."""
 
+    def pretrain_parameters(self) -> list[nn.Parameter]:
+        """The parameters pretraining updates (by default every parameter that requires grad)."""
+        return [parameter for parameter in self.parameters() if parameter.requires_grad]
+
     @abstractmethod
     def draw_timesteps_and_noise(
         self, lq: torch.Tensor, generator: torch.Generator

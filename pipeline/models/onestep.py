@@ -41,7 +41,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
-from pipeline.models.codecs import ResidualPixelCodec, VaeCodec, build_tiny_vae, load_codec, save_codec
+from pipeline.models.codecs import (
+    ResidualPixelCodec,
+    VaeCodec,
+    build_tiny_vae,
+    load_codec,
+    save_codec,
+)
 from pipeline.models.colorfix import COLOR_FIXES, apply_color_fix
 from pipeline.models.components import (
     SD_BASE_REQUIRED,
@@ -455,9 +461,11 @@ class OneStepSR(SRModel):
             "weights": self.settings.weights,
             "lora_stack": ",".join(f"{a['name']}:r{a['rank']}" for a in self.adapters),
             "lq_condition": self.settings.lq_condition,
-            "perceptual_loss": {"gradient": "gradient-L1 stand-in for LPIPS",
-                                "lpips": f"LPIPS-VGG ({self.settings.perceptual_weights})",
-                                "none": "none"}[perceptual],  # fmt: skip
+            "perceptual_loss": {
+                "gradient": "gradient-L1 stand-in for LPIPS",
+                "lpips": f"LPIPS-VGG ({self.settings.perceptual_weights})",
+                "none": "none",
+            }[perceptual],  # fmt: skip
             "cfg_vsd": str(self.settings.cfg_vsd),
         }
 
@@ -638,7 +646,7 @@ class OneStepSR(SRModel):
             total = total + settings.lambda_vsd_lora * terms["vsd_lora"]
             if settings.train_base:
                 drop = torch.rand(len(prompts), generator=generator) < settings.prompt_dropout
-                real_prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+                real_prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
                 real_latents = self.encode_targets(hq, lq)
                 terms["score_real"] = self.diffusion_loss(
                     self.regulariser["real"], real_latents, self._text(real_prompts), generator
@@ -753,4 +761,3 @@ def _load_sd_parts(path_or_id: str | Path, allow_download: bool, vae_tile_size: 
         if Path(source).exists():
             raise
         raise hub_load_error(source, error) from error
-

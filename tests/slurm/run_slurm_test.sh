@@ -49,10 +49,12 @@ while [[ $# -gt 0 && $1 == --* && $1 != -- ]]; do
 done
 if [[ $# -eq 0 ]]; then
     # No workflow given: the smoke workflow, in a scratch working directory.
+    SMOKE=1
     WORKDIR=$(mktemp -d /tmp/dspo_slurm_smoke.XXXXXX)
     RESULTS=results
     SNAKEMAKE_ARGS=(--snakefile "$REPO/tests/slurm/smoke/Snakefile")
 else
+    SMOKE=0
     RESULTS=$1
     shift
     [[ ${1:-} == -- ]] && shift
@@ -123,6 +125,7 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageTRES=gres/gpu
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux
 GresTypes=gpu
@@ -130,8 +133,17 @@ $NODE_LINE Gres=gpu:$FAKE_GPUS State=UNKNOWN
 PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
-# Fake GPUs: a count without device files, so Slurm schedules them on a machine without any.
-echo "NodeName=$NODE Name=gpu Count=$FAKE_GPUS" >/etc/slurm/gres.conf
+# Fake GPUs: character devices equal to /dev/null stand in for /dev/nvidia*. slurmd needs
+# device files to set CUDA_VISIBLE_DEVICES; with TaskPlugin=task/none nothing confines them.
+mkdir -p /var/lib/slurm-fake-gpus
+for i in $(seq 0 $((FAKE_GPUS - 1))); do
+    device=/var/lib/slurm-fake-gpus/gpu$i
+    [[ -c $device ]] || { rm -f "$device"; mknod "$device" c 1 3; }
+done
+cat >/etc/slurm/gres.conf <<EOF
+AutoDetect=off
+NodeName=$NODE Name=gpu File=/var/lib/slurm-fake-gpus/gpu[0-$((FAKE_GPUS - 1))]
+EOF
 cat >/etc/slurm/slurmdbd.conf <<EOF
 AuthType=auth/munge
 DbdHost=localhost
@@ -161,6 +173,9 @@ for _ in $(seq 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 
 sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 slurmctld
 slurmd
+sleep 2
+# A drain reason saved by an earlier, misconfigured start survives restarts; clear it.
+scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
 for _ in $(seq 60); do [[ $(sinfo -h -N -o %T 2>/dev/null | head -1) == idle ]] && break; sleep 1; done
 sinfo -N -o '%N %P %T %c %m %G' >&2
 [[ $(sinfo -h -N -o %T | head -1) == idle ]] || { echo "node not idle; see /var/log/slurm" >&2; exit 1; }
@@ -168,6 +183,7 @@ phase_end start
 
 # --- the profile, capped to this node ----------------------------------------------------------
 FITTED=$(mktemp -d /tmp/dspo_slurm_profile.XXXXXX)
+trap 'rm -rf "$FITTED"' EXIT
 "$PYTHON" - "$PROFILE/config.yaml" "$FITTED/config.yaml" "$NODE_MEM" "$FAKE_GPUS" "$NODE_CPUS" <<'EOF'
 import sys
 import yaml
@@ -233,6 +249,16 @@ for name in differ:
 sys.exit(1 if differ or not names else 0)
 EOF
 
+if [[ $SMOKE -eq 1 ]]; then
+    # The GPU rule must have kept Slurm's device assignment and launched one process per GPU.
+    cat logs/slurm_smoke/train.log >&2
+    line=$(grep -m1 '^run-gpu:' logs/slurm_smoke/train.log || true)
+    if ! [[ $line =~ devices\ ([0-9,]+)\ \[slurm\],\ ([0-9]+)\ process ]] \
+        || (($(tr , '\n' <<<"${BASH_REMATCH[1]}" | wc -l) != BASH_REMATCH[2])); then
+        echo "FAIL: train did not run one process per GPU Slurm assigned" >&2
+        STATUS=1
+    fi
+fi
 if [[ $KEEP_RUNNING -eq 0 ]]; then stop_cluster; fi
 for phase in install start local-run slurm-run; do
     [[ -n ${SECONDS_TAKEN[$phase]:-} ]] && echo "time $phase: ${SECONDS_TAKEN[$phase]} s" >&2

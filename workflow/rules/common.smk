@@ -1,5 +1,4 @@
 # Helpers only (no rules): config validation, input functions, code hashes for honest caching.
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -8,29 +7,38 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-# The interpreter running Snakemake runs the stages too, so rules work without an activated venv.
-PYTHON = sys.executable
 ROOT = Path(workflow.basedir)
+sys.path.insert(0, str(ROOT))
+from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
-# The pipeline modules each stage runs; their hash goes into the rule's params so that editing
-# a stage's code reruns exactly that stage and what depends on it (Snakemake does not track
-# imported code by itself).
-SHARED_CODE = ["pipeline/__init__.py", "pipeline/__main__.py", "pipeline/io", "pipeline/seeding.py"]
-STAGE_CODE = {
-    "degrade": ["pipeline/degrade.py", "pipeline/degradations.py"],
-}
+
+FRAMEWORKS = config["frameworks"]
+OBJECTIVES = config["objectives"]
+METHODS = config["methods"]
+TESTSETS = config["testsets"]
+SELECT_OBJECTIVES = list(config["select"]["objectives"]) + (
+    ["human"] if config["annotations"] else []
+)
+# the model each framework aligns and evaluates as "pretrained"
+BASE_VARIANT = "base"
+# methods trained on instance pairs; the others use the image-level pairs
+INSTANCE_METHODS = {"dspo", "dro", "dspo_m1"}
+
+for _objective in OBJECTIVES:
+    if _objective not in SELECT_OBJECTIVES:
+        raise ValueError(
+            f"config 'objectives': {_objective!r} is not a select objective "
+            f"(select.objectives: {sorted(SELECT_OBJECTIVES)}; 'human' needs 'annotations')"
+        )
+for _framework in FRAMEWORKS:
+    if BASE_VARIANT not in config["pretrain"][_framework]["variants"]:
+        raise ValueError(f"config pretrain.{_framework}.variants needs a {BASE_VARIANT!r} variant")
+
 
 
 def code_hash(stage):
-    """sha256 over the source files a stage runs (shared io/seeding code included)."""
-    digest = hashlib.sha256()
-    for entry in SHARED_CODE + STAGE_CODE[stage]:
-        path = ROOT / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(str(file.relative_to(ROOT)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
+    """Hash of the stage module and every pipeline module it imports (see pipeline/codehash.py)."""
+    return _code_hash(ROOT, f"pipeline.{stage}")
 
 
 def section(*keys):
@@ -41,6 +49,155 @@ def section(*keys):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def variants(framework):
+    return list(config["pretrain"][framework]["variants"])
+
+
+def candidate_setting_list(framework):
+    """The candidate settings ({name, variant, steps, cfg}); the paper's four by default."""
+    settings = config["candidates"]["settings"][framework]
+    if settings is None:
+        from pipeline.candidates import DEFAULT_SETTINGS
+
+        settings = DEFAULT_SETTINGS[framework]
+    return settings
+
+
+def candidate_variants(framework):
+    """The pretrained variants the candidate settings sample from."""
+    return sorted({setting["variant"] for setting in candidate_setting_list(framework)})
+
+
+def get_candidates_config(wildcards):
+    """The candidates section with the framework's own settings list."""
+    section = dict(config["candidates"])
+    section["settings"] = config["candidates"]["settings"][wildcards.framework]
+    return json.dumps(section, sort_keys=True, separators=(",", ":"))
+
+
+def get_pretrain_config(wildcards):
+    return section("pretrain", wildcards.framework)
+
+
+def get_candidate_models(wildcards):
+    return {
+        variant: f"results/models/{wildcards.framework}/{variant}"
+        for variant in candidate_variants(wildcards.framework)
+    }
+
+
+def get_candidate_model_args(wildcards):
+    return " ".join(f"{v}={p}" for v, p in get_candidate_models(wildcards).items())
+
+
+def get_segment_images(wildcards):
+    source = config["segment"]["source"]
+    if source == "hq":
+        return "results/data/train"
+    return f"results/candidates/{wildcards.framework}"
+
+
+def get_segment_images_arg(wildcards):
+    source = config["segment"]["source"]
+    if source == "hq":
+        return "results/data/train/hq"
+    return f"results/candidates/{wildcards.framework}/{source}"
+
+
+def get_annotations(wildcards):
+    return [config["annotations"]] if config["annotations"] else []
+
+
+def get_annotations_arg(wildcards):
+    return f"--annotations {config['annotations']}" if config["annotations"] else ""
+
+
+def get_train_pairs(wildcards):
+    suffix = "" if wildcards.method in INSTANCE_METHODS else "_image"
+    return f"results/pairs/{wildcards.framework}/{wildcards.objective}{suffix}.parquet"
+
+
+def get_train_method(wildcards):
+    return "dspo" if wildcards.method == "dspo_m1" else wildcards.method
+
+
+def get_train_config(wildcards):
+    train = dict(config["train"])
+    if wildcards.method == "dspo_m1":
+        train["negative_prompts"] = False  # the M1-only ablation: no description feedback
+    return json.dumps(train, sort_keys=True, separators=(",", ":"))
+
+
+def evaluated_models():
+    """Model names in the evaluation: bicubic, the pretrained base, every aligned model."""
+    aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES]
+    return ["bicubic", "pretrained", *aligned]
+
+
+def get_eval_model(wildcards):
+    name = wildcards.model
+    if name == "bicubic":
+        return []
+    if name == "pretrained":
+        return f"results/models/{wildcards.framework}/{BASE_VARIANT}"
+    method, objective = name.split("_", 1) if not name.startswith("dspo_m1_") else ("dspo_m1", name[8:])
+    return f"results/aligned/{wildcards.framework}/{method}/{objective}"
+
+
+def get_eval_model_arg(wildcards):
+    return get_eval_model(wildcards) or "bicubic"
+
+
+def get_testset_path(wildcards):
+    return TESTSETS[wildcards.testset]["path"]
+
+
+def get_testset_kind(wildcards):
+    return TESTSETS[wildcards.testset]["kind"]
+
+
+def get_eval_metrics(wildcards):
+    return expand(
+        "results/eval/{framework}/{testset}/{model}",
+        framework=wildcards.framework,
+        testset=list(TESTSETS),
+        model=evaluated_models(),
+    )
+
+
+def get_eval_metrics_files(wildcards):
+    return [f"{folder}/metrics.parquet" for folder in get_eval_metrics(wildcards)]
+
+
+def get_provenance_files(wildcards):
+    """The tables inside the provenance inputs whose metadata the report repeats."""
+    framework = wildcards.framework
+    return [
+        "results/data/train/pairs.parquet",
+        f"results/models/{framework}/{BASE_VARIANT}/train_log.parquet",
+        f"results/candidates/{framework}/candidates.parquet",
+        *get_provenance(wildcards)[3:],
+    ]
+
+
+def get_provenance(wildcards):
+    """Upstream tables whose metadata the report repeats (backends, weights, stand-ins)."""
+    framework = wildcards.framework
+    return [
+        "results/data/train",
+        f"results/models/{framework}/{BASE_VARIANT}",
+        f"results/candidates/{framework}",
+        f"results/masks/{framework}/instances.parquet",
+        f"results/captions/{framework}.parquet",
+        f"results/scores/{framework}.parquet",
+        *expand(
+            "results/pairs/{framework}/{objective}.parquet",
+            framework=framework,
+            objective=OBJECTIVES,
+        ),
+    ]
+
+
 def get_final_outputs():
-    """What `rule all` asks for, stage by stage as the stages exist."""
-    return expand("results/data/{split}", split=["train", "test"])
+    """The targets of the default run: every framework's report."""
+    return expand("results/eval/{framework}/report.md", framework=FRAMEWORKS)

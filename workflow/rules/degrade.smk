@@ -1,6 +1,8 @@
 rule degrade:
     output:
         directory("results/data/{split}"),
+    conda:
+        "../../envs/pipeline.yaml"
     log:
         "logs/degrade/{split}.log",
     benchmark:
@@ -13,5 +15,5 @@ rule degrade:
         seed=config["seed"],
     threads: workflow.cores
     shell:
-        "{PYTHON} -m pipeline degrade --split {wildcards.split} --out {output} "
+        "python -m pipeline degrade --split {wildcards.split} --out {output} "
         "--config {params.config:q} --seed {params.seed} --workers {threads} > {log} 2>&1"

@@ -1,0 +1,219 @@
+"""DSPO dataset preparation, step 1 (Sec. 4.1): four SR candidates per LQ image.
+
+Multi-step: one pretrained model sampled with four (steps, cfg) settings. One-step: the four
+pretrained variants (LoRA rank 16 / 64, VSD cfg 6 / 12), one step each. Every (image, setting)
+draws from its own generator ``torch_generator(seed, "candidates", image_id, setting)`` and
+the network runs batch-invariantly on the CPU (see :func:`batch_invariant`), so reruns are
+byte-identical and no image depends on which others share its batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.tables import read_table, write_table
+from pipeline.models import load_model
+from pipeline.models.base import SRModel, upsample_lq
+from pipeline.seeding import derive_seed, torch_generator
+
+#: DSPO's four settings per family (the one-step cfg is the VSD cfg the variant was trained with)
+DEFAULT_SETTINGS: dict[str, list[dict[str, Any]]] = {
+    "onestep": [
+        {"name": "rank16", "variant": "rank16"},
+        {"name": "rank64", "variant": "rank64"},
+        {"name": "cfg6", "variant": "cfg6"},
+        {"name": "cfg12", "variant": "cfg12"},
+    ],
+    "multistep": [
+        {"name": f"steps{steps}_cfg{cfg}", "variant": "base", "steps": steps, "cfg": cfg}
+        for steps in (20, 80)
+        for cfg in (4.5, 10.5)
+    ],
+}
+DEFAULTS: dict[str, Any] = {
+    "settings": None,  # list of {name, variant, steps?, cfg?}; None = DEFAULT_SETTINGS[framework]
+    "batch_size": 4,
+    "prompt": "",  # positive prompt of every image
+    "device": "auto",
+}
+
+
+def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any]:
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown candidates config keys {unknown}; known: {sorted(DEFAULTS)}")
+    config = {**DEFAULTS, **config}
+    if config["settings"] is None:
+        config["settings"] = DEFAULT_SETTINGS[framework]
+    names = [s["name"] for s in config["settings"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"candidate setting names must be unique: {names}")
+    return config
+
+
+@contextlib.contextmanager
+def batch_invariant(model: nn.Module) -> Iterator[None]:
+    """Make a forward pass give each image bit-identical results whatever the batch size (CPU).
+
+    Two CPU kernels depend on the batch size: oneDNN convolutions (another algorithm at
+    batch 1) and GEMMs with few rows (the timestep-embedding MLPs, ``[B, C]`` inputs). Within
+    this context oneDNN is off (native convolutions run per image) and 2-D linear layers run
+    row by row; token-wise linears (``[B, L, C]``) are left alone. GPUs are not covered.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def rowwise(forward):
+        def wrapped(inputs: torch.Tensor, *args, **kwargs):
+            if inputs.dim() == 2 and inputs.shape[0] > 1:
+                return torch.cat([forward(row[None], *args, **kwargs) for row in inputs])
+            return forward(inputs, *args, **kwargs)
+
+        return wrapped
+
+    for linear in linears:
+        linear.forward = rowwise(linear.forward)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    finally:
+        for linear in linears:
+            del linear.forward
+
+
+def negative_prompts_by_image(path: str | Path | None) -> dict[str, str]:
+    """Per-image negative prompt from a table with ``image_id`` and ``negative_prompt`` (e.g. a
+    preference-pairs table): the distinct non-empty texts, sorted, joined with ", "."""
+    if path is None:
+        return {}
+    frame = pd.read_parquet(path)
+    missing = [c for c in ("image_id", "negative_prompt") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: negative-prompts table lacks columns {missing}")
+    result = {}
+    for image_id, texts in frame.groupby("image_id")["negative_prompt"]:
+        distinct = sorted({t for t in texts.dropna() if t})
+        result[str(image_id)] = ", ".join(distinct)
+    return result
+
+
+def load_pair_images(data_dir: Path) -> list[tuple[str, torch.Tensor]]:
+    """(image_id, LQ bicubic-upsampled to the HQ size) for every pair, sorted by image id."""
+    pairs = read_table(data_dir / "pairs.parquet", "degradation_pairs").sort_values("image_id")
+    images = []
+    for row in pairs.itertuples():
+        hq_shape = read_rgb(data_dir / row.hq_path).shape
+        lq = to_tensor(read_rgb(data_dir / row.lq_path))[None]
+        images.append((str(row.image_id), upsample_lq(lq, hq_shape[:2])[0]))
+    return images
+
+
+def setting_steps_cfg(model: SRModel, setting: dict[str, Any]) -> tuple[int, float]:
+    """The (steps, cfg) recorded for a setting: one-step models run 1 step and report the
+    VSD cfg they were trained with."""
+    if model.framework == "onestep":
+        return 1, float(model.settings.cfg_vsd)
+    return int(setting.get("steps") or model.settings.steps), float(
+        setting.get("cfg") or model.settings.cfg
+    )
+
+
+def generate_candidates(
+    framework: str,
+    model_dirs: dict[str, str | Path],
+    data_dir: str | Path,
+    out_dir: str | Path,
+    config: dict[str, Any] | None,
+    seed: int,
+    negative_prompts: str | Path | None = None,
+) -> pd.DataFrame:
+    """Write ``{out}/{setting}/{image_id}.png`` and ``{out}/candidates.parquet``."""
+    config = stage_config(config, framework)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    images = load_pair_images(data_dir)
+    negatives = negative_prompts_by_image(negative_prompts)
+    rows = []
+    models: dict[str, SRModel] = {}
+    for setting in config["settings"]:
+        variant = setting["variant"]
+        if variant not in model_dirs:
+            raise KeyError(f"setting {setting['name']!r} needs model variant {variant!r}; "
+                           f"given: {sorted(model_dirs)}")  # fmt: skip
+        if variant not in models:
+            models[variant] = load_model(model_dirs[variant], device=config["device"]).eval()
+        model = models[variant]
+        steps, cfg = setting_steps_cfg(model, setting)
+        by_size: dict[tuple, list] = {}
+        for image_id, lq in images:
+            by_size.setdefault(tuple(lq.shape), []).append((image_id, lq))
+        batches = [group[i : i + config["batch_size"]] for group in by_size.values()
+                   for i in range(0, len(group), config["batch_size"])]  # fmt: skip
+        for batch in tqdm(
+            batches, file=sys.stderr, mininterval=1, desc=f"candidates {setting['name']}"
+        ):
+            ids = [image_id for image_id, _ in batch]
+            with batch_invariant(model):
+                outputs = model.sample(
+                    torch.stack([lq for _, lq in batch]),
+                    prompts=[config["prompt"]] * len(ids),
+                    negative_prompts=[negatives.get(i, "") for i in ids],
+                    steps=steps, cfg=cfg,
+                    generators=[torch_generator(seed, "candidates", i, setting["name"]) for i in ids],
+                )  # fmt: skip
+            for image_id, output in zip(ids, outputs, strict=True):
+                relative = f"{setting['name']}/{image_id}.png"
+                write_png(out_dir / relative, to_uint8(output.cpu()))
+                rows.append({
+                    "image_id": image_id, "setting": setting["name"], "variant": variant,
+                    "steps": steps, "cfg": cfg,
+                    "seed": derive_seed(seed, "candidates", image_id, setting["name"]),
+                    "negative_prompt": negatives.get(image_id, ""), "path": relative,
+                })  # fmt: skip
+    table = pd.DataFrame(rows).sort_values(["image_id", "setting"]).reset_index(drop=True)
+    metadata = {
+        "framework": framework, "seed": seed, "config": config,
+        "models": {v: {"path": str(model_dirs[v]), **m.describe()} for v, m in models.items()},
+        "negative_prompts": str(negative_prompts) if negative_prompts else None,
+        "paths": "relative to the folder of this table",
+    }  # fmt: skip
+    write_table(table, out_dir / "candidates.parquet", "candidates", metadata)
+    return table
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    variant, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--model expects VARIANT=DIR, got {text!r}")
+    return variant, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline candidates", description=__doc__)
+    parser.add_argument("--framework", required=True, choices=["onestep", "multistep"])
+    parser.add_argument("--model", action="append", type=_model_arg, required=True,
+                        metavar="VARIANT=DIR", help="a pretrained model folder per variant")  # fmt: skip
+    parser.add_argument("--data", required=True, help="data split folder with pairs.parquet")
+    parser.add_argument("--out", required=True, help="candidates/{framework} folder")
+    parser.add_argument("--negative-prompts", default=None, help="table: image_id, negative_prompt")
+    parser.add_argument("--config", default="{}", help="the candidates config section (JSON)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    generate_candidates(args.framework, dict(args.model), args.data, args.out,
+                        json.loads(args.config), args.seed, args.negative_prompts)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

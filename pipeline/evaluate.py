@@ -1,0 +1,458 @@
+"""Stage `evaluate`: one model on one test set (DSPO Sec. 5.1, test sets and metrics).
+
+DSPO evaluates on RealSR and DRealSR (real LQ/HQ pairs) and on DIV2K-val degraded with the
+Real-ESRGAN pipeline (synthetic), with the eight IQA metrics of OSEDiff's ``test_metrics.py``.
+The steps, each a function below:
+
+1. :func:`load_testset` — the (image_id, LQ file, HQ file) triples of a test set:
+
+   - ``synthetic``: a folder written by the `degrade` stage (``hq/``, ``lq/``, ``pairs.parquet``);
+     the image ids are those of ``pairs.parquet``;
+   - ``paired``: a RealSR / DRealSR style folder. The LQ and HQ folders are the first pair of
+     sub-folders found among :data:`PAIRED_LAYOUTS` (``LR``/``HR``, ``test_LR``/``test_HR``,
+     ``LQ``/``HQ``, ``lr``/``hr``, ``lq``/``hq``, ``test_lr``/``test_hr``); a folder holding both
+     kinds side by side (RealSR V3's ``Canon_001_HR.png`` next to ``Canon_001_LR4.png``) is
+     split by its ``_HR`` / ``_LR4`` suffixes. Files are matched by name after stripping, on
+     both sides, the suffixes matched by ``name_suffix_pattern`` (``_HR``, ``_LR4``, ``_x4``,
+     ``x4``, ``_x1``, ``_GT``, ``_LQ``, case-insensitive; applied until nothing changes).
+     Unmatched or ambiguous names are an error listing them;
+
+2. :func:`super_resolve` — LQ images smaller than their HQ are bicubic-upsampled
+   (:func:`~pipeline.models.base.upsample_lq`), then sampled in batches of same-sized images
+   with the paper's inference settings (multi-step: spaced DDPM, 50 steps, cfg 5.5; one-step
+   models ignore steps and cfg) and one generator per image,
+   ``torch_generator(seed, "evaluate", testset, image_id)``. The ``bicubic`` pseudo-model
+   returns the upsampled LQ itself (the classical baseline of the tables);
+3. :func:`measure` — every metric on the saved 8-bit SR image against the HQ, as pyiqa
+   computes it (:func:`pipeline.iqa.score_images`, weights offline, never downloaded).
+
+Outputs (written together, atomically): ``{out}/images/{image_id}.png`` and
+``{out}/metrics.parquet`` (table ``eval_metrics``, one row per image and metric), whose
+metadata records the model's ``describe()``, the metrics with their pyiqa ids, the weights used
+and the stand-ins (metrics other than the paper's eight, tiny or random model weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.io.atomic import atomic_path
+from pipeline.io.images import list_images, read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.tables import read_table, write_table
+from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images
+from pipeline.models.base import upsample_lq
+from pipeline.seeding import torch_generator
+
+TESTSET_KINDS = ("synthetic", "paired")
+BICUBIC = "bicubic"
+#: (LQ folder, HQ folder) names tried in order under a paired test set's root
+PAIRED_LAYOUTS = (
+    ("LR", "HR"),
+    ("test_LR", "test_HR"),
+    ("LQ", "HQ"),
+    ("lr", "hr"),
+    ("lq", "hq"),
+    ("test_lr", "test_hr"),
+)
+#: suffixes stripped from file stems before LQ and HQ names are matched
+DEFAULT_SUFFIX_PATTERN = r"(?:[_-]?(?:HR|GT|LQ|LR\d*)|[_-]?x\d+)$"
+#: in a folder holding both kinds, which stems are HQ and which LQ
+HQ_STEM = re.compile(r"[_-](?:HR|GT|x1)$", re.IGNORECASE)
+LQ_STEM = re.compile(r"[_-](?:LR\d*|LQ|x[2-9]\d*)$", re.IGNORECASE)
+
+DEFAULTS: dict[str, Any] = {
+    "metrics": list(DSPO_METRICS),  # pipeline metric names (pipeline.iqa), the paper's eight
+    "steps": 50,  # multi-step sampling steps (paper: spaced DDPM, 50); one-step ignores it
+    "cfg": 5.5,  # multi-step guidance scale (paper: 5.5); one-step ignores it
+    "prompt": "",  # positive prompt of every test image
+    "negative_prompt": None,  # None: the model's default unconditional text
+    "batch_size": 4,  # images per sampling batch (only same-sized images share a batch)
+    "max_images": 0,  # evaluate the first N images by id (0 = all)
+    "device": "auto",  # model and metrics device: cpu, cuda, auto
+    "dtype": "float32",  # model compute dtype ("bfloat16" on cuda)
+    "framework": None,  # needed only for a model folder without dspo_model.json (real weights)
+    "name_suffix_pattern": DEFAULT_SUFFIX_PATTERN,  # paired test sets, see the module docstring
+    "weights_dir": None,  # pyiqa weights directory (pipeline.iqa.MetricRegistry)
+    "weights": {},  # {metric: checkpoint file}
+    "options": {},  # {metric: extra pyiqa options}
+}
+
+
+def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage defaults with ``overrides`` applied; unknown keys are an error."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown evaluate config keys {unknown}; known: {sorted(DEFAULTS)}")
+    config = {**DEFAULTS, **overrides}
+    if not config["metrics"]:
+        raise ValueError("evaluate config 'metrics' is empty")
+    if int(config["batch_size"]) < 1:
+        raise ValueError(f"evaluate config 'batch_size' must be at least 1: {config['batch_size']}")
+    return config
+
+
+# ----------------------------------------------------------------------------- 1. test sets
+
+
+@dataclass(frozen=True)
+class TestImage:
+    image_id: str
+    lq: Path
+    hq: Path
+
+
+def _safe_id(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+def match_key(path: Path, root: Path, suffix_pattern: str) -> str:
+    """The name an LQ or HQ file is matched by: its path below ``root`` without extension,
+    folders joined by ``__``, with the suffixes of ``suffix_pattern`` stripped from the stem."""
+    stem = path.stem
+    pattern = re.compile(suffix_pattern, re.IGNORECASE)
+    while True:
+        stripped = pattern.sub("", stem)
+        if stripped == stem or not stripped:
+            break
+        stem = stripped
+    parts = [*path.relative_to(root).parent.parts, stem]
+    return _safe_id("__".join(parts))
+
+
+def match_pairs(
+    lq_files: Sequence[Path],
+    hq_files: Sequence[Path],
+    lq_root: Path,
+    hq_root: Path,
+    suffix_pattern: str = DEFAULT_SUFFIX_PATTERN,
+) -> list[TestImage]:
+    """Pair LQ and HQ files by :func:`match_key`; unmatched or ambiguous names raise ValueError."""
+    sides = {}
+    problems = []
+    for side, files, root in (("LQ", lq_files, lq_root), ("HQ", hq_files, hq_root)):
+        by_key: dict[str, list[Path]] = {}
+        for path in files:
+            by_key.setdefault(match_key(path, root, suffix_pattern), []).append(path)
+        for key, paths in sorted(by_key.items()):
+            if len(paths) > 1:
+                problems.append(f"{side} files share the name {key!r}: {[str(p) for p in paths]}")
+        sides[side] = {key: paths[0] for key, paths in by_key.items()}
+    lq_only = sorted(set(sides["LQ"]) - set(sides["HQ"]))
+    hq_only = sorted(set(sides["HQ"]) - set(sides["LQ"]))
+    if lq_only:
+        problems.append(f"LQ without HQ: {[str(sides['LQ'][k]) for k in lq_only]}")
+    if hq_only:
+        problems.append(f"HQ without LQ: {[str(sides['HQ'][k]) for k in hq_only]}")
+    if problems:
+        raise ValueError(
+            f"cannot pair LQ files of {lq_root} with HQ files of {hq_root}: " + "; ".join(problems)
+        )
+    return [TestImage(key, sides["LQ"][key], sides["HQ"][key]) for key in sorted(sides["LQ"])]
+
+
+def _child(root: Path, name: str) -> Path | None:
+    """The sub-folder of ``root`` called exactly ``name`` (case-sensitive even on macOS)."""
+    for child in root.iterdir():
+        if child.is_dir() and child.name == name:
+            return child
+    return None
+
+
+def find_paired_folders(root: str | Path) -> tuple[Path, Path]:
+    """``(lq_dir, hq_dir)`` of a paired test set: the first layout of :data:`PAIRED_LAYOUTS`
+    present under ``root``, else ``(root, root)`` when ``root`` itself holds both kinds."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"paired test set folder not found: {root}")
+    for lq_name, hq_name in PAIRED_LAYOUTS:
+        lq_dir, hq_dir = _child(root, lq_name), _child(root, hq_name)
+        if lq_dir is not None and hq_dir is not None:
+            return lq_dir, hq_dir
+    stems = [path.stem for path in list_images(root)]
+    if any(HQ_STEM.search(s) for s in stems) and any(LQ_STEM.search(s) for s in stems):
+        return root, root
+    tried = ", ".join(f"{lq}/ + {hq}/" for lq, hq in PAIRED_LAYOUTS)
+    raise FileNotFoundError(
+        f"{root}: no LQ/HQ folders found (tried {tried}) and no *_HR / *_LR4 files side by side"
+    )
+
+
+def load_paired(root: str | Path, suffix_pattern: str = DEFAULT_SUFFIX_PATTERN) -> list[TestImage]:
+    """The matched pairs of a RealSR / DRealSR style folder (see the module docstring)."""
+    lq_dir, hq_dir = find_paired_folders(root)
+    if lq_dir == hq_dir:
+        files = list_images(lq_dir)
+        hq_files = [path for path in files if HQ_STEM.search(path.stem)]
+        lq_files = [path for path in files if LQ_STEM.search(path.stem)]
+    else:
+        lq_files, hq_files = list_images(lq_dir), list_images(hq_dir)
+    if not hq_files:
+        raise FileNotFoundError(f"no HQ images found in {hq_dir}")
+    return match_pairs(lq_files, hq_files, lq_dir, hq_dir, suffix_pattern)
+
+
+def load_synthetic(folder: str | Path) -> list[TestImage]:
+    """The pairs of a degraded data folder (``hq/``, ``lq/``, ``pairs.parquet``)."""
+    folder = Path(folder)
+    pairs = read_table(folder / "pairs.parquet", "degradation_pairs")
+    images = [
+        TestImage(str(i), folder / "lq" / f"{i}.png", folder / "hq" / f"{i}.png")
+        for i in sorted(pairs["image_id"].astype(str))
+    ]
+    missing = [str(p) for image in images for p in (image.lq, image.hq) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: images listed in pairs.parquet are missing: {missing}")
+    return images
+
+
+def load_testset(
+    kind: str, path: str | Path, suffix_pattern: str = DEFAULT_SUFFIX_PATTERN, max_images: int = 0
+) -> list[TestImage]:
+    """Step 1: the test images of a ``synthetic`` or ``paired`` test set, sorted by id."""
+    if kind == "synthetic":
+        images = load_synthetic(path)
+    elif kind == "paired":
+        images = load_paired(path, suffix_pattern)
+    else:
+        raise ValueError(f"unknown test set kind {kind!r}; expected one of {TESTSET_KINDS}")
+    if not images:
+        raise ValueError(f"test set {path} has no images")
+    return images[:max_images] if max_images else images
+
+
+# ----------------------------------------------------------------------------- 2. inference
+
+
+class BicubicModel:
+    """The classical baseline: the bicubic-upsampled LQ is the SR image."""
+
+    framework = BICUBIC
+
+    def sample(self, lq: torch.Tensor, **_: Any) -> torch.Tensor:
+        return lq
+
+    def describe(self) -> dict[str, str]:
+        return {"framework": BICUBIC, "codec": "none", "weights": "none (bicubic upsampling)"}
+
+
+def load_sr_model(path: str, config: dict[str, Any]):
+    """``bicubic`` or a model folder through :func:`pipeline.models.load_model`."""
+    if path == BICUBIC:
+        return BicubicModel()
+    from pipeline.models import load_model
+
+    if not Path(path).exists() and config["framework"] is None:
+        raise FileNotFoundError(f"model folder not found: {path}")
+    return load_model(path, config["framework"], device=config["device"], dtype=config["dtype"])
+
+
+@dataclass
+class LoadedPair:
+    image: TestImage
+    lq: torch.Tensor  # [3, H, W] in [-1, 1], upsampled to the HQ size
+    hq: np.ndarray  # uint8 [H, W, 3]
+
+
+def load_pair(image: TestImage) -> LoadedPair:
+    hq = read_rgb(image.hq)
+    lq = to_tensor(read_rgb(image.lq))
+    if lq.shape[1] > hq.shape[0] or lq.shape[2] > hq.shape[1]:
+        raise ValueError(
+            f"LQ {image.lq} ({lq.shape[2]}x{lq.shape[1]}) is larger than its HQ {image.hq} "
+            f"({hq.shape[1]}x{hq.shape[0]})"
+        )
+    return LoadedPair(image, upsample_lq(lq[None], hq.shape[:2])[0], hq)
+
+
+def batches(images: Sequence[TestImage], batch_size: int) -> Iterator[list[LoadedPair]]:
+    """Consecutive images (sorted by id) of one HQ size, at most ``batch_size`` at a time."""
+    batch: list[LoadedPair] = []
+    for image in images:
+        pair = load_pair(image)
+        if batch and (len(batch) == batch_size or batch[0].hq.shape != pair.hq.shape):
+            yield batch
+            batch = []
+        batch.append(pair)
+    if batch:
+        yield batch
+
+
+def super_resolve(
+    model, batch: Sequence[LoadedPair], testset: str, config: dict[str, Any], seed: int
+) -> list[np.ndarray]:
+    """Step 2: the SR images (uint8 ``[H, W, 3]``) of one batch, one generator per image."""
+    lq = torch.stack([pair.lq for pair in batch])
+    count = len(batch)
+    negative = config["negative_prompt"]
+    sr = model.sample(
+        lq,
+        prompts=[config["prompt"]] * count,
+        negative_prompts=None if negative is None else [negative] * count,
+        steps=config["steps"],
+        cfg=config["cfg"],
+        generators=[torch_generator(seed, "evaluate", testset, p.image.image_id) for p in batch],
+    )
+    return [to_uint8(image) for image in sr]
+
+
+# ----------------------------------------------------------------------------- 3. metrics
+
+
+def measure(
+    registry: MetricRegistry,
+    metric_names: Sequence[str],
+    sr_images: Sequence[np.ndarray],
+    hq_images: Sequence[np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Step 3: ``{metric: float64 [B]}`` of the 8-bit SR images against their HQ, in [0, 1]."""
+
+    def batch(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return stacked.to(torch.float32).div(255.0)
+
+    scores = score_images(metric_names, batch(sr_images), batch(hq_images), registry)
+    return {name: values.numpy() for name, values in scores.items()}
+
+
+def metrics_metadata(registry: MetricRegistry, metric_names: Sequence[str]) -> dict[str, Any]:
+    """The metrics with their pyiqa ids and options, and the weights they used."""
+    metrics = {}
+    for name in metric_names:
+        info = registry.info(name)
+        metrics[name] = {
+            "pyiqa_id": info.pyiqa_id,
+            "options": dict(info.options),
+            "full_reference": info.full_reference,
+            "lower_better": info.lower_better,
+        }
+    return {
+        "metrics": metrics,
+        "weights": registry.weights_used(),
+        "weights_dir": str(registry.weights_dir) if registry.weights_dir else None,
+        "metrics_device": str(registry.device),
+    }
+
+
+def stand_ins(model_description: dict[str, str], metric_names: Sequence[str]) -> dict[str, Any]:
+    """What differs from the paper's evaluation: other metrics, tiny or random model weights."""
+    found: dict[str, Any] = {}
+    missing = [name for name in DSPO_METRICS if name not in metric_names]
+    if missing:
+        found["dspo_metrics_not_measured"] = missing
+        found["measured_instead"] = [name for name in metric_names if name not in DSPO_METRICS]
+    weights = str(model_description.get("weights", ""))
+    if "tiny" in weights or "random" in weights:
+        found["model_weights"] = weights
+    for key, value in model_description.items():
+        if "stand-in" in str(value):
+            found[f"model_{key}"] = value
+    return found
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def evaluate(
+    model_path: str,
+    model_name: str,
+    testset: str,
+    testset_kind: str,
+    testset_path: str | Path,
+    out_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+    registry: MetricRegistry | None = None,
+) -> pd.DataFrame:
+    """Evaluate one model on one test set; writes ``out_dir`` and returns the metrics table."""
+    config = stage_config(config)
+    images = load_testset(
+        testset_kind, testset_path, config["name_suffix_pattern"], int(config["max_images"])
+    )
+    model = load_sr_model(model_path, config)
+    metric_names = list(config["metrics"])
+    registry = registry or MetricRegistry(
+        weights_dir=config["weights_dir"],
+        weights=config["weights"],
+        options=config["options"],
+        device=config["device"],
+        seed=seed,
+    )
+    lower_better = {name: registry.info(name).lower_better for name in metric_names}
+    rows = []
+    progress = tqdm(
+        total=len(images), desc=f"evaluate {model_name} on {testset}", unit="img",
+        file=sys.stderr, mininterval=1,
+    )  # fmt: skip
+    with atomic_path(out_dir) as folder:
+        (folder / "images").mkdir(parents=True)
+        for batch in batches(images, int(config["batch_size"])):
+            sr_images = super_resolve(model, batch, testset, config, seed)
+            for pair, sr in zip(batch, sr_images, strict=True):
+                write_png(folder / "images" / f"{pair.image.image_id}.png", sr)
+            scores = measure(registry, metric_names, sr_images, [pair.hq for pair in batch])
+            for index, pair in enumerate(batch):
+                for name in metric_names:
+                    value = float(scores[name][index])
+                    rows.append((testset, model_name, pair.image.image_id, name, value,
+                                 lower_better[name]))  # fmt: skip
+            progress.update(len(batch))
+        progress.close()
+        table = pd.DataFrame(
+            rows, columns=["testset", "model", "image_id", "metric", "value", "lower_better"]
+        )
+        description = model.describe()
+        metadata = {
+            "model": model_name,
+            "model_path": str(model_path),
+            "model_describe": description,
+            "testset": testset,
+            "testset_kind": testset_kind,
+            "testset_path": str(testset_path),
+            "n_images": len(images),
+            "seed": seed,
+            "config": config,
+            **metrics_metadata(registry, metric_names),
+            "stand_ins": stand_ins(description, metric_names),
+        }
+        write_table(table, folder / "metrics.parquet", "eval_metrics", metadata)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline evaluate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", required=True, help="model folder, or 'bicubic'")
+    parser.add_argument("--model-name", required=True, help="name in the tables (e.g. pretrained)")
+    parser.add_argument("--testset", required=True, help="test set name (e.g. RealSR)")
+    parser.add_argument("--testset-kind", required=True, choices=TESTSET_KINDS)
+    parser.add_argument("--testset-path", required=True, type=Path, help="test set folder")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--config", default="{}", help="the `evaluate` config section as JSON")
+    parser.add_argument("--seed", type=int, required=True, help="global seed")
+    args = parser.parse_args(argv)
+    table = evaluate(
+        args.model, args.model_name, args.testset, args.testset_kind, args.testset_path,
+        args.out, json.loads(args.config), args.seed,
+    )  # fmt: skip
+    means = table.groupby("metric", sort=False)["value"].mean()
+    summary = ", ".join(f"{name} {value:.4g}" for name, value in means.items())
+    print(f"evaluate: {args.model_name} on {args.testset}: {summary}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,525 @@
+"""Stage `report`: the paper's result tables and plots from the per-image metrics (DSPO Sec. 5).
+
+Inputs are the ``eval/{framework}/{testset}/{model}/metrics.parquet`` files of one framework.
+The steps, each a function below:
+
+1. :func:`summarise` — per test set, model and metric: the mean over images, a 95% confidence
+   interval of the mean, the number of images and the difference to the baseline model
+   (``pretrained``). The interval is Student's t interval ``mean ± t(0.975, n-1)·s/√n``
+   (``ci_method: t``, the default) or a percentile bootstrap over images with
+   ``bootstrap_samples`` resamples drawn from ``numpy_rng(seed, "report", "bootstrap",
+   testset, model, metric)`` (``ci_method: bootstrap``); one image gives no interval (NaN);
+2. :func:`format_tables` — Tables 1 and 2 of the paper in one layout: per test set, one row per
+   method with the metric means (best in bold, second best in italics, as the paper's red and
+   blue), and under every method but the baseline a row of its differences to the baseline
+   (improvements in bold, as Table 2's red). Markdown (``tables.md``) and CSV (``tables.csv``);
+3. :func:`radar_values` / :func:`plot_radar` — Figure 4: per test set, each metric min–max
+   normalised across the models and sign-flipped where lower is better, so outward is better
+   and the best model of every axis sits at 1 (the worst at ``radar_floor``). Figure 4 leaves
+   NIQE out and compares the aligned models without the bicubic baseline; both are defaults;
+4. :func:`plot_crop_grid` — a visual comparison (Fig. 5): centre crops of a few images, LQ
+   (nearest-neighbour enlarged), every model's SR output, HQ;
+5. :func:`write_report_markdown` — ``report.md``: the run configuration and what every stage
+   recorded in its table metadata (backend, stand-ins, weights), read with
+   :func:`pipeline.io.tables.read_metadata` from the ``--provenance`` files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io.atomic import atomic_path
+from pipeline.io.images import read_rgb
+from pipeline.io.tables import read_metadata, read_table, write_table
+from pipeline.seeding import numpy_rng
+
+CI_METHODS = ("t", "bootstrap")
+DEFAULTS: dict[str, Any] = {
+    "baseline_model": "pretrained",  # deltas are against this model
+    "ci_method": "t",  # "t" (Student's t interval) or "bootstrap" (percentile, seeded)
+    "bootstrap_samples": 2000,  # resamples of the bootstrap interval
+    "model_order": [],  # row order of tables and plots; unnamed models follow (see model_order)
+    "radar_metrics": None,  # None: every evaluated metric except NIQE (as Figure 4)
+    "radar_exclude_models": ["bicubic"],  # Figure 4 compares the diffusion models only
+    "radar_floor": 0.1,  # normalised radius of the worst model on an axis (0 = the centre)
+    "grid_images": 3,  # images (first ids) in the crop grid
+    "grid_crop": 96,  # side of the centre crop in HQ pixels
+}
+#: paper order of the metrics in the tables; other metrics follow in order of appearance
+PAPER_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
+PNG_METADATA = {"Software": None}  # no matplotlib version in the PNG: same bytes across versions
+
+
+def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown report config keys {unknown}; known: {sorted(DEFAULTS)}")
+    config = {**DEFAULTS, **overrides}
+    if config["ci_method"] not in CI_METHODS:
+        raise ValueError(f"report config 'ci_method' must be one of {CI_METHODS}")
+    if not 0.0 <= float(config["radar_floor"]) < 1.0:
+        raise ValueError(f"report config 'radar_floor' must be in [0, 1): {config['radar_floor']}")
+    return config
+
+
+def read_metrics(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, dict[tuple[str, str], dict]]:
+    """All per-image metrics, and each file's metadata keyed by (testset, model)."""
+    frames, metadata = [], {}
+    for path in paths:
+        frame = read_table(path, "eval_metrics")
+        keys = set(zip(frame["testset"], frame["model"], strict=True))
+        for key in keys:
+            if key in metadata:
+                raise ValueError(f"{path}: test set {key[0]!r}, model {key[1]!r} given twice")
+            metadata[key] = {**read_metadata(path), "path": str(path)}
+        frames.append(frame)
+    if not frames:
+        raise ValueError("report: no metrics files given")
+    return pd.concat(frames, ignore_index=True), metadata
+
+
+def model_order(models: Iterable[str], config: dict[str, Any]) -> list[str]:
+    """``model_order`` first, then ``bicubic``, the baseline, the rest as first seen."""
+    seen = list(dict.fromkeys(models))
+    leading = [*config["model_order"], "bicubic", config["baseline_model"]]
+    ordered = [m for m in dict.fromkeys(leading) if m in seen]
+    return ordered + [m for m in seen if m not in ordered]
+
+
+def metric_order(metrics: Iterable[str]) -> list[str]:
+    seen = list(dict.fromkeys(metrics))
+    return [m for m in PAPER_METRICS if m in seen] + [m for m in seen if m not in PAPER_METRICS]
+
+
+# ----------------------------------------------------------------------------- 1. summary
+
+
+def confidence_interval(
+    values: np.ndarray,
+    method: str = "t",
+    samples: int = 2000,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, float]:
+    """95% interval of the mean of ``values`` (see the module docstring); NaN for one value."""
+    values = np.asarray(values, dtype=np.float64)
+    count = len(values)
+    if count < 2:
+        return math.nan, math.nan
+    mean = float(values.mean())
+    if method == "t":
+        from scipy import stats
+
+        half = stats.t.ppf(0.975, count - 1) * values.std(ddof=1) / math.sqrt(count)
+        return mean - float(half), mean + float(half)
+    if method == "bootstrap":
+        if rng is None:
+            raise ValueError("the bootstrap interval needs a seeded generator")
+        picks = rng.integers(0, count, size=(int(samples), count))
+        means = values[picks].mean(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        return float(low), float(high)
+    raise ValueError(f"unknown confidence interval method {method!r}; expected one of {CI_METHODS}")
+
+
+def summarise(metrics: pd.DataFrame, config: dict[str, Any], seed: int = 0) -> pd.DataFrame:
+    """Step 1: the ``eval_summary`` table (mean, 95% CI, n_images, delta vs the baseline)."""
+    baseline = config["baseline_model"]
+    for testset, frame in metrics.groupby("testset", sort=False):
+        image_sets = {
+            model: frozenset(group["image_id"]) for model, group in frame.groupby("model")
+        }
+        if len(set(image_sets.values())) > 1:
+            counts = {model: len(ids) for model, ids in image_sets.items()}
+            raise ValueError(
+                f"test set {testset!r}: models were evaluated on different images ({counts})"
+            )
+    rows = []
+    for (testset, model, metric), group in metrics.groupby(
+        ["testset", "model", "metric"], sort=False
+    ):
+        values = group["value"].to_numpy(np.float64)
+        rng = numpy_rng(seed, "report", "bootstrap", testset, model, metric)
+        low, high = confidence_interval(
+            values, config["ci_method"], int(config["bootstrap_samples"]), rng
+        )
+        rows.append({
+            "testset": testset, "model": model, "metric": metric,
+            "mean": float(values.mean()), "ci95_low": low, "ci95_high": high,
+            "n_images": len(values), "lower_better": bool(group["lower_better"].iloc[0]),
+        })  # fmt: skip
+    summary = pd.DataFrame(rows)
+    baseline_means = summary[summary["model"] == baseline].set_index(["testset", "metric"])["mean"]
+    keys = pd.MultiIndex.from_frame(summary[["testset", "metric"]])
+    summary["delta_vs_pretrained"] = summary["mean"].to_numpy() - baseline_means.reindex(
+        keys
+    ).to_numpy(np.float64)
+    return summary
+
+
+# ----------------------------------------------------------------------------- 2. tables
+
+
+def metric_label(metric: str, lower_better: bool) -> str:
+    return f"{metric.upper()}{'↓' if lower_better else '↑'}"
+
+
+def decimals(values: Iterable[float]) -> int:
+    """Paper style: 2 decimals for metrics in the tens (PSNR, MUSIQ), 4 for the others."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    return 2 if finite and max(finite) >= 10 else 4
+
+
+def table_frame(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> pd.DataFrame:
+    """One test set as the paper lays it out: rows (model, kind) with kind ``mean`` or
+    ``delta_vs_pretrained`` (every model but the baseline), columns the metrics."""
+    part = summary[summary["testset"] == testset]
+    metrics = metric_order(part["metric"])
+    means = part.pivot(index="model", columns="metric", values="mean")
+    deltas = part.pivot(index="model", columns="metric", values="delta_vs_pretrained")
+    has_baseline = config["baseline_model"] in means.index
+    rows = []
+    for model in model_order(part["model"], config):
+        rows.append({"model": model, "kind": "mean", **means.loc[model, metrics].to_dict()})
+        if has_baseline and model != config["baseline_model"]:
+            rows.append({"model": model, "kind": "delta_vs_pretrained",
+                         **deltas.loc[model, metrics].to_dict()})  # fmt: skip
+    return pd.DataFrame(rows, columns=["model", "kind", *metrics])
+
+
+def format_tables(summary: pd.DataFrame, config: dict[str, Any]) -> tuple[str, pd.DataFrame]:
+    """Step 2: the Markdown text of every test set's table, and all tables as one CSV frame."""
+    lower_better = summary.groupby("metric")["lower_better"].first().to_dict()
+    blocks, frames = [], []
+    baseline = config["baseline_model"]
+    for testset in dict.fromkeys(summary["testset"]):
+        frame = table_frame(summary, testset, config)
+        frames.append(frame.assign(testset=testset))
+        metrics = list(frame.columns[2:])
+        n_images = int(summary.loc[summary["testset"] == testset, "n_images"].max())
+        means = frame[frame["kind"] == "mean"]
+        header = ["Method", *[metric_label(m, lower_better[m]) for m in metrics]]
+        lines = [f"## {testset} ({n_images} images)", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+        places = {m: decimals(means[m]) for m in metrics}
+        ranks = {}
+        for metric in metrics:
+            signed = means[metric] * (-1 if lower_better[metric] else 1)
+            distinct = sorted({v for v in signed if math.isfinite(v)}, reverse=True)
+            ranks[metric] = {v: i for i, v in enumerate(distinct[:2])}
+        for _, row in frame.iterrows():
+            cells = []
+            for metric in metrics:
+                value = row[metric]
+                if not math.isfinite(value):
+                    cells.append("–")
+                    continue
+                if row["kind"] == "mean":
+                    text = f"{value:.{places[metric]}f}"
+                    rank = ranks[metric].get(value * (-1 if lower_better[metric] else 1))
+                    text = {0: f"**{text}**", 1: f"*{text}*"}.get(rank, text)
+                else:
+                    text = f"{value:+.{places[metric]}f}"
+                    improved = value < 0 if lower_better[metric] else value > 0
+                    text = f"**{text}**" if improved else text
+                cells.append(text)
+            label = row["model"] if row["kind"] == "mean" else f"Δ {row['model']} vs {baseline}"
+            lines.append("| " + " | ".join([label, *cells]) + " |")
+        blocks.append("\n".join(lines))
+    legend = (
+        f"Means over the test images. Bold / italics: best / second best per metric "
+        f"(the paper's red / blue). Δ rows: difference to `{baseline}`, improvements in bold "
+        f"(Table 2's red). ↑ higher is better, ↓ lower is better."
+    )
+    text = "# Results\n\n" + legend + "\n\n" + "\n\n".join(blocks) + "\n"
+    table = pd.concat(frames, ignore_index=True)
+    return text, table[["testset", *[c for c in table.columns if c != "testset"]]]
+
+
+# ----------------------------------------------------------------------------- 3. radar plots
+
+
+def radar_values(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> pd.DataFrame:
+    """Figure 4's normalisation: models × metrics, min–max over models after flipping the sign
+    of lower-is-better metrics, mapped to ``[radar_floor, 1]`` (all-equal axes sit at 1)."""
+    part = summary[
+        (summary["testset"] == testset) & ~summary["model"].isin(config["radar_exclude_models"])
+    ]
+    wanted = config["radar_metrics"]
+    metrics = [m for m in metric_order(part["metric"]) if m != "niqe"] if wanted is None else wanted
+    missing = [m for m in metrics if m not in set(part["metric"])]
+    if missing:
+        raise KeyError(f"radar metrics {missing} were not evaluated on {testset!r}")
+    means = part.pivot(index="model", columns="metric", values="mean")
+    means = means.loc[model_order(part["model"], config), metrics]
+    flip = part.groupby("metric")["lower_better"].first()
+    signed = means * np.where(flip[metrics].to_numpy(), -1.0, 1.0)
+    span = signed.max() - signed.min()
+    normalised = (signed - signed.min()) / span.where(span > 0, 1.0)
+    normalised.loc[:, span <= 0] = 1.0
+    floor = float(config["radar_floor"])
+    return floor + (1.0 - floor) * normalised
+
+
+def plot_radar(values: pd.DataFrame, path: str | Path, title: str) -> None:
+    """One radar chart: a closed polygon per model (rows) over the metric axes (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lower_better = values.attrs.get("lower_better", {})
+    labels = [metric_label(m, lower_better.get(m, False)) for m in values.columns]
+    angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False).tolist()
+    figure, axes = plt.subplots(figsize=(6, 6), subplot_kw={"projection": "polar"})
+    colours = plt.get_cmap("tab10")
+    for index, (model, row) in enumerate(values.iterrows()):
+        radii = row.to_list()
+        axes.plot(angles + angles[:1], radii + radii[:1], color=colours(index % 10), label=model)
+        axes.fill(angles + angles[:1], radii + radii[:1], color=colours(index % 10), alpha=0.08)
+    axes.set_xticks(angles)
+    axes.set_xticklabels(labels)
+    axes.set_ylim(0, 1.05)
+    axes.set_yticklabels([])
+    axes.set_title(f"{title}\n(normalised across models, outward = better)", pad=18)
+    axes.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize="small")
+    _save_figure(figure, path)
+
+
+def _save_figure(figure, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight",
+                       metadata=PNG_METADATA)  # fmt: skip
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- 4. crop grid
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    return image[top : top + size, left : left + size]
+
+
+def enlarge_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """LQ pixels shown as blocks at the HQ size (height, width)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.NEAREST))
+
+
+def grid_panels(
+    testset: str,
+    models: Sequence[str],
+    metadata: dict[tuple[str, str], dict],
+    config: dict[str, Any],
+) -> list[tuple[str, list[np.ndarray]]]:
+    """Per grid image: its id and the crops ``[LQ, model..., HQ]`` (the first ``grid_images``
+    image ids; LQ/HQ files found again from the test set recorded by `evaluate`)."""
+    from pipeline.evaluate import DEFAULT_SUFFIX_PATTERN, load_testset
+
+    recorded = metadata[(testset, models[0])]
+    pattern = recorded.get("config", {}).get("name_suffix_pattern", DEFAULT_SUFFIX_PATTERN)
+    images = load_testset(recorded["testset_kind"], recorded["testset_path"], pattern)
+    by_id = {image.image_id: image for image in images}
+    ids = [i for i in sorted(by_id) if all(
+        (Path(metadata[(testset, m)]["path"]).parent / "images" / f"{i}.png").is_file()
+        for m in models
+    )][: int(config["grid_images"])]  # fmt: skip
+    if not ids:
+        raise FileNotFoundError(f"no SR images of test set {testset!r} found for the crop grid")
+    panels = []
+    for image_id in ids:
+        hq = read_rgb(by_id[image_id].hq)
+        lq = enlarge_nearest(read_rgb(by_id[image_id].lq), hq.shape[:2])
+        outputs = [
+            read_rgb(Path(metadata[(testset, m)]["path"]).parent / "images" / f"{image_id}.png")
+            for m in models
+        ]
+        crops = [centre_crop(image, int(config["grid_crop"])) for image in [lq, *outputs, hq]]
+        panels.append((image_id, crops))
+    return panels
+
+
+def plot_crop_grid(
+    panels: Sequence[tuple[str, Sequence[np.ndarray]]],
+    column_titles: Sequence[str],
+    path: str | Path,
+    title: str,
+) -> None:
+    """Rows = images, columns = LQ, each model, HQ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, columns = len(panels), len(column_titles)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(1.8 * columns, 1.9 * rows + 0.4), squeeze=False
+    )
+    for row, (image_id, crops) in enumerate(panels):
+        for column, crop in enumerate(crops):
+            axis = axes[row][column]
+            axis.imshow(crop, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(column_titles[column], fontsize="small")
+            if column == 0:
+                axis.set_ylabel(image_id, fontsize="x-small")
+    figure.suptitle(title)
+    _save_figure(figure, path)
+
+
+# ----------------------------------------------------------------------------- 5. report.md
+
+#: metadata keys worth a line of their own in report.md (matched as substrings, recursively)
+PROVENANCE_KEYS = ("backend", "stand_in", "weights", "describe", "device", "segmenter", "source")
+
+
+def provenance_highlights(document: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """The (dotted key, value) pairs of ``document`` whose key names one of PROVENANCE_KEYS."""
+    found = []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if any(word in str(key).lower() for word in PROVENANCE_KEYS):
+                found.append((dotted, value))
+            elif isinstance(value, dict):
+                found.extend(provenance_highlights(value, dotted))
+    return found
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _cell(value: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report_markdown(
+    path: str | Path,
+    framework: str,
+    summary: pd.DataFrame,
+    metadata: dict[tuple[str, str], dict],
+    provenance: Sequence[str | Path],
+    config: dict[str, Any],
+    artifacts: Sequence[str],
+    seed: int,
+) -> None:
+    """Step 5: the run configuration, the evaluated models and every stage's provenance."""
+    lines = [f"# DSPO evaluation report: {framework}", "",
+             f"- global seed: {seed}", f"- baseline for the deltas: `{config['baseline_model']}`",
+             f"- confidence intervals: {config['ci_method']}"
+             + (f" ({config['bootstrap_samples']} resamples)" if config["ci_method"] == "bootstrap"
+                else " (Student's t, 95%)"),
+             f"- artifacts: {', '.join(f'`{a}`' for a in artifacts)}", "",
+             "## Evaluations", "",
+             "| test set | model | images | model weights | metrics | stand-ins |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for (testset, model), recorded in metadata.items():
+        weights = recorded.get("model_describe", {}).get("weights", "")
+        # the config keeps the metrics in the order they were asked for (metadata is key-sorted)
+        metrics = ", ".join(
+            recorded.get("config", {}).get("metrics") or recorded.get("metrics", {})
+        )
+        stand_ins = _json(recorded.get("stand_ins", {})) if recorded.get("stand_ins") else "none"
+        cells = [testset, model, recorded.get("n_images", ""), weights, metrics, stand_ins]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "## Evaluation settings", ""]
+    settings = {_json(m.get("config", {})) for m in metadata.values()}
+    for text in sorted(settings):
+        lines += ["```json", json.dumps(json.loads(text), indent=2, sort_keys=True), "```"]
+    lines += ["", "## Provenance of the upstream stages", ""]
+    if not provenance:
+        lines.append("No provenance files were given.")
+    for file in provenance:
+        document = read_metadata(file)
+        lines += [f"### `{file}` (table `{document.get('table', '?')}`)", ""]
+        highlights = provenance_highlights(document)
+        lines += [f"- **{key}**: `{_json(value)}`" for key, value in highlights] or [
+            "- no backend, stand-in or weights entries recorded"
+        ]
+        lines += ["", "<details><summary>all recorded metadata</summary>", "", "```json",
+                  json.dumps(document, indent=2, sort_keys=True, default=str), "```", "",
+                  "</details>", ""]  # fmt: skip
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def report(
+    metrics_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    seed: int = 0,
+    provenance: Sequence[str | Path] = (),
+    framework: str | None = None,
+) -> pd.DataFrame:
+    """Write summary.parquet, tables.md/.csv, radar/grid PNGs and report.md into ``out_dir``."""
+    config = stage_config(config)
+    out_dir = Path(out_dir)
+    framework = framework or out_dir.name
+    metrics, metadata = read_metrics(metrics_paths)
+    summary = summarise(metrics, config, seed)
+    summary_metadata = {"framework": framework, "config": config, "seed": seed,
+                        "inputs": [str(p) for p in metrics_paths]}  # fmt: skip
+    write_table(summary, out_dir / "summary.parquet", "eval_summary", summary_metadata)
+    markdown, table = format_tables(summary, config)
+    with atomic_path(out_dir / "tables.md") as temporary:
+        temporary.write_text(markdown, encoding="utf-8")
+    with atomic_path(out_dir / "tables.csv") as temporary:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+    artifacts = ["summary.parquet", "tables.md", "tables.csv"]
+    lower_better = summary.groupby("metric")["lower_better"].first().to_dict()
+    for testset in dict.fromkeys(summary["testset"]):
+        values = radar_values(summary, testset, config)
+        values.attrs["lower_better"] = lower_better
+        plot_radar(values, out_dir / f"radar_{testset}.png", f"{framework}: {testset}")
+        models = model_order(metrics.loc[metrics["testset"] == testset, "model"], config)
+        panels = grid_panels(testset, models, metadata, config)
+        plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / f"grid_{testset}.png",
+                       f"{framework}: {testset}")  # fmt: skip
+        artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
+    write_report_markdown(out_dir / "report.md", framework, summary, metadata, provenance,
+                          config, artifacts, seed)  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--metrics", nargs="+", required=True, type=Path,
+                        help="eval/{framework}/{testset}/{model}/metrics.parquet files")  # fmt: skip
+    parser.add_argument("--out", required=True, type=Path, help="output folder eval/{framework}")
+    parser.add_argument("--provenance", nargs="*", default=[], type=Path,
+                        help="upstream Parquet tables whose metadata report.md lists")  # fmt: skip
+    parser.add_argument("--framework", default=None, help="name in titles (default: --out name)")
+    parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
+    parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
+    args = parser.parse_args(argv)
+    summary = report(args.metrics, args.out, json.loads(args.config), args.seed,
+                     args.provenance, args.framework)  # fmt: skip
+    print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

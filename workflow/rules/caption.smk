@@ -1,0 +1,28 @@
+# With no captioner configured the stage writes an empty table marked {"skipped": true}.
+rule caption:
+    input:
+        data="results/data/train",
+        candidates="results/candidates/{framework}",
+        masks="results/masks/{framework}.zarr",
+        instances="results/masks/{framework}/instances.parquet",
+    output:
+        "results/captions/{framework}.parquet",
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/caption/{framework}.log",
+    benchmark:
+        "benchmarks/caption/{framework}.tsv"
+    params:
+        code=code_hash("caption"),
+        config=section("caption"),
+        seed=config["seed"],
+    threads: workflow.cores
+    resources:
+        gpu=config["gpus"]["caption"],
+    shell:
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline caption --hq {input.data}/hq "
+        "--candidates {input.candidates}/candidates.parquet --masks-zarr {input.masks} "
+        "--instances {input.instances} --out {output} --config {params.config:q} "
+        "--seed {params.seed} > {log} 2>&1"

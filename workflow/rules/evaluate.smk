@@ -1,0 +1,70 @@
+rule evaluate:
+    input:
+        model=get_eval_model,
+        testset=get_testset_path,
+    output:
+        directory("results/eval/{framework}/{testset}/{model}"),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/evaluate/{framework}/{testset}/{model}.log",
+    benchmark:
+        "benchmarks/evaluate/{framework}/{testset}/{model}.tsv"
+    params:
+        code=code_hash("evaluate"),
+        config=section("evaluate"),
+        model=get_eval_model_arg,
+        kind=get_testset_kind,
+        seed=config["seed"],
+    threads: workflow.cores
+    resources:
+        gpu=config["gpus"]["evaluate"],
+    shell:
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline evaluate --model {params.model} --model-name {wildcards.model} "
+        "--testset {wildcards.testset} --testset-kind {params.kind} "
+        "--testset-path {input.testset} --out {output} --config {params.config:q} "
+        "--seed {params.seed} > {log} 2>&1"
+
+
+rule report:
+    input:
+        metrics=get_eval_metrics,
+        provenance=get_provenance,
+    output:
+        summary="results/eval/{framework}/summary.parquet",
+        tables=report(
+            "results/eval/{framework}/tables.md",
+            caption="../report/tables.rst",
+            category="Results",
+        ),
+        tables_csv="results/eval/{framework}/tables.csv",
+        radar=report(
+            expand("results/eval/{{framework}}/radar_{testset}.png", testset=list(TESTSETS)),
+            caption="../report/radar.rst",
+            category="Results",
+        ),
+        grid=report(
+            expand("results/eval/{{framework}}/grid_{testset}.png", testset=list(TESTSETS)),
+            caption="../report/grid.rst",
+            category="Results",
+        ),
+        report=report(
+            "results/eval/{framework}/report.md",
+            caption="../report/report.rst",
+            category="Run",
+        ),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/report/{framework}.log",
+    params:
+        code=code_hash("report"),
+        config=section("report"),
+        metrics=get_eval_metrics_files,
+        provenance=get_provenance_files,
+        seed=config["seed"],
+    shell:
+        "python -m pipeline report --metrics {params.metrics} --out results/eval/{wildcards.framework} "
+        "--provenance {params.provenance} --framework {wildcards.framework} "
+        "--config {params.config:q} --seed {params.seed} > {log} 2>&1"
