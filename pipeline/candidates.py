@@ -10,22 +10,19 @@ byte-identical and no image depends on which others share its batch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import load_model
-from pipeline.models.base import SRModel, upsample_lq
+from pipeline.models.base import SRModel, batch_invariant, upsample_lq
 from pipeline.seeding import derive_seed, torch_generator
 
 #: DSPO's four settings per family (the one-step cfg is the VSD cfg the variant was trained with)
@@ -62,35 +59,6 @@ def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any
     if len(set(names)) != len(names):
         raise ValueError(f"candidate setting names must be unique: {names}")
     return config
-
-
-@contextlib.contextmanager
-def batch_invariant(model: nn.Module) -> Iterator[None]:
-    """Make a forward pass give each image bit-identical results whatever the batch size (CPU).
-
-    Two CPU kernels depend on the batch size: oneDNN convolutions (another algorithm at
-    batch 1) and GEMMs with few rows (the timestep-embedding MLPs, ``[B, C]`` inputs). Within
-    this context oneDNN is off (native convolutions run per image) and 2-D linear layers run
-    row by row; token-wise linears (``[B, L, C]``) are left alone. GPUs are not covered.
-    """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-
-    def rowwise(forward):
-        def wrapped(inputs: torch.Tensor, *args, **kwargs):
-            if inputs.dim() == 2 and inputs.shape[0] > 1:
-                return torch.cat([forward(row[None], *args, **kwargs) for row in inputs])
-            return forward(inputs, *args, **kwargs)
-
-        return wrapped
-
-    for linear in linears:
-        linear.forward = rowwise(linear.forward)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        for linear in linears:
-            del linear.forward
 
 
 def negative_prompts_by_image(path: str | Path | None) -> dict[str, str]:

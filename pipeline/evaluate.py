@@ -35,6 +35,7 @@ and the stand-ins (metrics other than the paper's eight, tiny or random model we
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -46,13 +47,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import list_images, read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images
-from pipeline.models.base import upsample_lq
+from pipeline.models.base import batch_invariant, upsample_lq
 from pipeline.seeding import torch_generator
 
 TESTSET_KINDS = ("synthetic", "paired")
@@ -297,14 +299,22 @@ def super_resolve(
     lq = torch.stack([pair.lq for pair in batch])
     count = len(batch)
     negative = config["negative_prompt"]
-    sr = model.sample(
-        lq,
-        prompts=[config["prompt"]] * count,
-        negative_prompts=None if negative is None else [negative] * count,
-        steps=config["steps"],
-        cfg=config["cfg"],
-        generators=[torch_generator(seed, "evaluate", testset, p.image.image_id) for p in batch],
+    # each image's output must not depend on its batch neighbours (byte-identical reruns
+    # whatever batch_size); BicubicModel is no nn.Module and needs no such care
+    invariance = (
+        batch_invariant(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     )
+    with invariance:
+        sr = model.sample(
+            lq,
+            prompts=[config["prompt"]] * count,
+            negative_prompts=None if negative is None else [negative] * count,
+            steps=config["steps"],
+            cfg=config["cfg"],
+            generators=[
+                torch_generator(seed, "evaluate", testset, p.image.image_id) for p in batch
+            ],
+        )
     return [to_uint8(image) for image in sr]
 
 

@@ -127,3 +127,32 @@ class SRModel(ABC, nn.Module):
     def describe(self) -> dict[str, str]:
         """What this model is made of (weights path, codec, stand-ins), for stage metadata."""
         return {"framework": self.framework, "codec": type(self.codec).__name__}
+
+
+@contextlib.contextmanager
+def batch_invariant(model: nn.Module) -> Iterator[None]:
+    """Make a forward pass give each image bit-identical results whatever the batch size (CPU).
+
+    Two CPU kernels depend on the batch size: oneDNN convolutions (another algorithm at
+    batch 1) and GEMMs with few rows (the timestep-embedding MLPs, ``[B, C]`` inputs). Within
+    this context oneDNN is off (native convolutions run per image) and 2-D linear layers run
+    row by row; token-wise linears (``[B, L, C]``) are left alone. GPUs are not covered.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def rowwise(forward):
+        def wrapped(inputs: torch.Tensor, *args, **kwargs):
+            if inputs.dim() == 2 and inputs.shape[0] > 1:
+                return torch.cat([forward(row[None], *args, **kwargs) for row in inputs])
+            return forward(inputs, *args, **kwargs)
+
+        return wrapped
+
+    for linear in linears:
+        linear.forward = rowwise(linear.forward)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    finally:
+        for linear in linears:
+            del linear.forward
