@@ -26,7 +26,7 @@ def test_demo_plan(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"))
     assert jobs == {
         "degrade": 2,  # train and test splits
-        "pretrain": 1,
+        "pretrain": 5,  # one-step base and the four DSPO variants
         "candidates": 1,
         "segment": 1,
         "caption": 1,

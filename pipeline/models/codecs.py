@@ -119,3 +119,12 @@ def build_tiny_vae(sample_size: int = 32) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=sample_size,
     )
+
+
+def build_tiny_codec(codec: str, factor: int = 4, pixel_scale: float = 4.0) -> LatentCodec:
+    """The codec of a tiny model: ``pixel`` (the demo's residual codec) or a tiny SD-style VAE."""
+    if codec == "pixel":
+        return ResidualPixelCodec(factor=factor, scale=pixel_scale)
+    if codec == "vae":
+        return VaeCodec(build_tiny_vae())
+    raise ValueError(f"model.codec must be 'pixel' or 'vae', got {codec!r}")

@@ -26,9 +26,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
 from pipeline.models.codecs import (
-    ResidualPixelCodec,
     VaeCodec,
-    build_tiny_vae,
+    build_tiny_codec,
     load_codec,
     save_codec,
 )
@@ -152,12 +151,7 @@ class MultiStepSR(SRModel):
         settings = {"train_unet": True, "weights": f"tiny-random(seed={seed})", **settings}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "model_init", "multistep"))
-            if codec == "pixel":
-                latent_codec: LatentCodec = ResidualPixelCodec(factor=factor, scale=pixel_scale)
-            elif codec == "vae":
-                latent_codec = VaeCodec(build_tiny_vae())
-            else:
-                raise ValueError(f"model.codec must be 'pixel' or 'vae', got {codec!r}")
+            latent_codec = build_tiny_codec(codec, factor, pixel_scale)
             text_encoder, tokenizer = build_tiny_text_encoder(hidden_size=text_hidden_size)
             channels = latent_codec.latent_channels
             unet = build_tiny_unet(channels, channels, text_hidden_size, 16, block_out_channels)

@@ -42,9 +42,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
 from pipeline.models.codecs import (
-    ResidualPixelCodec,
     VaeCodec,
-    build_tiny_vae,
+    build_tiny_codec,
     load_codec,
     save_codec,
 )
@@ -312,12 +311,7 @@ class OneStepSR(SRModel):
                     "weights": f"tiny-random(seed={seed})", "seed": seed, **settings}  # fmt: skip
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "model_init", "onestep"))
-            if codec == "pixel":
-                latent_codec: LatentCodec = ResidualPixelCodec(factor=factor, scale=pixel_scale)
-            elif codec == "vae":
-                latent_codec = VaeCodec(build_tiny_vae())
-            else:
-                raise ValueError(f"model.codec must be 'pixel' or 'vae', got {codec!r}")
+            latent_codec = build_tiny_codec(codec, factor, pixel_scale)
             text_encoder, tokenizer = build_tiny_text_encoder(hidden_size=text_hidden_size)
             latent = latent_codec.latent_channels
             extra = 3 * latent_codec.downscale**2 if settings["lq_condition"] == "concat" else 0

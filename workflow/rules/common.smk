@@ -1,5 +1,6 @@
 # Helpers only (no rules): config validation, input functions, code hashes for honest caching.
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,9 @@ from snakemake.utils import validate
 validate(config, schema="../schemas/config.schema.yaml")
 
 ROOT = Path(workflow.basedir)
+# Rules call `python`: make it the interpreter running Snakemake (the project's venv), as an
+# activated venv would, so `.venv/bin/snakemake` works without activating the venv.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
 sys.path.insert(0, str(ROOT))
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
