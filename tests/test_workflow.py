@@ -43,8 +43,8 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"), *CI)
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
-    assert jobs["train"] == 2 * 5  # five methods, one objective, two frameworks
-    assert jobs["evaluate"] == 2 * (2 + 5)  # bicubic, pretrained, five aligned, per framework
+    assert jobs["train"] == 2 * 4  # four methods, one objective, two frameworks
+    assert jobs["evaluate"] == 2 * (2 + 4)  # bicubic, pretrained, four aligned, per framework
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_ci_preset_end_to_end(tmp_path):
     assert planned_jobs(workdir, *CI) == {}
 
     rerun = planned_jobs(workdir, *CI, "--forcerun", "score")
-    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 10
+    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 8
     assert not UPSTREAM_OF_SCORE & set(rerun)
 
     # a rerun gives the same bytes (tables, masks and images were checked per stage)
@@ -76,7 +76,7 @@ def test_ci_preset_end_to_end(tmp_path):
     select_code = workdir / "pipeline/select.py"
     select_code.write_text(select_code.read_text() + "\n# edited\n")
     jobs = planned_jobs(workdir, *CI)
-    assert jobs["select"] == 2 and jobs["train"] == 10
+    assert jobs["select"] == 2 and jobs["train"] == 8
     assert not (UPSTREAM_OF_SCORE | {"score"}) & set(jobs)
 
 
@@ -124,7 +124,7 @@ def check_artifacts(results: Path) -> None:
         assert set(scores["metric"]) == {"psnr", "ssim", "gmsd"}
         for level in ("", "_image"):
             read_table(results / f"pairs/{framework}/fidelity{level}.parquet", "preference_pairs")
-        for method in ("dspo", "dpo", "sft", "dro", "dspo_m1"):
+        for method in ("dspo", "dpo", "sft", "dspo_m1"):
             aligned = results / f"aligned/{framework}/{method}/fidelity"
             assert (aligned / "dspo_model.json").is_file()
             log = read_table(aligned / "train_log.parquet", "train_log")

@@ -11,7 +11,7 @@ validate(config, schema="../schemas/config.schema.yaml")
 ROOT = Path(workflow.basedir)
 # Rules call `python`: make it the interpreter running Snakemake (the project's venv), as an
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
-os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
