@@ -23,11 +23,12 @@
 #   --allow-diff GLOB   ignore differences in files matching GLOB (relative to RESULTS_DIR)
 #   --no-install        skip apt-get (packages already installed)
 #   --keep-running      leave the Slurm daemons running afterwards
-# Environment: PYTHON (default /tmp/venv0/bin/python; must have snakemake and the plugin).
+# Environment: PYTHON (default: the python on PATH, e.g. the activated .venv; must have snakemake
+# and the Slurm executor plugin).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-PYTHON=${PYTHON:-/tmp/venv0/bin/python}
+PYTHON=${PYTHON:-$(command -v python)}
 WORKDIR=$REPO
 PROFILE=$REPO/workflow/profiles/slurm
 FAKE_GPUS=4

@@ -15,7 +15,7 @@ rule candidates:
         config=get_candidates_config,
         models=get_candidate_model_args,
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["candidates"],
     shell:

@@ -17,7 +17,7 @@ rule caption:
         code=code_hash("caption"),
         config=section("caption"),
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["caption"],
     shell:

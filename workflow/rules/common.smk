@@ -16,6 +16,10 @@ sys.path.insert(0, str(ROOT))
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
 
+# Threads of a heavy stage: scaled down to --cores on a workstation; cpus-per-task under Slurm
+# (capped by the profile's max-threads). A fixed number: workflow.cores is unset on clusters.
+STAGE_THREADS = 8
+
 FRAMEWORKS = config["frameworks"]
 OBJECTIVES = config["objectives"]
 METHODS = config["methods"]

@@ -13,7 +13,7 @@ rule degrade:
         code=code_hash("degrade"),
         config=section("degrade"),
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     shell:
         "python -m pipeline degrade --split {wildcards.split} --out {output} "
         "--config {params.config:q} --seed {params.seed} --workers {threads} > {log} 2>&1"

@@ -16,7 +16,7 @@ rule evaluate:
         model=get_eval_model_arg,
         kind=get_testset_kind,
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["evaluate"],
     shell:

@@ -15,7 +15,7 @@ rule pretrain:
         seed=config["seed"],
         # outside the output folder: Snakemake deletes a failed job's outputs, not these
         checkpoints="results/checkpoints/pretrain/{framework}/{variant}",
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["pretrain"],
     shell:

@@ -16,7 +16,7 @@ rule score:
         code=code_hash("score"),
         config=section("score"),
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["score"],
     shell:

@@ -15,7 +15,7 @@ rule segment:
         config=section("segment"),
         images=get_segment_images_arg,
         seed=config["seed"],
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["segment"],
     shell:

@@ -19,7 +19,7 @@ rule train:
         method=get_train_method,
         seed=config["seed"],
         checkpoints="results/checkpoints/train/{framework}/{method}/{objective}",
-    threads: workflow.cores
+    threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["train"],
     shell:
