@@ -418,7 +418,10 @@ class OneStepSR(SRModel):
                              for k, v in self._vae.state_dict().items() if "lora_" in k}  # fmt: skip
                 save_file(vae_state, folder / "vae_lora.safetensors")
             if full:
-                (folder / "unet_config.json").write_text(json.dumps(dict(self.unet.config)))
+                # diffusers' private keys (e.g. _use_default_values, built from a set) would make
+                # the file's bytes depend on the process's hash seed
+                public = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
+                (folder / "unet_config.json").write_text(json.dumps(public, sort_keys=True))
                 self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
                 self.tokenizer.save_pretrained(folder / "tokenizer")
                 save_codec(self._plain_codec(), folder / "codec")
