@@ -57,10 +57,6 @@ def section(*keys):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def variants(framework):
-    return list(config["pretrain"][framework]["variants"])
-
-
 def candidate_setting_list(framework):
     """The candidate settings ({name, variant, steps, cfg}); the paper's four by default."""
     settings = config["candidates"]["settings"][framework]
@@ -177,33 +173,31 @@ def get_eval_metrics_files(wildcards):
     return [f"{folder}/metrics.parquet" for folder in get_eval_metrics(wildcards)]
 
 
-def get_provenance_files(wildcards):
-    """The tables inside the provenance inputs whose metadata the report repeats."""
-    framework = wildcards.framework
-    return [
-        "results/data/train/pairs.parquet",
-        f"results/models/{framework}/{BASE_VARIANT}/train_log.parquet",
-        f"results/candidates/{framework}/candidates.parquet",
-        *get_provenance(wildcards)[3:],
+def provenance(framework):
+    """(input, table) per upstream stage whose metadata the report repeats (backends, weights,
+    stand-ins); the input is the rule output to depend on, the table the file inside it."""
+    folders = {
+        "results/data/train": "pairs.parquet",
+        f"results/models/{framework}/{BASE_VARIANT}": "train_log.parquet",
+        f"results/candidates/{framework}": "candidates.parquet",
+    }
+    tables = [
+        f"results/masks/{framework}/instances.parquet",
+        f"results/captions/{framework}.parquet",
+        f"results/scores/{framework}.parquet",
+        *(f"results/pairs/{framework}/{objective}.parquet" for objective in OBJECTIVES),
+    ]
+    return [(folder, f"{folder}/{table}") for folder, table in folders.items()] + [
+        (table, table) for table in tables
     ]
 
 
 def get_provenance(wildcards):
-    """Upstream tables whose metadata the report repeats (backends, weights, stand-ins)."""
-    framework = wildcards.framework
-    return [
-        "results/data/train",
-        f"results/models/{framework}/{BASE_VARIANT}",
-        f"results/candidates/{framework}",
-        f"results/masks/{framework}/instances.parquet",
-        f"results/captions/{framework}.parquet",
-        f"results/scores/{framework}.parquet",
-        *expand(
-            "results/pairs/{framework}/{objective}.parquet",
-            framework=framework,
-            objective=OBJECTIVES,
-        ),
-    ]
+    return [source for source, _ in provenance(wildcards.framework)]
+
+
+def get_provenance_files(wildcards):
+    return [table for _, table in provenance(wildcards.framework)]
 
 
 def get_final_outputs():
