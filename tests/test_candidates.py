@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from onestep_helpers import make_pairs
+from tests.onestep_helpers import make_pairs
 
 from pipeline.candidates import generate_candidates, main, negative_prompts_by_image
 from pipeline.io.images import read_rgb

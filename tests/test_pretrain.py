@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from onestep_helpers import TINY, make_pairs
+from tests.onestep_helpers import TINY, make_pairs
 
 from pipeline.io.tables import read_metadata, read_table
 from pipeline.models import load_model
