@@ -39,6 +39,9 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 
 
+check_gpu_requests()
+
+
 rule all:
     default_target: True
     input:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pipeline.distributed import finite_everywhere, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.tables import read_table, write_table
@@ -171,6 +172,17 @@ def load_checkpoint(
 
 
 # -- the stage ---------------------------------------------------------------------------------
+class PretrainObjective(torch.nn.Module):
+    """``model.pretrain_loss`` as one module call, so DDP sees one forward per step."""
+
+    def __init__(self, model: SRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, lq, hq, prompts, generator):
+        return self.model.pretrain_loss(lq, hq, prompts, generator)
+
+
 def pretrain(
     framework: str,
     variant: str,
@@ -186,12 +198,26 @@ def pretrain(
 
     ``max_steps`` stops after that many steps in total (leaving only the checkpoint, returns
     None): used to test kill-and-resume. A later call resumes from the checkpoint.
+
+    Under ``accelerate launch`` with K processes (DDP), every process draws the same batch of
+    ``batch_size`` crops (keyed by the step) and trains on its ``batch_size / K`` share; DDP
+    averages the gradients, so the update is the whole batch's. Draws inside the loss (noise,
+    timesteps, prompt dropout) are keyed by the process as well when K > 1, so the weights
+    depend on K there (recorded as ``processes`` in the log's metadata); the one-step loss
+    without VSD draws nothing and gives the one-process update for any K.
     """
     config = stage_config(config)
     out = Path(out)
     checkpoint = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoint"
+    accelerator = make_accelerator(config["device"])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_process, remainder = divmod(config["batch_size"], world)
+    if remainder or per_process == 0:
+        raise ValueError(
+            f"pretrain.batch_size {config['batch_size']} must be a multiple of the processes ({world})"
+        )
     torch.manual_seed(0)  # nothing should draw from the global RNG; keep it fixed regardless
-    model = build_model(framework, config, variant, seed)
+    model = build_model(framework, {**config, "device": str(accelerator.device)}, variant, seed)
     params = model.pretrain_parameters()
     optimizer = torch.optim.AdamW(
         params, lr=config["lr"], betas=tuple(config["adam_betas"]),
@@ -200,45 +226,62 @@ def pretrain(
     start, log = 0, []
     if (checkpoint / "state.json").is_file():
         start, log = load_checkpoint(checkpoint, model, params, optimizer)
+    objective, optimizer = accelerator.prepare(PretrainObjective(model), optimizer)
     source = PairSource(data_dir)
     total = config["steps"]
     stop = total if max_steps is None else min(total, max_steps)
     bar = tqdm(range(start, stop), total=total, initial=start, file=sys.stderr, mininterval=1,
-               desc=f"pretrain {framework}/{variant}")  # fmt: skip
+               desc=f"pretrain {framework}/{variant}",
+               disable=not accelerator.is_main_process)  # fmt: skip
     model.train()
+    mine = slice(rank * per_process, (rank + 1) * per_process)
     for step in bar:
         lq, hq = source.batch(seed, variant, step, config["batch_size"], config["crop_size"],
                               config["hflip"])  # fmt: skip
-        prompts = [config["prompt"]] * len(lq)
-        loss, stats = model.pretrain_loss(lq, hq, prompts, torch_generator(seed, "pretrain_loss",
-                                                                           variant, step))  # fmt: skip
-        if not math.isfinite(float(loss.detach())):
+        keys = (variant, step) if world == 1 else (variant, step, "process", rank)
+        loss, stats = objective(lq[mine], hq[mine], [config["prompt"]] * per_process,
+                                torch_generator(seed, "pretrain_loss", *keys))  # fmt: skip
+        if not finite_everywhere(accelerator, loss.detach()):
             raise FloatingPointError(
-                f"pretrain {framework}/{variant}: loss {float(loss)} at step {step}"
+                f"pretrain {framework}/{variant}: non-finite loss at step {step} "
+                f"(process {rank}: {float(loss)})"
             )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"] or math.inf)
+        accelerator.backward(loss)
+        norm = accelerator.clip_grad_norm_(params, config["max_grad_norm"] or math.inf)
         optimizer.step()
-        terms = {k: v for k, v in stats.items() if k != "loss"}
-        log.append({"step": step, "loss": float(loss.detach()), "terms": json.dumps(terms),
+        names = sorted(stats)
+        means = accelerator.reduce(
+            torch.tensor([stats[k] for k in names], dtype=torch.float64, device=accelerator.device),
+            reduction="mean",
+        )
+        averaged = dict(zip(names, means.cpu().tolist(), strict=True))
+        terms = {k: v for k, v in averaged.items() if k != "loss"}
+        log.append({"step": step, "loss": averaged["loss"], "terms": json.dumps(terms),
                     "lr": config["lr"], "grad_norm": float(norm)})  # fmt: skip
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
+        bar.set_postfix(loss=f"{averaged['loss']:.4f}", refresh=False)
         done = step + 1
         if config["checkpoint_every"] and done % config["checkpoint_every"] == 0 and done < total:
-            save_checkpoint(checkpoint, model, params, optimizer, done, log)
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, model, params, optimizer, done, log)
+            accelerator.wait_for_everyone()
     bar.close()
     if stop < total:
-        save_checkpoint(checkpoint, model, params, optimizer, stop, log)
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoint, model, params, optimizer, stop, log)
+        accelerator.wait_for_everyone()
         return None
-    metadata = {"framework": framework, "variant": variant, "seed": seed, "config": config,
-                "model": model.describe(), "data": str(data_dir)}  # fmt: skip
-    with atomic_path(out) as folder:
-        model.save_pretrained(folder)
-        write_table(pd.DataFrame(log, columns=["step", "loss", "terms", "lr", "grad_norm"]),
-                    folder / "train_log.parquet", "pretrain_log", metadata)  # fmt: skip
-    if checkpoint.exists():
-        shutil.rmtree(checkpoint)
+    if accelerator.is_main_process:
+        metadata = {"framework": framework, "variant": variant, "seed": seed, "config": config,
+                    "model": model.describe(), "data": str(data_dir), "processes": world,
+                    "device": str(accelerator.device)}  # fmt: skip
+        with atomic_path(out) as folder:
+            model.save_pretrained(folder)
+            write_table(pd.DataFrame(log, columns=["step", "loss", "terms", "lr", "grad_norm"]),
+                        folder / "train_log.parquet", "pretrain_log", metadata)  # fmt: skip
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+    accelerator.wait_for_everyone()
     return out
 
 

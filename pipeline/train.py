@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import losses
+from pipeline.distributed import finite_everywhere, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.masks import read_label_map
@@ -582,22 +583,6 @@ def _prune_checkpoints(directory: Path, keep: int) -> None:
 _NOT_FINGERPRINTED = ("max_steps", "checkpoint_every", "keep_checkpoints")
 
 
-def _accelerator(config: TrainConfig):
-    from accelerate import Accelerator
-
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    precision = config.mixed_precision
-    if precision == "auto":
-        precision = "no" if cpu else "bf16"
-    return Accelerator(cpu=cpu, mixed_precision=precision)
-
-
-def _finite_everywhere(accelerator, value: torch.Tensor) -> bool:
-    """Whether ``value`` is finite on every process (all processes stop together)."""
-    flag = torch.tensor([float(torch.isfinite(value).all())], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
-
-
 def train(
     *,
     framework: str,
@@ -628,7 +613,7 @@ def train(
     checkpoint_dir = (
         Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
     )
-    accelerator = _accelerator(cfg)
+    accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     world = accelerator.num_processes
     per_micro, remainder = divmod(cfg.batch_size, world * cfg.gradient_accumulation_steps)
     if remainder or per_micro == 0:
@@ -712,7 +697,7 @@ def train(
                         policy, model, loaded, conditions, method
                     )
                 loss, stats = losses_from_errors(err_theta, err_ref, loaded, method, cfg)
-                if not _finite_everywhere(accelerator, loss.detach()):
+                if not finite_everywhere(accelerator, loss.detach()):
                     raise FloatingPointError(
                         f"non-finite loss at step {step + 1} (images {[e.item.image_id for e in loaded]}); "
                         f"training stopped; last good checkpoint: {last_good or 'none'}"
@@ -727,7 +712,7 @@ def train(
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable])
             )
-        if not _finite_everywhere(accelerator, torch.as_tensor(grad_norm)):
+        if not finite_everywhere(accelerator, torch.as_tensor(grad_norm)):
             raise FloatingPointError(
                 f"non-finite gradient norm at step {step + 1}; training stopped; "
                 f"last good checkpoint: {last_good or 'none'}"

@@ -6,13 +6,13 @@ import json
 
 import pandas as pd
 import pytest
-from tests.onestep_helpers import make_pairs
 
 from pipeline.candidates import generate_candidates, main, negative_prompts_by_image
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table
 from pipeline.models.onestep import OneStepSR
 from pipeline.seeding import derive_seed, torch_generator
+from tests.onestep_helpers import make_pairs
 
 VARIANTS = {"rank16": {"lora_rank": 16}, "rank64": {"lora_rank": 64},
             "cfg6": {"cfg_vsd": 6.0}, "cfg12": {"cfg_vsd": 12.0}}  # fmt: skip

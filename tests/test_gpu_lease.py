@@ -15,6 +15,7 @@ import pytest
 
 from pipeline import run_gpu
 from pipeline.gpu_lease import GpuLeaseError, lease, threads_per_process
+from tests.workflow_helpers import copy_workflow, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 FORK = multiprocessing.get_context("fork")
@@ -227,3 +228,16 @@ def test_killed_wrapper_stops_its_command_and_frees_the_devices(tmp_path):
     finally:
         wrapper.kill()
         wrapper.wait()
+
+
+def test_workflow_refuses_more_gpus_than_the_cap(tmp_path):
+    # Snakemake itself would start the job with the cap: the Snakefile says so instead
+    workdir = copy_workflow(tmp_path / "wf")
+    asking = ("--dry-run", "--set-resources", "train:gpu=3", "pretrain:gpu=2")
+    refused = snakemake(workdir, *asking, "--resources", "gpu=2", check=False)
+    assert refused.returncode != 0
+    assert "--resources gpu=2 is fewer GPUs than rules ask for (train asks for 3)" in (
+        refused.stdout + refused.stderr
+    )
+    for cap in ("gpu=3", "gpu=0"):  # enough GPUs; or the CPU for every GPU rule
+        snakemake(workdir, *asking, "--resources", cap)

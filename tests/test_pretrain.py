@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from tests.onestep_helpers import TINY, make_pairs
 
 from pipeline.io.tables import read_metadata, read_table
 from pipeline.models import load_model
 from pipeline.pretrain import PairSource, build_model, main, pretrain, stage_config
+from tests.ddp_helpers import run_in_gloo_processes
+from tests.onestep_helpers import TINY, make_pairs
 
 CONFIG = {
     "steps": 6, "batch_size": 2, "crop_size": 32, "lr": 1e-3, "checkpoint_every": 2,
@@ -85,3 +86,46 @@ def test_cli_writes_a_loadable_model_and_log_metadata(data, tmp_path):
 def test_missing_pairs_table_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pairs.parquet"):
         pretrain("onestep", "base", tmp_path, tmp_path / "out", CONFIG, seed=0)
+
+
+def _weights(folder):
+    model = load_model(folder)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_update_of_one_process(data, tmp_path):
+    # the one-step loss without VSD draws no noise: each process's half of the (shared) batch
+    # plus DDP's gradient average must give the whole batch's update
+    config = {**CONFIG, "steps": 3, "batch_size": 4, "checkpoint_every": 2}
+    single = pretrain("onestep", "rank8", data, tmp_path / "single", config, seed=1)
+    run_in_gloo_processes(2, pretrain, "onestep", "rank8", data, tmp_path / "ddp", config, 1)
+    assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
+    assert read_metadata(single / "train_log.parquet")["processes"] == 1
+    log_single = read_table(single / "train_log.parquet", "pretrain_log")
+    log_ddp = read_table(tmp_path / "ddp" / "train_log.parquet", "pretrain_log")
+    assert log_single["loss"].iloc[-1] < log_single["loss"].iloc[0]
+    # the all-reduced gradient is the whole batch's mean gradient: its norm shows a wrong
+    # average (Adam's update alone would not: it is invariant to the gradient's scale)
+    for column in ("loss", "grad_norm"):
+        torch.testing.assert_close(
+            torch.tensor(log_ddp[column].to_numpy()), torch.tensor(log_single[column].to_numpy()),
+            rtol=1e-5, atol=0,
+        )  # fmt: skip
+    # Adam amplifies float noise from the all-reduce's summation order in near-zero gradients;
+    # a different update would move weights by ~lr (1e-3) per step
+    a, b = _weights(single), _weights(tmp_path / "ddp")
+    assert a and set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-4)
+
+
+def test_batch_must_split_evenly_over_processes(data, tmp_path, monkeypatch):
+    class TwoProcesses:
+        num_processes, process_index = 2, 0
+
+    monkeypatch.setattr("pipeline.pretrain.make_accelerator", lambda device: TwoProcesses())
+    with pytest.raises(
+        ValueError, match="batch_size 3 must be a multiple of the processes \\(2\\)"
+    ):
+        pretrain("onestep", "base", data, tmp_path / "out", {**CONFIG, "batch_size": 3}, seed=0)

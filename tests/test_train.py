@@ -1,8 +1,6 @@
 """pipeline.train: shared forwards vs a per-instance loop, one step, DDP, resume, NaN, outputs."""
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.models import build_tiny_model, load_model
+from tests.ddp_helpers import run_in_gloo_processes
 
 SETTINGS = ("s20_c4.5", "s20_c10.5", "s80_c4.5", "s80_c10.5")
 IMAGES = ("img_a", "img_b", "img_c", "img_d")
@@ -272,24 +271,6 @@ def test_cli_trains_a_saved_model(inputs, tmp_path):
 # -- two gloo processes ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, inputs: dict, out: str, config: dict) -> None:
-    from accelerate.state import AcceleratorState
-
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-    )  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a single-process parent
-    torch.set_num_threads(1)
-    _run(inputs, Path(out), config)
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_give_the_update_of_one_process(inputs, tmp_path):
     # The all-reduce sums gradients in another order than one process does (float32 noise).
@@ -298,12 +279,7 @@ def test_two_gloo_processes_give_the_update_of_one_process(inputs, tmp_path):
     config = {**BASE, "max_steps": 2, "batch_size": 4, "checkpoint_every": 10, "beta": 100.0,
               "adam_epsilon": 1.0, "learning_rate": 1e-2}  # fmt: skip
     single = _run(inputs, tmp_path / "single", config)
-    torch.multiprocessing.start_processes(
-        _ddp_worker,
-        args=(2, _free_port(), inputs, str(tmp_path / "ddp"), config),
-        nprocs=2,
-        start_method="fork",
-    )
+    run_in_gloo_processes(2, _run, inputs, tmp_path / "ddp", config)
     assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
     log_single = read_table(single / "train_log.parquet", "train_log")
     log_ddp = read_table(tmp_path / "ddp" / "train_log.parquet", "train_log")

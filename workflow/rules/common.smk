@@ -203,3 +203,28 @@ def get_provenance_files(wildcards):
 def get_final_outputs():
     """The targets of the default run: every framework's report."""
     return expand("results/eval/{framework}/report.md", framework=FRAMEWORKS)
+
+
+def check_gpu_requests():
+    """Refuse to start when a rule asks for more GPUs than --resources gpu=N allows.
+
+    Snakemake would silently start such a job with N GPUs (it scales requests down to the
+    global cap); a training job would then run with fewer processes than configured. gpu=0
+    (everything on the CPU) and no cap (cluster profiles) are accepted as they are.
+    """
+    cap = getattr(workflow.global_resources.get("gpu"), "value", None)
+    if not workflow.is_main_process or not isinstance(cap, int) or cap == 0:
+        return
+    asking = {
+        job_rule.name: job_rule.resources["gpu"].value
+        for job_rule in workflow.rules
+        if "gpu" in job_rule.resources and isinstance(job_rule.resources["gpu"].value, int)
+    }
+    too_many = {name: gpus for name, gpus in sorted(asking.items()) if gpus > cap}
+    if too_many:
+        wanted = ", ".join(f"{name} asks for {gpus}" for name, gpus in too_many.items())
+        raise ValueError(
+            f"--resources gpu={cap} is fewer GPUs than rules ask for ({wanted}); raise "
+            f"--resources gpu (the default profile sets 1), or lower config 'gpus' "
+            f"(or --set-resources RULE:gpu=N); --resources gpu=0 runs everything on the CPU"
+        )

@@ -19,7 +19,7 @@ rule pretrain:
     resources:
         gpu=config["gpus"]["pretrain"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} --accelerate -- "
         "python -m pipeline pretrain --framework {wildcards.framework} "
         "--variant {wildcards.variant} --data {input} --out {output} "
         "--checkpoint-dir {params.checkpoints} --config {params.config:q} "
