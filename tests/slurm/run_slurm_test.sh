@@ -10,7 +10,8 @@
 # `slurmd -C` (this machine's CPUs and memory) with fake GPUs as gres (no device files) in
 # partitions `cpu` (default) and `gpu`; start munged, mariadb, slurmdbd, slurmctld, slurmd
 # (the plugin polls `sacct`, which needs slurmdbd); run the workflow locally
-# (--workflow-profile none) and move RESULTS_DIR aside; run it again with the Slurm profile;
+# (--workflow-profile none, the profile's GPU requests, the fake GPU ids as CUDA_VISIBLE_DEVICES)
+# and move RESULTS_DIR aside; run it again with the Slurm profile;
 # check with sacct that every submitted job COMPLETED; compare both RESULTS_DIRs byte by byte.
 #
 # The profile is copied with its requests capped to this node (mem_mb <= node memory,
@@ -205,9 +206,25 @@ yaml.safe_dump(profile, open(target, "w"), sort_keys=False)
 EOF
 
 # --- local run, then Slurm run ---------------------------------------------------------------
+# The local run asks for the same GPUs per rule as the fitted profile and leases them from the
+# same fake device ids, so a job runs the same number of (DDP) processes in both runs: K
+# processes reduce gradients in another order than one, which would change the weights' bytes.
+mapfile -t LOCAL_GPU_ARGS < <("$PYTHON" - "$FITTED/config.yaml" <<'EOF'
+import sys
+import yaml
+
+profile = yaml.safe_load(open(sys.argv[1]))
+requests = [f"{rule}:gpu={r['gpu']}" for rule, r in profile.get("set-resources", {}).items()
+            if "gpu" in r]
+if requests:
+    print("--set-resources", *requests, sep="\n")
+EOF
+)
 SNAKEMAKE=("$PYTHON" -m snakemake)
 phase_start local-run
-"${SNAKEMAKE[@]}" --workflow-profile none --cores all "${SNAKEMAKE_ARGS[@]}" \
+CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((FAKE_GPUS - 1))) DSPO_GPU_LEASE_DIR=$LOGDIR/gpu_leases \
+    "${SNAKEMAKE[@]}" --workflow-profile none --cores all --resources gpu="$FAKE_GPUS" \
+    "${LOCAL_GPU_ARGS[@]}" "${SNAKEMAKE_ARGS[@]}" \
     >"$LOGDIR/local.log" 2>&1 || { tail -30 "$LOGDIR/local.log" >&2; exit 1; }
 phase_end local-run
 mv "$RESULTS" "$RESULTS.local-run"
