@@ -111,3 +111,15 @@ def test_nested_schema_defaults_match():
         fields = dataclasses.fields(settings)
         expected = {f.name: f.default for f in fields if f.name not in ("seed", "weights")}
         assert _schema_defaults(model) == expected
+
+
+def test_missing_external_testset_stops_snakemake_naming_it(tmp_path):
+    workdir = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["testsets"]["RealSR"] = {"kind": "paired", "path": "data/RealSR"}
+    (workdir / "paired.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, "--dry-run", "--configfile", "paired.yaml", check=False)
+    assert result.returncode != 0
+    assert "testsets.RealSR.path: 'data/RealSR' does not exist" in result.stdout + result.stderr
+    (workdir / "data" / "RealSR").mkdir(parents=True)
+    snakemake(workdir, "--dry-run", "--configfile", "paired.yaml")

@@ -38,6 +38,14 @@ for _objective in OBJECTIVES:
             f"config 'objectives': {_objective!r} is not a select objective "
             f"(select.objectives: {sorted(SELECT_OBJECTIVES)}; 'human' needs 'annotations')"
         )
+for _name, _testset in TESTSETS.items():
+    # a missing external test set would make Snakemake skip the report silently when an older
+    # report exists ("Nothing to be done"); results/... folders are made by the degrade rule
+    if not _testset["path"].startswith("results/") and not Path(_testset["path"]).exists():
+        raise ValueError(
+            f"config testsets.{_name}.path: {_testset['path']!r} does not exist "
+            f"({_testset['kind']} test set; download it there or remove it from 'testsets')"
+        )
 for _framework in FRAMEWORKS:
     if BASE_VARIANT not in config["pretrain"][_framework]["variants"]:
         raise ValueError(f"config pretrain.{_framework}.variants needs a {BASE_VARIANT!r} variant")
