@@ -163,3 +163,24 @@ def hub_load_error(path_or_id: str, error: Exception) -> FileNotFoundError:
         f"could not load {path_or_id!r}: not a local folder and not in the Hugging Face cache "
         f"(downloads are off; set allow_download or give a local diffusers folder): {error}"
     )
+
+
+class DiffusionParts:
+    """Forward helpers both families share: they hold a ``unet``, a CLIP ``text_encoder`` and
+    ``tokenizer``, a latent ``codec`` and the ``compute_dtype`` set by ``to_device``."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def _autocast(self):
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+    @torch.no_grad()
+    def _text(self, prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
+
+    def _size_multiple(self) -> int:
+        """Image sides must be multiples of this: the codec's and the UNet's downscaling."""
+        return self.codec.downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -34,9 +34,9 @@ from pipeline.models.codecs import (
 from pipeline.models.colorfix import COLOR_FIXES, apply_color_fix
 from pipeline.models.components import (
     SD_BASE_REQUIRED,
+    DiffusionParts,
     build_tiny_text_encoder,
     build_tiny_unet,
-    encode_prompts,
     hub_load_error,
     resolve_pretrained,
 )
@@ -107,7 +107,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-class MultiStepSR(SRModel):
+class MultiStepSR(DiffusionParts, SRModel):
     framework = "multistep"
 
     def __init__(
@@ -280,18 +280,6 @@ class MultiStepSR(SRModel):
         }
 
     # -- shared forward pieces ---------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def _autocast(self):
-        enabled = self.compute_dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
-
-    @torch.no_grad()
-    def _text(self, prompts: Sequence[str]) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
-
     def predict_noise(
         self,
         noisy_latents: torch.Tensor,
@@ -446,9 +434,6 @@ class MultiStepSR(SRModel):
             scheduler = DDPMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
         return scheduler
-
-    def _size_multiple(self) -> int:
-        return self.codec.downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def _tiled_noise(
         self,

@@ -50,9 +50,9 @@ from pipeline.models.codecs import (
 from pipeline.models.colorfix import COLOR_FIXES, apply_color_fix
 from pipeline.models.components import (
     SD_BASE_REQUIRED,
+    DiffusionParts,
     build_tiny_text_encoder,
     build_tiny_unet,
-    encode_prompts,
     hub_load_error,
     resolve_pretrained,
 )
@@ -219,7 +219,7 @@ def _strip_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
 
 
-class OneStepSR(SRModel):
+class OneStepSR(DiffusionParts, SRModel):
     framework = "onestep"
 
     def __init__(
@@ -467,18 +467,6 @@ class OneStepSR(SRModel):
         }
 
     # -- forward pieces ----------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    def _autocast(self):
-        enabled = self.compute_dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
-
-    @torch.no_grad()
-    def _text(self, prompts: Sequence[str]) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
-
     def _alpha_bar(self, timesteps: torch.Tensor) -> torch.Tensor:
         alphas = self.scheduler.alphas_cumprod.to(self.device)[timesteps.to(self.device)]
         return alphas.view(-1, 1, 1, 1).float()
@@ -699,9 +687,6 @@ class OneStepSR(SRModel):
             self._set_active(self._active_names)
 
     # -- inference ---------------------------------------------------------------------------
-    def _size_multiple(self) -> int:
-        return self.codec.downscale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
     @torch.no_grad()
     def sample(
         self,
