@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import load_model
@@ -48,11 +49,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any]:
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown candidates config keys {unknown}; known: {sorted(DEFAULTS)}")
-    config = {**DEFAULTS, **config}
+    config = with_defaults("candidates", DEFAULTS, config)
     if config["settings"] is None:
         config["settings"] = DEFAULT_SETTINGS[framework]
     names = [s["name"] for s in config["settings"]]

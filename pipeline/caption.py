@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import read_label_map, read_store_attrs
 from pipeline.io.tables import read_table, write_table
@@ -60,11 +61,7 @@ DEFAULTS: dict[str, Any] = {
 
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``caption`` section with defaults filled in; unknown keys raise ``KeyError``."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown caption config keys: {unknown}")
-    resolved = {**DEFAULTS, **config}
+    resolved = with_defaults("caption", DEFAULTS, config)
     if resolved["crop_fill"] not in ("mean", "grey"):
         raise ValueError(
             f"caption.crop_fill must be 'mean' or 'grey', got {resolved['crop_fill']!r}"

@@ -26,7 +26,6 @@ at a real-valued quality.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 from collections.abc import Iterator
@@ -37,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import special
+
+from pipeline.config_sections import with_defaults
 
 KERNEL_TYPES = (
     "iso",
@@ -137,11 +138,7 @@ _PROBABILITY_KEYS = (
 
 def degradation_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OSEDiff defaults with ``overrides`` applied, checked; errors name the key."""
-    config = copy.deepcopy(DEFAULT_DEGRADATION)
-    unknown = sorted(set(overrides or {}) - set(config))
-    if unknown:
-        raise KeyError(f"unknown degradation config keys {unknown}; known: {sorted(config)}")
-    config.update(copy.deepcopy(overrides or {}))
+    config = with_defaults("degradation", DEFAULT_DEGRADATION, overrides)
     for key in _RANGE_KEYS:
         low, high = config[key]
         if not low <= high:

@@ -18,7 +18,6 @@ rerun, or a run with a different number of workers, writes the same bytes.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.degradations import (
     apply_degradation,
     degradation_config,
@@ -73,11 +73,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stage defaults with ``overrides`` applied and checked; ``degradation`` filled in full."""
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    unknown = sorted(set(overrides or {}) - set(config))
-    if unknown:
-        raise KeyError(f"unknown degrade config keys {unknown}; known: {sorted(config)}")
-    config.update(copy.deepcopy(overrides or {}))
+    config = with_defaults("degrade", DEFAULT_CONFIG, overrides)
     config["degradation"] = degradation_config(config["degradation"])
     scale = config["degradation"]["scale"]
     if config["crop_size"] < scale or config["crop_size"] % scale:

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import list_images, read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
@@ -94,11 +95,7 @@ DEFAULTS: dict[str, Any] = {
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stage defaults with ``overrides`` applied; unknown keys are an error."""
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown evaluate config keys {unknown}; known: {sorted(DEFAULTS)}")
-    config = {**DEFAULTS, **overrides}
+    config = with_defaults("evaluate", DEFAULTS, overrides)
     if not config["metrics"]:
         raise ValueError("evaluate config 'metrics' is empty")
     if int(config["batch_size"]) < 1:

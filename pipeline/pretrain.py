@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.distributed import finite_everywhere, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
@@ -53,11 +54,7 @@ DEFAULTS: dict[str, Any] = {
 
 def stage_config(config: dict[str, Any] | None) -> dict[str, Any]:
     """The config section with defaults filled in; unknown keys are an error."""
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown pretrain config keys {unknown}; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **config}
+    return with_defaults("pretrain", DEFAULTS, config)
 
 
 def variant_settings(config: dict[str, Any], variant: str) -> dict[str, Any]:

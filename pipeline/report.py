@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -60,11 +61,7 @@ PNG_METADATA = {"Software": None}  # no matplotlib version in the PNG: same byte
 
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown report config keys {unknown}; known: {sorted(DEFAULTS)}")
-    config = {**DEFAULTS, **overrides}
+    config = with_defaults("report", DEFAULTS, overrides)
     if config["ci_method"] not in CI_METHODS:
         raise ValueError(f"report config 'ci_method' must be one of {CI_METHODS}")
     if not 0.0 <= float(config["radar_floor"]) < 1.0:

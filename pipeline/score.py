@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.images import read_rgb
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
@@ -195,10 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="global seed (seeds the minimum-size probes)"
     )
     args = parser.parse_args(argv)
-    config = {**DEFAULTS, **json.loads(args.config)}
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown score config keys: {unknown}")
+    config = with_defaults("score", DEFAULTS, json.loads(args.config))
     metric_names = list(config["metrics"])
     registry = MetricRegistry(
         weights_dir=config["weights_dir"],

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline.config_sections import with_defaults
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import write_table
@@ -100,10 +101,7 @@ DEFAULTS: dict[str, Any] = {
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``segment`` section with defaults filled in; unknown keys raise ``KeyError``."""
     config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown segment config keys: {unknown}")
-    resolved = {**DEFAULTS, **config}
+    resolved = with_defaults("segment", DEFAULTS, config)
     generator = dict(config.get("generator") or {})
     unknown = sorted(set(generator) - set(SAM_GENERATOR_DEFAULTS))
     if unknown:

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.caption import image_negative_prompts
+from pipeline.config_sections import with_defaults
 from pipeline.io.tables import read_table, to_arrow, write_table
 from pipeline.score import WHOLE_IMAGE_ID
 
@@ -300,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the `select` config section as JSON")
     parser.add_argument("--seed", type=int, default=0, help="global seed (selection draws nothing)")
     args = parser.parse_args(argv)
-    config = {**DEFAULTS, **json.loads(args.config)}
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown select config keys: {unknown}")
+    config = with_defaults("select", DEFAULTS, json.loads(args.config))
     scores = read_table(args.scores, "scores")
     instances = read_table(args.instances, "instances")
     captions = read_table(args.captions, "captions") if args.captions else None
