@@ -6,9 +6,21 @@ exclusive ``fcntl.flock`` on one lock file per device (``<lock_dir>/gpu<id>.lock
 with ``CUDA_VISIBLE_DEVICES`` set to exactly those devices. The kernel drops a flock when the
 last process holding the open file dies, even by SIGKILL, so a killed job never leaks a GPU.
 
-Under Slurm (``SLURM_JOB_ID`` set) the lease steps aside: Slurm already gave the job its own
-``CUDA_VISIBLE_DEVICES``, and with cgroup confinement two jobs on one node may both see a device
-called ``0``, so a node-wide lock would wrongly serialise them.
+The lock folder is one per machine and user (``/tmp/dspo-gpu-leases-<uid>``, mode 0700), not
+per working directory: two runs started from two checkouts share the same devices, so they must
+share the same locks. ``$DSPO_GPU_LEASE_DIR`` (or ``lock_dir``) overrides it.
+
+Under Slurm (``SLURM_JOB_ID`` set) two cases differ by what the job sees:
+
+* a job the Slurm executor submitted sees exactly the GPUs it asked for
+  (``CUDA_VISIBLE_DEVICES``, else ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS``): the lease keeps
+  Slurm's assignment (mode ``"slurm"``) and takes no lock; with cgroup confinement two jobs on
+  one node may both see a device called ``0``, so a node-wide lock would wrongly serialise them;
+* a local Snakemake run inside an allocation (``salloc``, an interactive ``srun``) sees more GPUs
+  than the job asked for: the lease takes ``n_gpus`` of the allocation's devices with the same
+  locks (mode ``"lease"``), by default in a folder of that allocation
+  (``.../dspo-gpu-leases-<uid>/slurm-<SLURM_JOB_ID>``), since device names are only meaningful
+  inside one allocation.
 """
 
 from __future__ import annotations
@@ -19,14 +31,19 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-DEFAULT_LOCK_DIR = ".gpu_leases"
+# Not tempfile.gettempdir(): $TMPDIR is often per job (Slurm) or per session, and two runs must
+# find the same folder. Not $XDG_RUNTIME_DIR either: it is absent outside login sessions (cron,
+# nohup after logout, su), so one user's runs would again disagree on the folder.
+DEFAULT_LOCK_ROOT = "/tmp"
 LOCK_DIR_ENV = "DSPO_GPU_LEASE_DIR"
+SLURM_GPU_VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
 
 
 class GpuLeaseError(RuntimeError):
@@ -63,9 +80,64 @@ def visible_pool(pool: str | Sequence[str | int] | None = None) -> list[str]:
     return [str(index) for index in range(count_devices())]
 
 
+def slurm_job_id() -> str | None:
+    """The Slurm job (allocation) this process runs in, or None outside Slurm."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def slurm_visible_devices() -> list[str]:
+    """The GPUs Slurm gave this job or step, as the job's CUDA runtime will number them."""
+    for variable in SLURM_GPU_VARIABLES:
+        if variable in os.environ:
+            return parse_pool(os.environ[variable])
+    return []
+
+
+def default_lock_dir() -> Path:
+    """One folder per machine and user; inside a Slurm allocation, one per allocation in it."""
+    base = Path(DEFAULT_LOCK_ROOT) / f"dspo-gpu-leases-{os.getuid()}"
+    job = slurm_job_id()
+    return base / f"slurm-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}" if job else base
+
+
 def resolve_lock_dir(lock_dir: str | os.PathLike | None = None) -> Path:
-    """``lock_dir``, else ``$DSPO_GPU_LEASE_DIR``, else ``.gpu_leases`` in the working directory."""
-    return Path(lock_dir or os.environ.get(LOCK_DIR_ENV) or DEFAULT_LOCK_DIR)
+    """``lock_dir``, else ``$DSPO_GPU_LEASE_DIR``, else :func:`default_lock_dir`."""
+    explicit = lock_dir or os.environ.get(LOCK_DIR_ENV)
+    return Path(explicit) if explicit else default_lock_dir()
+
+
+def prepare_lock_dir(lock_dir: Path) -> None:
+    """Create the lock folder with mode 0700; refuse a default folder that others control.
+
+    The default folder lies in the world-writable /tmp, where another user could have created it
+    first (to hold this user's devices for ever, or as a symlink elsewhere): each of its levels
+    must be a real directory owned by this user that nobody else can write to. A folder named
+    by ``lock_dir`` or ``$DSPO_GPU_LEASE_DIR`` is the caller's choice and only created.
+    """
+    default = default_lock_dir()
+    if lock_dir != default:
+        lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return
+    base = Path(DEFAULT_LOCK_ROOT) / f"dspo-gpu-leases-{os.getuid()}"
+    for folder in dict.fromkeys((base, default)):
+        try:
+            folder.mkdir(mode=0o700)
+            os.chmod(folder, 0o700)  # whatever the umask
+        except FileExistsError:
+            pass
+        info = os.lstat(folder)
+        problem = None
+        if not stat.S_ISDIR(info.st_mode):
+            problem = "is not a directory (a symlink or a file)"
+        elif info.st_uid != os.getuid():
+            problem = f"belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+        elif info.st_mode & 0o022:
+            problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):o})"
+        if problem:
+            raise GpuLeaseError(
+                f"GPU lease folder {folder} {problem}; remove it or set ${LOCK_DIR_ENV} "
+                "to a folder of your own"
+            )
 
 
 def _lock_file(lock_dir: Path, device: str) -> Path:
@@ -121,7 +193,8 @@ def _cuda_visible_devices(value: str | None) -> Iterator[None]:
 class Lease:
     """What a job got: ``devices`` (ids, empty on the CPU), the lock ``fds`` it holds, and how.
 
-    ``mode`` is ``"lease"`` (locks held), ``"slurm"`` (Slurm's assignment kept), or ``"cpu"``.
+    ``mode`` is ``"lease"`` (locks held; also inside a Slurm allocation shared by a local run),
+    ``"slurm"`` (the Slurm job's own assignment kept), or ``"cpu"``.
     """
 
     def __init__(self, devices: list[str], fds: list[int], mode: str) -> None:
@@ -146,12 +219,25 @@ def lease(
     waits for ever. ``n_gpus=0`` or an empty pool runs on the CPU (``CUDA_VISIBLE_DEVICES=""``).
     Asking for more devices than the pool has raises ``GpuLeaseError``, never a silent shrink.
     On exit the locks are released and ``CUDA_VISIBLE_DEVICES`` is restored.
+
+    Inside a Slurm job the pool is always Slurm's assignment (``pool`` is ignored): kept as it is
+    when it has at most ``n_gpus`` devices (a job the executor submitted), leased from when it
+    has more (a local run inside an allocation). See the module docstring.
     """
     if n_gpus < 0:
         raise GpuLeaseError(f"number of GPUs must be >= 0, got {n_gpus}")
-    if os.environ.get("SLURM_JOB_ID"):
-        yield Lease(parse_pool(os.environ.get("CUDA_VISIBLE_DEVICES", "")), [], "slurm")
-        return
+    if n_gpus > 0 and slurm_job_id():
+        assigned = slurm_visible_devices()
+        if assigned and len(assigned) <= n_gpus:
+            if len(assigned) < n_gpus:
+                print(
+                    f"gpu_lease: {n_gpus} GPU(s) requested, Slurm job {slurm_job_id()} has "
+                    f"{len(assigned)} ({','.join(assigned)}): keeping Slurm's assignment",
+                    file=sys.stderr,
+                )
+            yield Lease(assigned, [], "slurm")
+            return
+        pool = assigned  # more than asked for: share the allocation through the locks
     devices = visible_pool(pool) if n_gpus > 0 else []
     if not devices:
         if n_gpus > 0:
@@ -179,7 +265,7 @@ def lease(
 def _acquire(
     lock_dir: Path, devices: list[str], n_gpus: int, timeout: float | None
 ) -> list[tuple[str, int]]:
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    prepare_lock_dir(lock_dir)
     deadline = None if timeout is None else time.monotonic() + timeout
     announced = False
     while True:

@@ -1,8 +1,10 @@
 """``python -m pipeline run-gpu --gpus N [--threads T] [--accelerate] -- COMMAND ARGS...``
 
-The wrapper every GPU rule runs its command through. It leases N devices (``pipeline.gpu_lease``;
-a no-op under Slurm, the CPU when there is no GPU), sets ``CUDA_VISIBLE_DEVICES`` and a per-process
-thread count, runs COMMAND, forwards signals to it and exits with its exit code.
+The wrapper every GPU rule runs its command through. It leases N devices (``pipeline.gpu_lease``:
+file locks in one folder per machine and user; a Slurm job's own GPUs kept as they are; N of an
+allocation's GPUs leased when a local run inside ``salloc`` sees more; the CPU when there is no
+GPU), sets ``CUDA_VISIBLE_DEVICES`` and a per-process thread count, runs COMMAND, forwards
+signals to it and exits with its exit code.
 
 With ``--accelerate`` and K > 1 leased devices, COMMAND runs once per device through
 ``accelerate launch --multi_gpu --num_processes K`` (DDP), each process with
@@ -113,8 +115,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--accelerate", action="store_true", help="one process per leased GPU")
     parser.add_argument("--pool", default=None, help="device ids, default CUDA_VISIBLE_DEVICES")
     parser.add_argument(
-        "--lock-dir", default=None, help="default $DSPO_GPU_LEASE_DIR or .gpu_leases"
-    )
+        "--lock-dir", default=None,
+        help="default $DSPO_GPU_LEASE_DIR, else /tmp/dspo-gpu-leases-UID (per Slurm allocation)",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for devices")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import run_gpu
+from pipeline import gpu_lease, run_gpu
 from pipeline.gpu_lease import GpuLeaseError, lease, threads_per_process
 from tests.workflow_helpers import copy_workflow, snakemake
 
@@ -23,8 +23,18 @@ FORK = multiprocessing.get_context("fork")
 
 @pytest.fixture(autouse=True)
 def _no_slurm(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for variable in ("SLURM_JOB_ID", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("DSPO_GPU_LEASE_DIR", raising=False)
+
+
+@pytest.fixture
+def lock_root(tmp_path, monkeypatch):
+    """The default lock folder's parent (normally /tmp) moved into the test's own folder."""
+    root = tmp_path / "tmp_root"
+    root.mkdir()
+    monkeypatch.setattr(gpu_lease, "DEFAULT_LOCK_ROOT", str(root), raising=False)
+    return root
 
 
 def _hold_and_report(n_gpus, lock_dir, barrier, results):
@@ -241,3 +251,134 @@ def test_workflow_refuses_more_gpus_than_the_cap(tmp_path):
     )
     for cap in ("gpu=3", "gpu=0"):  # enough GPUs; or the CPU for every GPU rule
         snakemake(workdir, *asking, "--resources", cap)
+
+
+# --- one lock folder per machine and user, not per working directory ---------------------------
+
+INTERVAL_PROBE = (
+    "import os, sys, time; start = time.time(); time.sleep(float(sys.argv[2])); "
+    "open(sys.argv[1], 'w').write(f\"{os.environ['CUDA_VISIBLE_DEVICES']} {start} {time.time()}\")"
+)
+
+
+def test_runs_from_two_working_directories_never_share_a_device(tmp_path):
+    # Two checkouts, two runs each, one pool of 2 devices: a device is never held twice at once.
+    # The default folder (/tmp/dspo-gpu-leases-UID) is used for real; device ids unique to this
+    # test keep it from waiting on anything else.
+    pool = [f"test{os.getpid()}a", f"test{os.getpid()}b"]
+    environment = {k: v for k, v in os.environ.items() if k != "DSPO_GPU_LEASE_DIR"}
+    environment["PYTHONPATH"] = str(REPO)
+    runs = []
+    for index in range(4):
+        workdir = tmp_path / f"checkout{index % 2}"
+        workdir.mkdir(exist_ok=True)
+        runs.append(subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "1", "--pool", ",".join(pool),
+             "--timeout", "60", "--", sys.executable, "-c", INTERVAL_PROBE,
+             str(tmp_path / f"interval{index}"), "0.8"],
+            cwd=workdir, env=environment,
+        ))  # fmt: skip
+    try:
+        assert [run.wait(timeout=90) for run in runs] == [0, 0, 0, 0]
+    finally:
+        for run in runs:
+            run.kill()
+        for device in pool:
+            (gpu_lease.default_lock_dir() / f"gpu{device}.lock").unlink(missing_ok=True)
+    held = []
+    for index in range(4):
+        device, start, end = (tmp_path / f"interval{index}").read_text().split()
+        held.append((device, float(start), float(end)))
+    assert {device for device, _, _ in held} <= set(pool)
+    for first in range(4):
+        for second in range(first + 1, 4):
+            (d1, s1, e1), (d2, s2, e2) = held[first], held[second]
+            overlap = min(e1, e2) > max(s1, s2)
+            assert not (overlap and d1 == d2), f"runs {first} and {second} both held {d1}"
+    assert not list(tmp_path.glob("checkout*/.gpu_leases"))
+
+
+def test_default_lock_folder_is_per_user_and_private(tmp_path, lock_root, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with lease(1, pool="0", timeout=5) as held:
+        assert (held.mode, held.devices) == ("lease", ["0"])
+    folder = lock_root / f"dspo-gpu-leases-{os.getuid()}"
+    assert gpu_lease.resolve_lock_dir() == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["gpu0.lock"]
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert not (tmp_path / ".gpu_leases").exists()
+    monkeypatch.setenv("DSPO_GPU_LEASE_DIR", str(tmp_path / "mine"))
+    assert gpu_lease.resolve_lock_dir() == tmp_path / "mine"  # still overridable
+
+
+@pytest.mark.parametrize("plant", ["open_folder", "symlink"])
+def test_default_lock_folder_someone_else_could_control_is_refused(tmp_path, lock_root, plant):
+    folder = lock_root / f"dspo-gpu-leases-{os.getuid()}"
+    if plant == "open_folder":
+        folder.mkdir()
+        folder.chmod(0o777)
+        expected = r"is writable by others \(mode 777\)"
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        folder.symlink_to(tmp_path / "elsewhere")
+        expected = "is not a directory"
+    with pytest.raises(GpuLeaseError, match=expected), lease(1, pool="0", timeout=1):
+        pass
+    if plant == "symlink":
+        assert not list((tmp_path / "elsewhere").iterdir())  # nothing written through it
+
+
+# --- Slurm: a job's own GPUs are kept; a local run inside an allocation leases its share ----------
+
+
+def test_slurm_job_with_its_own_gpus_keeps_them(tmp_path, lock_root, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with lease(1, pool="0,1") as held:
+        assert (held.mode, held.devices, held.fds) == ("slurm", ["3"], [])
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SLURM_STEP_GPUS", "2,5")
+    with lease(2) as held:
+        assert (held.mode, held.devices) == ("slurm", ["2", "5"])
+    assert not list(lock_root.iterdir())  # no lock taken for a job Slurm confined itself
+
+
+def _hold_from_allocation(barrier, results):
+    # A job Snakemake started inside the allocation: it inherits all of the allocation's GPUs.
+    with lease(2, timeout=20) as held:
+        results.put((held.mode, held.devices, os.environ["CUDA_VISIBLE_DEVICES"]))
+        barrier.wait(timeout=20)  # both jobs hold their devices at the same moment
+
+
+def test_local_run_inside_an_allocation_leases_its_share(lock_root, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    barrier, results = FORK.Barrier(2), FORK.Queue()
+    jobs = [FORK.Process(target=_hold_from_allocation, args=(barrier, results)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=30)
+        assert job.exitcode == 0
+    first, second = results.get(timeout=1), results.get(timeout=1)
+    assert (first[0], second[0]) == ("lease", "lease")
+    assert sorted(first[1] + second[1]) == ["0", "1", "2", "3"]  # two of four each, disjoint
+    assert first[2] == ",".join(first[1]) and second[2] == ",".join(second[1])
+    folder = lock_root / f"dspo-gpu-leases-{os.getuid()}" / "slurm-4242"
+    assert gpu_lease.resolve_lock_dir() == folder  # device names mean something per allocation
+    assert sorted(p.name for p in folder.iterdir()) == [f"gpu{i}.lock" for i in range(4)]
+    with lease(0) as none:
+        assert (none.mode, os.environ["CUDA_VISIBLE_DEVICES"]) == ("cpu", "")
+
+
+def test_run_gpu_inside_an_allocation_starts_one_process_per_requested_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    probe = str(tmp_path / "rank_")
+    argv = ["--gpus", "1", "--lock-dir", str(tmp_path / "locks"), "--threads", "4"]
+    argv += ["--timeout", "10", "--accelerate", "--", sys.executable, "-c", ENV_PROBE, probe]
+    assert run_gpu.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.glob("rank_*")) == ["rank_single"]  # no DDP launch
+    device, threads, world = (tmp_path / "rank_single").read_text().split()
+    assert device in {"0", "1", "2", "3"} and (threads, world) == ("4", "-")
