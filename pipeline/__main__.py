@@ -10,6 +10,8 @@ import importlib
 import sys
 
 STAGES = (
+    "config",
+    "prompts",
     "degrade",
     "pretrain",
     "candidates",
@@ -20,6 +22,7 @@ STAGES = (
     "train",
     "evaluate",
     "report",
+    "replicas",
     "run_gpu",
 )
 

@@ -10,8 +10,8 @@ byte-identical and no image depends on which others share its batch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,43 +19,27 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import load_model
 from pipeline.models.base import SRModel, batch_invariant, upsample_lq
 from pipeline.seeding import derive_seed, torch_generator
 
-#: DSPO's four settings per family (the one-step cfg is the VSD cfg the variant was trained with)
-DEFAULT_SETTINGS: dict[str, list[dict[str, Any]]] = {
-    "onestep": [
-        {"name": "rank16", "variant": "rank16"},
-        {"name": "rank64", "variant": "rank64"},
-        {"name": "cfg6", "variant": "cfg6"},
-        {"name": "cfg12", "variant": "cfg12"},
-    ],
-    "multistep": [
-        {"name": f"steps{steps}_cfg{cfg}", "variant": "base", "steps": steps, "cfg": cfg}
-        for steps in (20, 80)
-        for cfg in (4.5, 10.5)
-    ],
-}
-DEFAULTS: dict[str, Any] = {
-    "settings": None,  # list of {name, variant, steps?, cfg?}; None = DEFAULT_SETTINGS[framework]
-    "batch_size": 4,
-    "prompt": "",  # positive prompt of every image
-    "device": "auto",
-}
 
-
-def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any]:
-    config = with_defaults("candidates", DEFAULTS, config)
-    if config["settings"] is None:
-        config["settings"] = DEFAULT_SETTINGS[framework]
-    names = [s["name"] for s in config["settings"]]
+def stage_config(config: Mapping[str, Any] | None, framework: str) -> dict[str, Any]:
+    """The ``candidates`` section with the schema's defaults; ``settings`` is this framework's
+    list (the schema's default is the paper's four), given as the list or per framework."""
+    config = dict(config or {})
+    chosen = config.pop("settings", None)
+    if not isinstance(chosen, Mapping):
+        chosen = {framework: chosen}
+    resolved = settings.resolve("candidates", {**config, "settings": chosen})
+    resolved["settings"] = settings.candidate_settings({"candidates": resolved}, framework)
+    names = [s["name"] for s in resolved["settings"]]
     if len(set(names)) != len(names):
         raise ValueError(f"candidate setting names must be unique: {names}")
-    return config
+    return resolved
 
 
 def negative_prompts_by_image(path: str | Path | None) -> dict[str, str]:
@@ -176,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     generate_candidates(args.framework, dict(args.model), args.data, args.out,
-                        json.loads(args.config), args.seed, args.negative_prompts)  # fmt: skip
+                        settings.cli_config(args.config), args.seed, args.negative_prompts)  # fmt: skip
     return 0
 
 

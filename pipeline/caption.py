@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import read_label_map, read_store_attrs
 from pipeline.io.tables import read_table, write_table
@@ -45,28 +45,10 @@ from pipeline.io.tables import read_table, write_table
 HQ = "hq"
 CAPTION_COLUMNS = ["image_id", "instance_id", "candidate", "caption", "similarity", "hallucinated"]
 
-#: the ``caption`` config section's defaults (the JSON Schema repeats them)
-DEFAULTS: dict[str, Any] = {
-    "captioner": None,
-    "text_encoder": None,
-    "threshold": 0.1,
-    "prompt": "",
-    "max_new_tokens": 30,
-    "num_beams": 1,
-    "batch_size": 8,
-    "crop_fill": "mean",
-    "device": "auto",
-}
-
-
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``caption`` section with defaults filled in; unknown keys raise ``KeyError``."""
-    resolved = with_defaults("caption", DEFAULTS, config)
-    if resolved["crop_fill"] not in ("mean", "grey"):
-        raise ValueError(
-            f"caption.crop_fill must be 'mean' or 'grey', got {resolved['crop_fill']!r}"
-        )
-    return resolved
+    """The ``caption`` section with the schema's defaults; bad keys or values raise
+    :class:`pipeline.settings.ConfigError` naming them."""
+    return settings.resolve("caption", config)
 
 
 def resolve_device(device: str) -> str:
@@ -390,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     captions, metadata = run_caption_stage(
-        args.hq, args.candidates, args.masks_zarr, args.instances, json.loads(args.config)
+        args.hq, args.candidates, args.masks_zarr, args.instances, settings.cli_config(args.config)
     )
     write_table(captions, args.out, "captions", {**metadata, "seed": args.seed})
     print(

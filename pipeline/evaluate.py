@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import list_images, read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
@@ -70,37 +69,15 @@ PAIRED_LAYOUTS = (
     ("test_lr", "test_hr"),
 )
 #: suffixes stripped from file stems before LQ and HQ names are matched
-DEFAULT_SUFFIX_PATTERN = r"(?:[_-]?(?:HR|GT|LQ|LR\d*)|[_-]?x\d+)$"
+DEFAULT_SUFFIX_PATTERN = settings.defaults("evaluate")["name_suffix_pattern"]
 #: in a folder holding both kinds, which stems are HQ and which LQ
 HQ_STEM = re.compile(r"[_-](?:HR|GT|x1)$", re.IGNORECASE)
 LQ_STEM = re.compile(r"[_-](?:LR\d*|LQ|x[2-9]\d*)$", re.IGNORECASE)
 
-DEFAULTS: dict[str, Any] = {
-    "metrics": list(DSPO_METRICS),  # pipeline metric names (pipeline.iqa), the paper's eight
-    "steps": 50,  # multi-step sampling steps (paper: spaced DDPM, 50); one-step ignores it
-    "cfg": 5.5,  # multi-step guidance scale (paper: 5.5); one-step ignores it
-    "prompt": "",  # positive prompt of every test image
-    "negative_prompt": None,  # None: the model's default unconditional text
-    "batch_size": 4,  # images per sampling batch (only same-sized images share a batch)
-    "max_images": 0,  # evaluate the first N images by id (0 = all)
-    "device": "auto",  # model and metrics device: cpu, cuda, auto
-    "dtype": "float32",  # model compute dtype ("bfloat16" on cuda)
-    "framework": None,  # needed only for a model folder without dspo_model.json (real weights)
-    "name_suffix_pattern": DEFAULT_SUFFIX_PATTERN,  # paired test sets, see the module docstring
-    "weights_dir": None,  # pyiqa weights directory (pipeline.iqa.MetricRegistry)
-    "weights": {},  # {metric: checkpoint file}
-    "options": {},  # {metric: extra pyiqa options}
-}
-
-
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The stage defaults with ``overrides`` applied; unknown keys are an error."""
-    config = with_defaults("evaluate", DEFAULTS, overrides)
-    if not config["metrics"]:
-        raise ValueError("evaluate config 'metrics' is empty")
-    if int(config["batch_size"]) < 1:
-        raise ValueError(f"evaluate config 'batch_size' must be at least 1: {config['batch_size']}")
-    return config
+    """The ``evaluate`` section with the schema's defaults; bad keys, types or ranges raise
+    :class:`pipeline.settings.ConfigError` naming them."""
+    return settings.resolve("evaluate", overrides)
 
 
 # ----------------------------------------------------------------------------- 1. test sets
@@ -453,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     table = evaluate(
         args.model, args.model_name, args.testset, args.testset_kind, args.testset_path,
-        args.out, json.loads(args.config), args.seed,
+        args.out, settings.cli_config(args.config), args.seed,
     )  # fmt: skip
     means = table.groupby("metric", sort=False)["value"].mean()
     summary = ", ".join(f"{name} {value:.4g}" for name, value in means.items())

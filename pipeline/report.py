@@ -37,31 +37,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.seeding import numpy_rng
 
 CI_METHODS = ("t", "bootstrap")
-DEFAULTS: dict[str, Any] = {
-    "baseline_model": "pretrained",  # deltas are against this model
-    "ci_method": "t",  # "t" (Student's t interval) or "bootstrap" (percentile, seeded)
-    "bootstrap_samples": 2000,  # resamples of the bootstrap interval
-    "model_order": [],  # row order of tables and plots; unnamed models follow (see model_order)
-    "radar_metrics": None,  # None: every evaluated metric except NIQE (as Figure 4)
-    "radar_exclude_models": ["bicubic"],  # Figure 4 compares the diffusion models only
-    "radar_floor": 0.1,  # normalised radius of the worst model on an axis (0 = the centre)
-    "grid_images": 3,  # images (first ids) in the crop grid
-    "grid_crop": 96,  # side of the centre crop in HQ pixels
-}
 #: paper order of the metrics in the tables; other metrics follow in order of appearance
 PAPER_METRICS = ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
 PNG_METADATA = {"Software": None}  # no matplotlib version in the PNG: same bytes across versions
 
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    config = with_defaults("report", DEFAULTS, overrides)
+    config = settings.resolve("report", overrides)
     if config["ci_method"] not in CI_METHODS:
         raise ValueError(f"report config 'ci_method' must be one of {CI_METHODS}")
     if not 0.0 <= float(config["radar_floor"]) < 1.0:
@@ -512,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
     args = parser.parse_args(argv)
-    summary = report(args.metrics, args.out, json.loads(args.config), args.seed,
+    summary = report(args.metrics, args.out, settings.cli_config(args.config), args.seed,
                      args.provenance, args.framework)  # fmt: skip
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0

@@ -12,7 +12,6 @@ Output: ``scores/{framework}.parquet`` (table ``scores``), long form: one row pe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,23 +22,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.images import read_rgb
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_pooled_map
 
 WHOLE_IMAGE_ID = -1
-
-DEFAULTS: dict[str, Any] = {
-    "metrics": list(DSPO_METRICS),
-    "weights_dir": None,
-    "weights": {},
-    "options": {},
-    "device": "auto",
-    "min_crop_size": 32,
-}
-
 
 def load_unit(path: Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in [0, 1] (pyiqa's convention)."""
@@ -196,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="global seed (seeds the minimum-size probes)"
     )
     args = parser.parse_args(argv)
-    config = with_defaults("score", DEFAULTS, json.loads(args.config))
+    config = settings.resolve("score", settings.cli_config(args.config))
     metric_names = list(config["metrics"])
     registry = MetricRegistry(
         weights_dir=config["weights_dir"],

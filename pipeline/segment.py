@@ -20,7 +20,6 @@ deterministic); ``--seed`` is recorded in the metadata for provenance only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,27 +33,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import write_table
 
 MaskRecord = dict[str, Any]
-
-#: SamAutomaticMaskGenerator's own defaults (segment_anything/automatic_mask_generator.py)
-SAM_GENERATOR_DEFAULTS: dict[str, Any] = {
-    "points_per_side": 32,
-    "points_per_batch": 64,
-    "pred_iou_thresh": 0.88,
-    "stability_score_thresh": 0.95,
-    "stability_score_offset": 1.0,
-    "box_nms_thresh": 0.7,
-    "crop_n_layers": 0,
-    "crop_nms_thresh": 0.7,
-    "crop_overlap_ratio": 512 / 1500,
-    "crop_n_points_downscale_factor": 1,
-    "min_mask_region_area": 0,
-}
 
 #: segment_anything/build_sam.py's architectures; ``architecture`` in the config overrides keys
 SAM_ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -79,47 +63,11 @@ SAM_ARCHITECTURES: dict[str, dict[str, Any]] = {
     )
 }
 
-CLASSICAL_DEFAULTS: dict[str, Any] = {
-    "method": "felzenszwalb",
-    "felzenszwalb": {"scale": 100.0, "sigma": 0.8, "min_size": 50},
-    "slic": {"n_segments": 16, "compactness": 10.0, "sigma": 1.0},
-}
-
-#: the ``segment`` config section's defaults (the JSON Schema repeats them)
-DEFAULTS: dict[str, Any] = {
-    "source": "hq",
-    "top_k": 5,
-    "device": "auto",
-    "checkpoint": None,
-    "model_type": "vit_h",
-    "architecture": {},
-    "generator": dict(SAM_GENERATOR_DEFAULTS),
-    "classical": CLASSICAL_DEFAULTS,
-}
-
-
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``segment`` section with defaults filled in; unknown keys raise ``KeyError``."""
-    config = dict(config or {})
-    resolved = with_defaults("segment", DEFAULTS, config)
-    generator = dict(config.get("generator") or {})
-    unknown = sorted(set(generator) - set(SAM_GENERATOR_DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown segment.generator keys: {unknown}")
-    resolved["generator"] = {**SAM_GENERATOR_DEFAULTS, **generator}
-    classical = dict(config.get("classical") or {})
-    resolved["classical"] = {
-        "method": classical.get("method", CLASSICAL_DEFAULTS["method"]),
-        **{
-            method: {**CLASSICAL_DEFAULTS[method], **classical.get(method, {})}
-            for method in ("felzenszwalb", "slic")
-        },
-    }
-    if resolved["classical"]["method"] not in ("felzenszwalb", "slic"):
-        raise ValueError(
-            f"segment.classical.method must be 'felzenszwalb' or 'slic', "
-            f"got {resolved['classical']['method']!r}"
-        )
+    """The ``segment`` section with the schema's defaults (the generator's are
+    SamAutomaticMaskGenerator's own); bad keys or values raise
+    :class:`pipeline.settings.ConfigError` naming them."""
+    resolved = settings.resolve("segment", config)
     if resolved["model_type"] not in SAM_ARCHITECTURES:
         raise ValueError(
             f"segment.model_type {resolved['model_type']!r} unknown; "
@@ -464,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
     args = parser.parse_args(argv)
 
-    config = resolve_config(json.loads(args.config))
+    config = resolve_config(settings.cli_config(args.config))
     segmenter = build_segmenter(config)
     if segmenter.info["sam_used"]:
         print(f"segment: SAM {config['model_type']} from {config['checkpoint']}", file=sys.stderr)

@@ -43,25 +43,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline import settings
 from pipeline.caption import image_negative_prompts
-from pipeline.config_sections import with_defaults
 from pipeline.io.tables import read_table, to_arrow, write_table
 from pipeline.score import WHOLE_IMAGE_ID
-
-PAPER_OBJECTIVES: dict[str, dict[str, float]] = {
-    "perception": {"niqe": 1.0, "musiq": 1.0, "maniqa": 1.0, "clipiqa": 1.0},
-    "fidelity": {"psnr": 1.0, "ssim": 1.0, "lpips": 1.0, "dists": 1.0},
-    "united": {
-        metric: 1.0
-        for metric in ("psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa")
-    },
-}
-
-DEFAULTS: dict[str, Any] = {
-    "objectives": PAPER_OBJECTIVES,
-    "tie_tolerance": 1e-9,
-    "include_remainder": True,
-}
 
 PAIR_COLUMNS = [
     "image_id",
@@ -75,10 +60,16 @@ PAIR_COLUMNS = [
 ]
 FLAG_SEPARATOR = ";"
 KEYS = ["image_id", "instance_id"]
+# bad annotation rows an error lists before "... and N more rows"
+LISTED_ROWS = 20
 
 
 class AnnotationError(ValueError):
     """Human annotation rows that cannot be turned into pairs."""
+
+
+class NoPairsError(ValueError):
+    """An objective that yields no preference pair at all (training on it would do nothing)."""
 
 
 def objective_scores(scores: pd.DataFrame, metric_weights: Mapping[str, float]) -> pd.DataFrame:
@@ -135,6 +126,42 @@ def best_and_worst(candidate_scores: pd.DataFrame, tie_tolerance: float = 1e-9) 
     return pd.DataFrame(rows, columns=[*KEYS, "winner", "loser", "margin"])
 
 
+def no_pairs_cause(
+    scores: pd.DataFrame,
+    metric_weights: Mapping[str, float],
+    candidate_scores: pd.DataFrame,
+    chosen: pd.DataFrame,
+    tie_tolerance: float,
+) -> str:
+    """Why ``chosen`` (best/worst pairs of one level) is empty, in words, for the error."""
+    if candidate_scores.empty:
+        return "the scores table has no scored instances at this level"
+    counts = candidate_scores.groupby(KEYS)["candidate"].nunique()
+    if (counts < 2).all():
+        names = sorted(set(candidate_scores["candidate"]))
+        return f"every instance has fewer than 2 candidates ({names})"
+    levels = set(zip(candidate_scores["image_id"], candidate_scores["instance_id"], strict=True))
+    table = scores[scores["metric"].isin(list(metric_weights))]
+    keys = zip(table["image_id"], table["instance_id"], strict=True)
+    table = table[[key in levels for key in keys]]
+    spread = table.groupby([*KEYS, "metric"])["value"].agg(lambda v: v.max() - v.min())
+    if (spread.fillna(0.0) == 0.0).all():
+        return (
+            "candidate settings give identical images: every metric "
+            f"{sorted(metric_weights)} has one value across the candidates "
+            f"{sorted(set(candidate_scores['candidate']))} on all {len(counts)} instances "
+            "(check that the settings differ in steps, cfg or variant)"
+        )
+    if chosen.empty:
+        return (
+            f"on all {len(counts)} instances the best or the worst score is shared by several "
+            f"candidates (tie_tolerance {tie_tolerance})"
+        )
+    return (
+        f"all {len(chosen)} pairs are on remainder instances and select.include_remainder is false"
+    )
+
+
 def hallucinated_prompts(captions: pd.DataFrame | None) -> dict[str, str]:
     """Per image, its hallucinated candidate captions (caption stage's rule; {} without captions)."""
     return {} if captions is None else image_negative_prompts(captions)
@@ -168,9 +195,27 @@ def finish_pairs(
 
 
 def read_annotations(path: Path) -> pd.DataFrame:
-    """Annotations from CSV or Parquet, checked against the ``annotations`` table."""
+    """Annotations from CSV (UTF-8) or Parquet, checked against the ``annotations`` table.
+
+    An empty file, a CSV that is not UTF-8 or does not parse, and a file without any annotation
+    row raise :class:`AnnotationError` naming the file.
+    """
     if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if path.is_file() and path.stat().st_size == 0:
+            raise AnnotationError(f"{path}: the annotations file is empty (expected a CSV header)")
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise AnnotationError(
+                f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); "
+                "save the annotations as UTF-8 CSV"
+            ) from error
+        except pd.errors.EmptyDataError as error:
+            raise AnnotationError(f"{path}: the annotations file has no CSV header") from error
+        except pd.errors.ParserError as error:
+            raise AnnotationError(f"{path}: not a valid CSV file: {error}") from error
+        if frame.empty:
+            raise AnnotationError(f"{path}: the annotations file has a header but no rows")
         try:
             frame["instance_id"] = frame["instance_id"].astype(int)
         except (KeyError, ValueError) as error:
@@ -213,7 +258,12 @@ def check_annotations(
         if reasons:
             problems.append(f"row {index}: {row.to_dict()}: {'; '.join(reasons)}")
     if problems:
-        raise AnnotationError("bad annotation rows:\n" + "\n".join(problems))
+        listed = problems[:LISTED_ROWS]
+        if len(problems) > LISTED_ROWS:
+            listed.append(f"... and {len(problems) - LISTED_ROWS} more rows")
+        raise AnnotationError(
+            f"{len(problems)} bad annotation rows (of {len(annotations)}):\n" + "\n".join(listed)
+        )
 
 
 def vote(annotations: pd.DataFrame) -> pd.DataFrame:
@@ -301,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the `select` config section as JSON")
     parser.add_argument("--seed", type=int, default=0, help="global seed (selection draws nothing)")
     args = parser.parse_args(argv)
-    config = with_defaults("select", DEFAULTS, json.loads(args.config))
+    config = settings.resolve("select", settings.cli_config(args.config))
     scores = read_table(args.scores, "scores")
     instances = read_table(args.instances, "instances")
     captions = read_table(args.captions, "captions") if args.captions else None
@@ -309,8 +359,27 @@ def main(argv: list[str] | None = None) -> int:
     common = {"scores": str(args.scores), "captions": str(args.captions) if args.captions else None}
     counts = {}
     for objective, metric_weights in config["objectives"].items():
-        chosen = best_and_worst(objective_scores(scores, metric_weights), config["tie_tolerance"])
+        candidate_scores = objective_scores(scores, metric_weights)
+        chosen = best_and_worst(candidate_scores, config["tie_tolerance"])
         pairs = finish_pairs(chosen, instances, prompts, "iqa", config["include_remainder"])
+        for level, whole_image in (("instance", False), ("image", True)):
+            if ((pairs["instance_id"] == WHOLE_IMAGE_ID) == whole_image).any():
+                continue
+            at_level = [
+                (frame["instance_id"] == WHOLE_IMAGE_ID) == whole_image
+                for frame in (candidate_scores, chosen)
+            ]
+            cause = no_pairs_cause(
+                scores,
+                metric_weights,
+                candidate_scores[at_level[0]],
+                chosen[at_level[1]],
+                config["tie_tolerance"],
+            )
+            raise NoPairsError(
+                f"select objective {objective!r}: no {level}-level pairs from {args.scores}: "
+                f"{cause}"
+            )
         metadata = {
             **common,
             "objective": objective,
@@ -327,9 +396,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         check_annotations(annotations, instances, candidates)
         human_prompts = human_flagged_prompts(annotations, captions)
-        pairs = finish_pairs(
-            vote(annotations), instances, human_prompts, "human", config["include_remainder"]
-        )
+        votes = vote(annotations)
+        pairs = finish_pairs(votes, instances, human_prompts, "human", config["include_remainder"])
+        if pairs.empty:
+            cause = (
+                f"all {len(votes)} voted pairs are on remainder instances and "
+                "select.include_remainder is false"
+                if len(votes)
+                else "no annotated instance has a strict majority for one best and one other "
+                f"worst candidate ({annotations.groupby(KEYS).ngroups} instances, "
+                f"{annotations['annotator'].nunique()} annotators)"
+            )
+            raise NoPairsError(f"human annotations {args.annotations}: no pairs: {cause}")
         metadata = {
             **common,
             "annotations": str(args.annotations),

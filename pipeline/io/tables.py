@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("weight", pa.float64()),
         ("score", pa.float64()),
         ("is_remainder", pa.bool_()),
+    ),
+    # prompts/{split}.parquet: the text every LQ is sampled with (pipeline.prompts); source is
+    # fixed, captioner or tagger, model the captioner / tagger weights ('none' for fixed)
+    "prompts": _schema(
+        ("image_id", pa.string()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("source", pa.string()),
+        ("model", pa.string()),
     ),
     # captions/{framework}.parquet; candidate is 'hq' or a candidate setting
     "captions": _schema(
@@ -238,6 +248,16 @@ def to_arrow(frame: pd.DataFrame, name: str, where: str = "<table>") -> pa.Table
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def runtime() -> dict[str, Any]:
+    """What the process computed with that can change bytes: its intra-op thread count (fixed
+    by the config's ``threads``, so results do not depend on ``--cores``)."""
+    info: dict[str, Any] = {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    torch = sys.modules.get("torch")  # tables are written by stages that may not use torch
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
 def write_table(
     frame: pd.DataFrame,
     path: str | os.PathLike,
@@ -247,7 +267,7 @@ def write_table(
     """Write ``frame`` as the contract table ``name`` (checked, cast, atomic, deterministic)."""
     path = Path(path)
     table = to_arrow(frame, name, str(path))
-    document = {"table": name, **(metadata or {})}
+    document = {"table": name, "runtime": runtime(), **(metadata or {})}
     encoded = json.dumps(document, sort_keys=True, default=str).encode("utf-8")
     table = table.replace_schema_metadata({METADATA_KEY: encoded})
     with atomic_path(path) as temporary:

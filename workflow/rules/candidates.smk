@@ -12,14 +12,16 @@ rule candidates:
         "benchmarks/candidates/{framework}.tsv"
     params:
         code=code_hash("candidates"),
-        config=get_candidates_config,
+        config=job_config("candidates", "framework"),
+        config_file=job_config_file("candidates", "framework"),
+        threads=STAGE_THREADS,
         models=get_candidate_model_args,
         seed=config["seed"],
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["candidates"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline candidates --framework {wildcards.framework} "
         "$(printf -- '--model %s ' {params.models}) --data {input.data} --out {output} "
-        "--config {params.config:q} --seed {params.seed} > {log} 2>&1"
+        "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

@@ -15,14 +15,16 @@ rule caption:
         "benchmarks/caption/{framework}.tsv"
     params:
         code=code_hash("caption"),
-        config=section("caption"),
+        config=job_config("caption"),
+        config_file=job_config_file("caption"),
+        threads=STAGE_THREADS,
         seed=config["seed"],
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["caption"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline caption --hq {input.data}/hq "
         "--candidates {input.candidates}/candidates.parquet --masks-zarr {input.masks} "
-        "--instances {input.instances} --out {output} --config {params.config:q} "
+        "--instances {input.instances} --out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"

@@ -1,4 +1,5 @@
 # Helpers only (no rules): config validation, input functions, code hashes for honest caching.
+import hashlib
 import json
 import os
 import sys
@@ -13,12 +14,18 @@ ROOT = Path(workflow.basedir)
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
+from pipeline import settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
-
-# Threads of a heavy stage: scaled down to --cores on a workstation; cpus-per-task under Slurm
-# (capped by the profile's max-threads). A fixed number: workflow.cores is unset on clusters.
-STAGE_THREADS = 8
+# Intra-op threads of every job process: the config's number, passed to each job explicitly
+# (Snakemake would scale {threads} down to --cores, and results would depend on --cores).
+# Snakemake schedules with it too (cpus-per-task under Slurm).
+STAGE_THREADS = config["threads"]
+# Stages see the hub offline unless the config allows downloads (pipeline/hub.py).
+os.environ["DSPO_ALLOW_DOWNLOADS"] = "1" if config["allow_downloads"] else "0"
+# Each job's settings as a file named by its hash, so a job's command stays short; the
+# settings themselves are the job's `config` param, Snakemake's rerun trigger.
+JOB_CONFIG_DIR = Path(".snakemake") / "dspo-job-config"
 
 FRAMEWORKS = config["frameworks"]
 OBJECTIVES = config["objectives"]
@@ -29,8 +36,6 @@ SELECT_OBJECTIVES = list(config["select"]["objectives"]) + (
 )
 # the model each framework aligns and evaluates as "pretrained"
 BASE_VARIANT = "base"
-# methods trained on instance pairs; the others use the image-level pairs
-INSTANCE_METHODS = {"dspo", "dro", "dspo_m1"}
 
 for _objective in OBJECTIVES:
     if _objective not in SELECT_OBJECTIVES:
@@ -57,38 +62,38 @@ def code_hash(stage):
     return _code_hash(ROOT, f"pipeline.{stage}")
 
 
-def section(*keys):
-    """A config section as canonical JSON: the stage's --config argument and a rerun trigger."""
-    value = config
-    for key in keys:
-        value = value[key]
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+def _job_json(stage, wildcards):
+    job = settings.job_settings(config, stage, **dict(wildcards))
+    return json.dumps(job, sort_keys=True, separators=(",", ":"))
 
 
-def candidate_setting_list(framework):
-    """The candidate settings ({name, variant, steps, cfg}); the paper's four by default."""
-    settings = config["candidates"]["settings"][framework]
-    if settings is None:
-        from pipeline.candidates import DEFAULT_SETTINGS
+def job_config(stage, *names):
+    """params: the settings a job of ``stage`` runs with (pipeline.settings.job_settings, as
+    ``python -m pipeline config`` prints them), canonical JSON: Snakemake's rerun trigger."""
+    return lambda wildcards: _job_json(stage, {name: wildcards[name] for name in names})
 
-        settings = DEFAULT_SETTINGS[framework]
-    return settings
+
+def job_config_file(stage, *names):
+    """params: the same settings written to .snakemake/dspo-job-config/STAGE-HASH.json, the
+    path the job's command passes as --config."""
+
+    def path(wildcards):
+        text = _job_json(stage, {name: wildcards[name] for name in names})
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        target = JOB_CONFIG_DIR / f"{stage}-{digest}.json"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(text)
+            partial.replace(target)
+        return str(target)
+
+    return path
 
 
 def candidate_variants(framework):
     """The pretrained variants the candidate settings sample from."""
-    return sorted({setting["variant"] for setting in candidate_setting_list(framework)})
-
-
-def get_candidates_config(wildcards):
-    """The candidates section with the framework's own settings list."""
-    section = dict(config["candidates"])
-    section["settings"] = config["candidates"]["settings"][wildcards.framework]
-    return json.dumps(section, sort_keys=True, separators=(",", ":"))
-
-
-def get_pretrain_config(wildcards):
-    return section("pretrain", wildcards.framework)
+    return sorted({s["variant"] for s in settings.candidate_settings(config, framework)})
 
 
 def get_candidate_models(wildcards):
@@ -125,19 +130,13 @@ def get_annotations_arg(wildcards):
 
 
 def get_train_pairs(wildcards):
-    suffix = "" if wildcards.method in INSTANCE_METHODS else "_image"
+    suffix = "" if wildcards.method in settings.INSTANCE_METHODS else "_image"
     return f"results/pairs/{wildcards.framework}/{wildcards.objective}{suffix}.parquet"
 
 
 def get_train_method(wildcards):
-    return "dspo" if wildcards.method == "dspo_m1" else wildcards.method
-
-
-def get_train_config(wildcards):
-    train = dict(config["train"])
-    if wildcards.method == "dspo_m1":
-        train["negative_prompts"] = False  # the M1-only ablation: no description feedback
-    return json.dumps(train, sort_keys=True, separators=(",", ":"))
+    """The loss a method trains with (dspo_m1 is DSPO with its own settings)."""
+    return settings.METHOD_LOSS[wildcards.method]
 
 
 def evaluated_models():

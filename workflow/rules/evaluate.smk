@@ -12,7 +12,9 @@ rule evaluate:
         "benchmarks/evaluate/{framework}/{testset}/{model}.tsv"
     params:
         code=code_hash("evaluate"),
-        config=section("evaluate"),
+        config=job_config("evaluate"),
+        config_file=job_config_file("evaluate"),
+        threads=STAGE_THREADS,
         model=get_eval_model_arg,
         kind=get_testset_kind,
         seed=config["seed"],
@@ -20,10 +22,10 @@ rule evaluate:
     resources:
         gpu=config["gpus"]["evaluate"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline evaluate --model {params.model} --model-name {wildcards.model} "
         "--testset {wildcards.testset} --testset-kind {params.kind} "
-        "--testset-path {input.testset} --out {output} --config {params.config:q} "
+        "--testset-path {input.testset} --out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
 
 
@@ -60,11 +62,12 @@ rule report:
         "logs/report/{framework}.log",
     params:
         code=code_hash("report"),
-        config=section("report"),
+        config=job_config("report"),
+        config_file=job_config_file("report"),
         metrics=get_eval_metrics_files,
         provenance=get_provenance_files,
         seed=config["seed"],
     shell:
         "python -m pipeline report --metrics {params.metrics} --out results/eval/{wildcards.framework} "
         "--provenance {params.provenance} --framework {wildcards.framework} "
-        "--config {params.config:q} --seed {params.seed} > {log} 2>&1"
+        "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

@@ -12,14 +12,16 @@ rule segment:
         "benchmarks/segment/{framework}.tsv"
     params:
         code=code_hash("segment"),
-        config=section("segment"),
+        config=job_config("segment"),
+        config_file=job_config_file("segment"),
+        threads=STAGE_THREADS,
         images=get_segment_images_arg,
         seed=config["seed"],
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["segment"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline segment --images {params.images} --out-zarr {output.masks} "
-        "--out-table {output.instances} --config {params.config:q} --seed {params.seed} "
+        "--out-table {output.instances} --config {params.config_file} --seed {params.seed} "
         "> {log} 2>&1"
