@@ -59,6 +59,7 @@ def test_ci_preset_end_to_end(tmp_path):
     check_artifacts(results)
 
     assert planned_jobs(workdir, *CI) == {}
+    same_bytes_on_one_core(workdir, tmp_path / "one-core")
 
     rerun = planned_jobs(workdir, *CI, "--forcerun", "score")
     assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 8
@@ -82,6 +83,25 @@ def test_ci_preset_end_to_end(tmp_path):
     jobs = planned_jobs(workdir, *CI)
     assert jobs["select"] == 2 and jobs["train"] == 8
     assert not (UPSTREAM_OF_SCORE | {"score"}) & set(jobs)
+
+
+def same_bytes_on_one_core(two_cores: Path, destination: Path) -> None:
+    """The one-step half of the ci preset up to `select`, run again with --cores 1 (one job at
+    a time), writes byte-identical files: results do not depend on --cores (the config's
+    `threads` fixes every job's intra-op thread count, and each table records it)."""
+    one_core = copy_workflow(destination)
+    snakemake(one_core, *CI, "--config", "frameworks=[onestep]", "--resources", "gpu=0",
+              "--until", "select", cores=1)  # fmt: skip
+    produced = sorted(
+        path.relative_to(one_core)
+        for path in (one_core / "results").rglob("*")
+        if path.is_file() and "checkpoints" not in path.parts
+    )
+    assert len(produced) > 50
+    differ = [str(p) for p in produced if (one_core / p).read_bytes() != (two_cores / p).read_bytes()]
+    assert differ == []
+    scores = read_metadata(one_core / "results/scores/onestep.parquet")
+    assert scores["runtime"]["torch_threads"] == 1
 
 
 def _with_setting(workdir: Path, text: str) -> Path:

@@ -36,9 +36,11 @@ def copy_workflow(destination: Path) -> Path:
     return destination
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``snakemake ARGS`` in ``workdir`` with this interpreter (so rules use it too)."""
-    command = [sys.executable, "-m", "snakemake", "--cores", "2", *args]
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, cores: int = 2
+) -> subprocess.CompletedProcess:
+    """``snakemake --cores CORES ARGS`` in ``workdir`` with this interpreter (so rules use it)."""
+    command = [sys.executable, "-m", "snakemake", "--cores", str(cores), *args]
     # the rules call `python`: make it this interpreter, as an activated venv would
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
