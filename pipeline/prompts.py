@@ -1,0 +1,611 @@
+"""Stage `prompts`: the text every LQ image is super-resolved with (DESIGN.md point 9).
+
+The SR models are text-conditioned and sample with classifier-free guidance; with an empty
+prompt and an empty negative prompt the conditional and unconditional branches are the same
+and every guidance scale is a no-op. This stage gives every LQ of a split (the training LQs
+and each test set) a prompt and a negative prompt, recorded in ``prompts/{split}.parquet``
+(table ``prompts``: image_id, prompt, negative_prompt, source, model). Sources:
+
+- ``fixed``: the configured ``prompt`` for every image;
+- ``captioner``: a BLIP caption of the LQ, through the captioner of the `caption` stage
+  (:class:`pipeline.caption.BlipCaptioner`, the same loader and decoding);
+- ``tagger``: RAM / DAPE tags of the LQ as OSEDiff and SeeSR prompt with, from the ``ram``
+  package (recognize-anything, or the copy OSEDiff/SeeSR vendor with DAPE's ``ram_lora``);
+  without it the stage stops with an error naming the package.
+
+Every source appends ``added_prompt`` (SeeSR's "clean, high-resolution, 8k") and gives every
+image the configured ``negative_prompt``. Defaults come from the references: SeeSR's
+``"dotted, noise, blur, lowres, smooth"`` and OSEDiff's long training negative prompt
+(:data:`OSEDIFF_NEGATIVE_PROMPT`); a prompt equal to its negative prompt (guidance would be a
+no-op) is an error.
+
+Images and ids: ``train`` is a degraded data folder, listed by its ``pairs.parquet``
+(image_id, lq_path); ``synthetic`` and ``paired`` test sets are listed by
+:func:`pipeline.evaluate.load_testset`, so the ids are the ones the evaluation uses.
+
+User description feedback in sampling (the paper's M2, docs/prompts.md): a training image's
+negative prompt during candidate regeneration is its own hallucination captions followed by
+the base negative prompt (:func:`image_negative_prompt`); a test image, which has no feedback,
+gets the training set's most frequent hallucination captions (:func:`feedback_vocabulary`)
+followed by the base negative prompt (:func:`vocabulary_negative_prompt`). ``--feedback`` applies
+either to a prompts table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from pipeline import settings
+from pipeline.io.images import read_rgb
+from pipeline.io.tables import read_metadata, read_table, write_table
+
+SOURCES = ("fixed", "captioner", "tagger")
+KINDS = ("train", "synthetic", "paired")
+PROMPT_COLUMNS = ["image_id", "prompt", "negative_prompt", "source", "model"]
+#: the ``model`` column of the fixed source (no model involved)
+NO_MODEL = "none"
+
+#: SeeSR ``test_seesr.py`` ``--negative_prompt`` default (also DP2O-SR's)
+SEESR_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+#: SeeSR ``--added_prompt`` default, appended to every prompt
+SEESR_ADDED_PROMPT = "clean, high-resolution, 8k"
+#: OSEDiff ``scripts/train/train_osediff.sh`` ``--neg_prompt`` (cswry/OSEDiff)
+OSEDIFF_NEGATIVE_PROMPT = (
+    "painting, oil painting, illustration, drawing, art, sketch, cartoon, CG Style, 3D render, "
+    "unreal engine, blurring, dirty, messy, worst quality, low quality, frames, watermark, "
+    "signature, jpeg artifacts, deformed, lowres, over-smooth"
+)
+
+#: the package the tagger source imports, and how to get it
+TAGGER_PACKAGE = "ram"
+TAGGER_MISSING = (
+    "prompts.source 'tagger' needs the Python package 'ram' (RAM / DAPE tagging models), "
+    "which is not installed: pip install recognize-anything "
+    "(git+https://github.com/xinyu1205/recognize-anything), or put the 'ram' folder that "
+    "OSEDiff / SeeSR vendor (with DAPE's ram.models.ram_lora) on PYTHONPATH; "
+    "or use prompts.source 'captioner' or 'fixed'"
+)
+
+#: The ``prompts`` section of workflow/schemas/config.schema.yaml, used by :func:`resolve_config`
+#: only while that schema has no ``prompts`` section yet (the two must stay equal).
+SCHEMA_FRAGMENT = r"""
+type: object
+description: 'Prompts of every LQ (rule prompts, DESIGN.md point 9): a prompt and a negative prompt
+  per image of the training split and of each test set, so classifier-free guidance has two
+  different branches.'
+default: {}
+additionalProperties: false
+properties:
+  source:
+    type: string
+    enum: [fixed, captioner, tagger]
+    default: fixed
+    description: 'Where prompts come from: fixed (the prompt below for every image), captioner
+      (BLIP caption of the LQ, the caption stage''s loader), tagger (RAM/DAPE tags of the LQ as
+      OSEDiff and SeeSR; needs the ram package).'
+  prompt:
+    type: string
+    default: ''
+    description: The fixed source's prompt of every image (ignored by captioner and tagger).
+  added_prompt:
+    type: string
+    default: clean, high-resolution, 8k
+    description: Appended to every prompt, all sources (SeeSR --added_prompt; '' for none).
+  negative_prompt:
+    type: string
+    default: dotted, noise, blur, lowres, smooth
+    description: 'Negative prompt (unconditional branch) of every image, all sources. Default:
+      SeeSR''s; OSEDiff trains with the long "painting, oil painting, ..., lowres, over-smooth".'
+  captioner:
+    type: [string, 'null']
+    default: null
+    description: BLIP folder (BlipForConditionalGeneration + processor) of source captioner.
+  captioner_prompt:
+    type: string
+    default: ''
+    description: BLIP conditioning prompt (removed from the caption), source captioner.
+  max_new_tokens:
+    type: integer
+    minimum: 1
+    default: 30
+    description: Caption length limit, source captioner.
+  num_beams:
+    type: integer
+    minimum: 1
+    default: 1
+    description: Beam size (1 = greedy), source captioner.
+  tagger:
+    type: [string, 'null']
+    default: null
+    description: RAM checkpoint (e.g. ram_swin_large_14m.pth) of source tagger.
+  tagger_condition:
+    type: [string, 'null']
+    default: null
+    description: 'DAPE checkpoint (OSEDiff/SeeSR --ram_ft_path, e.g. DAPE.pth): tags of the
+      degradation-aware RAM through ram.models.ram_lora; null = plain RAM.'
+  tagger_image_size:
+    type: integer
+    minimum: 32
+    default: 384
+    description: Input size of the tagger (RAM swin_l 384).
+  tagger_vit:
+    type: string
+    enum: [swin_l, swin_b]
+    default: swin_l
+    description: RAM backbone of the checkpoint.
+  batch_size:
+    type: integer
+    minimum: 1
+    default: 8
+    description: LQ images per captioner or tagger batch.
+  device:
+    type: string
+    enum: [auto, cpu, cuda]
+    default: auto
+    description: Captioner / tagger device (auto = cuda when visible).
+  feedback_max_terms:
+    type: integer
+    minimum: 0
+    default: 8
+    description: 'M2 for test images: how many of the training set''s most frequent hallucination
+      captions go before the negative prompt (0 = none).'
+  feedback_min_images:
+    type: integer
+    minimum: 1
+    default: 1
+    description: 'M2 for test images: a hallucination caption enters the vocabulary when flagged
+      in at least this many training images.'
+"""
+
+
+class PromptsError(ValueError):
+    """Prompts that would make guidance a no-op, or inputs the stage cannot use."""
+
+
+def _fallback_node() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_FRAGMENT)
+
+
+def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``prompts`` section with the schema's defaults; bad keys or values raise
+    :class:`pipeline.settings.ConfigError` naming them."""
+    try:
+        settings.schema_node("prompts")
+    except settings.ConfigError:
+        # the project schema has no prompts section yet: resolve against SCHEMA_FRAGMENT
+        node = _fallback_node()
+        value = settings._complete(node, dict(config or {}))
+        settings._validate(node, value, "prompts")
+        return value
+    return settings.resolve("prompts", config)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def join_prompts(*parts: str | Iterable[str]) -> str:
+    """The comma-separated terms of all texts, joined with ", ": terms stripped, empty ones and
+    repeats dropped (first occurrence kept); a part may itself be a list of texts."""
+    terms: list[str] = []
+    for part in parts:
+        for text in [part] if isinstance(part, str) else part:
+            terms.extend(term.strip() for term in (text or "").split(","))
+    return ", ".join(dict.fromkeys(term for term in terms if term))
+
+
+# -- 1. images of a split ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LQImage:
+    image_id: str
+    path: Path
+
+
+def list_lq_images(
+    kind: str, images: str | os.PathLike, suffix_pattern: str | None = None
+) -> list[LQImage]:
+    """The (image_id, LQ file) of a split, sorted by id.
+
+    ``train``: a degraded data folder, its ``pairs.parquet`` (image_id, lq_path relative to the
+    folder). ``synthetic`` / ``paired``: :func:`pipeline.evaluate.load_testset`, with the
+    evaluation's ``name_suffix_pattern`` (its default when None).
+    """
+    folder = Path(images)
+    if kind == "train":
+        pairs = read_table(folder / "pairs.parquet", "degradation_pairs")
+        listed = [
+            LQImage(str(row.image_id), folder / str(row.lq_path))
+            for row in pairs.sort_values("image_id").itertuples()
+        ]
+        missing = [str(image.path) for image in listed if not image.path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder}: LQ images in pairs.parquet are missing: {missing}")
+        if not listed:
+            raise PromptsError(f"{folder}/pairs.parquet lists no images")
+        return listed
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    from pipeline.evaluate import DEFAULT_SUFFIX_PATTERN, load_testset
+
+    testset = load_testset(kind, folder, suffix_pattern or DEFAULT_SUFFIX_PATTERN)
+    return [LQImage(image.image_id, image.lq) for image in testset]
+
+
+# -- 2. sources --------------------------------------------------------------------------------
+
+
+class FixedSource:
+    """The configured prompt for every image."""
+
+    name = "fixed"
+
+    def __init__(self, prompt: str) -> None:
+        self.prompt = prompt
+        self.model = NO_MODEL
+
+    def describe(self, images: Sequence[np.ndarray]) -> list[str]:
+        return [self.prompt] * len(images)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"prompt": self.prompt}
+
+
+class CaptionerSource:
+    """BLIP captions of the LQ images, with the caption stage's loader."""
+
+    name = "captioner"
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        if not config["captioner"]:
+            raise settings.ConfigError(
+                "config prompts.captioner: source 'captioner' needs a BLIP folder (it is null)"
+            )
+        # the caption stage's loader (to move to a shared module; imported from there then)
+        from pipeline.caption import BlipCaptioner
+
+        self.captioner = BlipCaptioner(
+            config["captioner"],
+            resolve_device(config["device"]),
+            config["captioner_prompt"],
+            config["max_new_tokens"],
+            config["num_beams"],
+            config["batch_size"],
+        )
+        path = Path(self.captioner.path)
+        self.model = str(path.resolve()) if path.exists() else self.captioner.path
+
+    def describe(self, images: Sequence[np.ndarray]) -> list[str]:
+        return self.captioner.caption(images)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "captioner": self.model,
+            "captioner_prompt": self.captioner.prompt,
+            "max_new_tokens": self.captioner.max_new_tokens,
+            "num_beams": self.captioner.num_beams,
+        }
+
+
+def ram_tags_to_prompt(tags: str) -> str:
+    """RAM's ``"cat | dog | tree"`` as a prompt: ``"cat, dog, tree"``."""
+    return join_prompts([tag for tag in tags.split("|")])
+
+
+class TaggerSource:
+    """RAM / DAPE tags of the LQ images (OSEDiff ``test_osediff.py``, SeeSR ``test_seesr.py``):
+    the LQ resized to ``tagger_image_size``, ImageNet-normalised, ``model.generate_tag``."""
+
+    name = "tagger"
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        try:
+            import ram  # noqa: F401
+        except ImportError as error:
+            raise ModuleNotFoundError(TAGGER_MISSING, name=TAGGER_PACKAGE) from error
+        weights, condition = config["tagger"], config["tagger_condition"]
+        if not weights:
+            raise settings.ConfigError(
+                "config prompts.tagger: source 'tagger' needs a RAM checkpoint (it is null)"
+            )
+        for key, path in (("tagger", weights), ("tagger_condition", condition)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"config prompts.{key}: checkpoint not found: {path}")
+        self.image_size = int(config["tagger_image_size"])
+        self.batch_size = int(config["batch_size"])
+        self.device = resolve_device(config["device"])
+        options = {"pretrained": str(weights), "image_size": self.image_size}
+        options["vit"] = config["tagger_vit"]
+        if condition:
+            from ram.models.ram_lora import ram as build  # DAPE, as vendored by OSEDiff / SeeSR
+
+            options["pretrained_condition"] = str(condition)
+        else:
+            from ram.models import ram as build
+        self.net = build(**options).eval().to(self.device)
+        self.weights, self.condition = str(weights), condition and str(condition)
+        self.model = self.weights if not condition else f"{self.weights} + {condition}"
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.stack(
+            [torch.from_numpy(np.ascontiguousarray(i)).permute(2, 0, 1) for i in images]
+        )
+        size = (self.image_size, self.image_size)
+        batch = torch.nn.functional.interpolate(
+            batch.float() / 255.0, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+        mean = torch.tensor(self.MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(self.STD).view(1, 3, 1, 1)
+        return ((batch - mean) / std).to(self.device)
+
+    @torch.no_grad()
+    def describe(self, images: Sequence[np.ndarray]) -> list[str]:
+        prompts: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            tags, _chinese = self.net.generate_tag(
+                self.preprocess(images[start : start + self.batch_size])
+            )
+            prompts.extend(ram_tags_to_prompt(text) for text in tags)
+        return prompts
+
+    def metadata(self) -> dict[str, Any]:
+        return {"tagger": self.weights, "tagger_condition": self.condition,
+                "tagger_image_size": self.image_size}  # fmt: skip
+
+
+def build_source(config: Mapping[str, Any]):
+    """The prompt source the (resolved) config names."""
+    source = config["source"]
+    if source == "fixed":
+        return FixedSource(config["prompt"])
+    if source == "captioner":
+        return CaptionerSource(config)
+    if source == "tagger":
+        return TaggerSource(config)
+    raise settings.ConfigError(f"config prompts.source: unknown source {source!r}; known {SOURCES}")
+
+
+# -- 3. the stage ------------------------------------------------------------------------------
+
+
+def check_guidance(frame: pd.DataFrame, where: str = "prompts") -> None:
+    """Refuse prompts equal to their negative prompt: guidance could not change the output
+    (DESIGN.md point 9). The error lists the first images."""
+    same = frame.loc[
+        frame["prompt"].str.strip() == frame["negative_prompt"].str.strip(), "image_id"
+    ]
+    if len(same):
+        shown = ", ".join(map(str, same.tolist()[:10]))
+        raise PromptsError(
+            f"{where}: {len(same)} image(s) have a prompt equal to their negative prompt "
+            f"(guidance would be a no-op): {shown}; set prompts.prompt / added_prompt / "
+            f"negative_prompt so they differ"
+        )
+
+
+def make_prompts(
+    images: Sequence[LQImage], config: Mapping[str, Any] | None, chunk: int = 64
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The ``prompts`` rows of ``images`` and the metadata to store with them."""
+    config = resolve_config(config)
+    source = build_source(config)
+    rows = []
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk]
+        pixels = [read_rgb(image.path) for image in part]
+        texts = source.describe(pixels)
+        rows.extend(
+            {
+                "image_id": image.image_id,
+                "prompt": join_prompts(text, config["added_prompt"]),
+                "negative_prompt": join_prompts(config["negative_prompt"]),
+                "source": source.name,
+                "model": source.model,
+            }
+            for image, text in zip(part, texts, strict=True)
+        )
+    frame = pd.DataFrame(rows, columns=PROMPT_COLUMNS)
+    check_guidance(frame)
+    metadata = {
+        "source": source.name,
+        "model": source.model,
+        "added_prompt": config["added_prompt"],
+        "negative_prompt": config["negative_prompt"],
+        "n_images": len(frame),
+        **source.metadata(),
+        "config": config,
+    }
+    return frame, metadata
+
+
+def run_prompts_stage(
+    images: str | os.PathLike,
+    kind: str,
+    config: Mapping[str, Any] | None,
+    suffix_pattern: str | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The whole stage for one split: list its LQs, describe them, the rows and metadata."""
+    listed = list_lq_images(kind, images, suffix_pattern)
+    frame, metadata = make_prompts(listed, config)
+    return frame, {"kind": kind, "images": str(images), **metadata}
+
+
+# -- 4. consumers ------------------------------------------------------------------------------
+
+
+def load_prompts(
+    path: str | os.PathLike,
+    image_ids: Iterable[str] | None = None,
+    *,
+    feedback: str | os.PathLike | pd.DataFrame | None = None,
+    mode: str = "vocabulary",
+    max_terms: int = 8,
+    min_images: int = 1,
+) -> dict[str, tuple[str, str]]:
+    """``{image_id: (prompt, negative_prompt)}`` of a ``prompts`` table; with ``image_ids``,
+    an image the table lacks is a KeyError naming the file and the first missing ids.
+
+    ``feedback`` (M2 in sampling): a captions or preference-pairs table (or its path) whose
+    hallucination captions go before the negative prompts, each image's own
+    (``mode="image"``, training LQs) or the training vocabulary (``mode="vocabulary"``, test
+    images); see :func:`apply_feedback`.
+    """
+    frame = read_table(path, "prompts")
+    if feedback is not None:
+        table = feedback if isinstance(feedback, pd.DataFrame) else pd.read_parquet(feedback)
+        frame = apply_feedback(frame, table, mode, max_terms, min_images)
+    prompts = {
+        str(row.image_id): (str(row.prompt), str(row.negative_prompt))
+        for row in frame.itertuples(index=False)
+    }
+    if image_ids is not None:
+        missing = sorted(set(map(str, image_ids)) - set(prompts))
+        if missing:
+            raise KeyError(f"{path}: no prompt for {len(missing)} image(s): {missing[:10]}")
+    return prompts
+
+
+def prompts_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a prompts table (source, model, ...)."""
+    return read_metadata(path)
+
+
+# -- 5. M2: feedback negatives in sampling -----------------------------------------------------
+
+
+def feedback_by_image(feedback: pd.DataFrame) -> dict[str, list[str]]:
+    """``{image_id: [hallucination caption, ...]}`` of a feedback table, in table order,
+    repeats dropped: a ``captions`` table (rows with ``hallucinated`` true, HQ rows excluded)
+    or any table with ``image_id`` and ``negative_prompt`` (preference pairs, candidates; the
+    ``", "``-joined texts are split again)."""
+    result: dict[str, list[str]] = {}
+    if {"caption", "hallucinated"} <= set(feedback.columns):
+        flagged = feedback[feedback["hallucinated"].astype(bool)]
+        if "candidate" in flagged.columns:
+            flagged = flagged[flagged["candidate"] != "hq"]
+        sort = [c for c in ("image_id", "candidate", "instance_id") if c in flagged.columns]
+        for row in flagged.sort_values(sort, kind="stable").itertuples(index=False):
+            result.setdefault(str(row.image_id), []).append(str(row.caption))
+    elif {"image_id", "negative_prompt"} <= set(feedback.columns):
+        for row in feedback.itertuples(index=False):
+            text = row.negative_prompt if isinstance(row.negative_prompt, str) else ""
+            result.setdefault(str(row.image_id), []).extend(text.split(", "))
+    else:
+        raise PromptsError(
+            "a feedback table needs columns (caption, hallucinated) or (image_id, "
+            f"negative_prompt); it has {list(feedback.columns)}"
+        )
+    cleaned = {image_id: join_prompts(texts) for image_id, texts in result.items()}
+    return {image_id: text.split(", ") for image_id, text in cleaned.items() if text}
+
+
+def feedback_vocabulary(
+    feedback: pd.DataFrame | Mapping[str, Sequence[str]], max_terms: int = 8, min_images: int = 1
+) -> list[str]:
+    """The hallucination captions of the training feedback that a test image's negative prompt
+    carries: each text counted once per training image it was flagged in, those flagged in at
+    least ``min_images`` images, most frequent first (ties alphabetically), at most
+    ``max_terms``."""
+    by_image = feedback if isinstance(feedback, Mapping) else feedback_by_image(feedback)
+    counts = Counter(text for texts in by_image.values() for text in dict.fromkeys(texts))
+    ranked = sorted((text for text, n in counts.items() if n >= min_images),
+                    key=lambda text: (-counts[text], text))  # fmt: skip
+    return ranked[: max(0, int(max_terms))]
+
+
+def image_negative_prompt(base_negative: str, feedback: Sequence[str] | str) -> str:
+    """A training image's negative prompt during candidate regeneration: its own feedback texts
+    first (CLIP truncates at 77 tokens; the feedback must survive), then the base negative."""
+    return join_prompts(feedback, base_negative)
+
+
+def vocabulary_negative_prompt(
+    feedback: pd.DataFrame | Mapping[str, Sequence[str]],
+    base_negative: str = "",
+    max_terms: int = 8,
+    min_images: int = 1,
+) -> str:
+    """A test image's negative prompt (no feedback of its own): the training set's
+    :func:`feedback_vocabulary`, then the base negative prompt."""
+    return join_prompts(feedback_vocabulary(feedback, max_terms, min_images), base_negative)
+
+
+def apply_feedback(
+    prompts: pd.DataFrame,
+    feedback: pd.DataFrame,
+    mode: str,
+    max_terms: int = 8,
+    min_images: int = 1,
+) -> pd.DataFrame:
+    """A prompts table with M2 negatives: ``mode="image"`` puts each image's own feedback
+    before its negative prompt (training LQs), ``mode="vocabulary"`` the training vocabulary
+    (test sets)."""
+    prompts = prompts.copy()
+    if mode == "image":
+        by_image = feedback_by_image(feedback)
+        prompts["negative_prompt"] = [
+            image_negative_prompt(negative, by_image.get(str(image_id), []))
+            for image_id, negative in zip(
+                prompts["image_id"], prompts["negative_prompt"], strict=True
+            )
+        ]
+    elif mode == "vocabulary":
+        vocabulary = feedback_vocabulary(feedback, max_terms, min_images)
+        prompts["negative_prompt"] = [
+            join_prompts(vocabulary, n) for n in prompts["negative_prompt"]
+        ]
+    else:
+        raise ValueError(f"unknown feedback mode {mode!r} (image or vocabulary)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline prompts",
+        description="a prompt and a negative prompt for every LQ of a split",
+    )
+    parser.add_argument("--images", required=True, type=Path,
+                        help="train / synthetic: a degraded data folder; paired: an LR/HR folder")  # fmt: skip
+    parser.add_argument("--kind", required=True, choices=KINDS)
+    parser.add_argument("--out", required=True, type=Path, help="prompts/{split}.parquet")
+    parser.add_argument("--config", default="{}", help="the prompts settings: JSON or a file")
+    parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
+    parser.add_argument("--name-suffix-pattern", default=None,
+                        help="paired test sets: evaluate.name_suffix_pattern (ids as evaluate)")  # fmt: skip
+    parser.add_argument("--feedback", type=Path, default=None,
+                        help="M2: a captions or pairs table whose hallucination captions join "
+                             "the negative prompts")  # fmt: skip
+    parser.add_argument("--feedback-mode", choices=("image", "vocabulary"), default=None,
+                        help="image: each image's own feedback (default for train); vocabulary: "
+                             "the training vocabulary (default for test sets)")  # fmt: skip
+    args = parser.parse_args(argv)
+
+    config = settings.cli_config(args.config)
+    frame, metadata = run_prompts_stage(args.images, args.kind, config, args.name_suffix_pattern)
+    if args.feedback is not None:
+        mode = args.feedback_mode or ("image" if args.kind == "train" else "vocabulary")
+        resolved = metadata["config"]
+        frame = apply_feedback(frame, pd.read_parquet(args.feedback), mode,
+                               resolved["feedback_max_terms"], resolved["feedback_min_images"])  # fmt: skip
+        metadata["feedback"] = {"table": str(args.feedback), "mode": mode}
+    write_table(frame, args.out, "prompts", {**metadata, "seed": args.seed})
+    print(f"prompts: {len(frame)} images, source {metadata['source']}, model {metadata['model']}",
+          file=sys.stderr)  # fmt: skip
+    return 0
