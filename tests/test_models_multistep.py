@@ -198,11 +198,12 @@ def test_missing_weights_name_path_and_files(tmp_path):
     assert "unet/diffusion_pytorch_model.safetensors" in message
     assert "scheduler/scheduler_config.json" in message
     assert "vae/" not in message
-    with pytest.raises(FileNotFoundError, match="not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match="weights: .*nowhere does not exist; downloads"):
         MultiStepSR.from_sd_base(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="dspo_model.json"):
         load_model(tmp_path / "sd")
-    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+    # an org/name string is a hub id only with downloads allowed; offline it is a missing path
+    with pytest.raises(FileNotFoundError, match="does not exist; downloads are off"):
         MultiStepSR.from_sd_base("no-such-org-dspo/no-such-model")
 
 
@@ -238,3 +239,106 @@ def test_odd_sizes_are_padded_and_cropped_back(model):
     lq = _images(16, size=20)  # not a multiple of the model stride (codec 4 x UNet 2 = 8)
     out = _sample(model, lq, steps=2)
     assert out.shape == lq.shape
+
+
+def _live_controlnet(model: MultiStepSR, seed: int = 5) -> MultiStepSR:
+    """A fresh ControlNet's zero convolutions make its residuals 0 whatever the conditioning;
+    random weights there make the conditioning matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.controlnet.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def _step_inputs(model: MultiStepSR, lq: torch.Tensor):
+    down = model.codec.downscale
+    shape = (lq.shape[0], model.codec.latent_channels, lq.shape[2] // down, lq.shape[3] // down)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    timesteps = torch.full((lq.shape[0],), 500)
+    return latents, timesteps, model._text(["a red barn"] * lq.shape[0])
+
+
+def _manual_noise(model: MultiStepSR, latents, timesteps, embeddings, controlnet_cond):
+    with torch.no_grad():
+        down, mid = model.controlnet(
+            latents, timesteps, encoder_hidden_states=embeddings,
+            controlnet_cond=controlnet_cond, return_dict=False,
+        )  # fmt: skip
+        return model.unet(
+            latents, timesteps, encoder_hidden_states=embeddings,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample  # fmt: skip
+
+
+def test_controlnet_conditioning_is_what_the_diffusers_pipeline_feeds():
+    """Issue 12.3: the LQ enters the ControlNet in [0, 1], as StableDiffusionControlNetPipeline
+    (prepare_image: VaeImageProcessor with do_normalize=False) and train_controlnet.py give it."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from pipeline.io.images import to_tensor
+
+    model = _live_controlnet(build_tiny_model("multistep", codec="vae", **TINY).eval())
+    pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).byte()
+    pipe = StableDiffusionControlNetPipeline(
+        vae=model.codec.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+        unet=model.unet, controlnet=model.controlnet, scheduler=model.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    fed = pipe.prepare_image(
+        Image.fromarray(pixels.numpy()), width=32, height=32, batch_size=1,
+        num_images_per_prompt=1, device="cpu", dtype=torch.float32,
+    )  # fmt: skip
+    lq = to_tensor(pixels.numpy())[None]
+    torch.testing.assert_close(model.controlnet_condition(lq), fed, rtol=0, atol=1e-6)
+    latents, timesteps, embeddings = _step_inputs(model, lq)
+    ours = model.predict_noise(latents, timesteps, lq, embeddings)
+    expected = _manual_noise(model, latents, timesteps, embeddings, fed)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    assert model.describe()["controlnet_conditioning_range"] == "0,1"
+
+
+def test_legacy_model_folder_keeps_its_conditioning_range(tmp_path):
+    """A folder saved before the [0, 1] convention (no controlnet_conditioning_range in
+    dspo_model.json) still feeds the LQ in [-1, 1] and gives the outputs it gave."""
+    model = _live_controlnet(build_tiny_model("multistep", **TINY).eval())
+    model.save_pretrained(tmp_path / "new")
+    description = json.loads((tmp_path / "new" / "dspo_model.json").read_text())
+    assert description["controlnet_conditioning_range"] == "0,1"
+    del description["controlnet_conditioning_range"]
+    model.save_pretrained(tmp_path / "legacy")
+    (tmp_path / "legacy" / "dspo_model.json").write_text(json.dumps(description))
+    legacy = load_model(tmp_path / "legacy").eval()
+    assert legacy.conditioning_range == "-1,1"
+    lq = _images(21, size=16, batch=1)
+    latents, timesteps, embeddings = _step_inputs(legacy, lq)
+    old = _manual_noise(legacy, latents, timesteps, embeddings, lq)  # the old code's call
+    torch.testing.assert_close(
+        legacy.predict_noise(latents, timesteps, lq, embeddings), old, rtol=0, atol=0
+    )
+    current = load_model(tmp_path / "new").eval()
+    assert not torch.allclose(current.predict_noise(latents, timesteps, lq, embeddings), old)
+    legacy.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "dspo_model.json").read_text())
+    assert resaved["controlnet_conditioning_range"] == "-1,1"
+
+
+def test_guidance_at_or_below_one_runs_only_the_conditional_branch(model):
+    """diffusers: do_classifier_free_guidance = guidance_scale > 1. A scale of 0.5 runs one
+    UNet batch per step (no unconditional half) and equals scale 1."""
+    batches = []
+    hook = model.unet.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+    try:
+        lq = _images(22, size=16)
+        half = _sample(model, lq, cfg=0.5)
+        assert batches and set(batches) == {2}, batches
+        batches.clear()
+        one = _sample(model, lq, cfg=1.0)
+        guided = _sample(model, lq, cfg=3.0)
+        assert set(batches) == {2, 4}
+    finally:
+        hook.remove()
+    torch.testing.assert_close(half, one, rtol=0, atol=0)
+    assert not torch.equal(half, guided)

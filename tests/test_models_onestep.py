@@ -149,3 +149,41 @@ def test_gradient_loss_is_zero_for_equal_images_and_positive_otherwise():
         a[..., 1:, :] - a[..., :-1, :] - b[..., 1:, :] + b[..., :-1, :]
     ).abs().mean()
     assert float(image_gradient_loss(a, b)) == pytest.approx(float(expected))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_one_step_x0_follows_the_scheduler_prediction_type(prediction_type):
+    """Issue 12.3: z_hat (and the VSD x0s) use the scheduler's prediction_type, matching
+    DDPMScheduler.step's pred_original_sample; an ε-only formula is wrong for a v base."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.models.onestep import sd_scheduler_config
+
+    fresh = OneStepSR.build_tiny(**TINY)
+    config = {**sd_scheduler_config(), "prediction_type": prediction_type}
+    fresh.scheduler = DDPMScheduler.from_config(config)
+    with torch.no_grad():
+        for name, p in fresh.unet.named_parameters():
+            if "conv_out" in name:
+                p.copy_(torch.randn(p.shape, generator=torch_generator(1, name)) * 0.05)
+    lq = images(2)
+    embeddings = fresh._text(["a", "b"])
+    with torch.no_grad():
+        z_hat = fresh.predict_latent(lq, embeddings)
+        z_lq, unet_input = fresh.generator_input(lq)
+        timestep = fresh.settings.timestep
+        output = fresh.unet(
+            unet_input, torch.full((2,), timestep), encoder_hidden_states=embeddings
+        )
+    expected = fresh.scheduler.step(output.sample, timestep, z_lq).pred_original_sample
+    torch.testing.assert_close(z_hat, expected, rtol=1e-5, atol=1e-5)
+    # the VSD path: x0 of noisy latents at other timesteps, batch of mixed t
+    noisy = torch.randn(2, *z_lq.shape[1:], generator=torch_generator(2, "noisy"))
+    prediction = torch.randn(noisy.shape, generator=torch_generator(3, "prediction"))
+    timesteps = torch.tensor([20, 700])
+    for i, t in enumerate(timesteps.tolist()):
+        step = fresh.scheduler.step(prediction[i : i + 1], t, noisy[i : i + 1])
+        torch.testing.assert_close(
+            fresh._x0(noisy, prediction, timesteps)[i : i + 1], step.pred_original_sample,
+            rtol=1e-5, atol=1e-5,
+        )  # fmt: skip

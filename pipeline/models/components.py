@@ -2,13 +2,13 @@
 
 Tiny components are built from configs (nothing is downloaded), so tests and the CPU demo run
 the same code paths as real SD 2-base weights; real weights come from a local diffusers folder
-(checked with :func:`check_pretrained_folder`) or a hub id resolved from the local cache.
+(checked with :func:`check_pretrained_folder`), or a hub id when downloads are allowed
+(:mod:`pipeline.hub`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipeline.hub import ALLOW_DOWNLOADS_ENV, resolve_weights
 
 #: files every SD 2-base / 2.1-base diffusers folder holds, per subfolder
 SD_BASE_REQUIRED: dict[str, list[str]] = {
@@ -30,7 +32,6 @@ SD_BASE_REQUIRED: dict[str, list[str]] = {
 # A few common English merges so prompts tokenize into more than single bytes.
 _TINY_MERGES = ["t h", "th e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "e n", "o r"]
 TINY_MAX_LENGTH = 16
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH) -> CLIPTokenizer:
@@ -118,21 +119,68 @@ def build_tiny_unet(
     )
 
 
+#: how to turn a pickle-only subfolder into safetensors: the class that loads it
+_CONVERTERS = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "controlnet": ("diffusers", "ControlNetModel"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+}
+
+
+def _pickle_only_message(folder: Path, sub: str, name: str, pickle_name: str) -> str:
+    where = folder / sub
+    library, cls = _CONVERTERS.get(sub, ("diffusers", "<ModelClass>"))
+    return (
+        f"{where} holds only pickle weights ({pickle_name}, no {name}); the pipeline loads "
+        f"safetensors only (a pickle can run code). Convert it once, by hand: "
+        f"python -c \"from {library} import {cls}; {cls}.from_pretrained('{where}', "
+        f"use_safetensors=False).save_pretrained('{where}', safe_serialization=True)\""
+    )
+
+
+def _weights_present(directory: Path, name: str) -> bool:
+    """``name`` or, for safetensors, its sharded form (``name.index.json``)."""
+    if (directory / name).is_file():
+        return True
+    return name.endswith(".safetensors") and (directory / f"{name}.index.json").is_file()
+
+
+def _pickle_alternative(directory: Path, name: str) -> str | None:
+    """The pickle file that stands where safetensors ``name`` is expected, if any."""
+    if not name.endswith(".safetensors"):
+        return None
+    stem = name.removesuffix(".safetensors")
+    for candidate in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.bin.index.json",
+                      f"pytorch_{stem}.bin.index.json"):  # fmt: skip
+        if (directory / candidate).is_file():
+            return candidate
+    return None
+
+
 def check_pretrained_folder(path: str | Path, required: dict[str, list[str]]) -> Path:
     """Raise ``FileNotFoundError`` naming ``path`` and every expected file that is missing.
 
     ``required`` maps subfolders to file names (``{"unet": ["config.json", ...]}``; key ``""``
-    for files at the root). Returns the folder as a ``Path``.
+    for files at the root). Safetensors may be sharded (``*.safetensors.index.json``); a
+    subfolder holding only pickle weights (``*.bin``) is refused with how to convert it.
+    Returns the folder as a ``Path``.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"pretrained model folder not found: {folder}")
-    missing = [
-        f"{sub}/{name}" if sub else name
-        for sub, names in required.items()
-        for name in names
-        if not (folder / sub / name).is_file()
-    ]
+    missing, pickles = [], []
+    for sub, names in required.items():
+        for name in names:
+            if _weights_present(folder / sub, name):
+                continue
+            pickle_name = _pickle_alternative(folder / sub, name)
+            if pickle_name is not None:
+                pickles.append(_pickle_only_message(folder, sub, name, pickle_name))
+            else:
+                missing.append(f"{sub}/{name}" if sub else name)
+    if pickles:
+        raise ValueError(" ".join(pickles))
     if missing:
         raise FileNotFoundError(
             f"pretrained model folder {folder} is incomplete; missing: {', '.join(missing)}"
@@ -141,28 +189,54 @@ def check_pretrained_folder(path: str | Path, required: dict[str, list[str]]) ->
 
 
 def resolve_pretrained(
-    path_or_id: str | Path, required: dict[str, list[str]], allow_download: bool = False
+    path_or_id: str | Path, required: dict[str, list[str]], key: str = "weights"
 ) -> tuple[str, dict]:
     """Where to load from and the ``from_pretrained`` keyword arguments that go with it.
 
-    An existing folder is checked with :func:`check_pretrained_folder`; a string of the form
-    ``org/name`` that is not an existing path is a hub id, loaded with ``local_files_only``
-    unless ``allow_download``. Anything else is a missing folder.
+    :func:`pipeline.hub.resolve_weights` decides (``key`` names the config entry in errors): an
+    existing folder comes back absolute and is checked with :func:`check_pretrained_folder`; a
+    hub id only when downloads are allowed. Safetensors only, in either case.
     """
-    text = str(path_or_id)
-    if Path(text).exists():
-        return str(check_pretrained_folder(text, required)), {}
-    if _HUB_ID.match(text):
-        return text, {"local_files_only": not allow_download}
-    raise FileNotFoundError(f"pretrained model folder not found: {text}")
+    source = resolve_weights(path_or_id, key)
+    if Path(source).exists():
+        return str(check_pretrained_folder(source, required)), {"use_safetensors": True}
+    return source, {"use_safetensors": True}
 
 
 def hub_load_error(path_or_id: str, error: Exception) -> FileNotFoundError:
-    """A clear error for a hub id that is neither a local folder nor in the local cache."""
+    """A clear error for a hub id that could not be loaded (downloads are allowed here)."""
     return FileNotFoundError(
-        f"could not load {path_or_id!r}: not a local folder and not in the Hugging Face cache "
-        f"(downloads are off; set allow_download or give a local diffusers folder): {error}"
+        f"could not load {path_or_id!r} from the Hugging Face hub (downloads allowed, "
+        f"{ALLOW_DOWNLOADS_ENV}=1); give a local diffusers folder instead: {error}"
     )
+
+
+def check_tokenizer_folder(folder: str | Path) -> Path:
+    """A CLIP tokenizer folder needs ``tokenizer.json`` or both ``vocab.json`` and ``merges.txt``
+    (SD's own layout); otherwise ``FileNotFoundError`` naming the folder and the missing files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} is incomplete: missing {' and '.join(missing)} "
+            "(a CLIP tokenizer needs vocab.json and merges.txt, or tokenizer.json)"
+        )
+    return folder
+
+
+def load_tokenizer(source: str | Path, subfolder: str = "", **kwargs) -> CLIPTokenizer:
+    """``CLIPTokenizer.from_pretrained`` after :func:`check_tokenizer_folder` for local folders
+    (a hub id, allowed only with downloads on, is passed through)."""
+    local = Path(source, subfolder)
+    if Path(source).exists():
+        return CLIPTokenizer.from_pretrained(check_tokenizer_folder(local))
+    kwargs.pop("use_safetensors", None)
+    extra = {"subfolder": subfolder} if subfolder else {}
+    return CLIPTokenizer.from_pretrained(str(source), **extra, **kwargs)
 
 
 class DiffusionParts:

@@ -1,7 +1,9 @@
 """The multi-step SR family: SD 2-base UNet + ControlNet on the LQ (DESIGN.md point 5).
 
-The LQ (HQ-sized, in [-1, 1]) enters through a diffusers ``ControlNetModel`` whose conditioning
-embedding downsamples by the codec's factor (8 for the SD VAE, 4 for the demo's residual pixel
+The LQ (HQ-sized, in [-1, 1]) enters through a diffusers ``ControlNetModel`` as conditioning in
+[0, 1], as diffusers' ``StableDiffusionControlNetPipeline`` and ``train_controlnet.py`` feed it
+(models saved before that convention record none in ``dspo_model.json`` and keep [-1, 1]). Its
+conditioning embedding downsamples by the codec's factor (8 for the SD VAE, 4 for the demo's residual pixel
 codec), so its features land on the latent grid. Text prompts steer the UNet through
 cross-attention; classifier-free guidance uses the negative prompt as the unconditional text.
 Sampling runs spaced DDPM or DDIM; large images are denoised in Gaussian-blended latent tiles.
@@ -23,6 +25,7 @@ from diffusers import ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DCondi
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipeline import settings
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
 from pipeline.models.codecs import (
@@ -37,7 +40,9 @@ from pipeline.models.components import (
     DiffusionParts,
     build_tiny_text_encoder,
     build_tiny_unet,
+    check_pretrained_folder,
     hub_load_error,
+    load_tokenizer,
     resolve_pretrained,
 )
 from pipeline.models.tiling import tiled_apply
@@ -47,24 +52,41 @@ MODEL_FILE = "dspo_model.json"
 #: channel widths of the ControlNet conditioning embedding; one stride-2 stage per entry after the first
 CONDITIONING_WIDTHS = (16, 32, 96, 256)
 SAMPLERS = ("ddpm", "ddim")
+#: range of the ControlNet conditioning image: diffusers' convention, and what models saved
+#: before it was recorded used (``dspo_model.json`` without ``controlnet_conditioning_range``)
+CONDITIONING_RANGE = "0,1"
+LEGACY_CONDITIONING_RANGE = "-1,1"
+CONDITIONING_RANGES = (CONDITIONING_RANGE, LEGACY_CONDITIONING_RANGE)
+#: what a folder written by :meth:`MultiStepSR.save_pretrained` holds
+SAVED_REQUIRED: dict[str, list[str]] = {
+    "unet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "controlnet": ["config.json", "diffusion_pytorch_model.safetensors"],
+    "text_encoder": ["config.json", "model.safetensors"],
+    "scheduler": ["scheduler_config.json"],
+}
+CONTROLNET_REQUIRED = {"controlnet": SAVED_REQUIRED["controlnet"]}
+
+
+#: the schema's ``pretrain.multistep.model`` defaults (pipeline/settings.py): the only copy of the values
+_DEFAULTS = settings.defaults("pretrain.multistep.model")
 
 
 @dataclasses.dataclass
 class MultiStepSettings:
     """Everything besides weights that defines the model's behaviour (saved in dspo_model.json)."""
 
-    sampler: str = "ddpm"  # "ddpm" (spaced ancestral) or "ddim" (eta 0)
-    steps: int = 20  # default sampling steps
-    cfg: float = 4.5  # default guidance scale; 1 = conditional branch only
-    conditioning_scale: float = 1.0  # ControlNet residual scale
-    default_negative_prompt: str = ""  # unconditional text when no negative prompt is given
-    prompt_dropout: float = 0.1  # pretraining: probability a prompt is replaced by "" (for CFG)
-    error_map_cfg: float = 1.0  # guidance used in error maps when negative prompts are given
-    color_fix: str = "adain"  # "adain", "wavelet" or "none"
-    latent_tile_size: int = 96  # latent pixels per tile when sampling; 0 = never tile
-    latent_tile_overlap: int = 32
-    train_unet: bool = False  # trainable set: ControlNet, plus the UNet when true
-    gradient_checkpointing: bool = False
+    sampler: str = _DEFAULTS["sampler"]  # "ddpm" (spaced ancestral) or "ddim" (eta 0)
+    steps: int = _DEFAULTS["steps"]  # default sampling steps
+    cfg: float = _DEFAULTS["cfg"]  # default guidance scale; <= 1 = conditional branch only
+    conditioning_scale: float = _DEFAULTS["conditioning_scale"]  # ControlNet residual scale
+    default_negative_prompt: str = _DEFAULTS["default_negative_prompt"]
+    prompt_dropout: float = _DEFAULTS["prompt_dropout"]
+    error_map_cfg: float = _DEFAULTS["error_map_cfg"]
+    color_fix: str = _DEFAULTS["color_fix"]  # "adain", "wavelet" or "none"
+    latent_tile_size: int = _DEFAULTS["latent_tile_size"]
+    latent_tile_overlap: int = _DEFAULTS["latent_tile_overlap"]
+    train_unet: bool = _DEFAULTS["train_unet"]  # trains the UNet beside the ControlNet
+    gradient_checkpointing: bool = _DEFAULTS["gradient_checkpointing"]
     weights: str = ""  # where the base weights came from (for stage metadata)
 
     def __post_init__(self):
@@ -119,8 +141,17 @@ class MultiStepSR(DiffusionParts, SRModel):
         codec: LatentCodec,
         scheduler: DDPMScheduler,
         settings: MultiStepSettings | None = None,
+        conditioning_range: str = CONDITIONING_RANGE,
     ):
+        """``conditioning_range`` is the range of the ControlNet's conditioning image, a
+        property of its weights: "0,1" (diffusers) or "-1,1" (models saved before)."""
         super().__init__()
+        if conditioning_range not in CONDITIONING_RANGES:
+            raise ValueError(
+                f"controlnet_conditioning_range must be one of {CONDITIONING_RANGES}, "
+                f"got {conditioning_range!r}"
+            )
+        self.conditioning_range = conditioning_range
         self.unet = unet
         self.controlnet = controlnet
         self.text_encoder = text_encoder.requires_grad_(False)
@@ -170,27 +201,35 @@ class MultiStepSR(DiffusionParts, SRModel):
         cls,
         path_or_id: str | Path,
         *,
-        allow_download: bool = False,
+        weights_key: str = "weights",
         vae_tile_size: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
         **settings,
     ) -> MultiStepSR:
-        """Build from an SD 2-base / 2.1-base diffusers folder or hub id (ControlNet initialised
-        from the UNet unless the folder has ``controlnet/``)."""
-        source, load_kwargs = resolve_pretrained(path_or_id, SD_BASE_REQUIRED, allow_download)
+        """Build from an SD 2-base / 2.1-base diffusers folder, or a hub id when downloads are
+        allowed (:func:`pipeline.hub.resolve_weights`; ``weights_key`` names the config entry in
+        errors). The ControlNet is initialised from the UNet unless the folder has
+        ``controlnet/`` (diffusers-trained: conditioning in [0, 1])."""
+        source, load_kwargs = resolve_pretrained(path_or_id, SD_BASE_REQUIRED, weights_key)
+        scheduler_kwargs = {k: v for k, v in load_kwargs.items() if k != "use_safetensors"}
         try:
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **load_kwargs)
             text_encoder = CLIPTextModel.from_pretrained(
                 source, subfolder="text_encoder", **load_kwargs
             )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **load_kwargs)
+            tokenizer = load_tokenizer(source, "tokenizer", **scheduler_kwargs)
             codec = VaeCodec.from_pretrained(
                 source, subfolder="vae", tile_size=vae_tile_size, **load_kwargs
             )
-            scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **load_kwargs)
-            if Path(source, "controlnet", "config.json").is_file():
-                controlnet = ControlNetModel.from_pretrained(source, subfolder="controlnet")
+            scheduler = DDPMScheduler.from_pretrained(
+                source, subfolder="scheduler", **scheduler_kwargs
+            )
+            if Path(source, "controlnet").is_dir():
+                check_pretrained_folder(source, CONTROLNET_REQUIRED)
+                controlnet = ControlNetModel.from_pretrained(
+                    source, subfolder="controlnet", use_safetensors=True
+                )
             else:
                 controlnet = ControlNetModel.from_unet(
                     unet, conditioning_embedding_out_channels=conditioning_widths(codec.downscale)
@@ -201,7 +240,7 @@ class MultiStepSR(DiffusionParts, SRModel):
             raise hub_load_error(source, error) from error
         model = cls(
             unet, controlnet, text_encoder, tokenizer, codec, scheduler,
-            MultiStepSettings(**{"weights": str(path_or_id), **settings}),
+            MultiStepSettings(**{"weights": source, **settings}),
         )  # fmt: skip
         return model.to_device(device, dtype)
 
@@ -220,14 +259,18 @@ class MultiStepSR(DiffusionParts, SRModel):
         settings = {**description.get("settings", {}), **overrides}
         vae_tile_size = settings.pop("vae_tile_size", None)
         codec_overrides = {} if vae_tile_size is None else {"tile_size": vae_tile_size}
+        check_pretrained_folder(folder, SAVED_REQUIRED)
         model = cls(
-            UNet2DConditionModel.from_pretrained(folder / "unet"),
-            ControlNetModel.from_pretrained(folder / "controlnet"),
-            CLIPTextModel.from_pretrained(folder / "text_encoder"),
-            CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True),
+            ControlNetModel.from_pretrained(folder / "controlnet", use_safetensors=True),
+            CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
+            load_tokenizer(folder / "tokenizer"),
             load_codec(folder / "codec", **codec_overrides),
             DDPMScheduler.from_pretrained(folder / "scheduler"),
             MultiStepSettings(**settings),
+            conditioning_range=description.get(
+                "controlnet_conditioning_range", LEGACY_CONDITIONING_RANGE
+            ),
         )
         return model.to_device(device, dtype)
 
@@ -245,6 +288,7 @@ class MultiStepSR(DiffusionParts, SRModel):
             description = {
                 "framework": self.framework,
                 "settings": dataclasses.asdict(self.settings),
+                "controlnet_conditioning_range": self.conditioning_range,
             }
             (folder / MODEL_FILE).write_text(json.dumps(description, indent=2) + "\n")
 
@@ -277,9 +321,18 @@ class MultiStepSR(DiffusionParts, SRModel):
             "weights": self.settings.weights,
             "sampler": self.settings.sampler,
             "trainable": "controlnet+unet" if self.settings.train_unet else "controlnet",
+            "controlnet_conditioning_range": self.conditioning_range,
         }
 
     # -- shared forward pieces ---------------------------------------------------------------
+    def controlnet_condition(self, lq: torch.Tensor) -> torch.Tensor:
+        """The ControlNet's conditioning image from the LQ in [-1, 1]: [0, 1] as diffusers'
+        ``StableDiffusionControlNetPipeline.prepare_image`` gives it, or the LQ itself for a
+        legacy model (``controlnet_conditioning_range`` "-1,1")."""
+        if self.conditioning_range == LEGACY_CONDITIONING_RANGE:
+            return lq
+        return (lq + 1) / 2
+
     def predict_noise(
         self,
         noisy_latents: torch.Tensor,
@@ -293,7 +346,7 @@ class MultiStepSR(DiffusionParts, SRModel):
                 noisy_latents,
                 timesteps,
                 encoder_hidden_states=text_embeddings,
-                controlnet_cond=lq,
+                controlnet_cond=self.controlnet_condition(lq),
                 conditioning_scale=self.settings.conditioning_scale,
                 return_dict=False,
             )
@@ -315,9 +368,9 @@ class MultiStepSR(DiffusionParts, SRModel):
         negative_embeddings: torch.Tensor,
         cfg: float,
     ) -> torch.Tensor:
-        """Classifier-free guidance ``ε_neg + cfg (ε_cond - ε_neg)``; ``cfg == 1`` runs only the
-        conditional branch."""
-        if cfg == 1.0:
+        """Classifier-free guidance ``ε_neg + cfg (ε_cond - ε_neg)``; ``cfg <= 1`` runs only the
+        conditional branch (diffusers: ``do_classifier_free_guidance = guidance_scale > 1``)."""
+        if cfg <= 1.0:
             return self.predict_noise(noisy_latents, timesteps, lq, prompt_embeddings)
         both = self.predict_noise(
             torch.cat([noisy_latents, noisy_latents]),
@@ -331,8 +384,11 @@ class MultiStepSR(DiffusionParts, SRModel):
     def _training_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        if self.scheduler.config.prediction_type == "v_prediction":
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, timesteps)
+        if prediction_type == "sample":
+            return latents
         return noise
 
     def _negatives(self, negative_prompts: Sequence[str] | None, count: int) -> list[str]:
@@ -368,7 +424,7 @@ class MultiStepSR(DiffusionParts, SRModel):
     ) -> torch.Tensor:
         """``||ε_θ(x_t(target), t, lq, prompt) - ε||²`` mean over latent channels (Eq. 6/7).
 
-        With negative prompts and ``error_map_cfg != 1`` the prediction is the guided one, the
+        With negative prompts and ``error_map_cfg > 1`` the prediction is the guided one, the
         negative prompt taking the unconditional branch (DESIGN.md point 7).
         """
         batch, count = targets.shape[:2]
@@ -381,7 +437,7 @@ class MultiStepSR(DiffusionParts, SRModel):
         noise = noise.to(device).repeat_interleave(count, dim=0)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         embeddings = self._text(prompts).repeat_interleave(count, dim=0)
-        if negative_prompts is not None and self.settings.error_map_cfg != 1.0:
+        if negative_prompts is not None and self.settings.error_map_cfg > 1.0:
             negative = self._text(self._negatives(negative_prompts, batch))
             prediction = self.guided_noise(
                 noisy, timesteps, lq_per_target, embeddings,

@@ -39,6 +39,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipeline import settings
+from pipeline.hub import resolve_weights
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
 from pipeline.models.codecs import (
@@ -54,6 +56,7 @@ from pipeline.models.components import (
     build_tiny_text_encoder,
     build_tiny_unet,
     hub_load_error,
+    load_tokenizer,
     resolve_pretrained,
 )
 from pipeline.models.tiling import tiled_apply
@@ -74,33 +77,37 @@ PERCEPTUAL_LOSSES = ("none", "gradient", "lpips")
 LQ_CONDITIONS = ("concat", "none")
 
 
+#: the schema's ``pretrain.onestep.model`` defaults (pipeline/settings.py): the only copy of the values
+_DEFAULTS = settings.defaults("pretrain.onestep.model")
+
+
 @dataclasses.dataclass
 class OneStepSettings:
     """Everything besides weights that defines the model (saved in dspo_model.json)."""
 
-    lora_rank: int = 4  # pretraining LoRA rank (OSEDiff default; DSPO variants 16, 64)
-    lora_alpha: float = 8.0  # peft's default alpha, which OSEDiff keeps
-    align_lora_rank: int = 4  # rank of the fresh adapter added on load (preference training)
-    cfg_vsd: float = 7.5  # CFG of the real score in the VSD loss (DSPO variants 6, 12)
-    lambda_l2: float = 1.0
-    lambda_lpips: float = 2.0
-    lambda_vsd: float = 1.0  # 0 switches the regulariser off (no score UNets are built)
-    lambda_vsd_lora: float = 1.0  # fake-score diffusion loss
-    vsd_timestep_min: int = 20
-    vsd_timestep_max: int = 980
-    negative_prompt: str = ""  # unconditional text of the VSD real score (OSEDiff --neg_prompt)
-    perceptual: str = "gradient"  # "lpips" (pyiqa LPIPS-VGG, needs weights), "gradient", "none"
-    perceptual_weights: str = ""  # LPIPS-VGG checkpoint file (pyiqa pretrained_model_path)
-    perceptual_weights_dir: str = ""  # torch hub dir holding the VGG16 backbone
-    train_base: bool = False  # pretraining also trains the base UNets (demo: from scratch)
-    prompt_dropout: float = 0.1  # real-score training (train_base): prompts dropped for CFG
-    vae_lora: bool = True  # LoRA on the VAE encoder (SD VAE codec only)
-    lq_condition: str = "none"  # "concat": pixel-unshuffled LQ joins the generator input
-    timestep: int = 999  # the one step, t = T
-    color_fix: str = "adain"  # OSEDiff test default
-    latent_tile_size: int = 96  # latent pixels per tile at inference; 0 = never tile
-    latent_tile_overlap: int = 32
-    base_weights: str = ""  # SD 2.1-base folder/hub id; "" = every weight is in the model folder
+    lora_rank: int = _DEFAULTS["lora_rank"]
+    lora_alpha: float = _DEFAULTS["lora_alpha"]  # peft's default alpha, which OSEDiff keeps
+    align_lora_rank: int = _DEFAULTS["align_lora_rank"]
+    cfg_vsd: float = _DEFAULTS["cfg_vsd"]
+    lambda_l2: float = _DEFAULTS["lambda_l2"]
+    lambda_lpips: float = _DEFAULTS["lambda_lpips"]
+    lambda_vsd: float = _DEFAULTS["lambda_vsd"]
+    lambda_vsd_lora: float = _DEFAULTS["lambda_vsd_lora"]  # fake-score diffusion loss
+    vsd_timestep_min: int = _DEFAULTS["vsd_timestep_min"]
+    vsd_timestep_max: int = _DEFAULTS["vsd_timestep_max"]
+    negative_prompt: str = _DEFAULTS["negative_prompt"]
+    perceptual: str = _DEFAULTS["perceptual"]
+    perceptual_weights: str = _DEFAULTS["perceptual_weights"]
+    perceptual_weights_dir: str = _DEFAULTS["perceptual_weights_dir"]
+    train_base: bool = _DEFAULTS["train_base"]
+    prompt_dropout: float = _DEFAULTS["prompt_dropout"]
+    vae_lora: bool = _DEFAULTS["vae_lora"]  # LoRA on the VAE encoder (SD VAE codec only)
+    lq_condition: str = _DEFAULTS["lq_condition"]
+    timestep: int = _DEFAULTS["timestep"]  # the one step, t = T
+    color_fix: str = _DEFAULTS["color_fix"]  # OSEDiff test default
+    latent_tile_size: int = _DEFAULTS["latent_tile_size"]
+    latent_tile_overlap: int = _DEFAULTS["latent_tile_overlap"]
+    base_weights: str = _DEFAULTS["base_weights"]
     weights: str = ""  # description for stage metadata
     seed: int = 0  # LoRA initialisation seed
 
@@ -329,15 +336,20 @@ class OneStepSR(DiffusionParts, SRModel):
         cls,
         path_or_id: str | Path,
         *,
-        allow_download: bool = False,
+        weights_key: str = "weights",
         vae_tile_size: int = 0,
         device: str = "cpu",
         dtype: str = "float32",
         **settings,
     ) -> OneStepSR:
-        """OSEDiff's starting point from an SD 2.1-base folder: fresh rank-``lora_rank`` LoRA."""
-        parts = _load_sd_parts(path_or_id, allow_download, vae_tile_size)
-        settings = {"base_weights": str(path_or_id), "weights": str(path_or_id), **settings}
+        """OSEDiff's starting point from an SD 2.1-base folder: fresh rank-``lora_rank`` LoRA.
+
+        The folder is recorded absolute (``base_weights``), so the saved model loads from any
+        working directory; a hub id only with downloads allowed (``weights_key`` names the
+        config entry in errors)."""
+        source = resolve_weights(path_or_id, weights_key)
+        parts = _load_sd_parts(source, weights_key, vae_tile_size)
+        settings = {"base_weights": source, "weights": source, **settings}
         model = cls(*parts, OneStepSettings(**settings))
         return model.to_device(device, dtype)
 
@@ -362,17 +374,21 @@ class OneStepSR(DiffusionParts, SRModel):
             raise ValueError(f"{folder / MODEL_FILE} is not a {cls.framework} model")
         settings = OneStepSettings(**{**description["settings"], **overrides})
         full = description["full_weights"]
+        if settings.base_weights:
+            base = _saved_base_weights(settings.base_weights, folder)
+            settings = dataclasses.replace(settings, base_weights=base)
         if full:
             unet_config = json.loads((folder / "unet_config.json").read_text())
             parts = (
                 UNet2DConditionModel.from_config(unet_config),
-                CLIPTextModel.from_pretrained(folder / "text_encoder"),
-                CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                CLIPTextModel.from_pretrained(folder / "text_encoder", use_safetensors=True),
+                load_tokenizer(folder / "tokenizer"),
                 load_codec(folder / "codec"),
                 DDPMScheduler.from_pretrained(folder / "scheduler"),
             )
         else:
-            parts = _load_sd_parts(settings.base_weights, False, 0)
+            key = f"base_weights of {folder / MODEL_FILE}"
+            parts = _load_sd_parts(settings.base_weights, key, 0)
         model = cls(*parts, settings, adapters=description["adapters"])
         model._load_weights(folder, full)
         if add_adapter:
@@ -471,10 +487,28 @@ class OneStepSR(DiffusionParts, SRModel):
         alphas = self.scheduler.alphas_cumprod.to(self.device)[timesteps.to(self.device)]
         return alphas.view(-1, 1, 1, 1).float()
 
-    def _x0_from_eps(self, noisy, eps, timesteps) -> torch.Tensor:
-        """OSEDiff ``eps_to_mu``: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
+    def _x0(self, noisy, prediction, timesteps) -> torch.Tensor:
+        """x0 from the UNet output by the scheduler's ``prediction_type``, the formulas of
+        ``DDPMScheduler.step``'s ``pred_original_sample``. For ε (SD 2.1-base) this is OSEDiff's
+        ``eps_to_mu``: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
         alpha_bar = self._alpha_bar(timesteps)
-        return (noisy - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+        if kind == "v_prediction":
+            return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction
+        if kind == "sample":
+            return prediction
+        raise ValueError(f"unsupported scheduler prediction_type {kind!r}")
+
+    def _diffusion_target(self, latents, noise, timesteps) -> torch.Tensor:
+        """What a score UNet is trained to output, by the scheduler's ``prediction_type``."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(latents, noise, timesteps)
+        if kind == "sample":
+            return latents
+        return noise
 
     def generator_input(self, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_L`` (through the LoRA'd VAE encoder) and the UNet input built from it."""
@@ -490,8 +524,8 @@ class OneStepSR(DiffusionParts, SRModel):
         z_lq, unet_input = self.generator_input(lq)
         timesteps = torch.full((lq.shape[0],), self.settings.timestep, device=self.device)
         with self._autocast():
-            eps = self.unet(unet_input, timesteps, encoder_hidden_states=embeddings).sample.float()
-        return self._x0_from_eps(z_lq, eps, timesteps)
+            output = self.unet(unet_input, timesteps, encoder_hidden_states=embeddings).sample
+        return self._x0(z_lq, output.float(), timesteps)
 
     @contextlib.contextmanager
     def _plain_vae_encoder(self) -> Iterator[None]:
@@ -539,7 +573,9 @@ class OneStepSR(DiffusionParts, SRModel):
         """OSEDiff_reg: ``real`` = the base score UNet (frozen SD UNet; from scratch in the demo),
         ``fake`` = a copy with a LoRA of ``lora_rank`` (the "fake score")."""
         if self.settings.base_weights:
-            source, kwargs = resolve_pretrained(self.settings.base_weights, SD_BASE_REQUIRED)
+            source, kwargs = resolve_pretrained(
+                self.settings.base_weights, SD_BASE_REQUIRED, "model.base_weights"
+            )
             real = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
         else:
             config = dict(self.unet.config)
@@ -561,7 +597,8 @@ class OneStepSR(DiffusionParts, SRModel):
     def diffusion_loss(
         self, unet: nn.Module, latents: torch.Tensor, embeddings: torch.Tensor, generator
     ) -> torch.Tensor:
-        """Plain ε-MSE at t ~ U[0, 1000) (OSEDiff ``diff_loss``)."""
+        """Plain diffusion MSE at t ~ U[0, 1000) (OSEDiff ``diff_loss``; the target follows the
+        scheduler's ``prediction_type``, ε for SD 2.1-base)."""
         count = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator)
         timesteps = timesteps.to(latents.device)
@@ -569,14 +606,15 @@ class OneStepSR(DiffusionParts, SRModel):
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         with self._autocast():
             prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings).sample.float()
-        return F.mse_loss(prediction, noise)
+        return F.mse_loss(prediction, self._diffusion_target(latents, noise, timesteps))
 
     def distribution_matching_loss(
         self, latents: torch.Tensor, embeddings: torch.Tensor, negative: torch.Tensor, generator
     ) -> torch.Tensor:
         """VSD (OSEDiff ``distribution_matching_loss``): the gradient
         ``(x0_fake - x0_real) / mean|z - x0_real|`` is pushed into ``z_hat`` through an MSE
-        against a detached target; the real score uses CFG with ``cfg_vsd``."""
+        against a detached target; the real score uses CFG with ``cfg_vsd`` (only its
+        conditional branch when ``cfg_vsd <= 1``, as diffusers skips guidance there)."""
         low, high = self.settings.vsd_timestep_min, self.settings.vsd_timestep_max
         timesteps = torch.randint(low, high, (latents.shape[0],), generator=generator)
         timesteps = timesteps.to(latents.device)
@@ -584,14 +622,19 @@ class OneStepSR(DiffusionParts, SRModel):
         noisy = self.scheduler.add_noise(latents.detach(), noise, timesteps)
         with torch.no_grad(), self._autocast():
             fake_eps = self.regulariser["fake"](noisy, timesteps, encoder_hidden_states=embeddings)
-            both = self.regulariser["real"](
-                torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
-                encoder_hidden_states=torch.cat([negative, embeddings]),
-            ).sample.float()  # fmt: skip
-            uncond, cond = both.chunk(2)
-            real_eps = uncond + self.settings.cfg_vsd * (cond - uncond)
-            x0_fake = self._x0_from_eps(noisy, fake_eps.sample.float(), timesteps)
-            x0_real = self._x0_from_eps(noisy, real_eps, timesteps)
+            if self.settings.cfg_vsd <= 1.0:
+                real_eps = self.regulariser["real"](
+                    noisy, timesteps, encoder_hidden_states=embeddings
+                ).sample.float()
+            else:
+                both = self.regulariser["real"](
+                    torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                    encoder_hidden_states=torch.cat([negative, embeddings]),
+                ).sample.float()  # fmt: skip
+                uncond, cond = both.chunk(2)
+                real_eps = uncond + self.settings.cfg_vsd * (cond - uncond)
+            x0_fake = self._x0(noisy, fake_eps.sample.float(), timesteps)
+            x0_real = self._x0(noisy, real_eps, timesteps)
             weighting = (latents - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
             grad = (x0_fake - x0_real) / weighting.clamp_min(1e-8)
         return F.mse_loss(latents, (latents - grad).detach())
@@ -602,8 +645,10 @@ class OneStepSR(DiffusionParts, SRModel):
         """OSEDiff: ``λ_l2 L2 + λ_lpips LPIPS + λ_vsd VSD`` for the generator, plus the fake
         score's diffusion loss (``λ_vsd_lora``) on detached ``z_hat`` and, with ``train_base``,
         the real score's diffusion loss on HQ latents (prompts dropped with
-        ``prompt_dropout`` so CFG has an unconditional branch). Parameter sets are disjoint,
-        so one optimizer over the sum equals OSEDiff's two optimizers."""
+        ``prompt_dropout`` so CFG has an unconditional branch). Parameter sets are disjoint, so
+        one AdamW over the sum takes OSEDiff's two optimizers' steps only if the gradients are
+        clipped per set as OSEDiff does: ``pipeline.pretrain`` clips the generator's and the
+        regulariser's (``self.regulariser``) separately, each to ``max_grad_norm``."""
         settings = self.settings
         lq, hq = lq.to(self.device), hq.to(self.device)
         embeddings = self._text(prompts)
@@ -722,22 +767,37 @@ class OneStepSR(DiffusionParts, SRModel):
 
         eps = tiled_apply(predict_tile, z_lq.shape, self.settings.latent_tile_size,
                           self.settings.latent_tile_overlap)  # fmt: skip
-        z_hat = self._x0_from_eps(z_lq, eps, timesteps)
+        z_hat = self._x0(z_lq, eps, timesteps)
         with self._autocast():
             images = self.codec.decode(z_hat, padded).float()[..., :height, :width]
         return apply_color_fix(images.clamp(-1, 1), lq, self.settings.color_fix)
 
 
-def _load_sd_parts(path_or_id: str | Path, allow_download: bool, vae_tile_size: int) -> tuple:
-    """UNet, text encoder, tokenizer, VAE codec and scheduler of an SD 2.1-base folder."""
-    source, kwargs = resolve_pretrained(path_or_id, SD_BASE_REQUIRED, allow_download)
+def _saved_base_weights(base: str, folder: Path) -> str:
+    """A saved model's ``base_weights``: absolute, else relative to the model folder, else
+    (models saved before paths were recorded absolute) relative to the working directory; a
+    hub id only with downloads allowed. Returned absolute for local folders."""
+    key = f"base_weights of {folder / MODEL_FILE}"
+    path = Path(base).expanduser()
+    if not path.is_absolute() and (folder / path).exists():
+        return resolve_weights(folder / path, key)
+    if not path.is_absolute() and not path.exists():
+        key += f" (not found relative to the model folder {folder} either)"
+    return resolve_weights(base, key)
+
+
+def _load_sd_parts(path_or_id: str | Path, key: str, vae_tile_size: int) -> tuple:
+    """UNet, text encoder, tokenizer, VAE codec and scheduler of an SD 2.1-base folder
+    (``key``: the config entry that named it, for errors)."""
+    source, kwargs = resolve_pretrained(path_or_id, SD_BASE_REQUIRED, key)
+    plain = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
     try:
         return (
             UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
             CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+            load_tokenizer(source, "tokenizer", **plain),
             VaeCodec.from_pretrained(source, subfolder="vae", tile_size=vae_tile_size, **kwargs),
-            DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+            DDPMScheduler.from_pretrained(source, subfolder="scheduler", **plain),
         )
     except OSError as error:
         if Path(source).exists():
