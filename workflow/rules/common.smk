@@ -14,7 +14,7 @@ ROOT = Path(workflow.basedir)
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
-from pipeline import settings  # noqa: E402
+from pipeline import preflight, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
 # Intra-op threads of every job process: the config's number, passed to each job explicitly
@@ -37,24 +37,10 @@ SELECT_OBJECTIVES = list(config["select"]["objectives"]) + (
 # the model each framework aligns and evaluates as "pretrained"
 BASE_VARIANT = "base"
 
-for _objective in OBJECTIVES:
-    if _objective not in SELECT_OBJECTIVES:
-        raise ValueError(
-            f"config 'objectives': {_objective!r} is not a select objective "
-            f"(select.objectives: {sorted(SELECT_OBJECTIVES)}; 'human' needs 'annotations')"
-        )
-for _name, _testset in TESTSETS.items():
-    # a missing external test set would make Snakemake skip the report silently when an older
-    # report exists ("Nothing to be done"); results/... folders are made by the degrade rule
-    if not _testset["path"].startswith("results/") and not Path(_testset["path"]).exists():
-        raise ValueError(
-            f"config testsets.{_name}.path: {_testset['path']!r} does not exist "
-            f"({_testset['kind']} test set; download it there or remove it from 'testsets')"
-        )
-for _framework in FRAMEWORKS:
-    if BASE_VARIANT not in config["pretrain"][_framework]["variants"]:
-        raise ValueError(f"config pretrain.{_framework}.variants needs a {BASE_VARIANT!r} variant")
-
+# Every weight path, metric, objective, test set and candidate setting is checked now, so a
+# paper run fails within seconds naming the key and the file (pipeline/preflight.py).
+if workflow.is_main_process:
+    preflight.check(config, Path.cwd())
 
 
 def code_hash(stage):
