@@ -15,6 +15,7 @@ Sampling and applying are separate: :func:`sample_degradation_params` draws ever
 into a flat, JSON-able dict (values that do not apply are ``None``), and
 :func:`apply_degradation` is a deterministic function of the image, that dict and the config.
 Noise fields are drawn from the ``noise*_seed`` integers stored in the dict.
+:func:`recorded_params` turns a row of ``pairs.parquet`` back into that dict (a replay).
 
 Images are float32 ``[H, W, 3]`` in [0, 1]. Blur is cross-correlation with reflect-101 borders
 and resizing is ``torch.nn.functional.interpolate`` (``area`` / ``bilinear`` / ``bicubic``,
@@ -32,12 +33,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import special
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 
 KERNEL_TYPES = (
     "iso",
@@ -52,52 +54,9 @@ RESIZE_MODES = ("area", "bilinear", "bicubic")
 FINAL_ORDERS = ("resize_sinc_jpeg", "jpeg_resize_sinc")
 KERNEL_FIELDS = ("type", "size", "sigma_x", "sigma_y", "rotation", "beta", "omega_c")
 
-# OSEDiff's params_realesrgan.yml (identical to Real-ESRGAN x4plus), flattened.
-DEFAULT_DEGRADATION: dict[str, Any] = {
-    "scale": 4,
-    "resize_back": True,
-    "resize_modes": list(RESIZE_MODES),
-    # kernels: sizes 7..21 (odd), zero-padded to blur_kernel_size
-    "kernel_range": [7, 21],
-    "blur_kernel_size": 21,
-    "rotation_range": [-math.pi, math.pi],
-    "sinc_cutoff_small_kernel": [math.pi / 3, math.pi],
-    "sinc_cutoff_large_kernel": [math.pi / 5, math.pi],
-    "sinc_large_kernel_from": 13,
-    # first degradation
-    "kernel_list": list(KERNEL_TYPES),
-    "kernel_prob": [0.45, 0.25, 0.12, 0.03, 0.12, 0.03],
-    "sinc_prob": 0.1,
-    "blur_sigma": [0.2, 3.0],
-    "betag_range": [0.5, 4.0],
-    "betap_range": [1.0, 2.0],
-    "resize_prob": [0.2, 0.7, 0.1],
-    "resize_range": [0.15, 1.5],
-    "gaussian_noise_prob": 0.5,
-    "noise_range": [1.0, 30.0],
-    "poisson_scale_range": [0.05, 3.0],
-    "gray_noise_prob": 0.4,
-    "jpeg_range": [30, 95],
-    # second degradation
-    "second_blur_prob": 0.8,
-    "kernel_list2": list(KERNEL_TYPES),
-    "kernel_prob2": [0.45, 0.25, 0.12, 0.03, 0.12, 0.03],
-    "sinc_prob2": 0.1,
-    "blur_sigma2": [0.2, 1.5],
-    "betag_range2": [0.5, 4.0],
-    "betap_range2": [1.0, 2.0],
-    "resize_prob2": [0.3, 0.4, 0.3],
-    "resize_range2": [0.3, 1.2],
-    "gaussian_noise_prob2": 0.5,
-    "noise_range2": [1.0, 25.0],
-    "poisson_scale_range2": [0.05, 2.5],
-    "gray_noise_prob2": 0.4,
-    "jpeg_range2": [30, 95],
-    # final stage
-    "final_order_prob": 0.5,
-    "final_sinc_prob": 0.8,
-    "final_sinc_cutoff": [math.pi / 3, math.pi],
-}
+# OSEDiff's params_realesrgan.yml (identical to Real-ESRGAN x4plus), flattened: the schema's
+# ``degrade.degradation`` section holds the values (the only copy, see pipeline/settings.py).
+DEFAULT_DEGRADATION: dict[str, Any] = settings.defaults("degrade.degradation")
 
 _RANGE_KEYS = (
     "kernel_range",
@@ -138,7 +97,7 @@ _PROBABILITY_KEYS = (
 
 def degradation_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OSEDiff defaults with ``overrides`` applied, checked; errors name the key."""
-    config = with_defaults("degradation", DEFAULT_DEGRADATION, overrides)
+    config = settings.resolve("degrade.degradation", overrides)
     for key in _RANGE_KEYS:
         low, high = config[key]
         if not low <= high:
@@ -397,6 +356,28 @@ def sample_degradation_params(rng: np.random.Generator, config: dict[str, Any] |
     return params
 
 
+def recorded_params(record: dict[str, Any]) -> dict[str, Any]:
+    """A ``pairs.parquet`` row (dict) back as :func:`sample_degradation_params` drew it.
+
+    Reading Parquet through pandas turns an integer column with missing values (such as
+    ``final_sinc_size``, ``None`` where no sinc was drawn) into floats with NaN; here missing
+    values become ``None`` again, sizes, seeds and JPEG qualities ``int``, and numpy scalars
+    Python ones, so :func:`apply_degradation` rebuilds the LQ byte for byte.
+    """
+    params = {}
+    for key, value in record.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+            value = None
+        elif key.endswith(("_size", "_seed", "_quality")) and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"recorded parameter {key!r} is not an integer: {value}")
+            value = int(value)
+        params[key] = value
+    return params
+
+
 # ----------------------------------------------------------------------------- operations
 
 
@@ -550,7 +531,9 @@ def _degrade(hq: np.ndarray, params: dict[str, Any], config: dict[str, Any]) -> 
     def resize_and_sinc(image: np.ndarray) -> np.ndarray:
         image = resize(image, params["final_resize_mode"], size=lq_size)
         if params["final_sinc_applied"]:
-            sinc = circular_lowpass_kernel(params["final_sinc_omega_c"], params["final_sinc_size"])
+            sinc = circular_lowpass_kernel(
+                params["final_sinc_omega_c"], int(params["final_sinc_size"])
+            )
             image = filter2d(image, sinc)
         return image
 

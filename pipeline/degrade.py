@@ -18,7 +18,6 @@ rerun, or a run with a different number of workers, writes the same bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -31,49 +30,40 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
+from pipeline import settings
 from pipeline.degradations import (
     apply_degradation,
     degradation_config,
+    recorded_params,
     sample_degradation_params,
 )
 from pipeline.io.atomic import atomic_path
-from pipeline.io.images import list_images, read_rgb, write_png
-from pipeline.io.tables import schema_for, write_table
+from pipeline.io.images import (
+    ImageError,
+    demo_root,
+    image_size,
+    list_images,
+    list_problems,
+    read_rgb,
+    source_manifest,
+    write_png,
+)
+from pipeline.io.tables import read_metadata, schema_for, write_table
 from pipeline.seeding import derive_seed, numpy_rng
 
 SPLITS = ("train", "test")
 SMALL_IMAGE_ACTIONS = ("pad", "error", "skip")
 # colour photographs among scikit-image's bundled data (no download needed)
-DEMO_IMAGES = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "motorcycle_right.png",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-    "ihc.png",
-)
+DEMO_IMAGES = tuple(settings.defaults("degrade")["demo_images"])
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "source": "demo",
-    "demo_images": list(DEMO_IMAGES),
-    "crop_size": 512,
-    "crops_per_image": 1,
-    "test_fraction": 0.1,
-    "test_ids": [],
-    "small_image": "pad",
-    "hflip": True,
-    "workers": 1,
-    "degradation": {},
-}
 
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stage defaults with ``overrides`` applied and checked; ``degradation`` filled in full."""
-    config = with_defaults("degrade", DEFAULT_CONFIG, overrides)
+    overrides = dict(overrides or {})
+    workers = overrides.pop("workers", 1)  # a CLI setting, not a config key (speed, not bytes)
+    config = settings.resolve("degrade", overrides)
+    config["workers"] = workers
     config["degradation"] = degradation_config(config["degradation"])
     scale = config["degradation"]["scale"]
     if config["crop_size"] < scale or config["crop_size"] % scale:
@@ -107,12 +97,6 @@ def image_id_for(relative_path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.parts))
 
 
-def demo_root() -> Path:
-    from skimage import data
-
-    return Path(data.data_dir)
-
-
 def find_source_images(source: str, demo_images: list[str] | tuple[str, ...] = DEMO_IMAGES):
     """The HQ images of ``source`` (``"demo"`` or a folder), sorted, with unique ids."""
     if source == "demo":
@@ -136,6 +120,46 @@ def find_source_images(source: str, demo_images: list[str] | tuple[str, ...] = D
             )
         images[image_id] = SourceImage(image_id, path, relative)
     return sorted(images.values(), key=lambda image: image.image_id)
+
+
+def min_source_side(config: dict[str, Any]) -> int:
+    """The shortest image side degrade accepts (``skip`` mode: none, small images are skipped).
+
+    ``error`` needs the whole crop. ``pad`` mirrors a short side once at most, as Real-ESRGAN's
+    reflect padding does; a side under half the crop would be tiled from copies of itself
+    (a 1-pixel side from one repeated row), so such an image is refused rather than padded.
+    """
+    if config["small_image"] == "error":
+        return config["crop_size"]
+    if config["small_image"] == "pad":
+        return config["crop_size"] // 2 + 1
+    return 1
+
+
+def check_source_images(images: list[SourceImage], config: dict[str, Any]) -> None:
+    """Open every header before decoding anything; one error lists every bad file.
+
+    Refused: files Pillow cannot identify, multi-frame files (:mod:`pipeline.io.images`) and
+    images with a side under :func:`min_source_side`, each named with its size.
+    """
+    shortest = min_source_side(config)
+    problems = []
+    for image in images:
+        try:
+            width, height = image_size(image.path)
+        except ImageError as error:
+            problems.append(str(error))
+            continue
+        if min(width, height) < shortest:
+            problems.append(
+                f"{image.path}: image {width}x{height} is smaller than {shortest} pixels on a "
+                f"side (crop_size {config['crop_size']}, small_image {config['small_image']!r})"
+            )
+    if problems:
+        raise ImageError(
+            f"{len(problems)} of {len(images)} source images cannot be used:\n"
+            + list_problems(problems)
+        )
 
 
 # ----------------------------------------------------------------------------- 2. split
@@ -282,13 +306,30 @@ def plan_pairs(images: list[SourceImage], split: str, out: Path, config: dict[st
     return tasks
 
 
+def _degrade_or_problem(task: PairTask) -> tuple[dict[str, Any] | None, str | None]:
+    """``(row, None)``, or ``(None, message)`` for a file that fails to decode."""
+    try:
+        return degrade_pair(task), None
+    except ImageError as error:
+        return None, str(error)
+
+
 def _run_tasks(tasks: list[PairTask], workers: int) -> list[dict[str, Any] | None]:
+    """Every task's row (``None``: skipped); files that fail to decode are all named at once."""
     progress = {"total": len(tasks), "desc": "degrade", "file": sys.stderr, "mininterval": 1}
     if workers == 1:
-        return [degrade_pair(task) for task in tqdm(tasks, **progress)]
-    # spawn, not fork: torch's thread pools do not survive a fork reliably
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(tqdm(pool.map(degrade_pair, tasks, chunksize=1), **progress))
+        results = [_degrade_or_problem(task) for task in tqdm(tasks, **progress)]
+    else:
+        # spawn, not fork: torch's thread pools do not survive a fork reliably
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            results = list(tqdm(pool.map(_degrade_or_problem, tasks, chunksize=1), **progress))
+    # several crops of one broken file give one message
+    problems = list(dict.fromkeys(problem for _, problem in results if problem is not None))
+    if problems:
+        raise ImageError(
+            f"{len(problems)} source images cannot be decoded:\n" + list_problems(problems)
+        )
+    return [row for row, _ in results]
 
 
 def degrade_split(
@@ -300,6 +341,8 @@ def degrade_split(
     config = stage_config(config)
     images = find_source_images(config["source"], config["demo_images"])
     chosen = select_split(images, split, config)
+    check_source_images(chosen, config)
+    manifest = source_manifest(config["source"], config["demo_images"])
     out = Path(out)
     with atomic_path(out) as temporary:
         (temporary / "hq").mkdir(parents=True)
@@ -322,11 +365,27 @@ def degrade_split(
             "source_root": str(
                 demo_root() if config["source"] == "demo" else Path(config["source"])
             ),
+            "source_manifest": manifest,
             "skipped_small_images": skipped,
             "jpeg": "Pillow baseline JPEG, integer quality, 4:2:0 (reference: DiffJPEG)",
         }
         write_table(frame, temporary / "pairs.parquet", "degradation_pairs", metadata)
     return frame
+
+
+def rebuild_lq(folder: str | Path, row: Any, metadata: dict[str, Any] | None = None) -> np.ndarray:
+    """Replay one pair: its LQ rebuilt from the written HQ and the row's recorded parameters.
+
+    ``row`` is a row of ``{folder}/pairs.parquet`` (a pandas Series or a dict); ``metadata``
+    that file's metadata (read when not given). Returns the uint8 LQ, equal to ``lq_path``.
+    """
+    folder = Path(folder)
+    if metadata is None:
+        metadata = read_metadata(folder / "pairs.parquet")
+    degradation = metadata["config"]["degradation"]
+    params = recorded_params(dict(row))
+    hq = read_rgb(folder / params["hq_path"]).astype(np.float32) / 255.0
+    return np.rint(apply_degradation(hq, params, degradation) * 255.0).astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True, help="global seed")
     parser.add_argument("--workers", type=int, help="worker processes (overrides the config)")
     args = parser.parse_args(argv)
-    config = json.loads(args.config)
+    config = settings.cli_config(args.config)
     if args.workers is not None:
         config["workers"] = args.workers
     frame = degrade_split(args.split, args.out, config, args.seed)

@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -284,6 +285,24 @@ def test_degradation_is_reproducible_from_params_byte_for_byte():
         np.testing.assert_allclose(first * 255, np.rint(first * 255), atol=1e-4)
         other_noise = dict(params, noise2_seed=params["noise2_seed"] + 1)
         assert not np.array_equal(dg.apply_degradation(hq, other_noise), first)
+
+
+def test_parameters_read_back_from_parquet_replay_byte_for_byte(tmp_path):
+    hq = _hq()
+    drawn = [dg.sample_degradation_params(np.random.default_rng(seed)) for seed in range(12)]
+    assert {params["final_sinc_applied"] for params in drawn} == {True, False}
+    pd.DataFrame(drawn).to_parquet(tmp_path / "params.parquet")
+    rows = pd.read_parquet(tmp_path / "params.parquet").to_dict("records")
+    # pandas brings an int column with missing values back as floats with NaN
+    assert any(isinstance(row["final_sinc_size"], float) for row in rows)
+    for params, row in zip(drawn, rows, strict=True):
+        replayed = dg.recorded_params(row)
+        assert replayed == params
+        assert type(replayed["final_sinc_size"]) is type(params["final_sinc_size"])
+        expected = dg.apply_degradation(hq, params)
+        assert dg.apply_degradation(hq, replayed).tobytes() == expected.tobytes()
+    with pytest.raises(ValueError, match="jpeg1_quality"):
+        dg.recorded_params({"jpeg1_quality": 30.5})
 
 
 def test_output_size_with_and_without_resize_back():

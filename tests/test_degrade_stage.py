@@ -156,6 +156,63 @@ def test_corrupt_file_is_named(source, tmp_path):
         degrade.degrade_split("train", tmp_path / "x", _config(source), seed=0)
 
 
+def test_thin_images_are_refused_with_their_size(source, tmp_path):
+    # 40 wide, 1 high: padding would fill the crop with copies of one row
+    Image.fromarray(_photo(4, 40, 7)[:1]).save(source / "thin.png")
+    with pytest.raises(ImageError, match=r"thin\.png: image 40x1 is smaller than 9 pixels"):
+        degrade.degrade_split("train", tmp_path / "x", _config(source), seed=0)
+    assert not (tmp_path / "x").exists()
+    # the 12x10 image mirrors once into the 16 crop: still padded, as before
+    (source / "thin.png").unlink()
+    table = degrade.degrade_split("train", tmp_path / "p", _config(source), seed=0)
+    assert table.loc[table["source_id"] == "tiny", "padded"].all()
+
+
+def test_every_bad_source_file_is_listed_at_once(source, tmp_path):
+    Image.fromarray(_photo(4, 40, 7)[:1]).save(source / "thin.png")
+    (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    pages = [Image.fromarray(_photo(20, 20, seed)) for seed in (8, 9)]
+    pages[0].save(source / "pages.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ImageError) as raised:
+        degrade.degrade_split("train", tmp_path / "x", _config(source), seed=0)
+    message = str(raised.value)
+    assert message.startswith("3 of 8 source images cannot be used")
+    assert "broken.png" in message and "pages.tif" in message and "thin.png: image 40x1" in message
+    # files whose header reads but whose pixels are cut off fail when decoded: all named too
+    for name in ("thin.png", "broken.png", "pages.tif"):
+        (source / name).unlink()
+    data = (source / "gray.png").read_bytes()
+    for index in range(25):
+        (source / f"cut{index:02d}.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as raised:
+        degrade.degrade_split("train", tmp_path / "x", _config(source, crops_per_image=2), seed=0)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "25 source images cannot be decoded:"
+    assert [line.split("/")[-1][:5] for line in lines[1:21]] == [f"cut{i:02d}" for i in range(20)]
+    assert lines[21:] == ["... and 5 more"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_replay_rebuilds_every_lq_from_the_table(source, tmp_path):
+    out = tmp_path / "train"
+    degrade.degrade_split("train", out, _config(source, crops_per_image=3), seed=4)
+    table = read_table(out / "pairs.parquet", "degradation_pairs")
+    # both kinds of rows, so final_sinc_size comes back from Parquet as floats with NaN
+    assert table["final_sinc_applied"].nunique() == 2
+    metadata = read_metadata(out / "pairs.parquet")
+    for _, row in table.iterrows():
+        lq = degrade.rebuild_lq(out, row, metadata)
+        degrade.write_png(tmp_path / "replayed.png", lq)
+        assert (tmp_path / "replayed.png").read_bytes() == (out / row["lq_path"]).read_bytes()
+
+
+def test_pairs_table_records_the_source_manifest(source, tmp_path):
+    degrade.degrade_split("train", tmp_path / "t", _config(source), seed=0)
+    manifest = read_metadata(tmp_path / "t" / "pairs.parquet")["source_manifest"]
+    assert manifest == degrade.source_manifest(str(source), [])
+    assert manifest.startswith("6 images, sha256 ")
+
+
 def test_config_errors_name_the_key(source, tmp_path):
     with pytest.raises(KeyError, match="crop_sise"):
         degrade.stage_config({"crop_sise": 16})

@@ -8,7 +8,14 @@ import pytest
 from PIL import Image
 
 from pipeline.io.atomic import atomic_path
-from pipeline.io.images import ImageError, read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.images import (
+    ImageError,
+    image_size,
+    read_rgb,
+    to_tensor,
+    to_uint8,
+    write_png,
+)
 from pipeline.io.tables import TableError, read_metadata, read_table, write_table
 
 
@@ -62,6 +69,37 @@ def test_corrupt_and_truncated_files_name_the_file(tmp_path):
         read_rgb(tmp_path / "missing.png")
 
 
+def test_exif_orientation_is_applied(tmp_path):
+    # 16 wide, 8 high: left half black, right half white, stored with orientation 6
+    # ("rotate 90 degrees clockwise to display"), as phone cameras write portrait photos
+    stored = np.zeros((8, 16, 3), dtype=np.uint8)
+    stored[:, 8:] = 255
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.jpg", quality=100, exif=exif)
+    rgb = read_rgb(tmp_path / "phone.jpg")
+    assert rgb.shape == (16, 8, 3)  # portrait, as a viewer shows it
+    upright = np.rot90(stored, k=-1)  # clockwise: the white right half comes to the bottom
+    assert np.abs(rgb.astype(int) - upright).max() < 40
+    assert rgb[:6].max() < 40 and rgb[10:].min() > 215
+    assert image_size(tmp_path / "phone.jpg") == (8, 16)
+
+
+def test_multi_frame_files_are_refused_naming_the_file(tmp_path):
+    pages = [Image.fromarray(np.full((8, 8, 3), value, np.uint8)) for value in (0, 200)]
+    pages[0].save(tmp_path / "two_pages.tif", save_all=True, append_images=pages[1:])
+    pages[0].save(tmp_path / "animated.gif", save_all=True, append_images=pages[1:], duration=50)
+    pages[0].save(tmp_path / "animated.webp", save_all=True, append_images=pages[1:], duration=50)
+    for name in ("two_pages.tif", "animated.gif", "animated.webp"):
+        with pytest.raises(ImageError, match=rf"{name}.*2 frames or pages"):
+            read_rgb(tmp_path / name)
+        with pytest.raises(ImageError, match=rf"{name}.*2 frames or pages"):
+            image_size(tmp_path / name)
+    pages[0].save(tmp_path / "one_page.tif")
+    assert read_rgb(tmp_path / "one_page.tif").shape == (8, 8, 3)
+
+
 def test_png_round_trip_and_tensor_range(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     write_png(tmp_path / "x.png", image)
@@ -104,7 +142,8 @@ def test_tables_round_trip_with_metadata(tmp_path):
     path = write_table(_scores(), tmp_path / "s.parquet", "scores", {"backend": "pyiqa"})
     frame = read_table(path, "scores")
     assert frame.iloc[0].to_dict() == _scores().iloc[0].to_dict()
-    assert read_metadata(path) == {"table": "scores", "backend": "pyiqa"}
+    metadata = read_metadata(path)  # write_table may add its own keys (runtime) beside these
+    assert metadata["table"] == "scores" and metadata["backend"] == "pyiqa"
 
 
 def test_tables_refuse_missing_extra_and_mistyped_columns(tmp_path):

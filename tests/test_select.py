@@ -8,10 +8,12 @@ import pytest
 from pipeline.io.tables import SCHEMAS, read_table, write_table
 from pipeline.select import (
     AnnotationError,
+    NoPairsError,
     best_and_worst,
     check_annotations,
     main,
     objective_scores,
+    read_annotations,
     vote,
 )
 
@@ -190,3 +192,74 @@ def test_stage_rejects_bad_annotations_file(tmp_path):
     argv += ["--config", json.dumps({"objectives": {"fid": {"psnr": 1.0}}})]
     with pytest.raises(AnnotationError, match="row 0.*nope"):
         main(argv)
+
+
+def test_long_lists_of_bad_rows_are_cut():
+    rows = [("ann1", "q", 1, "x", "y", "")] * 100_000
+    bad = pd.DataFrame(rows, columns=SCHEMAS["annotations"].names)
+    with pytest.raises(AnnotationError) as error:
+        check_annotations(bad, instances_table(), {"a": {"x", "y", "z"}})
+    lines = str(error.value).splitlines()
+    assert lines[0] == "100000 bad annotation rows (of 100000):"
+    assert lines[1].startswith("row 0:") and lines[20].startswith("row 19:")
+    assert lines[21:] == ["... and 99980 more rows"]
+    assert len(str(error.value)) < 5000
+
+
+def test_unreadable_annotation_files_are_named(tmp_path):
+    cases = {
+        "empty.csv": (b"", "is empty"),
+        "latin1.csv": (
+            "annotator,image_id,instance_id,best,worst,flagged\nJos\xe9,a,1,x,y,\n".encode(
+                "latin-1"
+            ),
+            "not UTF-8",
+        ),
+        "ragged.csv": (
+            b'annotator,image_id,instance_id,best,worst,flagged\nann1,a,1,x,y,,extra,"\n',
+            "not a valid CSV",
+        ),
+        "header_only.csv": (b"annotator,image_id,instance_id,best,worst,flagged\n", "no rows"),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(AnnotationError, match=rf"{name}.*{reason}"):
+            read_annotations(tmp_path / name)
+
+
+def _stage_argv(tmp_path, scores, config):
+    write_table(scores, tmp_path / "scores.parquet", "scores")
+    write_table(instances_table(), tmp_path / "instances.parquet", "instances")
+    return [
+        "--scores",
+        str(tmp_path / "scores.parquet"),
+        "--instances",
+        str(tmp_path / "instances.parquet"),
+        "--out-dir",
+        str(tmp_path / "pairs"),
+        "--config",
+        json.dumps(config),
+    ]
+
+
+def test_an_objective_without_pairs_names_the_cause(tmp_path):
+    identical = scores_table().assign(value=1.0)
+    argv = _stage_argv(tmp_path, identical, {"objectives": {"fid": {"psnr": 1.0, "lpips": 1.0}}})
+    with pytest.raises(NoPairsError, match=r"'fid'.*instance-level.*identical images"):
+        main(argv)
+    # differing values, but x and y tie for best everywhere
+    tied = scores_table()
+    tied.loc[tied["candidate"] == "y", "value"] = tied.loc[tied["candidate"] == "x", "value"].values
+    argv = _stage_argv(tmp_path, tied, {"objectives": {"fid": {"psnr": 1.0, "lpips": 1.0}}})
+    with pytest.raises(NoPairsError, match=r"'fid'.*best or the worst score is shared"):
+        main(argv)
+    # only the remainder instance 3 gives a pair (psnr 30 / 25 / 20)
+    remainder_only = scores_table()
+    others = (remainder_only["instance_id"] != 3) & (remainder_only["instance_id"] != -1)
+    remainder_only.loc[others, "value"] = 1.0
+    third_y = (remainder_only["instance_id"] == 3) & (remainder_only["candidate"] == "y")
+    remainder_only.loc[third_y & (remainder_only["metric"] == "psnr"), "value"] = 25.0
+    config = {"objectives": {"fid": {"psnr": 1.0}}, "include_remainder": False}
+    with pytest.raises(NoPairsError, match=r"remainder instances.*include_remainder is false"):
+        main(_stage_argv(tmp_path, remainder_only, config))
+    assert not (tmp_path / "pairs" / "fid.parquet").exists()

@@ -7,28 +7,40 @@ Conversions done by :func:`read_rgb`:
   (0–65535 for 16-bit) to 0–255 and rounded, never clipped at 255;
 - RGBA / LA / palette with transparency: composited over a white background
   (the usual choice of SR data loaders, which drop alpha);
-- palette (``P``) and CMYK / YCbCr: converted to RGB by Pillow.
+- palette (``P``) and CMYK / YCbCr: converted to RGB by Pillow;
+- an EXIF orientation tag (phone and camera JPEGs) is applied, so pixels are as a viewer shows
+  them (``PIL.ImageOps.exif_transpose``); :func:`image_size` reports that oriented size.
 
-Corrupt or truncated files raise :class:`ImageError` naming the file (Pillow's lenient
-loading of truncated files is switched off here).
+Refused with :class:`ImageError` naming the file: corrupt or truncated files (Pillow's lenient
+loading of truncated files is switched off here) and files holding several frames or pages
+(multi-page TIFF, animated GIF / WebP / PNG), where no single frame is "the image".
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from pipeline.io.atomic import atomic_path
+
+if TYPE_CHECKING:  # torch is imported where used: Snakemake imports this module at parse time
+    import torch
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+EXIF_ORIENTATION = 0x0112
+# orientations 5-8 turn the image by 90 degrees: width and height swap
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+# how many problems one error message lists before "and N more"
+LISTED_PROBLEMS = 20
 
 
 class ImageError(ValueError):
@@ -74,6 +86,59 @@ def decode_rgb(image: Image.Image, name: str = "<image>") -> np.ndarray:
     return np.ascontiguousarray(_to_uint8(array))
 
 
+def list_problems(problems: list[str], limit: int = LISTED_PROBLEMS) -> str:
+    """One line per problem, the first ``limit`` of them, then ``... and N more``."""
+    lines = problems[:limit]
+    if len(problems) > limit:
+        lines.append(f"... and {len(problems) - limit} more")
+    return "\n".join(lines)
+
+
+def _check_single_frame(image: Image.Image, path: Path) -> None:
+    frames = getattr(image, "n_frames", 1)
+    # camera JPEGs with an embedded preview open as MPO: frame 0 is the photo itself
+    if frames > 1 and image.format != "MPO":
+        raise ImageError(
+            f"{path}: holds {frames} frames or pages (multi-page TIFF or animated image); "
+            "only single-frame images are read: save the wanted frame as its own file"
+        )
+
+
+def _orientation(image: Image.Image, header_only: bool = False) -> int:
+    try:
+        if header_only and image.format == "PNG":
+            # Pillow's PNG getexif() decodes the whole file to look past the pixel data
+            exif = Image.Exif()
+            exif.load(image.info.get("exif", b""))
+        else:
+            exif = image.getexif()
+        return int(exif.get(EXIF_ORIENTATION, 1))
+    except (TypeError, ValueError, SyntaxError):  # a malformed tag: the pixels as stored
+        return 1
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` as :func:`read_rgb` returns the image, from the header only.
+
+    Cheap enough to check every file of a large folder before decoding any; raises
+    :class:`ImageError` for files Pillow cannot identify and for multi-frame files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            _check_single_frame(image, path)
+            width, height = image.size
+            if _orientation(image, header_only=True) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+            return width, height
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(f"cannot read image {path}: {error}") from error
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any supported image file as uint8 RGB ``[H, W, 3]`` (see the module docstring)."""
     path = Path(path)
@@ -81,7 +146,10 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as image:
+            _check_single_frame(image, path)
             image.load()
+            if _orientation(image) != 1:
+                image = ImageOps.exif_transpose(image)
             # 16-bit RGB PNG/TIFF: Pillow cannot hold it as RGB; read the raw array instead
             if image.mode in ("RGB;16", "RGBA;16", "I;16") or "16" in image.mode:
                 array = np.asarray(image)
@@ -121,8 +189,50 @@ def list_images(
     )
 
 
+def demo_root() -> Path:
+    """The folder of the photos shipped inside scikit-image (the ``demo`` source)."""
+    from skimage import data
+
+    return Path(data.data_dir)
+
+
+def source_manifest(source: str, demo_images: Sequence[str]) -> str:
+    """A fingerprint of a source of images: it changes when one is added, removed or changed.
+
+    ``source`` is a folder (its :func:`list_images`) or ``demo`` (``demo_images`` in
+    :func:`demo_root`, with the scikit-image version). Snakemake sees only the folder's name
+    in the config, so the degrade rule passes this as a param, a rerun trigger (docs/design.md,
+    caching). It hashes the sorted (relative path, size, mtime in ns) of the images, not their
+    bytes, so 85k files cost a second or so. A folder that does not exist gives a fixed value:
+    a dry run plans without the data and the run itself names the missing folder.
+    """
+    digest = hashlib.sha256()
+    if source == "demo":
+        from importlib.metadata import version
+
+        digest.update(f"demo\0scikit-image {version('scikit-image')}\n".encode())
+        root = demo_root()
+        paths = [root / name for name in demo_images]
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            return f"missing folder {root}"
+        paths = list_images(root)
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        try:
+            stat = path.stat()
+            entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:
+            entry = f"{relative}\0missing"
+        digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
+    return f"{len(paths)} images, sha256 {digest.hexdigest()}"
+
+
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]`` in [-1, 1]."""
+    import torch
+
     return (
         torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))
         .permute(2, 0, 1)
@@ -134,5 +244,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     """float ``[3, H, W]`` in [-1, 1] → uint8 ``[H, W, 3]`` (clamped, rounded)."""
+    import torch
+
     scaled = tensor.detach().float().cpu().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()
     return scaled.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()

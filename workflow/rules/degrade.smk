@@ -1,3 +1,6 @@
+from pipeline.io.images import source_manifest
+
+
 rule degrade:
     output:
         directory("results/data/{split}"),
@@ -11,9 +14,14 @@ rule degrade:
         split="train|test",
     params:
         code=code_hash("degrade"),
-        config=section("degrade"),
+        config=job_config("degrade"),
+        config_file=job_config_file("degrade"),
+        threads=STAGE_THREADS,
+        # the images under degrade.source: adding, removing or changing one reruns degrade
+        source=source_manifest(config["degrade"]["source"], config["degrade"]["demo_images"]),
         seed=config["seed"],
     threads: STAGE_THREADS
     shell:
+        "OMP_NUM_THREADS={params.threads} MKL_NUM_THREADS={params.threads} "
         "python -m pipeline degrade --split {wildcards.split} --out {output} "
-        "--config {params.config:q} --seed {params.seed} --workers {threads} > {log} 2>&1"
+        "--config {params.config_file} --seed {params.seed} --workers {threads} > {log} 2>&1"
