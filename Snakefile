@@ -29,6 +29,7 @@ wildcard_constraints:
 
 
 include: "workflow/rules/degrade.smk"
+include: "workflow/rules/prompts.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/candidates.smk"
 include: "workflow/rules/segment.smk"

@@ -28,6 +28,9 @@ STAGES = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.hub import apply_offline_default
+
+    apply_offline_default()  # before any stage imports a hub library (docs/design.md)
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = (
         "usage: python -m pipeline {"

@@ -1,4 +1,4 @@
-"""Stage `prompts`: the text every LQ image is super-resolved with (DESIGN.md point 9).
+"""Stage `prompts`: the text every LQ image is super-resolved with (docs/design.md §9).
 
 The SR models are text-conditioned and sample with classifier-free guidance; with an empty
 prompt and an empty negative prompt the conditional and unconditional branches are the same
@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from pipeline import settings
 from pipeline.io.images import read_rgb
@@ -78,117 +77,15 @@ TAGGER_MISSING = (
     "or use prompts.source 'captioner' or 'fixed'"
 )
 
-#: The ``prompts`` section of workflow/schemas/config.schema.yaml, used by :func:`resolve_config`
-#: only while that schema has no ``prompts`` section yet (the two must stay equal).
-SCHEMA_FRAGMENT = r"""
-type: object
-description: 'Prompts of every LQ (rule prompts, DESIGN.md point 9): a prompt and a negative prompt
-  per image of the training split and of each test set, so classifier-free guidance has two
-  different branches.'
-default: {}
-additionalProperties: false
-properties:
-  source:
-    type: string
-    enum: [fixed, captioner, tagger]
-    default: fixed
-    description: 'Where prompts come from: fixed (the prompt below for every image), captioner
-      (BLIP caption of the LQ, the caption stage''s loader), tagger (RAM/DAPE tags of the LQ as
-      OSEDiff and SeeSR; needs the ram package).'
-  prompt:
-    type: string
-    default: ''
-    description: The fixed source's prompt of every image (ignored by captioner and tagger).
-  added_prompt:
-    type: string
-    default: clean, high-resolution, 8k
-    description: Appended to every prompt, all sources (SeeSR --added_prompt; '' for none).
-  negative_prompt:
-    type: string
-    default: dotted, noise, blur, lowres, smooth
-    description: 'Negative prompt (unconditional branch) of every image, all sources. Default:
-      SeeSR''s; OSEDiff trains with the long "painting, oil painting, ..., lowres, over-smooth".'
-  captioner:
-    type: [string, 'null']
-    default: null
-    description: BLIP folder (BlipForConditionalGeneration + processor) of source captioner.
-  captioner_prompt:
-    type: string
-    default: ''
-    description: BLIP conditioning prompt (removed from the caption), source captioner.
-  max_new_tokens:
-    type: integer
-    minimum: 1
-    default: 30
-    description: Caption length limit, source captioner.
-  num_beams:
-    type: integer
-    minimum: 1
-    default: 1
-    description: Beam size (1 = greedy), source captioner.
-  tagger:
-    type: [string, 'null']
-    default: null
-    description: RAM checkpoint (e.g. ram_swin_large_14m.pth) of source tagger.
-  tagger_condition:
-    type: [string, 'null']
-    default: null
-    description: 'DAPE checkpoint (OSEDiff/SeeSR --ram_ft_path, e.g. DAPE.pth): tags of the
-      degradation-aware RAM through ram.models.ram_lora; null = plain RAM.'
-  tagger_image_size:
-    type: integer
-    minimum: 32
-    default: 384
-    description: Input size of the tagger (RAM swin_l 384).
-  tagger_vit:
-    type: string
-    enum: [swin_l, swin_b]
-    default: swin_l
-    description: RAM backbone of the checkpoint.
-  batch_size:
-    type: integer
-    minimum: 1
-    default: 8
-    description: LQ images per captioner or tagger batch.
-  device:
-    type: string
-    enum: [auto, cpu, cuda]
-    default: auto
-    description: Captioner / tagger device (auto = cuda when visible).
-  feedback_max_terms:
-    type: integer
-    minimum: 0
-    default: 8
-    description: 'M2 for test images: how many of the training set''s most frequent hallucination
-      captions go before the negative prompt (0 = none).'
-  feedback_min_images:
-    type: integer
-    minimum: 1
-    default: 1
-    description: 'M2 for test images: a hallucination caption enters the vocabulary when flagged
-      in at least this many training images.'
-"""
 
 
 class PromptsError(ValueError):
     """Prompts that would make guidance a no-op, or inputs the stage cannot use."""
 
 
-def _fallback_node() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_FRAGMENT)
-
-
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``prompts`` section with the schema's defaults; bad keys or values raise
     :class:`pipeline.settings.ConfigError` naming them."""
-    try:
-        settings.schema_node("prompts")
-    except settings.ConfigError:
-        # the project schema has no prompts section yet: resolve against SCHEMA_FRAGMENT
-        node = _fallback_node()
-        value = settings._complete(node, dict(config or {}))
-        settings._validate(node, value, "prompts")
-        return value
     return settings.resolve("prompts", config)
 
 
@@ -387,7 +284,7 @@ def build_source(config: Mapping[str, Any]):
 
 def check_guidance(frame: pd.DataFrame, where: str = "prompts") -> None:
     """Refuse prompts equal to their negative prompt: guidance could not change the output
-    (DESIGN.md point 9). The error lists the first images."""
+    (docs/design.md §9). The error lists the first images."""
     same = frame.loc[
         frame["prompt"].str.strip() == frame["negative_prompt"].str.strip(), "image_id"
     ]

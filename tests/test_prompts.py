@@ -115,15 +115,6 @@ def test_config_errors_name_the_key():
         prompts.build_source(prompts.resolve_config({"source": "captioner"}))
 
 
-def test_schema_fragment_matches_project_schema():
-    """The fragment handed to the lead is what the project schema holds, once pasted."""
-    try:
-        node = settings.schema_node("prompts")
-    except settings.ConfigError:
-        pytest.skip("workflow/schemas/config.schema.yaml has no prompts section yet")
-    assert node == prompts._fallback_node()
-
-
 def test_test_sets_are_listed_as_evaluate_lists_them(data_folder, paired_folder):
     from pipeline.evaluate import load_testset
 

@@ -22,7 +22,7 @@ from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 # Snakemake schedules with it too (cpus-per-task under Slurm).
 STAGE_THREADS = config["threads"]
 # Stages see the hub offline unless the config allows downloads (pipeline/hub.py).
-os.environ["DSPO_ALLOW_DOWNLOADS"] = "1" if config["allow_downloads"] else "0"
+os.environ.update(DSPO_ALLOW_DOWNLOADS="1" if config["allow_downloads"] else "0")
 # Each job's settings as a file named by its hash, so a job's command stays short; the
 # settings themselves are the job's `config` param, Snakemake's rerun trigger.
 JOB_CONFIG_DIR = Path(".snakemake") / "dspo-job-config"
