@@ -34,28 +34,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from pipeline import settings
+from pipeline.captioner import BlipCaptioner
+from pipeline.contracts import HQ_CANDIDATE
+from pipeline.devices import resolve_device
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import read_label_map, read_store_attrs
 from pipeline.io.tables import read_table, write_table
 
-HQ = "hq"
+HQ = HQ_CANDIDATE
 CAPTION_COLUMNS = ["image_id", "instance_id", "candidate", "caption", "similarity", "hallucinated"]
 
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``caption`` section with the schema's defaults; bad keys or values raise
     :class:`pipeline.settings.ConfigError` naming them."""
     return settings.resolve("caption", config)
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` → ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def bundled_minilm_path() -> Path:
@@ -111,60 +106,6 @@ def instance_crop(
 
 
 # -- 2. captions ----------------------------------------------------------------------------
-
-
-class BlipCaptioner:
-    """BLIP image captioning from a local ``save_pretrained`` folder (or a cached hub id)."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        device: str = "cpu",
-        prompt: str = "",
-        max_new_tokens: int = 30,
-        num_beams: int = 1,
-        batch_size: int = 8,
-    ) -> None:
-        from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"BLIP captioner not found: {path}")
-        self.path = str(path)
-        self.device = resolve_device(device)
-        self.processor = BlipProcessor.from_pretrained(self.path)
-        self.model = BlipForConditionalGeneration.from_pretrained(self.path).to(self.device).eval()
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.num_beams = num_beams
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def caption(self, crops: Sequence[np.ndarray]) -> list[str]:
-        """One caption per uint8 RGB crop (special tokens and the echoed prompt removed)."""
-        captions: list[str] = []
-        for start in range(0, len(crops), self.batch_size):
-            batch = list(crops[start : start + self.batch_size])
-            text = [self.prompt] * len(batch) if self.prompt else None
-            inputs = self.processor(images=batch, text=text, return_tensors="pt").to(self.device)
-            generated = self.model.generate(
-                **inputs,
-                max_new_tokens=self.max_new_tokens,
-                num_beams=self.num_beams,
-                do_sample=False,
-            )
-            decoded = self.processor.batch_decode(generated, skip_special_tokens=True)
-            captions.extend(strip_prompt(text, self.prompt) for text in decoded)
-        return captions
-
-
-def strip_prompt(text: str, prompt: str) -> str:
-    """The caption without the conditioning prompt BLIP echoes (case-insensitively: BLIP's
-    tokenizer lower-cases), so similarities and negative prompts hold only the description."""
-    text = text.strip()
-    prompt = prompt.strip()
-    if prompt and text.lower().startswith(prompt.lower()):
-        return text[len(prompt) :].strip()
-    return text
 
 
 # -- 3. similarity and hallucination flags ----------------------------------------------------
@@ -228,33 +169,6 @@ def score_captions(
 
 
 # -- 4. negative prompts --------------------------------------------------------------------
-
-
-def _join_unique(texts: Sequence[str]) -> str:
-    return ", ".join(dict.fromkeys(text for text in texts if text))
-
-
-def negative_prompts(captions: pd.DataFrame) -> dict[tuple[str, str], str]:
-    """``{(image_id, candidate): prompt}``: the hallucinated instances' captions, by instance
-    id, joined with ", " (repeats dropped); ``""`` for a candidate with no hallucination."""
-    candidates = captions[captions["candidate"] != HQ].sort_values(
-        ["image_id", "candidate", "instance_id"]
-    )
-    prompts: dict[tuple[str, str], str] = {}
-    for (image_id, candidate), group in candidates.groupby(["image_id", "candidate"], sort=True):
-        prompts[(image_id, candidate)] = _join_unique(
-            group.loc[group["hallucinated"], "caption"].tolist()
-        )
-    return prompts
-
-
-def image_negative_prompts(captions: pd.DataFrame) -> dict[str, str]:
-    """``{image_id: prompt}``: the union over candidates (DESIGN.md point 7, "that image's
-    negative prompt"), in candidate then instance order, repeats dropped."""
-    prompts: dict[str, list[str]] = {}
-    for (image_id, _candidate), prompt in negative_prompts(captions).items():
-        prompts.setdefault(image_id, []).extend(prompt.split(", ") if prompt else [])
-    return {image_id: _join_unique(texts) for image_id, texts in prompts.items()}
 
 
 # -- the stage ------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.devices import resolve_device
 from pipeline.seeding import torch_generator
 
 # pipeline name -> (pyiqa id, options): OSEDiff test_metrics.py, reference/sr-alignment.md 3.3
@@ -114,11 +115,6 @@ def metric_info(name: str, options: Mapping[str, Any] | None = None) -> MetricIn
     )
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when visible (a leased GPU), else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ and each test set) a prompt and a negative prompt, recorded in ``prompts/{split}
 
 - ``fixed``: the configured ``prompt`` for every image;
 - ``captioner``: a BLIP caption of the LQ, through the captioner of the `caption` stage
-  (:class:`pipeline.caption.BlipCaptioner`, the same loader and decoding);
+  (:class:`pipeline.captioner.BlipCaptioner`, the same loader and decoding);
 - ``tagger``: RAM / DAPE tags of the LQ as OSEDiff and SeeSR prompt with, from the ``ram``
   package (recognize-anything, or the copy OSEDiff/SeeSR vendor with DAPE's ``ram_lora``);
   without it the stage stops with an error naming the package.
@@ -47,6 +47,7 @@ import pandas as pd
 import torch
 
 from pipeline import settings
+from pipeline.devices import resolve_device
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
 
@@ -89,10 +90,6 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return settings.resolve("prompts", config)
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def join_prompts(*parts: str | Iterable[str]) -> str:
@@ -174,7 +171,7 @@ class CaptionerSource:
                 "config prompts.captioner: source 'captioner' needs a BLIP folder (it is null)"
             )
         # the caption stage's loader (to move to a shared module; imported from there then)
-        from pipeline.caption import BlipCaptioner
+        from pipeline.captioner import BlipCaptioner
 
         self.captioner = BlipCaptioner(
             config["captioner"],

@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import settings
+from pipeline.contracts import WHOLE_IMAGE_ID
 from pipeline.io.images import read_rgb
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_pooled_map
 
-WHOLE_IMAGE_ID = -1
 
 def load_unit(path: Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in [0, 1] (pyiqa's convention)."""

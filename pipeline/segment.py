@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import settings
+from pipeline.devices import resolve_device
 from pipeline.io.images import list_images, read_rgb
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import write_table
@@ -78,11 +79,6 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return resolved
 
 
-def resolve_device(device: str) -> str:
-    """``"auto"`` → ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 # -- 1. semantic extraction ------------------------------------------------------------------

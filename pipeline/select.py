@@ -27,7 +27,7 @@ image). Human annotations give ``human.parquet`` and ``human_image.parquet`` (so
 Negative prompt (DESIGN.md point 7): one per image, carried by every pair of that image,
 because winner and loser are denoised from the same LQ and sampling uses one negative prompt
 per LQ. For IQA pairs it joins the image's hallucinated candidate captions of the captions
-table (``pipeline.caption.image_negative_prompts``); for human pairs the captions of the candidates flagged by a strict majority of an
+table (``pipeline.contracts.image_negative_prompts``); for human pairs the captions of the candidates flagged by a strict majority of an
 instance's annotators. Without a captions table it is the empty string.
 """
 
@@ -44,9 +44,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import settings
-from pipeline.caption import image_negative_prompts
+from pipeline.contracts import WHOLE_IMAGE_ID, image_negative_prompts
 from pipeline.io.tables import read_table, to_arrow, write_table
-from pipeline.score import WHOLE_IMAGE_ID
 
 PAIR_COLUMNS = [
     "image_id",

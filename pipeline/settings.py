@@ -21,15 +21,10 @@ from typing import Any
 
 import yaml
 
+from pipeline import contracts
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
-# Method table of the training stage: what each method trains on and how its settings differ
-# from the ``train`` section (docs/design.md, "Methods").
-METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "dspo_m1": {"negative_prompts": False},  # the M1-only ablation: no description feedback
-}
-METHOD_LOSS = {"dspo": "dspo", "dpo": "dpo", "sft": "sft", "dro": "dro", "dspo_m1": "dspo"}
-INSTANCE_METHODS = frozenset({"dspo", "dro", "dspo_m1"})  # trained on instance pairs
 #: the config sections that belong to one stage each (the rest are run-wide)
 STAGE_SECTIONS = (
     "prompts", "degrade", "pretrain", "candidates", "segment", "caption", "score", "select",
@@ -161,7 +156,7 @@ def job_settings(config: Mapping[str, Any], stage: str, **wildcards: str) -> dic
     if stage == "candidates":
         section["settings"] = candidate_settings(config, wildcards["framework"])
     if stage == "train" and "method" in wildcards:
-        section.update(METHOD_OVERRIDES.get(wildcards["method"], {}))
+        section.update(contracts.method(wildcards["method"]).settings)
     return section
 
 

@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from pipeline import caption
-from pipeline.caption import (
-    flag_hallucinations,
-    image_negative_prompts,
-    instance_crop,
-    negative_prompts,
-    score_captions,
-)
+from pipeline.caption import flag_hallucinations, instance_crop, score_captions
+from pipeline.captioner import BlipCaptioner, strip_prompt
+from pipeline.contracts import image_negative_prompts, negative_prompts
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -195,7 +191,7 @@ def test_tiny_blip_captions_match_direct_generate(tiny_blip):
     crops = [
         (np.random.default_rng(i).random((9 + i, 13, 3)) * 255).astype(np.uint8) for i in range(3)
     ]
-    captioner = caption.BlipCaptioner(tiny_blip, "cpu", max_new_tokens=6, batch_size=2)
+    captioner = BlipCaptioner(tiny_blip, "cpu", max_new_tokens=6, batch_size=2)
     texts = captioner.caption(crops)
     processor = BlipProcessor.from_pretrained(tiny_blip)
     model = BlipForConditionalGeneration.from_pretrained(tiny_blip).eval()
@@ -206,15 +202,15 @@ def test_tiny_blip_captions_match_direct_generate(tiny_blip):
     assert all(text and "[DEC]" not in text and "[SEP]" not in text for text in texts)
     assert all(set(text.split()) <= set(WORDS) for text in texts)
 
-    prompted = caption.BlipCaptioner(tiny_blip, "cpu", prompt="a photo of", max_new_tokens=6)
+    prompted = BlipCaptioner(tiny_blip, "cpu", prompt="a photo of", max_new_tokens=6)
     assert all(not text.startswith("a photo of") for text in prompted.caption(crops))
-    assert caption.strip_prompt("a photo of a red tree", "A photo of") == "a red tree"
+    assert strip_prompt("a photo of a red tree", "A photo of") == "a red tree"
 
 
 def test_missing_captioner_path_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="BLIP captioner not found"):
-        caption.BlipCaptioner(tmp_path / "no_blip")
+        BlipCaptioner(tmp_path / "no_blip")
 
 
 def _write_stage_inputs(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import prompts, settings
-from pipeline.caption import BlipCaptioner
+from pipeline.captioner import BlipCaptioner
 from pipeline.io.images import write_png
 from pipeline.io.tables import TableError, read_metadata, read_table, schema_for, write_table
 from pipeline.prompts import (

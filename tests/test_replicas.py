@@ -142,7 +142,8 @@ def test_sam_replica_loads_with_the_documented_architecture_override(out):
 
 @pytest.mark.slow
 def test_caption_models_load_through_the_caption_stage(out):
-    from pipeline.caption import BlipCaptioner, TextEmbedder
+    from pipeline.caption import TextEmbedder
+    from pipeline.captioner import BlipCaptioner
 
     captioner = BlipCaptioner(out / replicas.BLIP_FOLDER, device="cpu", max_new_tokens=5)
     crop = read_rgb(out / "data/DRealSR/test_HR/DSC_0001_x1.png")[:24, :20]

@@ -8,10 +8,11 @@ import pyiqa
 import pytest
 import torch
 
+from pipeline.contracts import WHOLE_IMAGE_ID
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
-from pipeline.score import WHOLE_IMAGE_ID, load_unit, main
+from pipeline.score import load_unit, main
 
 SETTINGS = {"s20": 2.0, "s80": 12.0, "c45": 30.0}  # noise sigma in grey levels
 

@@ -14,7 +14,7 @@ ROOT = Path(workflow.basedir)
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
-from pipeline import preflight, settings  # noqa: E402
+from pipeline import contracts, preflight, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 
 # Intra-op threads of every job process: the config's number, passed to each job explicitly
@@ -116,13 +116,13 @@ def get_annotations_arg(wildcards):
 
 
 def get_train_pairs(wildcards):
-    suffix = "" if wildcards.method in settings.INSTANCE_METHODS else "_image"
+    suffix = "" if contracts.method(wildcards.method).pair_level == "instance" else "_image"
     return f"results/pairs/{wildcards.framework}/{wildcards.objective}{suffix}.parquet"
 
 
 def get_train_method(wildcards):
     """The loss a method trains with (dspo_m1 is DSPO with its own settings)."""
-    return settings.METHOD_LOSS[wildcards.method]
+    return contracts.method(wildcards.method).loss
 
 
 def evaluated_models():
