@@ -4,16 +4,14 @@ One run trains one ``(framework, variant)``: the family's settings from the conf
 by the variant's (one-step: LoRA rank 16 / 64, VSD cfg 6 / 12 around rank 4, cfg 7.5). Random
 crops, flips and batches are drawn from ``torch_generator(seed, "pretrain", variant, step)``,
 so a run killed and resumed from its last checkpoint ends with the same weights as an
-uninterrupted one (bit for bit on the CPU). Checkpoints hold the trainable parameters, the
-AdamW state, the step and the log so far (safetensors + JSON); no RNG state is carried because
-every draw is keyed by the step.
+uninterrupted one (bit for bit on the CPU). Checkpoints are :mod:`pipeline.checkpoints`'
+``step-N/`` folders (the same as ``train``'s), resumed only by a run with the same fingerprint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -21,11 +19,10 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from pipeline.config_sections import with_defaults
-from pipeline.distributed import finite_everywhere, make_accelerator
+from pipeline import checkpoints, settings
+from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.tables import read_table, write_table
@@ -33,45 +30,27 @@ from pipeline.models import model_class
 from pipeline.models.base import SRModel, upsample_lq
 from pipeline.seeding import torch_generator
 
-DEFAULTS: dict[str, Any] = {
-    "steps": 1000,  # optimizer steps
-    "batch_size": 16,
-    "crop_size": 64,  # HQ crop side (pixels); the LQ crop is the matching region
-    "lr": 5e-5,  # OSEDiff / DSPO
-    "weight_decay": 1e-2,  # AdamW default
-    "adam_betas": [0.9, 0.999],
-    "max_grad_norm": 1.0,
-    "checkpoint_every": 100,  # steps; 0 = no checkpoints
-    "device": "auto",
-    "prompt": "",  # training prompt of every pair (OSEDiff uses RAM tags of the HQ)
-    "hflip": True,
-    "weights": "",  # real base weights (SD folder / hub id); "" = tiny model from scratch
-    "tiny": {},  # build_tiny keyword arguments (codec, factor, block_out_channels, ...)
-    "model": {},  # the family's settings (e.g. one-step lora_rank, cfg_vsd, lambda_*)
-    "variants": {"base": {}},  # variant name -> settings overriding "model"
-}
+def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any]:
+    """The ``pretrain.<framework>`` section with the schema's defaults; bad keys or values raise
+    :class:`pipeline.settings.ConfigError` naming them."""
+    return settings.resolve(f"pretrain.{framework}", config)
 
 
-def stage_config(config: dict[str, Any] | None) -> dict[str, Any]:
-    """The config section with defaults filled in; unknown keys are an error."""
-    return with_defaults("pretrain", DEFAULTS, config)
-
-
-def variant_settings(config: dict[str, Any], variant: str) -> dict[str, Any]:
-    """The family settings with the variant's overrides applied."""
-    variants = config["variants"]
-    if variant not in variants:
-        raise KeyError(f"unknown variant {variant!r}; configured: {sorted(variants)}")
-    return {**config["model"], **(variants[variant] or {})}
+def variant_settings(config: dict[str, Any], framework: str, variant: str) -> dict[str, Any]:
+    """The complete model settings of ``variant``: schema defaults < ``model`` < the variant."""
+    return settings.variant_settings(config, framework, variant)
 
 
 def build_model(framework: str, config: dict[str, Any], variant: str, seed: int) -> SRModel:
     """A fresh model: tiny from scratch, or from the real base weights in ``config.weights``."""
     cls = model_class(framework)
-    settings = variant_settings(config, variant)
+    model_settings = variant_settings(config, framework, variant)
     if config["weights"]:
-        return cls.from_sd_base(config["weights"], device=config["device"], **settings)
-    model = cls.build_tiny(seed=seed, **config["tiny"], **settings)
+        return cls.from_sd_base(
+            config["weights"], device=config["device"], weights_key=f"pretrain.{framework}.weights",
+            **model_settings,
+        )  # fmt: skip
+    model = cls.build_tiny(seed=seed, **config["tiny"], **model_settings)
     return model.to_device(config["device"])
 
 
@@ -120,52 +99,46 @@ class PairSource:
         return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
 
 
-# -- checkpoints -------------------------------------------------------------------------------
+# -- checkpoints, fingerprint, clipping groups ---------------------------------------------------
+#: config keys a resumed run may change: they do not alter the steps already taken
+NOT_FINGERPRINTED = ("steps", "checkpoint_every", "keep_checkpoints")
+
+
 def _named_trainable(model: SRModel, params: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     wanted = {id(p) for p in params}
     return {name: p for name, p in model.named_parameters() if id(p) in wanted}
 
 
-def save_checkpoint(
-    folder: Path, model: SRModel, params, optimizer: torch.optim.Optimizer, step: int, log: list
-) -> None:
-    """``model.safetensors`` (trainable parameters), ``optimizer.safetensors`` (AdamW moments
-    and step counts, by parameter index) and ``state.json`` (step, param groups, log)."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{key}": value.detach().cpu().contiguous().reshape(value.shape)
-        for index, entry in state["state"].items()
-        for key, value in entry.items()
-    }
-    with atomic_path(folder) as temporary:
-        temporary.mkdir(parents=True)
-        weights = {
-            k: v.detach().cpu().contiguous() for k, v in _named_trainable(model, params).items()
-        }
-        save_file(weights, temporary / "model.safetensors")
-        save_file(tensors, temporary / "optimizer.safetensors")
-        document = {"step": step, "param_groups": state["param_groups"], "log": log}
-        (temporary / "state.json").write_text(json.dumps(document))
+def parameter_groups(
+    model: SRModel, params: list[torch.nn.Parameter]
+) -> list[list[torch.nn.Parameter]]:
+    """The groups whose gradients are clipped separately: the generator's parameters and, with
+    the VSD regulariser (``model.regulariser``: the fake-score LoRA, with ``train_base`` also the
+    score UNets), the regulariser's, as OSEDiff clips its two optimizers (generator and
+    ``optimizer_reg``) each to ``max_grad_norm``. Without a regulariser: one group."""
+    regulariser = getattr(model, "regulariser", None)
+    if regulariser is None:
+        return [list(params)]
+    theirs = {id(p) for p in regulariser.parameters()}
+    groups = [[p for p in params if id(p) not in theirs], [p for p in params if id(p) in theirs]]
+    return [group for group in groups if group]
 
 
-def load_checkpoint(
-    folder: Path, model: SRModel, params, optimizer: torch.optim.Optimizer
-) -> tuple[int, list]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, log)."""
-    document = json.loads((folder / "state.json").read_text())
-    named = _named_trainable(model, params)
-    weights = load_file(folder / "model.safetensors")
-    if set(weights) != set(named):
-        raise ValueError(f"checkpoint {folder} does not match the model's trainable parameters")
-    with torch.no_grad():
-        for name, value in weights.items():
-            named[name].copy_(value)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(folder / "optimizer.safetensors").items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
-    return int(document["step"]), document["log"]
+def run_fingerprint(
+    framework: str, variant: str, data_dir: str | Path, config: dict[str, Any], seed: int,
+    processes: int, device: str,
+) -> checkpoints.Fingerprint:  # fmt: skip
+    """What a checkpoint must match to be resumed: the effective settings (the resolved section
+    and the variant's model settings), seed, code, ``pairs.parquet``'s bytes, the base weights'
+    files and the process layout."""
+    effective = {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED}
+    effective.update(framework=framework, variant=variant,
+                     model_settings=variant_settings(config, framework, variant))  # fmt: skip
+    return checkpoints.run_fingerprint(
+        "pretrain", settings=effective, seed=seed,
+        inputs={"pairs": Path(data_dir) / "pairs.parquet"},
+        weights=checkpoints.base_weights(config["weights"]), processes=processes, device=device,
+    )  # fmt: skip
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -194,7 +167,11 @@ def pretrain(
     """Train, checkpoint, and write the model folder ``out`` with ``train_log.parquet``.
 
     ``max_steps`` stops after that many steps in total (leaving only the checkpoint, returns
-    None): used to test kill-and-resume. A later call resumes from the checkpoint.
+    None): used to test kill-and-resume. A later call resumes from the newest checkpoint in
+    ``checkpoint_dir`` (default :func:`pipeline.checkpoints.default_location`) if its fingerprint
+    matches this run's; otherwise the folder is moved aside and training starts afresh.
+    A non-finite loss, gradient norm or weight raises ``FloatingPointError`` naming the step
+    (the last step's weights are checked by one more forward, as the next step would).
 
     Under ``accelerate launch`` with K processes (DDP), every process draws the same batch of
     ``batch_size`` crops (keyed by the step) and trains on its ``batch_size / K`` share; DDP
@@ -203,9 +180,15 @@ def pretrain(
     depend on K there (recorded as ``processes`` in the log's metadata); the one-step loss
     without VSD draws nothing and gives the one-process update for any K.
     """
-    config = stage_config(config)
+    config = stage_config(config, framework)
+    if config["steps"] < 1:
+        raise ValueError(f"pretrain.steps must be >= 1, got {config['steps']}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"pretrain max_steps must be >= 1, got {max_steps}")
     out = Path(out)
-    checkpoint = Path(checkpoint_dir) if checkpoint_dir else out / "checkpoint"
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location("pretrain", out)
+    )
     accelerator = make_accelerator(config["device"])
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process, remainder = divmod(config["batch_size"], world)
@@ -216,68 +199,94 @@ def pretrain(
     torch.manual_seed(0)  # nothing should draw from the global RNG; keep it fixed regardless
     model = build_model(framework, {**config, "device": str(accelerator.device)}, variant, seed)
     params = model.pretrain_parameters()
+    groups = parameter_groups(model, params)
+    named = _named_trainable(model, params)
     optimizer = torch.optim.AdamW(
         params, lr=config["lr"], betas=tuple(config["adam_betas"]),
         weight_decay=config["weight_decay"],
     )  # fmt: skip
+    fingerprint = run_fingerprint(framework, variant, data_dir, config, seed, world,
+                                  accelerator.device.type)  # fmt: skip
     start, log = 0, []
-    if (checkpoint / "state.json").is_file():
-        start, log = load_checkpoint(checkpoint, model, params, optimizer)
+    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
+    if resumed_from is not None:
+        start, log = checkpoints.load(resumed_from, named, optimizer, fingerprint)
+    last_good, saved = resumed_from, start
+    keep = config.get("keep_checkpoints", checkpoints.KEEP)
     objective, optimizer = accelerator.prepare(PretrainObjective(model), optimizer)
     source = PairSource(data_dir)
     total = config["steps"]
     stop = total if max_steps is None else min(total, max_steps)
+    where = f"pretrain {framework}/{variant}"
     bar = tqdm(range(start, stop), total=total, initial=start, file=sys.stderr, mininterval=1,
-               desc=f"pretrain {framework}/{variant}",
-               disable=not accelerator.is_main_process)  # fmt: skip
+               desc=where, disable=not accelerator.is_main_process)  # fmt: skip
     model.train()
     mine = slice(rank * per_process, (rank + 1) * per_process)
+    prompts = [config["prompt"]] * per_process
     for step in bar:
         lq, hq = source.batch(seed, variant, step, config["batch_size"], config["crop_size"],
                               config["hflip"])  # fmt: skip
         keys = (variant, step) if world == 1 else (variant, step, "process", rank)
-        loss, stats = objective(lq[mine], hq[mine], [config["prompt"]] * per_process,
+        loss, stats = objective(lq[mine], hq[mine], prompts,
                                 torch_generator(seed, "pretrain_loss", *keys))  # fmt: skip
-        if not finite_everywhere(accelerator, loss.detach()):
-            raise FloatingPointError(
-                f"pretrain {framework}/{variant}: non-finite loss at step {step} "
-                f"(process {rank}: {float(loss)})"
-            )
+        stopped = f"training stopped; last good checkpoint: {last_good or 'none'}"
+        checkpoints.check_finite(
+            accelerator, loss, f"{where}: non-finite loss at step {step} "
+            f"(process {rank}: {stats['loss']}); {stopped}",
+        )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        norm = accelerator.clip_grad_norm_(params, config["max_grad_norm"] or math.inf)
-        optimizer.step()
-        names = sorted(stats)
-        means = accelerator.reduce(
-            torch.tensor([stats[k] for k in names], dtype=torch.float64, device=accelerator.device),
-            reduction="mean",
+        norm = checkpoints.total_norm(
+            checkpoints.clip_gradients(accelerator, groups, config["max_grad_norm"])
         )
-        averaged = dict(zip(names, means.cpu().tolist(), strict=True))
+        checkpoints.check_finite(
+            accelerator, norm, f"{where}: non-finite gradient norm at step {step}; {stopped}"
+        )
+        optimizer.step()
+        checkpoints.check_finite(
+            accelerator, checkpoints.weights_flag(params),
+            f"{where}: non-finite weights after step {step}; {stopped}",
+        )  # fmt: skip
+        if step == stop - 1:  # no later step's forward will see these weights: look now
+            with torch.no_grad():
+                after, _ = model.pretrain_loss(lq[mine], hq[mine], prompts,
+                                               torch_generator(seed, "pretrain_loss", *keys))  # fmt: skip
+            checkpoints.check_finite(
+                accelerator, after,
+                f"{where}: non-finite loss after the last step (step {step}) with its weights; "
+                f"{stopped}",
+            )  # fmt: skip
+        names = sorted(stats)
+        means = checkpoints.reduce_mean(accelerator, [stats[k] for k in names])
+        averaged = dict(zip(names, means, strict=True))
         terms = {k: v for k, v in averaged.items() if k != "loss"}
         log.append({"step": step, "loss": averaged["loss"], "terms": json.dumps(terms),
-                    "lr": config["lr"], "grad_norm": float(norm)})  # fmt: skip
+                    "lr": config["lr"], "grad_norm": norm})  # fmt: skip
         bar.set_postfix(loss=f"{averaged['loss']:.4f}", refresh=False)
         done = step + 1
         if config["checkpoint_every"] and done % config["checkpoint_every"] == 0 and done < total:
             if accelerator.is_main_process:
-                save_checkpoint(checkpoint, model, params, optimizer, done, log)
+                last_good = checkpoints.save(checkpoint_dir, done, named, optimizer, log,
+                                             fingerprint, keep)  # fmt: skip
+            saved = done
             accelerator.wait_for_everyone()
     bar.close()
     if stop < total:
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoint, model, params, optimizer, stop, log)
+        if accelerator.is_main_process and saved < stop:
+            checkpoints.save(checkpoint_dir, stop, named, optimizer, log, fingerprint, keep)
         accelerator.wait_for_everyone()
         return None
     if accelerator.is_main_process:
         metadata = {"framework": framework, "variant": variant, "seed": seed, "config": config,
                     "model": model.describe(), "data": str(data_dir), "processes": world,
-                    "device": str(accelerator.device)}  # fmt: skip
+                    "device": str(accelerator.device), "fingerprint": fingerprint.fields,
+                    "fingerprint_hash": fingerprint.hash,
+                    "resumed_from": str(resumed_from) if resumed_from else None}  # fmt: skip
         with atomic_path(out) as folder:
             model.save_pretrained(folder)
             write_table(pd.DataFrame(log, columns=["step", "loss", "terms", "lr", "grad_norm"]),
                         folder / "train_log.parquet", "pretrain_log", metadata)  # fmt: skip
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
 
@@ -290,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--config", default="{}", help="the pretrain config section (JSON)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", default=None, help="default: OUT/checkpoint")
+    parser.add_argument(
+        "--checkpoints", default=None,
+        help="checkpoint folder (default: results/checkpoints/pretrain/... beside OUT's results/)",
+    )  # fmt: skip
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (checkpoint)")
     args = parser.parse_args(argv)
-    pretrain(args.framework, args.variant, args.data, args.out, json.loads(args.config),
-             args.seed, checkpoint_dir=args.checkpoint_dir, max_steps=args.max_steps)  # fmt: skip
+    pretrain(args.framework, args.variant, args.data, args.out, settings.cli_config(args.config),
+             args.seed, checkpoint_dir=args.checkpoints, max_steps=args.max_steps)  # fmt: skip
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -38,13 +37,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import losses
-from pipeline.distributed import finite_everywhere, make_accelerator
+from pipeline import checkpoints, losses, settings
+from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.masks import read_label_map
@@ -58,60 +55,41 @@ IMAGE_LEVEL = -1  # instance_id of an image-level pair in the preference_pairs t
 LOG_COLUMNS = ("step", "loss", *losses.STAT_KEYS, "lr", "grad_norm")
 
 
+_DEFAULTS = settings.defaults("train")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The ``train`` config section (defaults in brackets are the paper's where it gives one)."""
+    """The ``train`` config section; the values and their meaning are in the schema
+    (``workflow/schemas/config.schema.yaml``, the only copy of the defaults)."""
 
-    max_steps: int = 100  # optimizer steps (the paper does not give its iteration count)
-    batch_size: int = 4  # LQs per optimizer step over all processes and micro-steps [paper: 4]
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5  # [paper: 5e-5]
-    lr_warmup_steps: int = 0  # linear warm-up, then constant
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0  # clip the global grad norm; 0 disables clipping
-    beta: float = 8000.0  # [paper: 8000]
-    k: float = 0.5  # logit = -k * beta * d; 0.5 as Diffusion-DPO's code, 1 for the literal Eq. 5
-    dro_margin: float = 1e-3  # Diffusion-DRO's hinge margin
-    prompt: str = ""  # the conditional-branch prompt of every LQ
-    negative_prompts: bool = True  # M2: dropped prompts become the image's negative prompt
-    uncond_drop_rate: float = 0.2  # probability of training an LQ on the unconditional branch
-    checkpoint_every: int = 50  # optimizer steps between checkpoints
-    keep_checkpoints: int = 2  # newest checkpoints kept while training
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    device: str = "auto"  # auto | cpu | cuda
+    max_steps: int = _DEFAULTS["max_steps"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    gradient_accumulation_steps: int = _DEFAULTS["gradient_accumulation_steps"]
+    learning_rate: float = _DEFAULTS["learning_rate"]
+    lr_warmup_steps: int = _DEFAULTS["lr_warmup_steps"]
+    adam_beta1: float = _DEFAULTS["adam_beta1"]
+    adam_beta2: float = _DEFAULTS["adam_beta2"]
+    adam_epsilon: float = _DEFAULTS["adam_epsilon"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    max_grad_norm: float = _DEFAULTS["max_grad_norm"]
+    beta: float = _DEFAULTS["beta"]
+    k: float = _DEFAULTS["k"]
+    dro_margin: float = _DEFAULTS["dro_margin"]
+    prompt: str = _DEFAULTS["prompt"]
+    negative_prompts: bool = _DEFAULTS["negative_prompts"]
+    uncond_drop_rate: float = _DEFAULTS["uncond_drop_rate"]
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
+    keep_checkpoints: int = _DEFAULTS["keep_checkpoints"]
+    mixed_precision: str = _DEFAULTS["mixed_precision"]
+    gradient_checkpointing: bool = _DEFAULTS["gradient_checkpointing"]
+    device: str = _DEFAULTS["device"]
 
     @classmethod
     def from_dict(cls, section: dict[str, Any] | None) -> TrainConfig:
-        section = dict(section or {})
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known: {sorted(known)}")
-        config = cls(**section)
-        if config.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(
-                f"train.mixed_precision must be auto|no|bf16|fp16, got {config.mixed_precision!r}"
-            )
-        if config.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto|cpu|cuda, got {config.device!r}")
-        if not 0.0 <= config.uncond_drop_rate <= 1.0:
-            raise ValueError(
-                f"train.uncond_drop_rate must be in [0, 1], got {config.uncond_drop_rate}"
-            )
-        for name in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(config, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(config, name)}")
-        return config
+        """The section with the schema's defaults; bad keys, types or ranges raise
+        :class:`pipeline.settings.ConfigError` naming them."""
+        return cls(**settings.resolve("train", section))
 
 
 # -- preference items ----------------------------------------------------------------------------
@@ -487,100 +465,49 @@ def _trainable_names(model: SRModel) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
+# -- checkpoints -----------------------------------------------------------------------------------
+
+#: config keys a resumed run may change: they do not alter the steps already taken
+_NOT_FINGERPRINTED = ("max_steps", "checkpoint_every", "keep_checkpoints")
 
 
-def save_checkpoint(
-    directory: Path,
-    step: int,
-    model: SRModel,
-    optimizer: torch.optim.Optimizer,
-    log: list[dict],
-    fingerprint: dict,
-) -> Path:
-    """Write ``step-NNNNNNNN/`` atomically: trainable weights, optimizer, RNG state, log, step."""
-    final = directory / f"step-{step:08d}"
-    with atomic_path(final) as folder:
-        folder.mkdir()
-        save_file(
-            {n: p.detach().cpu().contiguous() for n, p in _trainable_names(model).items()},
-            folder / "trainable.safetensors",
-        )
-        state = optimizer.state_dict()
-        tensors = {
-            f"{index}.{key}": value.detach().cpu().contiguous()
-            for index, entries in state["state"].items()
-            for key, value in entries.items()
-        }
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(
-            tensors,
-            folder / "optimizer.safetensors",
-            metadata={"param_groups": json.dumps(state["param_groups"])},
-        )
-        save_file(rng, folder / "rng.safetensors")
-        write_table(
-            pd.DataFrame(log, columns=list(LOG_COLUMNS)), folder / "train_log.parquet", "train_log"
-        )
-        (folder / "state.json").write_text(
-            json.dumps({"step": step, "run": fingerprint}, indent=1, sort_keys=True)
-        )
-    return final
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (temporaries are ignored)."""
-    found = sorted(p for p in directory.glob("step-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
-
-
-def load_checkpoint(
-    path: Path, model: SRModel, optimizer: torch.optim.Optimizer, fingerprint: dict
-) -> tuple[int, list[dict]]:
-    """Restore weights, optimizer and RNG state; returns the step and the log so far."""
-    state = json.loads((path / "state.json").read_text())
-    if state["run"] != fingerprint:
-        raise ValueError(
-            f"checkpoint {path} belongs to a different run (config, inputs or seed changed); "
-            "delete the checkpoint folder to start afresh"
-        )
-    weights = load_file(path / "trainable.safetensors")
-    named = _trainable_names(model)
-    if set(weights) != set(named):
-        raise ValueError(f"checkpoint {path}: trainable parameters do not match the model")
-    with torch.no_grad():
-        for name, parameter in named.items():
-            parameter.copy_(weights[name])
-    with safe_open(path / "optimizer.safetensors", framework="pt") as handle:
-        groups = json.loads(handle.metadata()["param_groups"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        optimizer_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available() and "torch_cuda_0" in rng:
-        torch.cuda.set_rng_state_all(
-            [rng[f"torch_cuda_{i}"] for i in range(torch.cuda.device_count())]
-        )
-    log = read_table(path / "train_log.parquet", "train_log").to_dict("records")
-    return int(state["step"]), log
-
-
-def _prune_checkpoints(directory: Path, keep: int) -> None:
-    found = sorted(p for p in directory.glob("step-*") if (p / "state.json").is_file())
-    for old in found[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def run_fingerprint(
+    cfg: TrainConfig,
+    *,
+    framework: str,
+    method: str,
+    objective: str,
+    seed: int,
+    pairs_path: str | Path,
+    candidates_path: str | Path,
+    data_dir: str | Path,
+    masks_path: str | Path,
+    model_dir: str | Path,
+    model: SRModel | None,
+    processes: int,
+    device: str,
+) -> checkpoints.Fingerprint:
+    """What a checkpoint must match to be resumed: the effective settings, seed, code, the bytes
+    of the pairs and candidates tables, of the mask store (and of ``data/pairs.parquet`` where
+    there is one), the base model's weight files (or the in-memory model's state) and the
+    process layout."""
+    effective = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    effective.update(framework=framework, method=method, objective=objective)
+    inputs = {"pairs": pairs_path, "candidates": candidates_path, "masks": masks_path}
+    if (Path(data_dir) / "pairs.parquet").is_file():
+        inputs["data_pairs"] = Path(data_dir) / "pairs.parquet"
+    return checkpoints.run_fingerprint(
+        STAGE,
+        settings=effective,
+        seed=seed,
+        inputs=inputs,
+        weights=checkpoints.base_weights(model_dir, model),
+        processes=processes,
+        device=device,
+    )
 
 
 # -- the stage -----------------------------------------------------------------------------------
-
-
-_NOT_FINGERPRINTED = ("max_steps", "checkpoint_every", "keep_checkpoints")
 
 
 def train(
@@ -601,17 +528,22 @@ def train(
 ) -> Path:
     """Train ``method`` on the pairs and write ``out_dir`` (``save_pretrained`` + train_log.parquet).
 
-    Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>.checkpoints``) every
-    ``checkpoint_every`` steps; an existing one is resumed. A non-finite loss or gradient norm
-    raises ``FloatingPointError`` naming the step; the last good checkpoint stays. ``model``
+    Checkpoints go to ``checkpoint_dir`` (default :func:`pipeline.checkpoints.default_location`)
+    every ``checkpoint_every`` steps; the newest is resumed if its fingerprint matches this run's,
+    otherwise the folder is moved aside and training starts afresh. A non-finite loss, gradient
+    norm or weight raises ``FloatingPointError`` naming the step (the last step's weights are
+    checked by one more forward, as the next step would); the last good checkpoint stays. ``model``
     (optional) is an already loaded model, otherwise ``pipeline.models.load_model(model_dir)``.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(cfg, key)}")
     out_dir = Path(out_dir)
     checkpoint_dir = (
-        Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".checkpoints")
+        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
     )
     accelerator = make_accelerator(cfg.device, cfg.mixed_precision)
     world = accelerator.num_processes
@@ -635,6 +567,12 @@ def train(
         from pipeline.models import load_model
 
         model = load_model(model_dir)
+    fingerprint = run_fingerprint(
+        cfg, framework=framework, method=method, objective=objective, seed=seed,
+        pairs_path=pairs_path, candidates_path=candidates_path, data_dir=data_dir,
+        masks_path=masks_path, model_dir=model_dir, model=model, processes=world,
+        device=accelerator.device.type,
+    )  # fmt: skip
     trainable = _configure_model(model, cfg)
     # models may build their frozen reference lazily on first use: make it capture the
     # pretrained weights before a checkpoint overwrites them
@@ -647,22 +585,11 @@ def train(
         eps=cfg.adam_epsilon,
         weight_decay=cfg.weight_decay,
     )
-    # what a checkpoint must match to be resumed; max_steps and checkpointing may change
-    resumable = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    fingerprint = {
-        "framework": framework,
-        "method": method,
-        "objective": objective,
-        "seed": int(seed),
-        "config": resumable,
-        "items": len(items),
-        "pairs": str(pairs_path),
-        "model": str(model_dir),
-    }
+    named = _trainable_names(model)
     start, log = 0, []
-    resumed_from = latest_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
     if resumed_from is not None:
-        start, log = load_checkpoint(resumed_from, model, optimizer, fingerprint)
+        start, log = checkpoints.load(resumed_from, named, optimizer, fingerprint)
     last_good = resumed_from
 
     policy, optimizer = accelerator.prepare(PolicyErrors(model), optimizer)
@@ -697,49 +624,67 @@ def train(
                         policy, model, loaded, conditions, method
                     )
                 loss, stats = losses_from_errors(err_theta, err_ref, loaded, method, cfg)
-                if not finite_everywhere(accelerator, loss.detach()):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step + 1} (images {[e.item.image_id for e in loaded]}); "
-                        f"training stopped; last good checkpoint: {last_good or 'none'}"
-                    )
+                stopped = f"training stopped; last good checkpoint: {last_good or 'none'}"
+                checkpoints.check_finite(
+                    accelerator, loss, f"non-finite loss at step {step + 1} "
+                    f"(images {[e.item.image_id for e in loaded]}); {stopped}",
+                )  # fmt: skip
                 accelerator.backward(loss / cfg.gradient_accumulation_steps)
             totals += torch.tensor(
                 [float(loss.detach()), *(stats[k] for k in losses.STAT_KEYS)], dtype=torch.float64
             )
-        if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable])
-            )
-        if not finite_everywhere(accelerator, torch.as_tensor(grad_norm)):
-            raise FloatingPointError(
-                f"non-finite gradient norm at step {step + 1}; training stopped; "
-                f"last good checkpoint: {last_good or 'none'}"
-            )
+        grad_norm = checkpoints.total_norm(
+            checkpoints.clip_gradients(accelerator, [trainable], cfg.max_grad_norm)
+        )
+        checkpoints.check_finite(
+            accelerator, grad_norm, f"non-finite gradient norm at step {step + 1}; {stopped}"
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        means = accelerator.reduce(
-            totals.to(accelerator.device) / cfg.gradient_accumulation_steps, reduction="mean"
+        checkpoints.check_finite(
+            accelerator, checkpoints.weights_flag(trainable),
+            f"non-finite weights after step {step + 1}; {stopped}",
+        )  # fmt: skip
+        if step + 1 == cfg.max_steps:  # no later step's forward will see these weights: look now
+            with torch.no_grad():
+                with accelerator.autocast():
+                    err_theta, err_ref = shared_error_maps(
+                        PolicyErrors(model), model, loaded, conditions, method
+                    )
+                after, _ = losses_from_errors(err_theta, err_ref, loaded, method, cfg)
+            checkpoints.check_finite(
+                accelerator, after,
+                f"non-finite loss after the last step (step {step + 1}) with its weights; {stopped}",
+            )  # fmt: skip
+        means = checkpoints.reduce_mean(
+            accelerator, (totals / cfg.gradient_accumulation_steps).tolist()
         )
-        row = dict(zip(("loss", *losses.STAT_KEYS), means.cpu().tolist(), strict=True))
-        log.append({"step": step + 1, **row, "lr": lr, "grad_norm": float(grad_norm)})
+        row = dict(zip(("loss", *losses.STAT_KEYS), means, strict=True))
+        log.append({"step": step + 1, **row, "lr": lr, "grad_norm": grad_norm})
         progress.update(1)
         progress.set_postfix(
             loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.2f}", refresh=False
         )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
             if accelerator.is_main_process:
-                last_good = save_checkpoint(
-                    checkpoint_dir, step + 1, model, optimizer, log, fingerprint
-                )
-                _prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+                last_good = checkpoints.save(
+                    checkpoint_dir, step + 1, named, optimizer, log, fingerprint,
+                    cfg.keep_checkpoints,
+                )  # fmt: skip
             accelerator.wait_for_everyone()
     progress.close()
 
     if accelerator.is_main_process:
         metadata = {
-            **fingerprint,
+            "framework": framework,
+            "method": method,
+            "objective": objective,
+            "seed": int(seed),
+            "pairs": str(pairs_path),
+            "model": str(model_dir),
+            "items": len(items),
+            "fingerprint": fingerprint.fields,
+            "fingerprint_hash": fingerprint.hash,
             "config": dataclasses.asdict(cfg),
             "candidates": str(candidates_path),
             "data": str(data_dir),
@@ -779,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="pretrained model folder")
     parser.add_argument("--out", required=True, help="aligned/{framework}/{method}/{objective}/")
     parser.add_argument(
-        "--checkpoints", default=None, help="checkpoint folder (default: <out>.checkpoints)"
+        "--checkpoints",
+        default=None,
+        help="checkpoint folder (default: results/checkpoints/train/... beside OUT's results/)",
     )
     parser.add_argument("--config", default="{}", help="the train config section as JSON")
     parser.add_argument("--seed", type=int, default=0)
@@ -794,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         masks_path=args.masks,
         model_dir=args.model,
         out_dir=args.out,
-        config=json.loads(args.config),
+        config=settings.cli_config(args.config),
         seed=args.seed,
         checkpoint_dir=args.checkpoints,
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
+from pipeline import checkpoints
 from pipeline.io.tables import read_metadata, read_table
 from pipeline.models import load_model
 from pipeline.pretrain import PairSource, build_model, main, pretrain, stage_config
@@ -26,7 +28,7 @@ def data(tmp_path_factory):
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(data):
-    config = stage_config({**CONFIG, "model": {"lambda_vsd": 1.0}})
+    config = stage_config({**CONFIG, "model": {"lambda_vsd": 1.0}}, "onestep")
     model = build_model("onestep", config, "base", seed=0)
     params = model.pretrain_parameters()
     lq, hq = PairSource(data).batch(0, "base", 0, 2, 32, hflip=False)
@@ -43,12 +45,12 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(data):
 
 
 def test_variant_overrides_settings_and_unknown_variant_fails(data):
-    model = build_model("onestep", stage_config(CONFIG), "rank8", seed=0)
+    model = build_model("onestep", stage_config(CONFIG, "onestep"), "rank8", seed=0)
     assert model.adapters[0]["rank"] == 8
     with pytest.raises(KeyError, match="unknown variant 'nope'"):
-        build_model("onestep", stage_config(CONFIG), "nope", seed=0)
-    with pytest.raises(KeyError, match="unknown pretrain config keys"):
-        stage_config({"stepz": 3})
+        build_model("onestep", stage_config(CONFIG, "onestep"), "nope", seed=0)
+    with pytest.raises(KeyError, match=r"unknown pretrain.onestep config keys \['stepz'\]"):
+        stage_config({"stepz": 3}, "onestep")
 
 
 def test_kill_and_resume_gives_identical_weights(data, tmp_path):
@@ -56,10 +58,16 @@ def test_kill_and_resume_gives_identical_weights(data, tmp_path):
     whole = pretrain("onestep", "rank8", data, tmp_path / "whole", config, seed=1)
     # "killed" after 3 steps: the checkpoint of step 3 is all that is left
     assert pretrain("onestep", "rank8", data, tmp_path / "split", config, 1, max_steps=3) is None
-    state = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
+    folder = tmp_path / "checkpoints" / "pretrain" / "split"  # the default place
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-00000002", "step-00000003"]
+    state = json.loads((folder / "step-00000003" / "state.json").read_text())
     assert state["step"] == 3 and len(state["log"]) == 3
+    assert state["fingerprint"]["settings"]["lr"] == 1e-3 and state["fingerprint"]["seed"] == 1
     pretrain("onestep", "rank8", data, tmp_path / "split", config, seed=1)
-    assert not (tmp_path / "split" / "checkpoint").exists()
+    assert not folder.exists()
+    assert read_metadata(tmp_path / "split" / "train_log.parquet")["resumed_from"] == str(
+        folder / "step-00000003"
+    )
     a = (whole / "unet.safetensors").read_bytes()
     b = (tmp_path / "split" / "unet.safetensors").read_bytes()
     assert a == b
@@ -129,3 +137,76 @@ def test_batch_must_split_evenly_over_processes(data, tmp_path, monkeypatch):
         ValueError, match="batch_size 3 must be a multiple of the processes \\(2\\)"
     ):
         pretrain("onestep", "base", data, tmp_path / "out", {**CONFIG, "batch_size": 3}, seed=0)
+
+
+# -- fingerprinted checkpoints, checked steps, separate clipping (pipeline/checkpoints.py) ------
+def _stale_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.checkpoints"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"lr": 2e-3}, "settings.lr"),
+        ({"model": {"lambda_vsd": 0.0, "lambda_l2": 2.0}}, "settings.model.lambda_l2"),
+        ({"seed": 2}, "seed"),
+    ],
+    ids=["lr", "loss-weight", "seed"],
+)
+def test_a_changed_run_starts_afresh_and_keeps_the_old_checkpoints_aside(
+    data, tmp_path, caplog, change, field
+):
+    config = {**CONFIG, "steps": 4}
+    assert pretrain("onestep", "base", data, tmp_path / "out", config, 1, max_steps=2) is None
+    seed = change.get("seed", 1)
+    changed = {**config, **{k: v for k, v in change.items() if k != "seed"}}
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        out = pretrain("onestep", "base", data, tmp_path / "out", changed, seed)
+    stale = list((tmp_path / "checkpoints" / "pretrain").glob("out.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "step-00000002" / "state.json").is_file()
+    lines = _stale_lines(caplog)
+    assert len(lines) == 1 and field in lines[0] and "starting afresh" in lines[0]
+    assert read_metadata(out / "train_log.parquet")["resumed_from"] is None
+    # nothing of the old run leaks in: the result is an uninterrupted run of the new settings
+    fresh = pretrain("onestep", "base", data, tmp_path / "fresh", changed, seed)
+    assert (out / "unet.safetensors").read_bytes() == (fresh / "unet.safetensors").read_bytes()
+    log = read_table(out / "train_log.parquet", "pretrain_log")
+    assert log.equals(read_table(fresh / "train_log.parquet", "pretrain_log"))
+    assert log["lr"].tolist() == [changed["lr"]] * 4
+
+
+def test_a_blown_up_last_step_is_an_error_naming_it(data, tmp_path):
+    # Adam moves every weight by ~lr: finite weights of 1e30 that only a forward shows
+    config = {**CONFIG, "steps": 1, "lr": 1e30, "max_grad_norm": 0.0}
+    with pytest.raises(FloatingPointError, match=r"after the last step \(step 0\)"):
+        pretrain("onestep", "base", data, tmp_path / "out", config, seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fewer_than_one_step_is_refused_naming_the_key(data, tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        pretrain("onestep", "base", data, tmp_path / "out", {**CONFIG, "steps": 0}, seed=0)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        pretrain("onestep", "base", data, tmp_path / "out", CONFIG, seed=0, max_steps=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_loop_clips_generator_and_regulariser_as_two_groups(data, tmp_path, monkeypatch):
+    seen, original = [], checkpoints.clip_gradients
+
+    def spy(accelerator, groups, max_norm):
+        seen.append((len(groups), max_norm))
+        return original(accelerator, groups, max_norm)
+
+    monkeypatch.setattr(checkpoints, "clip_gradients", spy)
+    config = {**CONFIG, "steps": 1, "model": {"lambda_vsd": 1.0}}
+    pretrain("onestep", "base", data, tmp_path / "out", config, seed=0)
+    assert seen == [(2, 1.0)]
+
+
+def test_cli_takes_the_shared_checkpoints_flag(data, tmp_path):
+    folder = tmp_path / "elsewhere"
+    assert main(["--framework", "onestep", "--variant", "base", "--data", str(data), "--out",
+                 str(tmp_path / "out"), "--config", json.dumps({**CONFIG, "steps": 3}),
+                 "--checkpoints", str(folder), "--max-steps", "1"]) == 0  # fmt: skip
+    assert [p.name for p in folder.glob("step-*")] == ["step-00000001"]

@@ -1,6 +1,7 @@
 """pipeline.train: shared forwards vs a per-instance loop, one step, DDP, resume, NaN, outputs."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,7 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     assert log["loss"].iloc[0] == pytest.approx(np.log(2.0), rel=1e-4)  # step 1: policy = reference
     meta = read_metadata(full / "train_log.parquet")
     assert meta["method"] == "dspo" and meta["config"]["beta"] == 8000.0 and meta["processes"] == 1
-    assert not (tmp_path / "full.checkpoints").exists()
+    assert not (tmp_path / "checkpoints" / "train" / "full").exists()  # the default place
 
     # kill the second run while it draws step 3's batch: the step-2 checkpoint survives
     original = T.step_slots
@@ -218,7 +219,8 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     monkeypatch.setattr(T, "step_slots", killed_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         _run(inputs, tmp_path / "resumed", BASE)
-    assert [p.name for p in (tmp_path / "resumed.checkpoints").glob("step-*")] == ["step-00000002"]
+    folder = tmp_path / "checkpoints" / "train" / "resumed"
+    assert [p.name for p in folder.glob("step-*")] == ["step-00000002"]
     assert not (tmp_path / "resumed").exists()
     monkeypatch.setattr(T, "step_slots", original)
     resumed = _run(inputs, tmp_path / "resumed", BASE)
@@ -229,21 +231,85 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     assert read_metadata(resumed / "train_log.parquet")["resumed_from"].endswith("step-00000002")
 
 
-def test_checkpoint_of_another_run_is_refused(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "_prune_checkpoints", lambda *a: None)
-    monkeypatch.setattr(T.shutil, "rmtree", lambda *a, **k: None)  # keep the checkpoints
-    _run(inputs, tmp_path / "out", {**BASE, "max_steps": 2})
-    with pytest.raises(ValueError, match="different run"):
-        _run(inputs, tmp_path / "out", {**BASE, "beta": 100.0})
+@pytest.mark.parametrize("change", ["beta", "swapped-pairs", "base-weights"])
+def test_a_changed_run_starts_afresh_and_keeps_the_old_checkpoints_aside(
+    inputs, tmp_path, monkeypatch, caplog, change
+):
+    tiny_model().save_pretrained(tmp_path / "pretrained")
+    inputs = {**inputs, "model_dir": tmp_path / "pretrained"}
+
+    def run(out: Path, config: dict) -> Path:
+        return T.train(**inputs, method="dspo", out_dir=out, config=config, seed=3)
+
+    original = T.step_slots
+
+    def killed_at_step_three(n_items, step, batch_size, seed):
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+        return original(n_items, step, batch_size, seed)
+
+    monkeypatch.setattr(T, "step_slots", killed_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out", BASE)
+    monkeypatch.setattr(T, "step_slots", original)
+    config, field = BASE, None
+    if change == "beta":
+        config, field = {**BASE, "beta": 100.0}, "settings.beta"
+    elif change == "swapped-pairs":  # winners and losers swapped, same path, same item count
+        pairs = read_table(inputs["pairs_path"], "preference_pairs")
+        swapped = pairs.assign(winner=pairs["loser"], loser=pairs["winner"])
+        write_table(swapped, inputs["pairs_path"], "preference_pairs")
+        field = "inputs.pairs"
+    else:  # other base weights in the same model folder
+        build_tiny_model("multistep", block_out_channels=(8, 16), seed=1).save_pretrained(
+            tmp_path / "pretrained"
+        )
+        field = "weights."
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
+        out = run(tmp_path / "out", config)
+    stale = list((tmp_path / "checkpoints" / "train").glob("out.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "step-00000002" / "state.json").is_file()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.checkpoints"]
+    assert len(lines) == 1 and field in lines[0] and "starting afresh" in lines[0]
+    assert read_metadata(out / "train_log.parquet")["resumed_from"] is None
+    # nothing of the old run leaks in: the result is an uninterrupted run of the new inputs
+    fresh = run(tmp_path / "fresh", config)
+    pd.testing.assert_frame_equal(
+        read_table(out / "train_log.parquet", "train_log"),
+        read_table(fresh / "train_log.parquet", "train_log"),
+    )
+    a, b = _trained_weights(out), _trained_weights(fresh)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_blown_up_last_step_is_an_error_naming_it(inputs, tmp_path):
+    # Adam moves every weight by ~lr: finite weights of 1e30 that only a forward shows
+    config = {**BASE, "max_steps": 1, "learning_rate": 1e30, "max_grad_norm": 0.0}
+    with pytest.raises(FloatingPointError, match=r"after the last step \(step 1\)"):
+        _run(inputs, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fewer_than_one_step_is_refused_naming_the_key(inputs, tmp_path):
+    with pytest.raises(ValueError, match="max_steps"):
+        T.TrainConfig.from_dict({"max_steps": 0})
+    with pytest.raises(ValueError, match="train.max_steps must be >= 1"):
+        _run(inputs, tmp_path / "out", T.TrainConfig(max_steps=0, batch_size=2))
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(inputs, tmp_path):
-    # Adam's first update moves every weight by lr / (1 - beta1) = 1e38: it overflows the next forward
-    config = {**BASE, "learning_rate": 1e37, "max_grad_norm": 0.0, "checkpoint_every": 1}
-    with pytest.raises(FloatingPointError, match=r"at step 2 .*step-00000001"):
+    # Adam's first update moves every weight by ~lr: finite weights of 1e30 overflow the next forward
+    config = {**BASE, "learning_rate": 1e30, "max_grad_norm": 0.0, "checkpoint_every": 1}
+    with pytest.raises(FloatingPointError, match=r"loss at step 2 .*step-00000001"):
         _run(inputs, tmp_path / "out", config)
-    assert [p.name for p in (tmp_path / "out.checkpoints").glob("step-*")] == ["step-00000001"]
+    folder = tmp_path / "checkpoints" / "train" / "out"
+    assert [p.name for p in folder.glob("step-*")] == ["step-00000001"]
     assert not (tmp_path / "out").exists()
+    # weights that overflow in the update itself are caught at once: no checkpoint holds them
+    with pytest.raises(FloatingPointError, match=r"non-finite weights after step 1; .* none"):
+        _run(inputs, tmp_path / "inf", {**config, "learning_rate": 1e37})
+    assert not (tmp_path / "checkpoints" / "train" / "inf").exists()
 
 
 def test_config_errors_name_the_key(inputs, tmp_path):

@@ -11,7 +11,9 @@ rule pretrain:
         "benchmarks/pretrain/{framework}/{variant}.tsv"
     params:
         code=code_hash("pretrain"),
-        config=get_pretrain_config,
+        config=job_config("pretrain", "framework", "variant"),
+        config_file=job_config_file("pretrain", "framework", "variant"),
+        threads=STAGE_THREADS,
         seed=config["seed"],
         # outside the output folder: Snakemake deletes a failed job's outputs, not these
         checkpoints="results/checkpoints/pretrain/{framework}/{variant}",
@@ -19,8 +21,8 @@ rule pretrain:
     resources:
         gpu=config["gpus"]["pretrain"],
     shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {threads} --accelerate -- "
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
         "python -m pipeline pretrain --framework {wildcards.framework} "
         "--variant {wildcards.variant} --data {input} --out {output} "
-        "--checkpoint-dir {params.checkpoints} --config {params.config:q} "
+        "--checkpoints {params.checkpoints} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
