@@ -14,7 +14,7 @@ Steps, as in the paper:
    :func:`caption_similarity` is the cosine of a candidate's caption to the HQ caption of
    the same instance and :func:`flag_hallucinations` marks similarity < threshold (paper 0.1).
 4. :func:`negative_prompts`: the texts of an (image, candidate)'s hallucinated instances,
-   joined, become its negative prompt (DESIGN.md point 7), used by training and sampling.
+   joined, become its negative prompt (docs/design.md §7), used by training and sampling.
 
 Without a configured captioner the stage writes an empty ``captions`` table whose metadata
 says ``{"skipped": true, "reason": ...}``. Decoding draws no random numbers; ``--seed`` is

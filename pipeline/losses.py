@@ -1,4 +1,4 @@
-"""Preference losses on per-pixel denoising-error maps (DSPO paper Eqs. 3-7, DESIGN.md point 3).
+"""Preference losses on per-pixel denoising-error maps (DSPO paper Eqs. 3-7, docs/design.md §3).
 
 Inputs, for ONE low-quality image (LQ) and its ``N`` candidate SR images, all computed under one
 shared timestep ``t`` and one shared noise ``eps``:

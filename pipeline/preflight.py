@@ -29,7 +29,7 @@ What is checked (relative paths are read from ``root``, the run's working direct
   train: ``gpus.train`` x ``gradient_accumulation_steps``), which the stages check only when
   their job starts.
 
-Candidate settings that cannot differ are refused (issue 12; DESIGN point 9, "a guidance
+Candidate settings that cannot differ are refused (issue 12; docs/design.md §9, "a guidance
 setting that cannot change the output is a configuration error"):
 
 - one-step: a one-step model runs one step and has no sampling guidance, so ``steps``/``cfg`` in

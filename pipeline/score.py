@@ -1,7 +1,7 @@
 """Score stage: IQA of every candidate on every instance of the shared frame (DSPO Sec. 5.1).
 
 For each image the N candidates (one per setting) are scored against the HQ image on each
-instance of the image's label map (the partition of DESIGN.md point 2) and on the whole
+instance of the image's label map (the partition of docs/design.md §2) and on the whole
 image (``instance_id = -1``, :data:`WHOLE_IMAGE_ID`, used by the image-level baselines).
 How metrics are pooled per instance is described in :mod:`pipeline.iqa`.
 

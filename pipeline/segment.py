@@ -3,12 +3,12 @@
 Steps, as in the paper's section:
 
 1. :func:`generate_mask_records` runs the semantic extraction model on the shared frame
-   (the HQ image by default, DESIGN.md point 1). With a configured checkpoint this is
+   (the HQ image by default, docs/design.md §1). With a configured checkpoint this is
    ``segment_anything.SamAutomaticMaskGenerator`` (:func:`load_sam`, :func:`build_mask_generator`);
    without one a classical scikit-image segmenter (:func:`classical_mask_records`) stands in
    and the run log and every metadata record say that SAM was not used.
 2. :func:`masks_to_partition` turns the overlapping, gappy masks into the partition
-   ``S = {s_m}, Σ_m s_m = 1`` the loss needs (DESIGN.md point 2) and computes the instance
+   ``S = {s_m}, Σ_m s_m = 1`` the loss needs (docs/design.md §2) and computes the instance
    weights of Eq. (3), ``w_m = |s_m| / Σ_m |s_m|``.
 3. :func:`segment_images` does both for a folder; :func:`main` writes the label maps to
    ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`) and the ``instances`` table.

@@ -1,6 +1,6 @@
 """Select stage: Best/Worst-of-N winners and losers per instance (DSPO Sec. 4.2.1 and 5.1).
 
-Automatic IQA method (DESIGN.md point 8). Per instance, each metric of the objective is min–max
+Automatic IQA method (docs/design.md §8). Per instance, each metric of the objective is min–max
 normalised across the N candidates, flipped to ``1 - x`` where pyiqa says lower is better, and
 the weighted sum is the candidate's objective score. The best candidate is the winner, the
 worst the loser, ``margin`` the score difference. A tie for best or for worst (within
@@ -24,7 +24,7 @@ Outputs in ``pairs/{framework}/`` (table ``preference_pairs``), per objective ``
 ``weight = 1``) for Diffusion-DPO and DDPO; SFT trains on their ``winner`` (the preferred
 image). Human annotations give ``human.parquet`` and ``human_image.parquet`` (source ``human``).
 
-Negative prompt (DESIGN.md point 7): one per image, carried by every pair of that image,
+Negative prompt (docs/design.md §7): one per image, carried by every pair of that image,
 because winner and loser are denoised from the same LQ and sampling uses one negative prompt
 per LQ. For IQA pairs it joins the image's hallucinated candidate captions of the captions
 table (``pipeline.contracts.image_negative_prompts``); for human pairs the captions of the candidates flagged by a strict majority of an
@@ -72,7 +72,7 @@ class NoPairsError(ValueError):
 
 
 def objective_scores(scores: pd.DataFrame, metric_weights: Mapping[str, float]) -> pd.DataFrame:
-    """Per (image, instance, candidate) the weighted sum of normalised metrics (DESIGN.md 8).
+    """Per (image, instance, candidate) the weighted sum of normalised metrics (docs/design.md §8).
 
     Returns columns image_id, instance_id, candidate, score.
     """

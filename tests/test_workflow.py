@@ -1,7 +1,7 @@
 """The Snakemake DAG: job plans, and the `ci` preset run end to end once.
 
 The end-to-end test runs the real workflow (every stage, both frameworks, tiny models) in a
-copy of the repository, checks every artifact of DESIGN.md against its contract, then uses
+copy of the repository, checks every artifact of docs/design.md against its contract, then uses
 dry runs in the same copy to check caching: nothing to do on a second run, `--forcerun score`
 reruns score and its dependants only, and a changed setting or changed stage code reruns
 exactly the stages that depend on it.
@@ -111,7 +111,7 @@ def _with_setting(workdir: Path, text: str) -> Path:
 
 
 def check_artifacts(results: Path) -> None:
-    """Every file of DESIGN.md's data-contract table exists and matches its contract."""
+    """Every file of docs/design.md's data-contract table exists and matches its contract."""
     for split in ("train", "test"):
         pairs = read_table(results / f"data/{split}/pairs.parquet", "degradation_pairs")
         assert len(pairs) > 0

@@ -8,7 +8,7 @@ Layout of ``masks/{framework}.zarr`` (Zarr format 3, defined here and nowhere el
   whatever else the writer adds;
 - one array per image, named by the image id: uint16 ``[H, W]``, Zstd-compressed, chunked
   in tiles of at most 256 x 256. Each pixel holds exactly one instance id (a partition,
-  DESIGN.md point 2). Array attributes: ``instance_ids``, ``areas``, ``weights``,
+  docs/design.md §2). Array attributes: ``instance_ids``, ``areas``, ``weights``,
   ``remainder_id`` (``None`` when the masks cover the image) and any extra keys given.
 """
 

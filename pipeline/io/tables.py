@@ -1,4 +1,4 @@
-"""The Parquet data contracts of DESIGN.md, defined once.
+"""The Parquet data contracts of docs/design.md, defined once.
 
 Every table a later stage reads is written with :func:`write_table` and read with
 :func:`read_table`; both check the columns against the schema registered here under the

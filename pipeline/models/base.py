@@ -8,7 +8,7 @@ Conventions (every method):
   (the demo's residual pixel codec does, the SD VAE ignores it);
 - *error maps* are per-pixel squared denoising errors on the latent grid, mean over
   channels, ``[B, N, h, w]`` for ``N`` target images per LQ, computed under one shared
-  timestep and one shared noise per LQ (DESIGN.md point 3).
+  timestep and one shared noise per LQ (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class SRModel(ABC, nn.Module):
         """Per-pixel squared denoising error ``[B, N, h, w]`` of ``targets [B, N, 3, H, W]``.
 
         Multi-step: ``||eps_theta(x_t(target), t, lq, prompt) - eps||^2`` averaged over latent channels.
-        One-step: ``||z_hat(lq) - encode(target)||^2`` (the one-step limit, DESIGN.md point 4).
+        One-step: ``||z_hat(lq) - encode(target)||^2`` (the one-step limit, docs/design.md §4).
         Gradients flow into :meth:`trainable_parameters`.
         """
 

@@ -22,7 +22,7 @@ class ResidualPixelCodec(nn.Module, LatentCodec):
     """``latent = pixel_unshuffle((image - lq) * scale, factor)``; decode is the exact inverse.
 
     Coding the residual over the bicubic LQ makes a tiny model trained from scratch on a CPU
-    give real images (DESIGN.md point 6): the network only has to learn the missing detail.
+    give real images (docs/design.md §6): the network only has to learn the missing detail.
     """
 
     def __init__(self, factor: int = 4, scale: float = 4.0):

@@ -1,4 +1,4 @@
-# Prompts of every LQ (DESIGN.md point 9): the training split and each test set by its name.
+# Prompts of every LQ (docs/design.md §9): the training split and each test set by its name.
 # Test-set images and ids are listed as the evaluate rule lists them (same suffix pattern).
 if "train" in TESTSETS:
     raise ValueError("config testsets: 'train' names the training split's prompts; rename it")
