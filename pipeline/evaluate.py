@@ -21,8 +21,14 @@ The steps, each a function below:
    (:func:`~pipeline.models.base.upsample_lq`), then sampled in batches of same-sized images
    with the paper's inference settings (multi-step: spaced DDPM, 50 steps, cfg 5.5; one-step
    models ignore steps and cfg) and one generator per image,
-   ``torch_generator(seed, "evaluate", testset, image_id)``. The ``bicubic`` pseudo-model
-   returns the upsampled LQ itself (the classical baseline of the tables);
+   ``torch_generator(seed, "evaluate", testset, image_id)``. Each image takes its prompt (the
+   conditional branch) and negative prompt (the unconditional branch) from the test set's
+   prompts table (``--prompts``, ``prompts/{testset}.parquet``); an aligned ``dspo`` model is
+   sampled with the feedback vocabulary of its training pairs before the negative prompt
+   (``--feedback``, M2 in sampling, docs/prompts.md); its ``_nom2`` ablation without it. Without
+   a table (direct calls) prompts are empty and the negative prompt the model's default. The
+   ``bicubic`` pseudo-model returns the upsampled LQ itself (the classical baseline of the
+   tables);
 3. :func:`measure` — every metric on the saved 8-bit SR image against the HQ, as pyiqa
    computes it (:func:`pipeline.iqa.score_images`, weights offline, never downloaded).
 
@@ -36,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -49,164 +54,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import guidance, settings
 from pipeline.io.atomic import atomic_path
-from pipeline.io.images import list_images, read_rgb, to_tensor, to_uint8, write_png
-from pipeline.io.tables import read_table, write_table
+from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.tables import write_table
+from pipeline.io.testsets import TESTSET_KINDS, TestImage, load_testset
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images
 from pipeline.models.base import batch_invariant, upsample_lq
 from pipeline.seeding import torch_generator
 
-TESTSET_KINDS = ("synthetic", "paired")
 BICUBIC = "bicubic"
-#: (LQ folder, HQ folder) names tried in order under a paired test set's root
-PAIRED_LAYOUTS = (
-    ("LR", "HR"),
-    ("test_LR", "test_HR"),
-    ("LQ", "HQ"),
-    ("lr", "hr"),
-    ("lq", "hq"),
-    ("test_lr", "test_hr"),
-)
-#: suffixes stripped from file stems before LQ and HQ names are matched
-DEFAULT_SUFFIX_PATTERN = settings.defaults("evaluate")["name_suffix_pattern"]
-#: in a folder holding both kinds, which stems are HQ and which LQ
-HQ_STEM = re.compile(r"[_-](?:HR|GT|x1)$", re.IGNORECASE)
-LQ_STEM = re.compile(r"[_-](?:LR\d*|LQ|x[2-9]\d*)$", re.IGNORECASE)
+
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``evaluate`` section with the schema's defaults; bad keys, types or ranges raise
     :class:`pipeline.settings.ConfigError` naming them."""
     return settings.resolve("evaluate", overrides)
-
-
-# ----------------------------------------------------------------------------- 1. test sets
-
-
-@dataclass(frozen=True)
-class TestImage:
-    image_id: str
-    lq: Path
-    hq: Path
-
-
-def _safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
-
-
-def match_key(path: Path, root: Path, suffix_pattern: str) -> str:
-    """The name an LQ or HQ file is matched by: its path below ``root`` without extension,
-    folders joined by ``__``, with the suffixes of ``suffix_pattern`` stripped from the stem."""
-    stem = path.stem
-    pattern = re.compile(suffix_pattern, re.IGNORECASE)
-    while True:
-        stripped = pattern.sub("", stem)
-        if stripped == stem or not stripped:
-            break
-        stem = stripped
-    parts = [*path.relative_to(root).parent.parts, stem]
-    return _safe_id("__".join(parts))
-
-
-def match_pairs(
-    lq_files: Sequence[Path],
-    hq_files: Sequence[Path],
-    lq_root: Path,
-    hq_root: Path,
-    suffix_pattern: str = DEFAULT_SUFFIX_PATTERN,
-) -> list[TestImage]:
-    """Pair LQ and HQ files by :func:`match_key`; unmatched or ambiguous names raise ValueError."""
-    sides = {}
-    problems = []
-    for side, files, root in (("LQ", lq_files, lq_root), ("HQ", hq_files, hq_root)):
-        by_key: dict[str, list[Path]] = {}
-        for path in files:
-            by_key.setdefault(match_key(path, root, suffix_pattern), []).append(path)
-        for key, paths in sorted(by_key.items()):
-            if len(paths) > 1:
-                problems.append(f"{side} files share the name {key!r}: {[str(p) for p in paths]}")
-        sides[side] = {key: paths[0] for key, paths in by_key.items()}
-    lq_only = sorted(set(sides["LQ"]) - set(sides["HQ"]))
-    hq_only = sorted(set(sides["HQ"]) - set(sides["LQ"]))
-    if lq_only:
-        problems.append(f"LQ without HQ: {[str(sides['LQ'][k]) for k in lq_only]}")
-    if hq_only:
-        problems.append(f"HQ without LQ: {[str(sides['HQ'][k]) for k in hq_only]}")
-    if problems:
-        raise ValueError(
-            f"cannot pair LQ files of {lq_root} with HQ files of {hq_root}: " + "; ".join(problems)
-        )
-    return [TestImage(key, sides["LQ"][key], sides["HQ"][key]) for key in sorted(sides["LQ"])]
-
-
-def _child(root: Path, name: str) -> Path | None:
-    """The sub-folder of ``root`` called exactly ``name`` (case-sensitive even on macOS)."""
-    for child in root.iterdir():
-        if child.is_dir() and child.name == name:
-            return child
-    return None
-
-
-def find_paired_folders(root: str | Path) -> tuple[Path, Path]:
-    """``(lq_dir, hq_dir)`` of a paired test set: the first layout of :data:`PAIRED_LAYOUTS`
-    present under ``root``, else ``(root, root)`` when ``root`` itself holds both kinds."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"paired test set folder not found: {root}")
-    for lq_name, hq_name in PAIRED_LAYOUTS:
-        lq_dir, hq_dir = _child(root, lq_name), _child(root, hq_name)
-        if lq_dir is not None and hq_dir is not None:
-            return lq_dir, hq_dir
-    stems = [path.stem for path in list_images(root)]
-    if any(HQ_STEM.search(s) for s in stems) and any(LQ_STEM.search(s) for s in stems):
-        return root, root
-    tried = ", ".join(f"{lq}/ + {hq}/" for lq, hq in PAIRED_LAYOUTS)
-    raise FileNotFoundError(
-        f"{root}: no LQ/HQ folders found (tried {tried}) and no *_HR / *_LR4 files side by side"
-    )
-
-
-def load_paired(root: str | Path, suffix_pattern: str = DEFAULT_SUFFIX_PATTERN) -> list[TestImage]:
-    """The matched pairs of a RealSR / DRealSR style folder (see the module docstring)."""
-    lq_dir, hq_dir = find_paired_folders(root)
-    if lq_dir == hq_dir:
-        files = list_images(lq_dir)
-        hq_files = [path for path in files if HQ_STEM.search(path.stem)]
-        lq_files = [path for path in files if LQ_STEM.search(path.stem)]
-    else:
-        lq_files, hq_files = list_images(lq_dir), list_images(hq_dir)
-    if not hq_files:
-        raise FileNotFoundError(f"no HQ images found in {hq_dir}")
-    return match_pairs(lq_files, hq_files, lq_dir, hq_dir, suffix_pattern)
-
-
-def load_synthetic(folder: str | Path) -> list[TestImage]:
-    """The pairs of a degraded data folder (``hq/``, ``lq/``, ``pairs.parquet``)."""
-    folder = Path(folder)
-    pairs = read_table(folder / "pairs.parquet", "degradation_pairs")
-    images = [
-        TestImage(str(i), folder / "lq" / f"{i}.png", folder / "hq" / f"{i}.png")
-        for i in sorted(pairs["image_id"].astype(str))
-    ]
-    missing = [str(p) for image in images for p in (image.lq, image.hq) if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: images listed in pairs.parquet are missing: {missing}")
-    return images
-
-
-def load_testset(
-    kind: str, path: str | Path, suffix_pattern: str = DEFAULT_SUFFIX_PATTERN, max_images: int = 0
-) -> list[TestImage]:
-    """Step 1: the test images of a ``synthetic`` or ``paired`` test set, sorted by id."""
-    if kind == "synthetic":
-        images = load_synthetic(path)
-    elif kind == "paired":
-        images = load_paired(path, suffix_pattern)
-    else:
-        raise ValueError(f"unknown test set kind {kind!r}; expected one of {TESTSET_KINDS}")
-    if not images:
-        raise ValueError(f"test set {path} has no images")
-    return images[:max_images] if max_images else images
 
 
 # ----------------------------------------------------------------------------- 2. inference
@@ -267,12 +130,18 @@ def batches(images: Sequence[TestImage], batch_size: int) -> Iterator[list[Loade
 
 
 def super_resolve(
-    model, batch: Sequence[LoadedPair], testset: str, config: dict[str, Any], seed: int
+    model,
+    batch: Sequence[LoadedPair],
+    testset: str,
+    config: dict[str, Any],
+    seed: int,
+    prompts: dict[str, tuple[str, str]] | None = None,
 ) -> list[np.ndarray]:
-    """Step 2: the SR images (uint8 ``[H, W, 3]``) of one batch, one generator per image."""
+    """Step 2: the SR images (uint8 ``[H, W, 3]``) of one batch, one generator per image;
+    ``prompts`` maps each image id to its (prompt, negative prompt), None: empty prompts and
+    the model's default negative prompt."""
     lq = torch.stack([pair.lq for pair in batch])
-    count = len(batch)
-    negative = config["negative_prompt"]
+    ids = [pair.image.image_id for pair in batch]
     # each image's output must not depend on its batch neighbours (byte-identical reruns
     # whatever batch_size); BicubicModel is no nn.Module and needs no such care
     invariance = (
@@ -281,8 +150,8 @@ def super_resolve(
     with invariance:
         sr = model.sample(
             lq,
-            prompts=[config["prompt"]] * count,
-            negative_prompts=None if negative is None else [negative] * count,
+            prompts=[prompts[i][0] for i in ids] if prompts else [""] * len(ids),
+            negative_prompts=[prompts[i][1] for i in ids] if prompts else None,
             steps=config["steps"],
             cfg=config["cfg"],
             generators=[
@@ -359,12 +228,26 @@ def evaluate(
     config: dict[str, Any] | None = None,
     seed: int = 0,
     registry: MetricRegistry | None = None,
+    prompts: str | Path | None = None,
+    feedback: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Evaluate one model on one test set; writes ``out_dir`` and returns the metrics table."""
+    """Evaluate one model on one test set; writes ``out_dir`` and returns the metrics table.
+
+    ``prompts``: the test set's prompts table; ``feedback``: the preference pairs a ``dspo``
+    model was trained on, whose hallucination vocabulary joins the negative prompts (M2)."""
     config = stage_config(config)
     images = load_testset(
         testset_kind, testset_path, config["name_suffix_pattern"], int(config["max_images"])
     )
+    if prompts is not None:
+        texts, prompt_record = guidance.stage_prompts(
+            prompts, [image.image_id for image in images], feedback=feedback,
+            mode="vocabulary", where=f"evaluate {model_name} on {testset}",
+        )  # fmt: skip
+    elif feedback is not None:
+        raise ValueError("evaluate: --feedback needs --prompts (the negative prompts it joins)")
+    else:
+        texts, prompt_record = None, guidance.no_table_record(None)
     model = load_sr_model(model_path, config)
     metric_names = list(config["metrics"])
     registry = registry or MetricRegistry(
@@ -383,7 +266,7 @@ def evaluate(
     with atomic_path(out_dir) as folder:
         (folder / "images").mkdir(parents=True)
         for batch in batches(images, int(config["batch_size"])):
-            sr_images = super_resolve(model, batch, testset, config, seed)
+            sr_images = super_resolve(model, batch, testset, config, seed, texts)
             for pair, sr in zip(batch, sr_images, strict=True):
                 write_png(folder / "images" / f"{pair.image.image_id}.png", sr)
             scores = measure(registry, metric_names, sr_images, [pair.hq for pair in batch])
@@ -408,6 +291,7 @@ def evaluate(
             "n_images": len(images),
             "seed": seed,
             "config": config,
+            "prompts": prompt_record,
             **metrics_metadata(registry, metric_names),
             "stand_ins": stand_ins(description, metric_names),
         }
@@ -427,10 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--config", default="{}", help="the `evaluate` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed")
+    parser.add_argument("--prompts", type=Path, default=None,
+                        help="prompts/{testset}.parquet: each image's prompt and negative prompt")  # fmt: skip
+    parser.add_argument("--feedback", type=Path, default=None,
+                        help="M2: the pairs table the model was trained on; its hallucination "
+                             "vocabulary joins the negative prompts")  # fmt: skip
     args = parser.parse_args(argv)
     table = evaluate(
         args.model, args.model_name, args.testset, args.testset_kind, args.testset_path,
         args.out, settings.cli_config(args.config), args.seed,
+        prompts=args.prompts, feedback=args.feedback,
     )  # fmt: skip
     means = table.groupby("metric", sort=False)["value"].mean()
     summary = ", ".join(f"{name} {value:.4g}" for name, value in means.items())

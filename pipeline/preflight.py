@@ -25,6 +25,8 @@ What is checked (relative paths are read from ``root``, the run's working direct
 - models and candidates, per framework in ``frameworks``: a ``base`` variant; every candidate
   setting's variant configured; unique setting names; ``segment.source`` 'hq' or a setting name;
   settings that cannot differ (below);
+- tiny models (no ``pretrain.<fw>.weights``): their base network is trained
+  (``train_base`` / ``train_unet``), else a random frozen base would be fine-tuned;
 - GPUs: batch sizes divisible by the processes ``gpus`` starts (pretrain: ``gpus.pretrain``;
   train: ``gpus.train`` x ``gradient_accumulation_steps``), which the stages check only when
   their job starts.
@@ -90,6 +92,7 @@ def find_problems(config: Mapping[str, Any], root: Path) -> list[tuple[str, str]
     checker.metrics()
     checker.data()
     checker.candidates()
+    checker.tiny_models()
     checker.gpus()
     return checker.problems
 
@@ -409,6 +412,24 @@ class _Checker:
             )
 
     # helpers
+
+    def tiny_models(self) -> None:
+        """A model built from scratch (no ``weights``) must train its base network: a random,
+        frozen UNet under a LoRA (or a ControlNet) cannot learn to super-resolve."""
+        trained = {"onestep": "train_base", "multistep": "train_unet"}
+        for framework in self.config["frameworks"]:
+            if self.config["pretrain"][framework]["weights"]:
+                continue
+            key = trained[framework]
+            for variant in self.used_variants(framework):
+                model = self.variant(framework, variant)
+                if model is not None and not model[key]:
+                    self.problem(
+                        f"pretrain.{framework}.model.{key}",
+                        f"false for variant {variant!r}, but pretrain.{framework}.weights is empty "
+                        f"(a tiny model from scratch): its random base would stay frozen; set "
+                        f"model.{key}: true, or name real weights",
+                    )
 
     def used_variants(self, framework: str) -> list[str]:
         """The variants the run pretrains: the base and every candidate setting's variant."""

@@ -6,6 +6,10 @@ crops, flips and batches are drawn from ``torch_generator(seed, "pretrain", vari
 so a run killed and resumed from its last checkpoint ends with the same weights as an
 uninterrupted one (bit for bit on the CPU). Checkpoints are :mod:`pipeline.checkpoints`'
 ``step-N/`` folders (the same as ``train``'s), resumed only by a run with the same fingerprint.
+Each pair trains on its LQ's prompt and negative prompt from the prompts table (``--prompts``,
+``prompts/train.parquet``): the prompt conditions the model, the negative prompt is the VSD real
+score's unconditional branch (one-step), so cfg_vsd 6 and 12 give different losses. Without a
+table (direct calls) prompts are empty and the negative prompt the model's ``negative_prompt``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpoints, settings
+from pipeline import checkpoints, guidance, settings
 from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
@@ -29,6 +33,7 @@ from pipeline.io.tables import read_table, write_table
 from pipeline.models import model_class
 from pipeline.models.base import SRModel, upsample_lq
 from pipeline.seeding import torch_generator
+
 
 def stage_config(config: dict[str, Any] | None, framework: str) -> dict[str, Any]:
     """The ``pretrain.<framework>`` section with the schema's defaults; bad keys or values raise
@@ -89,6 +94,12 @@ class PairSource:
             hq_crop, lq_crop = hq_crop.flip(-1), lq_crop.flip(-1)
         return lq_crop, hq_crop
 
+    def image_ids(self, seed: int, variant: str, step: int, batch_size: int) -> list[str]:
+        """The image ids of batch ``step``, in batch order (the draws :meth:`batch` makes)."""
+        generator = torch_generator(seed, "pretrain", variant, step)
+        indices = torch.randint(0, len(self.pairs), (batch_size,), generator=generator).tolist()
+        return [str(self.pairs.iloc[i]["image_id"]) for i in indices]
+
     def batch(
         self, seed: int, variant: str, step: int, batch_size: int, crop_size: int, hflip: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,17 +137,18 @@ def parameter_groups(
 
 def run_fingerprint(
     framework: str, variant: str, data_dir: str | Path, config: dict[str, Any], seed: int,
-    processes: int, device: str,
+    processes: int, device: str, prompts: str | Path | None = None,
 ) -> checkpoints.Fingerprint:  # fmt: skip
     """What a checkpoint must match to be resumed: the effective settings (the resolved section
-    and the variant's model settings), seed, code, ``pairs.parquet``'s bytes, the base weights'
-    files and the process layout."""
+    and the variant's model settings), seed, code, ``pairs.parquet``'s bytes (and the prompts
+    table's, when given), the base weights' files and the process layout."""
     effective = {k: v for k, v in config.items() if k not in NOT_FINGERPRINTED}
     effective.update(framework=framework, variant=variant,
                      model_settings=variant_settings(config, framework, variant))  # fmt: skip
     return checkpoints.run_fingerprint(
         "pretrain", settings=effective, seed=seed,
-        inputs={"pairs": Path(data_dir) / "pairs.parquet"},
+        inputs={"pairs": Path(data_dir) / "pairs.parquet",
+                **({"prompts": Path(prompts)} if prompts is not None else {})},
         weights=checkpoints.base_weights(config["weights"]), processes=processes, device=device,
     )  # fmt: skip
 
@@ -149,8 +161,8 @@ class PretrainObjective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, lq, hq, prompts, generator):
-        return self.model.pretrain_loss(lq, hq, prompts, generator)
+    def forward(self, lq, hq, prompts, generator, negative_prompts=None):
+        return self.model.pretrain_loss(lq, hq, prompts, generator, negative_prompts)
 
 
 def pretrain(
@@ -163,6 +175,7 @@ def pretrain(
     *,
     checkpoint_dir: str | Path | None = None,
     max_steps: int | None = None,
+    prompts: str | Path | None = None,
 ) -> Path | None:
     """Train, checkpoint, and write the model folder ``out`` with ``train_log.parquet``.
 
@@ -179,6 +192,8 @@ def pretrain(
     timesteps, prompt dropout) are keyed by the process as well when K > 1, so the weights
     depend on K there (recorded as ``processes`` in the log's metadata); the one-step loss
     without VSD draws nothing and gives the one-process update for any K.
+
+    ``prompts``: the training split's prompts table (each pair's prompt and negative prompt).
     """
     config = stage_config(config, framework)
     if config["steps"] < 1:
@@ -206,7 +221,7 @@ def pretrain(
         weight_decay=config["weight_decay"],
     )  # fmt: skip
     fingerprint = run_fingerprint(framework, variant, data_dir, config, seed, world,
-                                  accelerator.device.type)  # fmt: skip
+                                  accelerator.device.type, prompts)  # fmt: skip
     start, log = 0, []
     resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
     if resumed_from is not None:
@@ -215,6 +230,12 @@ def pretrain(
     keep = config.get("keep_checkpoints", checkpoints.KEEP)
     objective, optimizer = accelerator.prepare(PretrainObjective(model), optimizer)
     source = PairSource(data_dir)
+    if prompts is not None:
+        texts, prompt_record = guidance.stage_prompts(
+            prompts, source.pairs["image_id"].astype(str), where=f"pretrain {framework}/{variant}"
+        )
+    else:
+        texts, prompt_record = None, guidance.no_table_record(None)
     total = config["steps"]
     stop = total if max_steps is None else min(total, max_steps)
     where = f"pretrain {framework}/{variant}"
@@ -222,13 +243,16 @@ def pretrain(
                desc=where, disable=not accelerator.is_main_process)  # fmt: skip
     model.train()
     mine = slice(rank * per_process, (rank + 1) * per_process)
-    prompts = [config["prompt"]] * per_process
     for step in bar:
         lq, hq = source.batch(seed, variant, step, config["batch_size"], config["crop_size"],
                               config["hflip"])  # fmt: skip
         keys = (variant, step) if world == 1 else (variant, step, "process", rank)
-        loss, stats = objective(lq[mine], hq[mine], prompts,
-                                torch_generator(seed, "pretrain_loss", *keys))  # fmt: skip
+        ids = source.image_ids(seed, variant, step, config["batch_size"])[mine]
+        texts_now = [texts[i] for i in ids] if texts else [("", "")] * len(ids)
+        step_prompts = [prompt for prompt, _ in texts_now]
+        negatives = [negative for _, negative in texts_now] if texts else None
+        loss, stats = objective(lq[mine], hq[mine], step_prompts,
+                                torch_generator(seed, "pretrain_loss", *keys), negatives)  # fmt: skip
         stopped = f"training stopped; last good checkpoint: {last_good or 'none'}"
         checkpoints.check_finite(
             accelerator, loss, f"{where}: non-finite loss at step {step} "
@@ -249,8 +273,9 @@ def pretrain(
         )  # fmt: skip
         if step == stop - 1:  # no later step's forward will see these weights: look now
             with torch.no_grad():
-                after, _ = model.pretrain_loss(lq[mine], hq[mine], prompts,
-                                               torch_generator(seed, "pretrain_loss", *keys))  # fmt: skip
+                after, _ = model.pretrain_loss(lq[mine], hq[mine], step_prompts,
+                                               torch_generator(seed, "pretrain_loss", *keys),
+                                               negatives)  # fmt: skip
             checkpoints.check_finite(
                 accelerator, after,
                 f"{where}: non-finite loss after the last step (step {step}) with its weights; "
@@ -279,6 +304,7 @@ def pretrain(
     if accelerator.is_main_process:
         metadata = {"framework": framework, "variant": variant, "seed": seed, "config": config,
                     "model": model.describe(), "data": str(data_dir), "processes": world,
+                    "prompts": prompt_record,
                     "device": str(accelerator.device), "fingerprint": fingerprint.fields,
                     "fingerprint_hash": fingerprint.hash,
                     "resumed_from": str(resumed_from) if resumed_from else None}  # fmt: skip
@@ -304,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoint folder (default: results/checkpoints/pretrain/... beside OUT's results/)",
     )  # fmt: skip
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (checkpoint)")
+    parser.add_argument("--prompts", default=None,
+                        help="prompts/train.parquet: each pair's prompt and negative prompt")  # fmt: skip
     args = parser.parse_args(argv)
     pretrain(args.framework, args.variant, args.data, args.out, settings.cli_config(args.config),
-             args.seed, checkpoint_dir=args.checkpoints, max_steps=args.max_steps)  # fmt: skip
+             args.seed, checkpoint_dir=args.checkpoints, max_steps=args.max_steps,
+             prompts=args.prompts)  # fmt: skip
     return 0
 
 

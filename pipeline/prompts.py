@@ -21,7 +21,7 @@ no-op) is an error.
 
 Images and ids: ``train`` is a degraded data folder, listed by its ``pairs.parquet``
 (image_id, lq_path); ``synthetic`` and ``paired`` test sets are listed by
-:func:`pipeline.evaluate.load_testset`, so the ids are the ones the evaluation uses.
+:func:`pipeline.io.testsets.load_testset`, so the ids are the ones the evaluation uses.
 
 User description feedback in sampling (the paper's M2, docs/prompts.md): a training image's
 negative prompt during candidate regeneration is its own hallucination captions followed by
@@ -117,7 +117,7 @@ def list_lq_images(
     """The (image_id, LQ file) of a split, sorted by id.
 
     ``train``: a degraded data folder, its ``pairs.parquet`` (image_id, lq_path relative to the
-    folder). ``synthetic`` / ``paired``: :func:`pipeline.evaluate.load_testset`, with the
+    folder). ``synthetic`` / ``paired``: :func:`pipeline.io.testsets.load_testset`, with the
     evaluation's ``name_suffix_pattern`` (its default when None).
     """
     folder = Path(images)
@@ -135,7 +135,7 @@ def list_lq_images(
         return listed
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    from pipeline.evaluate import DEFAULT_SUFFIX_PATTERN, load_testset
+    from pipeline.io.testsets import DEFAULT_SUFFIX_PATTERN, load_testset
 
     testset = load_testset(kind, folder, suffix_pattern or DEFAULT_SUFFIX_PATTERN)
     return [LQImage(image.image_id, image.lq) for image in testset]

@@ -12,7 +12,10 @@ The steps, each a function below:
 2. :func:`format_tables` — Tables 1 and 2 of the paper in one layout: per test set, one row per
    method with the metric means (best in bold, second best in italics, as the paper's red and
    blue), and under every method but the baseline a row of its differences to the baseline
-   (improvements in bold, as Table 2's red). Markdown (``tables.md``) and CSV (``tables.csv``);
+   (improvements in bold, as Table 2's red). The ablations of Table 2 sit under their DSPO
+   row: ``dspo_m1_<objective>`` (trained without the feedback negatives, M1 only) and
+   ``dspo_<objective>_nom2`` (the DSPO model sampled without them: M2 in sampling off, see
+   docs/prompts.md). Markdown (``tables.md``) and CSV (``tables.csv``);
 3. :func:`radar_values` / :func:`plot_radar` — Figure 4: per test set, each metric min–max
    normalised across the models and sign-flipped where lower is better, so outward is better
    and the best model of every axis sits at 1 (the worst at ``radar_floor``). Figure 4 leaves
@@ -74,12 +77,48 @@ def read_metrics(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, dict[tuple[
     return pd.concat(frames, ignore_index=True), metadata
 
 
+#: Table 2's ablation rows: the evaluation name of each ablation of ``dspo_<objective>``
+ABLATIONS = {
+    "dspo_m1_{objective}": "DSPO trained without the feedback negatives (M1 only)",
+    "dspo_{objective}_nom2": "DSPO sampled without the feedback negatives (no M2 in sampling)",
+}
+
+
+def ablations_of(model: str) -> list[str]:
+    """The ablation names of a ``dspo_<objective>`` model (Table 2), [] for other models."""
+    if not model.startswith("dspo_") or model.startswith("dspo_m1_") or model.endswith("_nom2"):
+        return []
+    objective = model[len("dspo_") :]
+    return [name.format(objective=objective) for name in ABLATIONS]
+
+
+def ablation_label(model: str) -> str | None:
+    """What an ablation row is (for the legend), None for other models."""
+    if model.startswith("dspo_m1_"):
+        return ABLATIONS["dspo_m1_{objective}"]
+    if model.startswith("dspo_") and model.endswith("_nom2"):
+        return ABLATIONS["dspo_{objective}_nom2"]
+    return None
+
+
 def model_order(models: Iterable[str], config: dict[str, Any]) -> list[str]:
-    """``model_order`` first, then ``bicubic``, the baseline, the rest as first seen."""
+    """``model_order`` first, then ``bicubic``, the baseline, the rest as first seen, each DSPO
+    model's ablations (:data:`ABLATIONS`) right under it unless ``model_order`` places them."""
     seen = list(dict.fromkeys(models))
     leading = [*config["model_order"], "bicubic", config["baseline_model"]]
     ordered = [m for m in dict.fromkeys(leading) if m in seen]
-    return ordered + [m for m in seen if m not in ordered]
+    placed = set(ordered)
+    rest = []
+    for model in seen:
+        if model in placed:
+            continue
+        rest.append(model)
+        placed.add(model)
+        for ablation in ablations_of(model):
+            if ablation in seen and ablation not in placed:
+                rest.append(ablation)
+                placed.add(ablation)
+    return ordered + rest
 
 
 def metric_order(metrics: Iterable[str]) -> list[str]:
@@ -226,6 +265,11 @@ def format_tables(summary: pd.DataFrame, config: dict[str, Any]) -> tuple[str, p
         f"(the paper's red / blue). Δ rows: difference to `{baseline}`, improvements in bold "
         f"(Table 2's red). ↑ higher is better, ↓ lower is better."
     )
+    shown = [m for m in dict.fromkeys(summary["model"]) if ablation_label(m)]
+    if shown:
+        legend += (
+            " Ablations (Table 2): " + "; ".join(f"`{m}`: {ablation_label(m)}" for m in shown) + "."
+        )
     text = "# Results\n\n" + legend + "\n\n" + "\n\n".join(blocks) + "\n"
     table = pd.concat(frames, ignore_index=True)
     return text, table[["testset", *[c for c in table.columns if c != "testset"]]]
@@ -314,7 +358,7 @@ def grid_panels(
 ) -> list[tuple[str, list[np.ndarray]]]:
     """Per grid image: its id and the crops ``[LQ, model..., HQ]`` (the first ``grid_images``
     image ids; LQ/HQ files found again from the test set recorded by `evaluate`)."""
-    from pipeline.evaluate import DEFAULT_SUFFIX_PATTERN, load_testset
+    from pipeline.io.testsets import DEFAULT_SUFFIX_PATTERN, load_testset
 
     recorded = metadata[(testset, models[0])]
     pattern = recorded.get("config", {}).get("name_suffix_pattern", DEFAULT_SUFFIX_PATTERN)

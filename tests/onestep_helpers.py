@@ -32,3 +32,8 @@ def make_pairs(root: Path, count: int = 3, size: int = 32, scale: int = 4) -> Pa
         rows.append(row)
     write_table(pd.DataFrame(rows), root / "pairs.parquet", "degradation_pairs")
     return root
+
+
+# what build_tiny assumes for a model from scratch, written out as a config must (the schema's
+# defaults are a real SD base's: frozen base, no LQ concatenation, AdaIN colour fix)
+TINY_MODEL = {"lambda_vsd": 0.0, "train_base": True, "lq_condition": "concat", "color_fix": "none"}

@@ -16,7 +16,7 @@ import torch
 from pipeline import checkpoints as C
 from pipeline.distributed import make_accelerator
 from pipeline.pretrain import PairSource, build_model, parameter_groups, stage_config
-from tests.onestep_helpers import TINY, make_pairs
+from tests.onestep_helpers import TINY, TINY_MODEL, make_pairs
 
 
 def _fingerprint(tmp_path: Path, **changes) -> C.Fingerprint:
@@ -144,7 +144,7 @@ def test_pretraining_clips_generator_and_regulariser_separately(tmp_path):
     # OSEDiff clips its two optimizers (generator, VSD regulariser) each to max_grad_norm
     data = make_pairs(tmp_path / "data")
     config = stage_config({"batch_size": 2, "crop_size": 32, "device": "cpu", "tiny": TINY,
-                           "model": {"lambda_vsd": 1.0}}, "onestep")  # fmt: skip
+                           "model": {**TINY_MODEL, "lambda_vsd": 1.0}}, "onestep")  # fmt: skip
     model = build_model("onestep", config, "base", seed=0)
     params = model.pretrain_parameters()
     groups = parameter_groups(model, params)
@@ -176,7 +176,7 @@ def test_pretraining_clips_generator_and_regulariser_separately(tmp_path):
 
 
 def test_without_the_regulariser_there_is_one_group():
-    config = stage_config({"device": "cpu", "tiny": TINY, "model": {"lambda_vsd": 0.0}}, "onestep")
+    config = stage_config({"device": "cpu", "tiny": TINY, "model": TINY_MODEL}, "onestep")
     model = build_model("onestep", config, "base", seed=0)
     params = model.pretrain_parameters()
     assert parameter_groups(model, params) == [params]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import evaluate
+from pipeline.io import testsets
 from pipeline.io.images import read_rgb, write_png
 from pipeline.io.tables import read_metadata, read_table, schema_for, write_table
 
@@ -55,7 +56,7 @@ def test_paired_layouts_match_names_after_stripping_suffixes(tmp_path):
         touch_png(tmp_path / "test_LR" / f"{name}.png", 4)
     for name in ("Canon_001_HR", "0801", "dreal_7_x1"):
         touch_png(tmp_path / "test_HR" / f"{name}.png", 16)
-    images = evaluate.load_testset("paired", tmp_path)
+    images = testsets.load_testset("paired", tmp_path)
     assert [image.image_id for image in images] == ["0801", "Canon_001", "dreal_7"]
     assert images[1].lq.name == "Canon_001_LR4.png"
     assert images[1].hq.name == "Canon_001_HR.png"
@@ -64,14 +65,14 @@ def test_paired_layouts_match_names_after_stripping_suffixes(tmp_path):
 def test_lr_hr_layout_preferred_and_flat_realsr_v3_folder(tmp_path):
     touch_png(tmp_path / "a" / "LR" / "x.png", 4)
     touch_png(tmp_path / "a" / "HR" / "x.png", 16)
-    assert evaluate.find_paired_folders(tmp_path / "a") == (
+    assert testsets.find_paired_folders(tmp_path / "a") == (
         tmp_path / "a" / "LR",
         tmp_path / "a" / "HR",
     )
     flat = tmp_path / "Canon" / "Test" / "4"
     touch_png(flat / "Canon_001_LR4.png", 4)
     touch_png(flat / "Canon_001_HR.png", 16)
-    images = evaluate.load_paired(tmp_path / "Canon")
+    images = testsets.load_paired(tmp_path / "Canon")
     assert [(i.image_id, i.lq.name, i.hq.name) for i in images] == [
         ("Test__4__Canon_001", "Canon_001_LR4.png", "Canon_001_HR.png")
     ]
@@ -83,7 +84,7 @@ def test_unmatched_names_are_listed(tmp_path):
     touch_png(tmp_path / "HR" / "one_HR.png", 16)
     touch_png(tmp_path / "HR" / "orphan_HR.png", 16)
     with pytest.raises(ValueError, match="LQ without HQ") as error:
-        evaluate.load_testset("paired", tmp_path)
+        testsets.load_testset("paired", tmp_path)
     assert "lonely_LR4.png" in str(error.value)
     assert "orphan_HR.png" in str(error.value)
     assert "one_" not in str(error.value)
@@ -92,15 +93,15 @@ def test_unmatched_names_are_listed(tmp_path):
 def test_missing_layout_is_a_clear_error(tmp_path):
     touch_png(tmp_path / "images" / "x.png")
     with pytest.raises(FileNotFoundError, match="no LQ/HQ folders found"):
-        evaluate.find_paired_folders(tmp_path)
+        testsets.find_paired_folders(tmp_path)
 
 
 def test_synthetic_set_lists_pairs_table_and_checks_files(tmp_path):
     root = make_synthetic_set(tmp_path / "test")
-    assert [i.image_id for i in evaluate.load_testset("synthetic", root)] == ["img_a", "img_b"]
+    assert [i.image_id for i in testsets.load_testset("synthetic", root)] == ["img_a", "img_b"]
     (root / "lq" / "img_b.png").unlink()
     with pytest.raises(FileNotFoundError, match="img_b.png"):
-        evaluate.load_testset("synthetic", root)
+        testsets.load_testset("synthetic", root)
 
 
 def test_unknown_config_key_is_refused():

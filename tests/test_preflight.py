@@ -394,3 +394,18 @@ def test_check_is_fast_and_imports_neither_torch_nor_pyiqa():
     assert out[:3] == [str(len(PAPER_EXPECTED["paper_onestep"])), "False", "False"]
     assert float(out[3]) < 2.0, out
     assert time.monotonic() - start < 10
+
+
+def test_tiny_models_must_train_their_base(tmp_path):
+    """Without weights the model is built from scratch: a frozen random base is refused (the
+    schema's defaults, meant for a real SD base, would otherwise freeze it silently)."""
+    model = {**DEMO["pretrain"]["onestep"]["model"], "train_base": False}
+    found = problems(tmp_path, pretrain__onestep__model=model)
+    assert list(found) == ["pretrain.onestep.model.train_base"]
+    assert "'base'" in found["pretrain.onestep.model.train_base"][0]
+    ci = _preset("ci")
+    ci["pretrain"]["multistep"].pop("model")
+    assert list(problems(tmp_path, ci)) == ["pretrain.multistep.model.train_unet"]
+    weighted = copy.deepcopy(ci)
+    weighted["pretrain"]["multistep"]["weights"] = str(tmp_path)
+    assert "pretrain.multistep.model.train_unet" not in problems(tmp_path, weighted)

@@ -13,11 +13,11 @@ from pipeline.io.tables import read_metadata, read_table
 from pipeline.models import load_model
 from pipeline.pretrain import PairSource, build_model, main, pretrain, stage_config
 from tests.ddp_helpers import run_in_gloo_processes
-from tests.onestep_helpers import TINY, make_pairs
+from tests.onestep_helpers import TINY, TINY_MODEL, make_pairs
 
 CONFIG = {
     "steps": 6, "batch_size": 2, "crop_size": 32, "lr": 1e-3, "checkpoint_every": 2,
-    "device": "cpu", "tiny": TINY, "model": {"lambda_vsd": 0.0},
+    "device": "cpu", "tiny": TINY, "model": TINY_MODEL,
     "variants": {"rank8": {"lora_rank": 8}, "base": {}},
 }  # fmt: skip
 
@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(data):
-    config = stage_config({**CONFIG, "model": {"lambda_vsd": 1.0}}, "onestep")
+    config = stage_config({**CONFIG, "model": {**TINY_MODEL, "lambda_vsd": 1.0}}, "onestep")
     model = build_model("onestep", config, "base", seed=0)
     params = model.pretrain_parameters()
     lq, hq = PairSource(data).batch(0, "base", 0, 2, 32, hflip=False)
@@ -54,7 +54,7 @@ def test_variant_overrides_settings_and_unknown_variant_fails(data):
 
 
 def test_kill_and_resume_gives_identical_weights(data, tmp_path):
-    config = {**CONFIG, "model": {"lambda_vsd": 1.0}}  # the VSD regulariser is checkpointed too
+    config = {**CONFIG, "model": {**TINY_MODEL, "lambda_vsd": 1.0}}  # the VSD regulariser is checkpointed too
     whole = pretrain("onestep", "rank8", data, tmp_path / "whole", config, seed=1)
     # "killed" after 3 steps: the checkpoint of step 3 is all that is left
     assert pretrain("onestep", "rank8", data, tmp_path / "split", config, 1, max_steps=3) is None
@@ -148,7 +148,7 @@ def _stale_lines(caplog) -> list[str]:
     ("change", "field"),
     [
         ({"lr": 2e-3}, "settings.lr"),
-        ({"model": {"lambda_vsd": 0.0, "lambda_l2": 2.0}}, "settings.model.lambda_l2"),
+        ({"model": {**TINY_MODEL, "lambda_l2": 2.0}}, "settings.model.lambda_l2"),
         ({"seed": 2}, "seed"),
     ],
     ids=["lr", "loss-weight", "seed"],
@@ -199,7 +199,7 @@ def test_the_loop_clips_generator_and_regulariser_as_two_groups(data, tmp_path, 
         return original(accelerator, groups, max_norm)
 
     monkeypatch.setattr(checkpoints, "clip_gradients", spy)
-    config = {**CONFIG, "steps": 1, "model": {"lambda_vsd": 1.0}}
+    config = {**CONFIG, "steps": 1, "model": {**TINY_MODEL, "lambda_vsd": 1.0}}
     pretrain("onestep", "base", data, tmp_path / "out", config, seed=0)
     assert seen == [(2, 1.0)]
 
