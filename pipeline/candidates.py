@@ -5,6 +5,14 @@ pretrained variants (LoRA rank 16 / 64, VSD cfg 6 / 12), one step each. Every (i
 draws from its own generator ``torch_generator(seed, "candidates", image_id, setting)`` and
 the network runs batch-invariantly on the CPU (see :func:`batch_invariant`), so reruns are
 byte-identical and no image depends on which others share its batch.
+
+Prompts (docs/prompts.md): with ``--prompts`` (``prompts/train.parquet``) every image is sampled
+with its own prompt (the conditional branch) and negative prompt (the unconditional branch of
+multi-step CFG), so the cfg 4.5 and 10.5 settings differ by more than their seed. A
+``--negative-prompts`` table (M2 feedback: pairs or captions) puts each image's hallucination
+captions before the table's negative prompt (``load_prompts(..., mode="image")``). Without a
+prompts table (direct calls) prompts are empty and the negative prompt is the feedback text or
+the model's default.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import guidance, settings
 from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import load_model
@@ -87,12 +95,22 @@ def generate_candidates(
     config: dict[str, Any] | None,
     seed: int,
     negative_prompts: str | Path | None = None,
+    prompts: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write ``{out}/{setting}/{image_id}.png`` and ``{out}/candidates.parquet``."""
+    """Write ``{out}/{setting}/{image_id}.png`` and ``{out}/candidates.parquet``; ``prompts`` is
+    the training split's prompts table (see the module docstring)."""
     config = stage_config(config, framework)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     images = load_pair_images(data_dir)
-    negatives = negative_prompts_by_image(negative_prompts)
+    ids_all = [image_id for image_id, _ in images]
+    if prompts is not None:
+        texts, prompt_record = guidance.stage_prompts(
+            prompts, ids_all, feedback=negative_prompts, mode="image", where="candidates"
+        )
+    else:
+        negatives = negative_prompts_by_image(negative_prompts)
+        texts = {i: ("", negatives.get(i, "")) for i in ids_all}
+        prompt_record = guidance.no_table_record("feedback text" if negative_prompts else None)
     rows = []
     models: dict[str, SRModel] = {}
     for setting in config["settings"]:
@@ -116,8 +134,8 @@ def generate_candidates(
             with batch_invariant(model):
                 outputs = model.sample(
                     torch.stack([lq for _, lq in batch]),
-                    prompts=[config["prompt"]] * len(ids),
-                    negative_prompts=[negatives.get(i, "") for i in ids],
+                    prompts=[texts[i][0] for i in ids],
+                    negative_prompts=[texts[i][1] for i in ids],
                     steps=steps, cfg=cfg,
                     generators=[torch_generator(seed, "candidates", i, setting["name"]) for i in ids],
                 )  # fmt: skip
@@ -128,13 +146,14 @@ def generate_candidates(
                     "image_id": image_id, "setting": setting["name"], "variant": variant,
                     "steps": steps, "cfg": cfg,
                     "seed": derive_seed(seed, "candidates", image_id, setting["name"]),
-                    "negative_prompt": negatives.get(image_id, ""), "path": relative,
+                    "negative_prompt": texts[image_id][1], "path": relative,
                 })  # fmt: skip
     table = pd.DataFrame(rows).sort_values(["image_id", "setting"]).reset_index(drop=True)
     metadata = {
         "framework": framework, "seed": seed, "config": config,
         "models": {v: {"path": str(model_dirs[v]), **m.describe()} for v, m in models.items()},
         "negative_prompts": str(negative_prompts) if negative_prompts else None,
+        "prompts": prompt_record,
         "paths": "relative to the folder of this table",
     }  # fmt: skip
     write_table(table, out_dir / "candidates.parquet", "candidates", metadata)
@@ -155,12 +174,17 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="VARIANT=DIR", help="a pretrained model folder per variant")  # fmt: skip
     parser.add_argument("--data", required=True, help="data split folder with pairs.parquet")
     parser.add_argument("--out", required=True, help="candidates/{framework} folder")
-    parser.add_argument("--negative-prompts", default=None, help="table: image_id, negative_prompt")
+    parser.add_argument("--prompts", default=None,
+                        help="prompts/train.parquet: each image's prompt and negative prompt")  # fmt: skip
+    parser.add_argument("--negative-prompts", default=None,
+                        help="M2 feedback table (image_id, negative_prompt): joined before the "
+                             "negative prompts")  # fmt: skip
     parser.add_argument("--config", default="{}", help="the candidates config section (JSON)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     generate_candidates(args.framework, dict(args.model), args.data, args.out,
-                        settings.cli_config(args.config), args.seed, args.negative_prompts)  # fmt: skip
+                        settings.cli_config(args.config), args.seed, args.negative_prompts,
+                        args.prompts)  # fmt: skip
     return 0
 
 

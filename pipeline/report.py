@@ -108,9 +108,10 @@ def model_order(models: Iterable[str], config: dict[str, Any]) -> list[str]:
     leading = [*config["model_order"], "bicubic", config["baseline_model"]]
     ordered = [m for m in dict.fromkeys(leading) if m in seen]
     placed = set(ordered)
+    under = {ablation for model in seen for ablation in ablations_of(model)} - placed
     rest = []
     for model in seen:
-        if model in placed:
+        if model in placed or model in under:
             continue
         rest.append(model)
         placed.add(model)

@@ -11,9 +11,12 @@ For every LQ of a batch (DESIGN.md point 3):
 
 Methods: ``dspo`` (instance pairs, Eq. 5), ``dpo`` (the image-level pair, ``instance_id -1``, one
 full mask), ``sft`` (the image-level winner's plain error), ``dro`` (instance pairs, Diffusion-DRO's
-hinge). The user description feedback (paper's M2) feeds each image's negative prompt to the
-unconditional branch: with probability ``uncond_drop_rate`` an LQ's prompt is replaced by its
-negative prompt (M2, ``negative_prompts: true``) or by the empty prompt (M1 only).
+hinge). Each LQ trains on its prompt from the prompts table (``--prompts``,
+``prompts/train.parquet``); the user description feedback (paper's M2) feeds the unconditional
+branch: with probability ``uncond_drop_rate`` an LQ's prompt is replaced by its feedback texts
+followed by its negative prompt from the table (M2, ``negative_prompts: true``; docs/prompts.md)
+or by the empty prompt (M1 only). Without a table (direct calls) the prompt is empty and the
+dropped prompt the feedback texts alone.
 
 Batching: ``batch_size`` LQs per optimizer step IN TOTAL, split over processes and gradient
 accumulation micro-steps, so one config gives the same update on 1 or several processes.
@@ -40,13 +43,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoints, losses, settings
+from pipeline import checkpoints, guidance, losses, settings
 from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.models.base import SRModel, upsample_lq
+from pipeline.prompts import image_negative_prompt
 from pipeline.seeding import numpy_rng, torch_generator
 
 STAGE = "train"
@@ -76,7 +80,6 @@ class TrainConfig:
     beta: float = _DEFAULTS["beta"]
     k: float = _DEFAULTS["k"]
     dro_margin: float = _DEFAULTS["dro_margin"]
-    prompt: str = _DEFAULTS["prompt"]
     negative_prompts: bool = _DEFAULTS["negative_prompts"]
     uncond_drop_rate: float = _DEFAULTS["uncond_drop_rate"]
     checkpoint_every: int = _DEFAULTS["checkpoint_every"]
@@ -235,15 +238,29 @@ class Conditions:
 
 
 def draw_conditions(
-    model: SRModel, loaded: LoadedItem, config: TrainConfig, seed: int, step: int, slot: int
+    model: SRModel,
+    loaded: LoadedItem,
+    config: TrainConfig,
+    seed: int,
+    step: int,
+    slot: int,
+    texts: dict[str, tuple[str, str]] | None = None,
 ) -> Conditions:
-    """One ``t`` and ``eps`` shared by all candidates of the LQ, and the branch it trains on."""
-    generator = torch_generator(seed, STAGE, step, slot, loaded.item.image_id)
+    """One ``t`` and ``eps`` shared by all candidates of the LQ, and the branch it trains on:
+    the image's prompt of ``texts`` (``{image_id: (prompt, negative_prompt)}``, the prompts
+    table), or on the unconditional branch its feedback texts then its negative prompt (M2) or
+    the empty prompt (M1)."""
+    item = loaded.item
+    generator = torch_generator(seed, STAGE, step, slot, item.image_id)
     timestep, noise = model.draw_timesteps_and_noise(loaded.lq[None], generator)
     dropped = float(torch.rand(1, generator=generator)) < config.uncond_drop_rate
-    prompt = config.prompt
+    prompt, base_negative = texts[item.image_id] if texts else ("", "")
     if dropped:
-        prompt = loaded.item.negative_prompt if config.negative_prompts else ""
+        prompt = (
+            image_negative_prompt(base_negative, item.negative_prompt)
+            if config.negative_prompts
+            else ""
+        )
     return Conditions(timestep, noise, prompt)
 
 
@@ -486,16 +503,19 @@ def run_fingerprint(
     model: SRModel | None,
     processes: int,
     device: str,
+    prompts_path: str | Path | None = None,
 ) -> checkpoints.Fingerprint:
     """What a checkpoint must match to be resumed: the effective settings, seed, code, the bytes
     of the pairs and candidates tables, of the mask store (and of ``data/pairs.parquet`` where
-    there is one), the base model's weight files (or the in-memory model's state) and the
-    process layout."""
+    there is one, and of the prompts table when one is given), the base model's weight files
+    (or the in-memory model's state) and the process layout."""
     effective = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
     effective.update(framework=framework, method=method, objective=objective)
     inputs = {"pairs": pairs_path, "candidates": candidates_path, "masks": masks_path}
     if (Path(data_dir) / "pairs.parquet").is_file():
         inputs["data_pairs"] = Path(data_dir) / "pairs.parquet"
+    if prompts_path is not None:
+        inputs["prompts"] = prompts_path
     return checkpoints.run_fingerprint(
         STAGE,
         settings=effective,
@@ -525,6 +545,7 @@ def train(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     model: SRModel | None = None,
+    prompts_path: str | Path | None = None,
 ) -> Path:
     """Train ``method`` on the pairs and write ``out_dir`` (``save_pretrained`` + train_log.parquet).
 
@@ -534,6 +555,8 @@ def train(
     norm or weight raises ``FloatingPointError`` naming the step (the last step's weights are
     checked by one more forward, as the next step would); the last good checkpoint stays. ``model``
     (optional) is an already loaded model, otherwise ``pipeline.models.load_model(model_dir)``.
+    ``prompts_path`` is the training split's prompts table (each LQ's prompt and negative
+    prompt; see the module docstring).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if method not in METHODS:
@@ -563,6 +586,12 @@ def train(
         Path(masks_path),
     )
     loader.check(items)
+    if prompts_path is not None:
+        texts, prompt_record = guidance.stage_prompts(
+            prompts_path, [item.image_id for item in items], where=f"train {method}"
+        )
+    else:
+        texts, prompt_record = None, guidance.no_table_record(None)
     if model is None:
         from pipeline.models import load_model
 
@@ -571,7 +600,7 @@ def train(
         cfg, framework=framework, method=method, objective=objective, seed=seed,
         pairs_path=pairs_path, candidates_path=candidates_path, data_dir=data_dir,
         masks_path=masks_path, model_dir=model_dir, model=model, processes=world,
-        device=accelerator.device.type,
+        device=accelerator.device.type, prompts_path=prompts_path,
     )  # fmt: skip
     trainable = _configure_model(model, cfg)
     # models may build their frozen reference lazily on first use: make it capture the
@@ -614,7 +643,7 @@ def train(
             mine = range(first, first + per_micro)
             loaded = [loader.load(items[slots[s]]) for s in mine]
             conditions = [
-                draw_conditions(model, e, cfg, seed, step, s)
+                draw_conditions(model, e, cfg, seed, step, s, texts)
                 for e, s in zip(loaded, mine, strict=True)
             ]
             sync = micro == cfg.gradient_accumulation_steps - 1
@@ -681,6 +710,7 @@ def train(
             "objective": objective,
             "seed": int(seed),
             "pairs": str(pairs_path),
+            "prompts": prompt_record,
             "model": str(model_dir),
             "items": len(items),
             "fingerprint": fingerprint.fields,
@@ -730,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="{}", help="the train config section as JSON")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", default=None,
+                        help="prompts/train.parquet: each LQ's prompt and negative prompt")  # fmt: skip
     args = parser.parse_args(argv)
     train(
         framework=args.framework,
@@ -744,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         config=settings.cli_config(args.config),
         seed=args.seed,
         checkpoint_dir=args.checkpoints,
+        prompts_path=args.prompts,
     )
     return 0
 

@@ -98,6 +98,28 @@ def test_table_layout_rows_deltas_and_highlights():
     assert "| Δ bicubic vs pretrained | +0.00 | +0.2000 |" in lines
 
 
+def test_table_2_ablation_rows_sit_under_their_dspo_model():
+    values = {
+        "pretrained": {"psnr": [20.0, 22.0]},
+        "dspo_fidelity_nom2": {"psnr": [20.5, 22.5]},  # evaluation order: ablations last
+        "dpo_fidelity": {"psnr": [20.0, 21.0]},
+        "dspo_fidelity": {"psnr": [21.0, 23.0]},
+        "dspo_m1_fidelity": {"psnr": [20.0, 22.5]},
+    }
+    summary = report.summarise(metrics_frame(values), CONFIG)
+    markdown, table = report.format_tables(summary, CONFIG)
+    means = table[table["kind"] == "mean"]["model"].tolist()
+    assert means == ["pretrained", "dpo_fidelity", "dspo_fidelity", "dspo_m1_fidelity",
+                     "dspo_fidelity_nom2"]  # fmt: skip
+    assert "| Δ dspo_fidelity_nom2 vs pretrained | **+0.50** |" in markdown.splitlines()
+    assert "`dspo_fidelity_nom2`: DSPO sampled without the feedback negatives" in markdown
+    assert "`dspo_m1_fidelity`: DSPO trained without the feedback negatives (M1 only)" in markdown
+    # model_order still wins
+    ordered = report.model_order(values, {**CONFIG, "model_order": ["dspo_fidelity_nom2"]})
+    assert ordered[0] == "dspo_fidelity_nom2" and ordered.count("dspo_fidelity_nom2") == 1
+    assert report.ablations_of("dpo_fidelity") == [] == report.ablations_of("dspo_m1_fidelity")
+
+
 def test_radar_normalisation_best_is_one_after_sign_flip():
     values = dict(HAND, dro={"psnr": [20.0, 20.0, 20.0], "lpips": [0.4, 0.4, 0.4]})
     values["dspo"] = {**values["dspo"], "niqe": [3.0] * 3}

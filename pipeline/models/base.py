@@ -105,9 +105,16 @@ class SRModel(ABC, nn.Module):
 
     @abstractmethod
     def pretrain_loss(
-        self, lq: torch.Tensor, hq: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+        self,
+        lq: torch.Tensor,
+        hq: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        negative_prompts: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The family's own pretraining objective on a batch of pairs, and scalar stats to log."""
+        """The family's own pretraining objective on a batch of pairs, and scalar stats to log;
+        ``negative_prompts`` (one per pair, e.g. from the prompts table) are the unconditional
+        text where the objective has guidance (one-step VSD), None: the model's default."""
 
     # -- inference ---------------------------------------------------------------------
     @abstractmethod

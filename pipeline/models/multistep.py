@@ -450,10 +450,16 @@ class MultiStepSR(DiffusionParts, SRModel):
         return squared.view(batch, count, *squared.shape[-2:])
 
     def pretrain_loss(
-        self, lq: torch.Tensor, hq: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+        self,
+        lq: torch.Tensor,
+        hq: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        negative_prompts: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Conditional ε-MSE; each prompt is dropped to "" with probability ``prompt_dropout``
-        so the model also learns the unconditional branch CFG needs."""
+        so the model also learns the unconditional branch CFG needs (as SD / SeeSR train it;
+        ``negative_prompts`` are accepted for the interface and only steer sampling)."""
         timesteps, noise = self.draw_timesteps_and_noise(lq, generator)
         dropped = torch.rand(len(prompts), generator=generator) < self.settings.prompt_dropout
         prompts = [

@@ -640,7 +640,12 @@ class OneStepSR(DiffusionParts, SRModel):
         return F.mse_loss(latents, (latents - grad).detach())
 
     def pretrain_loss(
-        self, lq: torch.Tensor, hq: torch.Tensor, prompts: Sequence[str], generator: torch.Generator
+        self,
+        lq: torch.Tensor,
+        hq: torch.Tensor,
+        prompts: Sequence[str],
+        generator: torch.Generator,
+        negative_prompts: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """OSEDiff: ``λ_l2 L2 + λ_lpips LPIPS + λ_vsd VSD`` for the generator, plus the fake
         score's diffusion loss (``λ_vsd_lora``) on detached ``z_hat`` and, with ``train_base``,
@@ -648,7 +653,9 @@ class OneStepSR(DiffusionParts, SRModel):
         ``prompt_dropout`` so CFG has an unconditional branch). Parameter sets are disjoint, so
         one AdamW over the sum takes OSEDiff's two optimizers' steps only if the gradients are
         clipped per set as OSEDiff does: ``pipeline.pretrain`` clips the generator's and the
-        regulariser's (``self.regulariser``) separately, each to ``max_grad_norm``."""
+        regulariser's (``self.regulariser``) separately, each to ``max_grad_norm``. The VSD real
+        score's unconditional branch is each pair's ``negative_prompts`` entry (an empty one, or
+        None for all, takes the settings' ``negative_prompt``)."""
         settings = self.settings
         lq, hq = lq.to(self.device), hq.to(self.device)
         embeddings = self._text(prompts)
@@ -667,7 +674,12 @@ class OneStepSR(DiffusionParts, SRModel):
         if settings.lambda_vsd > 0:
             if self.regulariser is None:
                 raise RuntimeError("call pretrain_parameters() before pretrain_loss (VSD)")
-            negative = self._text([settings.negative_prompt] * len(prompts))
+            if negative_prompts is not None and len(negative_prompts) != len(prompts):
+                raise ValueError(
+                    f"{len(negative_prompts)} negative prompts for {len(prompts)} pairs"
+                )
+            negative = self._text([text or settings.negative_prompt
+                                   for text in negative_prompts or [""] * len(prompts)])  # fmt: skip
             terms["vsd"] = self.distribution_matching_loss(z_hat, embeddings, negative, generator)
             terms["vsd_lora"] = self.diffusion_loss(
                 self.regulariser["fake"], z_hat.detach(), embeddings, generator

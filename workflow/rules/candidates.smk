@@ -2,6 +2,7 @@ rule candidates:
     input:
         unpack(get_candidate_models),
         data="results/data/train",
+        prompts="results/prompts/train.parquet",
     output:
         directory("results/candidates/{framework}"),
     conda:
@@ -23,5 +24,6 @@ rule candidates:
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline candidates --framework {wildcards.framework} "
-        "$(printf -- '--model %s ' {params.models}) --data {input.data} --out {output} "
+        "$(printf -- '--model %s ' {params.models}) --data {input.data} --prompts {input.prompts} "
+        "--out {output} "
         "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

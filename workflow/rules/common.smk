@@ -4,6 +4,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.utils import validate
 
@@ -125,10 +126,35 @@ def get_train_method(wildcards):
     return contracts.method(wildcards.method).loss
 
 
-def evaluated_models():
-    """Model names in the evaluation: bicubic, the pretrained base, every aligned model."""
+# The M2-in-sampling ablation: the dspo model sampled without its feedback negatives
+# (docs/prompts.md, "M2: feedback negatives in sampling"); Table 2's row beside dspo_m1. Only
+# where sampling has guidance (multi-step): one-step sampling ignores negative prompts, so the
+# ablation would repeat dspo's images.
+NO_M2_SUFFIX = "_nom2"
+GUIDED_SAMPLING = ("multistep",)
+
+
+def evaluated_models(framework):
+    """Model names in the evaluation: bicubic, the pretrained base, every aligned model and,
+    with dspo and guided sampling, each objective's ``dspo_{objective}_nom2`` ablation."""
     aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES]
-    return ["bicubic", "pretrained", *aligned]
+    ablations = [
+        f"dspo_{objective}{NO_M2_SUFFIX}"
+        for objective in OBJECTIVES
+        if "dspo" in METHODS and framework in GUIDED_SAMPLING
+    ]
+    return ["bicubic", "pretrained", *aligned, *ablations]
+
+
+def eval_method_objective(name):
+    """(method, objective, feedback) of an aligned model's evaluation name; feedback: sampled
+    with the M2 feedback negatives (dspo only, not its _nom2 ablation)."""
+    if name.startswith("dspo_m1_"):
+        return "dspo_m1", name[len("dspo_m1_"):], False
+    if name.startswith("dspo_") and name.endswith(NO_M2_SUFFIX):
+        return "dspo", name[len("dspo_"):-len(NO_M2_SUFFIX)], False
+    method, objective = name.split("_", 1)
+    return method, objective, method == "dspo"
 
 
 def get_eval_model(wildcards):
@@ -137,12 +163,29 @@ def get_eval_model(wildcards):
         return []
     if name == "pretrained":
         return f"results/models/{wildcards.framework}/{BASE_VARIANT}"
-    method, objective = name.split("_", 1) if not name.startswith("dspo_m1_") else ("dspo_m1", name[8:])
+    method, objective, _ = eval_method_objective(name)
     return f"results/aligned/{wildcards.framework}/{method}/{objective}"
 
 
 def get_eval_model_arg(wildcards):
     return get_eval_model(wildcards) or "bicubic"
+
+
+def get_eval_feedback(wildcards):
+    """The pairs table a dspo model was trained on (its feedback vocabulary joins the negative
+    prompts in sampling, M2); nothing for every other model."""
+    if wildcards.model in ("bicubic", "pretrained"):
+        return []
+    method, objective, feedback = eval_method_objective(wildcards.model)
+    if not feedback:
+        return []
+    return get_train_pairs(SimpleNamespace(framework=wildcards.framework, method=method,
+                                           objective=objective))
+
+
+def get_eval_feedback_arg(wildcards):
+    feedback = get_eval_feedback(wildcards)
+    return f"--feedback {feedback}" if feedback else ""
 
 
 def get_testset_path(wildcards):
@@ -158,7 +201,7 @@ def get_eval_metrics(wildcards):
         "results/eval/{framework}/{testset}/{model}",
         framework=wildcards.framework,
         testset=list(TESTSETS),
-        model=evaluated_models(),
+        model=evaluated_models(wildcards.framework),
     )
 
 

@@ -2,6 +2,9 @@ rule evaluate:
     input:
         model=get_eval_model,
         testset=get_testset_path,
+        prompts="results/prompts/{testset}.parquet",
+        # M2 in sampling: a dspo model's training pairs give the feedback vocabulary
+        feedback=get_eval_feedback,
     output:
         directory("results/eval/{framework}/{testset}/{model}"),
     conda:
@@ -16,6 +19,7 @@ rule evaluate:
         config_file=job_config_file("evaluate"),
         threads=STAGE_THREADS,
         model=get_eval_model_arg,
+        feedback=get_eval_feedback_arg,
         kind=get_testset_kind,
         seed=config["seed"],
     threads: STAGE_THREADS
@@ -25,7 +29,8 @@ rule evaluate:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
         "python -m pipeline evaluate --model {params.model} --model-name {wildcards.model} "
         "--testset {wildcards.testset} --testset-kind {params.kind} "
-        "--testset-path {input.testset} --out {output} --config {params.config_file} "
+        "--testset-path {input.testset} --prompts {input.prompts} {params.feedback} "
+        "--out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
 
 

@@ -1,6 +1,7 @@
 rule pretrain:
     input:
-        "results/data/train",
+        data="results/data/train",
+        prompts="results/prompts/train.parquet",
     output:
         directory("results/models/{framework}/{variant}"),
     conda:
@@ -23,6 +24,6 @@ rule pretrain:
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
         "python -m pipeline pretrain --framework {wildcards.framework} "
-        "--variant {wildcards.variant} --data {input} --out {output} "
+        "--variant {wildcards.variant} --data {input.data} --prompts {input.prompts} --out {output} "
         "--checkpoints {params.checkpoints} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
