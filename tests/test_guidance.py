@@ -267,3 +267,54 @@ def test_prompt_equal_to_negative_prompt_is_refused(folders, tmp_path):
         generate_candidates("multistep", {"base": folders["model"]}, folders["data"],
                             tmp_path / "d", config, seed=0, prompts=partial)  # fmt: skip
     assert SCHEMAS["prompts"].names == list(frame.columns)
+
+
+# -- training: the conditional branch gets the prompt, the unconditional the negative ---------
+
+
+def test_training_branches_take_the_table_prompt_and_feedback_then_negative(folders):
+    import torch
+
+    from pipeline.models.onestep import OneStepSR
+    from pipeline.train import LoadedItem, PreferenceItem, TrainConfig, draw_conditions
+
+    model = OneStepSR.build_tiny(**TINY)
+    item = PreferenceItem("img1", ("a", "b"), (1,), (1.0,), (0,), (1,), "a dog")
+    loaded = LoadedItem(
+        item, torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32), torch.ones(1, 32, 32)
+    )
+    texts = prompts.load_prompts(folders["train"], IDS)
+
+    def prompt(rate, negative_prompts=True, table=texts):
+        config = TrainConfig.from_dict(
+            {"uncond_drop_rate": rate, "negative_prompts": negative_prompts}
+        )
+        return draw_conditions(model, loaded, config, 0, 0, 0, table).prompt
+
+    assert prompt(0.0) == "a photo, clean, high-resolution, 8k"
+    assert prompt(1.0) == f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"  # M2: feedback first
+    assert prompt(1.0, negative_prompts=False) == ""  # dspo_m1: the empty prompt
+    assert prompt(0.0, table=None) == "" and prompt(1.0, table=None) == "a dog"  # no table
+
+
+def test_command_lines_take_prompts_and_feedback(folders, tmp_path):
+    from pipeline import candidates
+
+    pairs = tmp_path / "pairs.parquet"
+    pd.DataFrame({"image_id": ["img0"], "negative_prompt": ["a dog"]}).to_parquet(pairs)
+    out = tmp_path / "eval"
+    argv = ["--model", str(folders["model"]), "--model-name", "dspo_fidelity", "--testset", "syn",
+            "--testset-kind", "synthetic", "--testset-path", str(folders["data"]), "--out", str(out),
+            "--config", json.dumps({"device": "cpu", "steps": 2, "metrics": ["psnr"]}),
+            "--seed", "0", "--prompts", str(folders["syn"]), "--feedback", str(pairs)]  # fmt: skip
+    assert evaluate_stage.main(argv) == 0
+    recorded = read_metadata(out / "metrics.parquet")["prompts"]
+    assert recorded["negative_prompts"] == [f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"]
+    setting = {"name": "s", "variant": "base", "steps": 2, "cfg": 4.5}
+    argv = ["--framework", "multistep", "--model", f"base={folders['model']}",
+            "--data", str(folders["data"]), "--out", str(tmp_path / "c"),
+            "--prompts", str(folders["train"]),
+            "--config", json.dumps({"device": "cpu", "settings": [setting]})]  # fmt: skip
+    assert candidates.main(argv) == 0
+    table = read_table(tmp_path / "c" / "candidates.parquet", "candidates")
+    assert set(table["negative_prompt"]) == {prompts.SEESR_NEGATIVE_PROMPT}

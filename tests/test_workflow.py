@@ -30,6 +30,7 @@ def test_demo_plan(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"))
     assert jobs == {
         "degrade": 2,  # train and test splits
+        "prompts": 2,  # the training split and the test set
         "pretrain": 5,  # one-step base and the four DSPO variants
         "candidates": 1,
         "segment": 1,
@@ -48,7 +49,9 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
     assert jobs["train"] == 2 * 4  # four methods, one objective, two frameworks
-    assert jobs["evaluate"] == 2 * (2 + 4)  # bicubic, pretrained, four aligned, per framework
+    # bicubic, pretrained, four aligned per framework; multi-step also dspo without M2 sampling
+    assert jobs["evaluate"] == 2 * (2 + 4) + 1
+    assert jobs["prompts"] == 2  # the training split and the test set
 
 
 @pytest.mark.slow
