@@ -47,6 +47,7 @@ from pipeline.io.tables import read_table, write_table
 HQ = HQ_CANDIDATE
 CAPTION_COLUMNS = ["image_id", "instance_id", "candidate", "caption", "similarity", "hallucinated"]
 
+
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``caption`` section with the schema's defaults; bad keys or values raise
     :class:`pipeline.settings.ConfigError` naming them."""

@@ -57,7 +57,6 @@ SMALL_IMAGE_ACTIONS = ("pad", "error", "skip")
 DEMO_IMAGES = tuple(settings.defaults("degrade")["demo_images"])
 
 
-
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The stage defaults with ``overrides`` applied and checked; ``degradation`` filled in full."""
     overrides = dict(overrides or {})

@@ -115,8 +115,6 @@ def metric_info(name: str, options: Mapping[str, Any] | None = None) -> MetricIn
     )
 
 
-
-
 @contextlib.contextmanager
 def offline_weights(metric: str, weights_dir: str | os.PathLike | None) -> Iterator[None]:
     """While creating ``metric``: caches point at ``weights_dir``; any download is an error.

@@ -64,6 +64,7 @@ SAM_ARCHITECTURES: dict[str, dict[str, Any]] = {
     )
 }
 
+
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``segment`` section with the schema's defaults (the generator's are
     SamAutomaticMaskGenerator's own); bad keys or values raise
@@ -77,8 +78,6 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     if resolved["top_k"] is not None and int(resolved["top_k"]) < 1:
         raise ValueError(f"segment.top_k must be >= 1 or null, got {resolved['top_k']}")
     return resolved
-
-
 
 
 # -- 1. semantic extraction ------------------------------------------------------------------

@@ -45,12 +45,12 @@ from tqdm import tqdm
 
 from pipeline import checkpoints, guidance, losses, settings
 from pipeline.distributed import make_accelerator
+from pipeline.guidance import image_negative_prompt
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.models.base import SRModel, upsample_lq
-from pipeline.prompts import image_negative_prompt
 from pipeline.seeding import numpy_rng, torch_generator
 
 STAGE = "train"

@@ -20,11 +20,11 @@ import yaml
 from pipeline import evaluate as evaluate_stage
 from pipeline import prompts
 from pipeline.candidates import generate_candidates
+from pipeline.guidance import PromptsError, load_prompts
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from pipeline.models.multistep import MultiStepSR
 from pipeline.pretrain import pretrain
-from pipeline.prompts import PromptsError
 from tests.onestep_helpers import TINY, make_pairs
 from tests.workflow_helpers import ROOT, copy_workflow, snakemake
 
@@ -49,7 +49,7 @@ def folders(tmp_path_factory):
 
 
 def test_shipped_prompts_give_two_different_branches(folders):
-    texts = prompts.load_prompts(folders["train"], IDS)
+    texts = load_prompts(folders["train"], IDS)
     assert {texts[i] for i in IDS} == {
         ("a photo, clean, high-resolution, 8k", prompts.SEESR_NEGATIVE_PROMPT)
     }
@@ -283,7 +283,7 @@ def test_training_branches_take_the_table_prompt_and_feedback_then_negative(fold
     loaded = LoadedItem(
         item, torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32), torch.ones(1, 32, 32)
     )
-    texts = prompts.load_prompts(folders["train"], IDS)
+    texts = load_prompts(folders["train"], IDS)
 
     def prompt(rate, negative_prompts=True, table=texts):
         config = TrainConfig.from_dict(

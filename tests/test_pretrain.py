@@ -54,7 +54,10 @@ def test_variant_overrides_settings_and_unknown_variant_fails(data):
 
 
 def test_kill_and_resume_gives_identical_weights(data, tmp_path):
-    config = {**CONFIG, "model": {**TINY_MODEL, "lambda_vsd": 1.0}}  # the VSD regulariser is checkpointed too
+    config = {
+        **CONFIG,
+        "model": {**TINY_MODEL, "lambda_vsd": 1.0},
+    }  # the VSD regulariser is checkpointed too
     whole = pretrain("onestep", "rank8", data, tmp_path / "whole", config, seed=1)
     # "killed" after 3 steps: the checkpoint of step 3 is all that is left
     assert pretrain("onestep", "rank8", data, tmp_path / "split", config, 1, max_steps=3) is None

@@ -13,11 +13,7 @@ import torch
 
 from pipeline import prompts, settings
 from pipeline.captioner import BlipCaptioner
-from pipeline.io.images import write_png
-from pipeline.io.tables import TableError, read_metadata, read_table, schema_for, write_table
-from pipeline.prompts import (
-    OSEDIFF_NEGATIVE_PROMPT,
-    SEESR_NEGATIVE_PROMPT,
+from pipeline.guidance import (
     PromptsError,
     apply_feedback,
     feedback_by_image,
@@ -25,9 +21,11 @@ from pipeline.prompts import (
     image_negative_prompt,
     join_prompts,
     load_prompts,
-    ram_tags_to_prompt,
     vocabulary_negative_prompt,
 )
+from pipeline.io.images import write_png
+from pipeline.io.tables import TableError, read_metadata, read_table, schema_for, write_table
+from pipeline.prompts import OSEDIFF_NEGATIVE_PROMPT, SEESR_NEGATIVE_PROMPT, ram_tags_to_prompt
 from tests.test_caption import tiny_blip  # noqa: F401  (the caption tests' tiny BLIP fixture)
 
 IDS = ["img_a", "img_b", "img_c"]

@@ -101,7 +101,9 @@ def same_bytes_on_one_core(two_cores: Path, destination: Path) -> None:
         if path.is_file() and "checkpoints" not in path.parts
     )
     assert len(produced) > 50
-    differ = [str(p) for p in produced if (one_core / p).read_bytes() != (two_cores / p).read_bytes()]
+    differ = [
+        str(p) for p in produced if (one_core / p).read_bytes() != (two_cores / p).read_bytes()
+    ]
     assert differ == []
     scores = read_metadata(one_core / "results/scores/onestep.parquet")
     assert scores["runtime"]["torch_threads"] == 1

@@ -1,0 +1,58 @@
+"""The package's layering: stages meet only through files and the shared modules
+(pipeline.contracts, pipeline.io, pipeline.models, ...), never by importing each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from pipeline import contracts, settings
+
+PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+#: one module per Snakemake rule (workflow/rules/<stage>.smk)
+STAGES = ("degrade", "prompts", "pretrain", "candidates", "segment", "caption", "score",
+          "select", "train", "evaluate", "report")  # fmt: skip
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every pipeline module ``path`` imports, at the top or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "pipeline":  # from pipeline import x
+                found.update(f"pipeline.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("pipeline")}
+
+
+def test_every_stage_has_a_rule():
+    rules = {
+        line.split()[1].rstrip(":")
+        for path in (PACKAGE.parent / "workflow" / "rules").glob("*.smk")
+        for line in path.read_text().splitlines()
+        if line.startswith("rule ")
+    }
+    assert rules == set(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_another(stage):
+    others = {f"pipeline.{name}" for name in STAGES if name != stage}
+    assert imported_modules(PACKAGE / f"{stage}.py") & others == set()
+
+
+def test_the_parser_sees_function_level_imports(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        "def f():\n    from pipeline.evaluate import x\n    from pipeline import score\n"
+    )
+    assert imported_modules(module) == {"pipeline.evaluate", "pipeline", "pipeline.score"}
+
+
+def test_the_schema_offers_exactly_the_method_table():
+    enum = settings.schema_node("methods")["items"]["enum"]
+    assert sorted(enum) == sorted(contracts.METHODS)
