@@ -9,22 +9,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-STAGES = (
-    "config",
-    "prompts",
-    "degrade",
-    "pretrain",
-    "candidates",
-    "segment",
-    "caption",
-    "score",
-    "select",
-    "train",
-    "evaluate",
-    "report",
-    "replicas",
-    "run_gpu",
-)
+from pipeline import contracts
+
+#: commands besides the stages (pipeline.contracts.STAGES)
+TOOLS = ("config", "replicas", "run_gpu")
+STAGES = (*contracts.STAGES, *TOOLS)
 
 
 def main(argv: list[str] | None = None) -> int:

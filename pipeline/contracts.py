@@ -15,6 +15,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the tables are pandas frames; importing pandas is left to the stages
     import pandas as pd
 
+#: the pipeline's stages, in DAG order: one Snakemake rule and one module each, whose config
+#: section (if any) has the same name
+STAGES = (
+    "degrade",
+    "prompts",
+    "pretrain",
+    "candidates",
+    "segment",
+    "caption",
+    "score",
+    "select",
+    "train",
+    "evaluate",
+    "report",
+)
 #: ``instance_id`` of the whole image (scores, pairs): the image-level baselines' "instance"
 WHOLE_IMAGE_ID = -1
 #: ``candidate`` of the HQ image in the captions table (the reference captions)

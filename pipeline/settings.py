@@ -26,6 +26,7 @@ from pipeline import contracts
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 #: the config sections that belong to one stage each (the rest are run-wide)
+STAGE_SECTIONS = contracts.STAGES
 STAGE_SECTIONS = (
     "prompts",
     "degrade",

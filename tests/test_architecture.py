@@ -11,9 +11,7 @@ import pytest
 from pipeline import contracts, settings
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
-#: one module per Snakemake rule (workflow/rules/<stage>.smk)
-STAGES = ("degrade", "prompts", "pretrain", "candidates", "segment", "caption", "score",
-          "select", "train", "evaluate", "report")  # fmt: skip
+STAGES = contracts.STAGES
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -20,22 +20,9 @@ from pipeline.io.masks import (
     write_label_maps,
 )
 from pipeline.io.tables import read_metadata, read_table
+from pipeline.replicas import TINY_SAM
 from pipeline.segment import masks_to_partition
 
-TINY_SAM = {
-    "encoder_embed_dim": 16,
-    "encoder_depth": 2,
-    "encoder_num_heads": 2,
-    "encoder_global_attn_indexes": [1],
-    "image_size": 64,
-    "patch_size": 8,
-    "window_size": 4,
-    "prompt_embed_dim": 16,
-    "decoder_depth": 1,
-    "decoder_mlp_dim": 32,
-    "decoder_num_heads": 2,
-    "iou_head_hidden_dim": 16,
-}
 # thresholds at zero so an untrained SAM still returns masks
 PERMISSIVE_GENERATOR = {
     "points_per_side": 4,
