@@ -27,19 +27,6 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / 
 
 #: the config sections that belong to one stage each (the rest are run-wide)
 STAGE_SECTIONS = contracts.STAGES
-STAGE_SECTIONS = (
-    "prompts",
-    "degrade",
-    "pretrain",
-    "candidates",
-    "segment",
-    "caption",
-    "score",
-    "select",
-    "train",
-    "evaluate",
-    "report",
-)
 
 
 class ConfigError(KeyError, ValueError):
