@@ -230,11 +230,13 @@ class ItemLoader:
 
 @dataclass
 class Conditions:
-    """An LQ's shared draws: timestep ``[1]``, noise ``[1, C, h, w]`` and the prompt it trains on."""
+    """An LQ's shared draws: timestep ``[1]``, noise ``[1, C, h, w]``, the prompt it trains on
+    and the negative prompt of guided error maps (multi-step ``error_map_cfg > 1``)."""
 
     timestep: torch.Tensor
     noise: torch.Tensor
     prompt: str
+    negative: str = ""
 
 
 def draw_conditions(
@@ -255,13 +257,12 @@ def draw_conditions(
     timestep, noise = model.draw_timesteps_and_noise(loaded.lq[None], generator)
     dropped = float(torch.rand(1, generator=generator)) < config.uncond_drop_rate
     prompt, base_negative = texts[item.image_id] if texts else ("", "")
-    if dropped:
-        prompt = (
-            image_negative_prompt(base_negative, item.negative_prompt)
-            if config.negative_prompts
-            else ""
-        )
-    return Conditions(timestep, noise, prompt)
+    negative = (
+        image_negative_prompt(base_negative, item.negative_prompt)
+        if config.negative_prompts
+        else ""
+    )
+    return Conditions(timestep, noise, negative if dropped else prompt, negative)
 
 
 def _shape_groups(loaded: Sequence[LoadedItem]) -> list[list[int]]:
@@ -297,6 +298,7 @@ def _error_maps_batched(
             torch.cat([conditions[i].timestep for i in group]).to(device),
             torch.cat([conditions[i].noise for i in group]).to(device),
             [conditions[i].prompt for i in group],
+            [conditions[i].negative for i in group],
         )
         for row, i in enumerate(group):
             out[i] = maps[row, : loaded[i].targets.shape[0]]

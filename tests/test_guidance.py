@@ -318,3 +318,40 @@ def test_command_lines_take_prompts_and_feedback(folders, tmp_path):
     assert candidates.main(argv) == 0
     table = read_table(tmp_path / "c" / "candidates.parquet", "candidates")
     assert set(table["negative_prompt"]) == {prompts.SEESR_NEGATIVE_PROMPT}
+
+
+def test_training_error_maps_follow_error_map_cfg(folders):
+    """Multi-step training error maps are guided by the image's negative prompt when
+    error_map_cfg > 1 (the setting did nothing in training before: no negatives reached them)."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.models.multistep import MultiStepSR
+    from pipeline.train import (
+        LoadedItem,
+        PreferenceItem,
+        TrainConfig,
+        _error_maps_batched,
+        draw_conditions,
+    )
+
+    item = PreferenceItem("img1", ("a", "b"), (1,), (1.0,), (0,), (1,), "a dog")
+    generator = torch.Generator().manual_seed(0)
+    loaded = LoadedItem(
+        item,
+        torch.rand(3, 32, 32, generator=generator) * 2 - 1,
+        torch.rand(2, 3, 32, 32, generator=generator) * 2 - 1,
+        torch.ones(1, 32, 32),
+    )
+    texts = load_prompts(folders["train"], IDS)
+    config = TrainConfig.from_dict({"uncond_drop_rate": 0.0})
+    maps = {}
+    for scale in (1.0, 3.0):
+        model = MultiStepSR.build_tiny(block_out_channels=(16, 32), seed=0)
+        model.settings = dataclasses.replace(model.settings, error_map_cfg=scale)
+        conditions = draw_conditions(model, loaded, config, 0, 0, 0, texts)
+        assert conditions.negative == f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"
+        with torch.no_grad():
+            maps[scale] = _error_maps_batched(model, [loaded], [conditions], "cpu")[0]
+    assert not torch.allclose(maps[1.0], maps[3.0])
