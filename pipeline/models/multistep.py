@@ -26,6 +26,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import settings
+from pipeline.devices import resolve_device
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
 from pipeline.models.codecs import (
@@ -121,12 +122,6 @@ def conditioning_widths(downscale: int) -> tuple[int, ...]:
     if 2**stages != downscale or stages + 1 > len(CONDITIONING_WIDTHS):
         raise ValueError(f"codec downscale must be 1, 2, 4 or 8, got {downscale}")
     return CONDITIONING_WIDTHS[: stages + 1]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class MultiStepSR(DiffusionParts, SRModel):

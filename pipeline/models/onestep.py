@@ -40,6 +40,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import settings
+from pipeline.devices import resolve_device
 from pipeline.hub import resolve_weights
 from pipeline.io.atomic import atomic_path
 from pipeline.models.base import LatentCodec, SRModel
@@ -137,12 +138,6 @@ def sd_scheduler_config() -> dict:
         "steps_offset": 1,
         "timestep_spacing": "leading",
     }
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def image_gradient_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
