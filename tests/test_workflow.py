@@ -9,6 +9,7 @@ exactly the stages that depend on it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,9 @@ def same_bytes_on_one_core(two_cores: Path, destination: Path) -> None:
     """The one-step half of the ci preset up to `select`, run again with --cores 1 (one job at
     a time), writes byte-identical files: results do not depend on --cores (the config's
     `threads` fixes every job's intra-op thread count, and each table records it)."""
-    one_core = copy_workflow(destination)
+    # the same code as the first run (a copy of its working directory, without its outputs)
+    skip = shutil.ignore_patterns("results", "logs", "benchmarks", ".snakemake", "__pycache__")
+    one_core = Path(shutil.copytree(two_cores, destination, ignore=skip))
     snakemake(one_core, *CI, "--config", "frameworks=[onestep]", "--resources", "gpu=0",
               "--until", "select", cores=1)  # fmt: skip
     produced = sorted(
