@@ -59,7 +59,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
 from pipeline.io.tables import write_table
 from pipeline.io.testsets import TESTSET_KINDS, TestImage, load_testset
-from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images
+from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images, upscale_to_minimum
 from pipeline.models.base import batch_invariant, upsample_lq
 from pipeline.seeding import torch_generator
 
@@ -170,13 +170,20 @@ def measure(
     sr_images: Sequence[np.ndarray],
     hq_images: Sequence[np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """Step 3: ``{metric: float64 [B]}`` of the 8-bit SR images against their HQ, in [0, 1]."""
+    """Step 3: ``{metric: float64 [B]}`` of the 8-bit SR images against their HQ, in [0, 1].
+    Images smaller than a metric accepts (e.g. NIQE below its probed minimum) are bicubic-
+    upscaled for that metric first, as the score stage does with small instance crops (the
+    metadata records each metric's minimum, ``metrics_metadata``)."""
 
     def batch(arrays: Sequence[np.ndarray]) -> torch.Tensor:
         stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return stacked.to(torch.float32).div(255.0)
 
-    scores = score_images(metric_names, batch(sr_images), batch(hq_images), registry)
+    sr_batch, hq_batch = batch(sr_images), batch(hq_images)
+    scores: dict[str, torch.Tensor] = {}
+    for name in metric_names:
+        sr, hq = upscale_to_minimum(sr_batch, hq_batch, registry.minimum_size(name))
+        scores.update(score_images([name], sr, hq, registry))
     return {name: values.numpy() for name, values in scores.items()}
 
 
@@ -190,6 +197,8 @@ def metrics_metadata(registry: MetricRegistry, metric_names: Sequence[str]) -> d
             "options": dict(info.options),
             "full_reference": info.full_reference,
             "lower_better": info.lower_better,
+            # smaller images are bicubic-upscaled to this side for the metric (measure)
+            "minimum_size": registry.minimum_size(name),
         }
     return {
         "metrics": metrics,

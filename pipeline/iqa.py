@@ -546,13 +546,24 @@ def masked_crop(
     inside = mask[top:bottom, left:right][None, None]
     neutral = hq_crop if full_reference else torch.full_like(sr_crop, NR_FILL_VALUE)
     sr_crop = torch.where(inside, sr_crop, neutral)
-    shorter = min(bottom - top, right - left)
-    if shorter < minimum_size:
-        scale = minimum_size / shorter
-        size = (math.ceil((bottom - top) * scale), math.ceil((right - left) * scale))
-        sr_crop = F.interpolate(sr_crop, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-        hq_crop = F.interpolate(hq_crop, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    sr_crop, hq_crop = upscale_to_minimum(sr_crop, hq_crop, minimum_size)
     return sr_crop.contiguous(), hq_crop.contiguous()
+
+
+def upscale_to_minimum(
+    sr: torch.Tensor, hq: torch.Tensor, minimum_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sr`` and ``hq`` ``[B, 3, h, w]`` bicubic-upscaled (aspect kept) so the shorter side is
+    at least ``minimum_size``, the smallest input the metric accepts; unchanged if it is."""
+    height, width = sr.shape[-2:]
+    shorter = min(height, width)
+    if shorter >= minimum_size:
+        return sr, hq
+    scale = minimum_size / shorter
+    size = (math.ceil(height * scale), math.ceil(width * scale))
+    sr = F.interpolate(sr, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    hq = F.interpolate(hq, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return sr, hq
 
 
 def score_instances(

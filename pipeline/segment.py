@@ -238,7 +238,7 @@ def build_segmenter(config: Mapping[str, Any]) -> Segmenter:
             "architecture": {**SAM_ARCHITECTURES[config["model_type"]], **config["architecture"]},
             "checkpoint": str(Path(config["checkpoint"]).resolve()),
             "generator": config["generator"],
-            "device": device,
+            "device": str(device),
         }
         return Segmenter(generator.generate, info)
     method = config["classical"]["method"]

@@ -185,3 +185,25 @@ def test_lq_larger_than_hq_is_refused(tmp_path):
         evaluate.evaluate("bicubic", "bicubic", "t", "paired", tmp_path, tmp_path / "out",
                           {"metrics": ["psnr"]})  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_images_below_a_metrics_minimum_are_upscaled_for_it():
+    """Whole test images smaller than a metric accepts are upscaled first, as score does with
+    small crops (pyiqa's NIQE fails outright on 64 px images); the minimum is recorded."""
+    from pipeline.iqa import MetricRegistry, score_images, upscale_to_minimum
+
+    generator = np.random.default_rng(0)
+    sr = [generator.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(2)]
+    hq = [generator.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(2)]
+    registry = MetricRegistry(device="cpu", min_crop_size=32)
+    measured = evaluate.measure(registry, ["psnr"], sr, hq)
+
+    def unit(arrays):
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+    big_sr, big_hq = upscale_to_minimum(unit(sr), unit(hq), 32)
+    assert tuple(big_sr.shape[-2:]) == (32, 48)
+    expected = score_images(["psnr"], big_sr, big_hq, registry)["psnr"].numpy()
+    np.testing.assert_array_equal(measured["psnr"], expected)
+    assert not np.allclose(expected, score_images(["psnr"], unit(sr), unit(hq), registry)["psnr"])
+    assert evaluate.metrics_metadata(registry, ["psnr"])["metrics"]["psnr"]["minimum_size"] == 32
