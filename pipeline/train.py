@@ -395,48 +395,6 @@ def batch_loss(
     return losses_from_errors(err_theta, err_ref, loaded, method, config)
 
 
-def instance_loop_loss(
-    model: SRModel,
-    loaded: Sequence[LoadedItem],
-    conditions: Sequence[Conditions],
-    method: str,
-    config: TrainConfig,
-) -> torch.Tensor:
-    """The naive reference implementation: one policy and one reference forward PER INSTANCE.
-
-    Same draws and same formula as :func:`batch_loss`; used by the tests (equality of loss and
-    gradients) and by ``bench train_step`` (the speed-up of the shared forwards).
-    """
-    device = next(model.parameters()).device
-    per_lq = []
-    for entry, cond in zip(loaded, conditions, strict=True):
-        item, total = entry.item, 0.0
-        for m in range(len(item.instance_ids)):
-            pair = [item.winners[m]] if method == "sft" else [item.winners[m], item.losers[m]]
-            one = LoadedItem(
-                dataclasses.replace(
-                    item,
-                    candidates=tuple(item.candidates[c] for c in pair),
-                    instance_ids=item.instance_ids[m : m + 1],
-                    weights=item.weights[m : m + 1],
-                    winners=(0,),
-                    losers=(len(pair) - 1,),
-                ),
-                entry.lq,
-                entry.targets[pair],
-                entry.masks[m : m + 1],
-            )
-            err_theta = _error_maps_batched(model, [one], [cond], device)[0]
-            err_ref = None if method == "sft" else reference_errors(model, [one], [cond])[0]
-            loss, _ = lq_loss(method, err_theta, err_ref, one, config)
-            # sft_loss normalises by the weights; undo it to sum the per-instance terms
-            total = total + (
-                loss * item.weights[m] / sum(item.weights) if method == "sft" else loss
-            )
-        per_lq.append(total)
-    return torch.stack(per_lq).mean()
-
-
 # -- the training loop --------------------------------------------------------------------------
 
 

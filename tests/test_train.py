@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline import train as T
+from pipeline.bench.train_step import instance_loop_loss
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -145,7 +146,7 @@ def test_shared_forwards_equal_a_per_instance_loop(inputs, framework, method):
     params = model.trainable_parameters()
     loaded, conditions = _batch(inputs, method, model, config)
     shared, _ = T.batch_loss(T.PolicyErrors(model), model, loaded, conditions, method, config)
-    naive = T.instance_loop_loss(model, loaded, conditions, method, config)
+    naive = instance_loop_loss(model, loaded, conditions, method, config)
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-7)
     grads_shared = torch.autograd.grad(shared, params, allow_unused=True)
     grads_naive = torch.autograd.grad(naive, params, allow_unused=True)
