@@ -1,6 +1,6 @@
 """Preference training: DSPO, Diffusion-DPO, SFT and Diffusion-DRO on one model (DSPO paper §4.2-4.4).
 
-For every LQ of a batch (DESIGN.md point 3):
+For every LQ of a batch (docs/design.md §3):
 
 1. the distinct candidates that win or lose any of its pairs share ONE timestep ``t`` and ONE
    noise ``eps`` (:func:`draw_conditions`);

@@ -1,4 +1,4 @@
-"""The multi-step SR family: SD 2-base UNet + ControlNet on the LQ (DESIGN.md point 5).
+"""The multi-step SR family: SD 2-base UNet + ControlNet on the LQ (docs/design.md §5).
 
 The LQ (HQ-sized, in [-1, 1]) enters through a diffusers ``ControlNetModel`` as conditioning in
 [0, 1], as diffusers' ``StableDiffusionControlNetPipeline`` and ``train_controlnet.py`` feed it
@@ -420,7 +420,7 @@ class MultiStepSR(DiffusionParts, SRModel):
         """``||ε_θ(x_t(target), t, lq, prompt) - ε||²`` mean over latent channels (Eq. 6/7).
 
         With negative prompts and ``error_map_cfg > 1`` the prediction is the guided one, the
-        negative prompt taking the unconditional branch (DESIGN.md point 7).
+        negative prompt taking the unconditional branch (docs/design.md §7).
         """
         batch, count = targets.shape[:2]
         device = self.device

@@ -712,7 +712,7 @@ class OneStepSR(DiffusionParts, SRModel):
         prompts: Sequence[str],
         negative_prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """``||z_hat(lq) - encode(target)||²`` mean over latent channels (DESIGN.md point 4).
+        """``||z_hat(lq) - encode(target)||²`` mean over latent channels (docs/design.md §4).
 
         ``z_hat`` is computed once per LQ and compared with all N targets. ``timesteps``,
         ``noise`` and ``negative_prompts`` are unused (one step, no CFG at inference).
