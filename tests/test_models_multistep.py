@@ -5,14 +5,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
 from pipeline.models import build_tiny_model, load_model
-from pipeline.models.codecs import build_tiny_vae
 from pipeline.models.colorfix import adain_color_fix, wavelet_blur, wavelet_color_fix
-from pipeline.models.components import build_tiny_text_encoder, build_tiny_unet
-from pipeline.models.multistep import MultiStepSR, sd_scheduler_config
+from pipeline.models.multistep import MultiStepSR
 from pipeline.models.tiling import gaussian_weights, tiled_apply
+from tests.test_loading import write_tiny_sd_folder
 
 TINY = {"block_out_channels": (16, 32), "text_hidden_size": 16}
 
@@ -168,18 +166,8 @@ def test_trainable_set_reference_and_pretrain_gradients():
     assert all(not p.requires_grad for p in model._reference_modules["controlnet"].parameters())
 
 
-def _write_tiny_sd_folder(folder):
-    torch.manual_seed(0)
-    text_encoder, tokenizer = build_tiny_text_encoder(hidden_size=16)
-    build_tiny_unet(4, 4, 16, 16, (16, 32)).save_pretrained(folder / "unet")
-    build_tiny_vae().save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    DDPMScheduler.from_config(sd_scheduler_config()).save_pretrained(folder / "scheduler")
-
-
 def test_from_sd_base_builds_controlnet_from_unet(tmp_path):
-    _write_tiny_sd_folder(tmp_path / "sd")
+    write_tiny_sd_folder(tmp_path / "sd")
     model = load_model(tmp_path / "sd", framework="multistep", color_fix="wavelet")
     assert model.describe()["weights"] == str(tmp_path / "sd")
     assert type(model.codec).__name__ == "VaeCodec"
@@ -188,7 +176,7 @@ def test_from_sd_base_builds_controlnet_from_unet(tmp_path):
 
 
 def test_missing_weights_name_path_and_files(tmp_path):
-    _write_tiny_sd_folder(tmp_path / "sd")
+    write_tiny_sd_folder(tmp_path / "sd")
     (tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     (tmp_path / "sd" / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(FileNotFoundError) as error:

@@ -22,6 +22,20 @@ IMAGES = ("img_a", "img_b", "img_c", "img_d")
 SIZE = 16
 
 
+def kill_at_step_three(monkeypatch):
+    """Make ``train`` raise KeyboardInterrupt while it draws step 3's batch (a killed job);
+    returns the real ``step_slots`` to restore."""
+    original = T.step_slots
+
+    def killed_at_step_three(n_items, step, batch_size, seed):
+        if step == 2:
+            raise KeyboardInterrupt("killed")
+        return original(n_items, step, batch_size, seed)
+
+    monkeypatch.setattr(T, "step_slots", killed_at_step_three)
+    return original
+
+
 def tiny_model(framework: str = "multistep"):
     """The real model family at its smallest (multi-step: ControlNet + UNet, residual pixel codec).
 
@@ -210,14 +224,7 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     assert not (tmp_path / "checkpoints" / "train" / "full").exists()  # the default place
 
     # kill the second run while it draws step 3's batch: the step-2 checkpoint survives
-    original = T.step_slots
-
-    def killed_at_step_three(n_items, step, batch_size, seed):
-        if step == 2:
-            raise KeyboardInterrupt("killed")
-        return original(n_items, step, batch_size, seed)
-
-    monkeypatch.setattr(T, "step_slots", killed_at_step_three)
+    original = kill_at_step_three(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(inputs, tmp_path / "resumed", BASE)
     folder = tmp_path / "checkpoints" / "train" / "resumed"
@@ -242,14 +249,7 @@ def test_a_changed_run_starts_afresh_and_keeps_the_old_checkpoints_aside(
     def run(out: Path, config: dict) -> Path:
         return T.train(**inputs, method="dspo", out_dir=out, config=config, seed=3)
 
-    original = T.step_slots
-
-    def killed_at_step_three(n_items, step, batch_size, seed):
-        if step == 2:
-            raise KeyboardInterrupt("killed")
-        return original(n_items, step, batch_size, seed)
-
-    monkeypatch.setattr(T, "step_slots", killed_at_step_three)
+    original = kill_at_step_three(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "out", BASE)
     monkeypatch.setattr(T, "step_slots", original)
