@@ -157,7 +157,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("negative_prompt", pa.string()),
         ("source", pa.string()),
     ),
-    # human annotations (input file, CSV or Parquet)
+    # human annotations (input file, CSV or Parquet; `annotate export` writes it), plus the
+    # optional description column (OPTIONAL_COLUMNS)
     "annotations": _schema(
         ("annotator", pa.string()),
         ("image_id", pa.string()),
@@ -165,6 +166,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("best", pa.string()),
         ("worst", pa.string()),
         ("flagged", pa.string()),
+    ),
+    # annotations/{framework}/votes.parquet: blind A/B answers of `annotate` (pipeline/annotate);
+    # answer is left, right, tie or both_bad; simulated marks `annotate simulate` votes
+    "votes": _schema(
+        ("annotator", pa.string()),
+        ("round", pa.int32()),
+        ("testset", pa.string()),
+        ("image_id", pa.string()),
+        ("left", pa.string()),
+        ("right", pa.string()),
+        ("answer", pa.string()),
+        ("repeated", pa.bool_()),
+        ("gold", pa.bool_()),
+        ("simulated", pa.bool_()),
+        ("shown_at", pa.timestamp("us", tz="UTC")),
+        ("answered_at", pa.timestamp("us", tz="UTC")),
     ),
     # models/{framework}/{variant}/train_log.parquet: pretraining; `terms` is a JSON object of
     # the family's loss terms (l2, lpips, vsd, ...) at that step
@@ -211,6 +228,25 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+#: string columns a table may lack when written or read; they are added, empty, so every table
+#: written or read has them (files made before they existed stay valid). annotations.description:
+#: the annotator's words for what a flagged hallucination shows (`annotate`, select's negatives)
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"annotations": ("description",)}
+
+
+def _fill_optional(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+    missing = [c for c in OPTIONAL_COLUMNS.get(name, ()) if c not in frame.columns]
+    return frame.assign(**dict.fromkeys(missing, "")) if missing else frame
+
+
+def full_schema(name: str) -> pa.Schema:
+    """The schema of table ``name`` with its optional columns (what is written and read)."""
+    schema = schema_for(name)
+    for column in OPTIONAL_COLUMNS.get(name, ()):
+        schema = schema.append(pa.field(column, pa.string()))
+    return schema
+
+
 def schema_for(name: str) -> pa.Schema:
     """The registered schema of table ``name``."""
     try:
@@ -234,7 +270,8 @@ def _check_columns(columns: list[str], schema: pa.Schema, where: str, name: str)
 
 def to_arrow(frame: pd.DataFrame, name: str, where: str = "<table>") -> pa.Table:
     """Check ``frame`` against the contract ``name`` and cast it to the exact schema."""
-    schema = schema_for(name)
+    schema = full_schema(name)
+    frame = _fill_optional(frame, name)
     _check_columns(list(frame.columns), schema, where, name)
     arrays = []
     for field in schema:
@@ -280,11 +317,14 @@ def read_table(path: str | os.PathLike, name: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"table not found: {path} (expected a {name!r} table)")
-    schema = schema_for(name)
+    schema = full_schema(name)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise TableError(f"{path}: not a readable Parquet file: {error}") from error
+    for column in OPTIONAL_COLUMNS.get(name, ()):
+        if column not in table.schema.names:
+            table = table.append_column(column, pa.array([""] * table.num_rows, pa.string()))
     _check_columns(table.schema.names, schema, str(path), name)
     wrong_types = [
         f"{field.name} is {table.schema.field(field.name).type}, expected {field.type}"
