@@ -9,7 +9,8 @@ a metric whose values are equal across the candidates of an instance contributes
 there, and a metric with a missing (NaN) value on an instance is left out of that instance.
 
 Human method. Annotations (CSV or Parquet, table ``annotations``): one row per annotator and
-instance with columns ``annotator, image_id, instance_id, best, worst, flagged``; ``best`` and
+instance with columns ``annotator, image_id, instance_id, best, worst, flagged`` and optionally
+``description`` (the annotator's words for the hallucination, `annotate export`); ``best`` and
 ``worst`` name candidate settings, ``flagged`` lists the candidates whose captions the annotator
 marks as not matching the image, separated by ``;`` (empty: none); ``instance_id = -1`` rates
 the whole image. Per instance the winner is the candidate with strictly the most ``best``
@@ -27,7 +28,8 @@ image). Human annotations give ``human.parquet`` and ``human_image.parquet`` (so
 Negative prompt (docs/design.md §7): one per image, carried by every pair of that image,
 because winner and loser are denoised from the same LQ and sampling uses one negative prompt
 per LQ. For IQA pairs it joins the image's hallucinated candidate captions of the captions
-table (``pipeline.contracts.image_negative_prompts``); for human pairs the captions of the candidates flagged by a strict majority of an
+table (``pipeline.contracts.image_negative_prompts``); for human pairs the annotators' non-empty
+descriptions of the image, then the captions of the candidates flagged by a strict majority of an
 instance's annotators. Without a captions table it is the empty string.
 """
 
@@ -283,12 +285,30 @@ def vote(annotations: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*KEYS, "winner", "loser", "margin"])
 
 
+def human_descriptions(annotations: pd.DataFrame) -> dict[str, list[str]]:
+    """Per image, the annotators' non-empty ``description`` texts (what a hallucination shows,
+    typed in `annotate serve`), stripped, in instance then annotator order, repeats dropped."""
+    if "description" not in annotations.columns:
+        return {}
+    texts: dict[str, list[str]] = {}
+    rows = annotations.sort_values(["image_id", "instance_id", "annotator"], kind="stable")
+    for image_id, text in zip(rows["image_id"], rows["description"], strict=True):
+        if isinstance(text, str) and text.strip():
+            texts.setdefault(str(image_id), []).append(text.strip())
+    return {image_id: list(dict.fromkeys(found)) for image_id, found in texts.items()}
+
+
 def human_flagged_prompts(
     annotations: pd.DataFrame, captions: pd.DataFrame | None
 ) -> dict[str, str]:
-    """Per image, the captions of candidates flagged by a strict majority of an instance's annotators."""
+    """Per image, the annotators' descriptions (:func:`human_descriptions`, first: the user
+    description feedback) then the captions of candidates flagged by a strict majority of an
+    instance's annotators, joined with ", "."""
+    described = {
+        image_id: ", ".join(texts) for image_id, texts in human_descriptions(annotations).items()
+    }
     if captions is None:
-        return {}
+        return described
     chosen = set()
     for (image_id, instance_id), group in annotations.groupby(KEYS):
         counts = pd.Series(
@@ -305,7 +325,13 @@ def human_flagged_prompts(
         captions["candidate"],
         strict=True,
     )
-    return image_negative_prompts(captions.assign(hallucinated=[key in chosen for key in keys]))
+    flagged = image_negative_prompts(captions.assign(hallucinated=[key in chosen for key in keys]))
+    return {
+        image_id: ", ".join(
+            t for t in (described.get(image_id, ""), flagged.get(image_id, "")) if t
+        )
+        for image_id in sorted(set(described) | set(flagged))
+    }
 
 
 # ---------------------------------------------------------------- stage
