@@ -36,11 +36,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.captioner import BlipCaptioner
 from pipeline.contracts import HQ_CANDIDATE
 from pipeline.devices import resolve_device
-from pipeline.io.images import list_images, read_rgb
+from pipeline.io.images import read_rgb
 from pipeline.io.masks import read_label_map, read_store_attrs
 from pipeline.io.tables import read_table, write_table
 
@@ -196,23 +196,16 @@ def caption_instances(
     ]
 
 
-def resolve_candidate_path(path: str, table_path: Path) -> Path:
-    """A candidates-table path: absolute, else relative to the working directory (where
-    Snakemake runs), else relative to the table's folder."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    return table_path.parent / candidate
-
-
 def run_caption_stage(
-    hq_dir: Path,
+    data_dir: Path,
     candidates_table: Path,
     masks_zarr: Path,
     instances_table: Path,
     config: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The whole stage: the ``captions`` rows and the metadata to store with them."""
+    """The whole stage: the ``captions`` rows and the metadata to store with them. HQ images
+    come from the data folder's table, candidate files are relative to the candidates table's
+    folder (:mod:`pipeline.contracts`)."""
     config = resolve_config(config)
     if not config["captioner"]:
         reason = "no captioner configured (caption.captioner is null)"
@@ -229,19 +222,22 @@ def run_caption_stage(
     embedder = TextEmbedder(config["text_encoder"], config["device"])
     instances = read_table(instances_table, "instances")
     candidates = read_table(candidates_table, "candidates")
-    hq_paths = {path.stem: path for path in list_images(hq_dir)}
+    hq_paths = contracts.data_images(data_dir, "hq")
+    candidate_paths = contracts.candidate_files(candidates_table, candidates)
     rows: list[dict[str, Any]] = []
     for image_id, image_instances in tqdm(
         instances.groupby("image_id", sort=True), desc="caption", file=sys.stderr, mininterval=1
     ):
         if image_id not in hq_paths:
-            raise FileNotFoundError(f"HQ image for {image_id!r} not found in {hq_dir}")
+            raise FileNotFoundError(
+                f"image {image_id!r}: no HQ image in the data folder {data_dir} "
+                f"(not in its {contracts.DATA_TABLE})"
+            )
         images = {HQ: read_rgb(hq_paths[image_id])}
         for row in (
             candidates[candidates["image_id"] == image_id].sort_values("setting").itertuples()
         ):
-            path = resolve_candidate_path(row.path, Path(candidates_table))
-            images[row.setting] = read_rgb(path)
+            images[row.setting] = read_rgb(candidate_paths[(str(image_id), str(row.setting))])
         label_map = read_label_map(masks_zarr, image_id)
         for candidate, image in images.items():
             if image.shape[:2] != label_map.shape:
@@ -277,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline caption",
         description="BLIP captions of instance crops, hallucination flags, negative prompts",
     )
-    parser.add_argument("--hq", required=True, type=Path, help="HQ image folder")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="degraded data folder (HQ images from its table)"
+    )
     parser.add_argument("--candidates", required=True, type=Path, help="candidates.parquet")
     parser.add_argument("--masks-zarr", required=True, type=Path, help="masks/{framework}.zarr")
     parser.add_argument("--instances", required=True, type=Path, help="instances.parquet")
@@ -287,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     captions, metadata = run_caption_stage(
-        args.hq, args.candidates, args.masks_zarr, args.instances, settings.cli_config(args.config)
+        args.data,
+        args.candidates,
+        args.masks_zarr,
+        args.instances,
+        settings.cli_config(args.config),
     )
     write_table(captions, args.out, "captions", {**metadata, "seed": args.seed})
     print(

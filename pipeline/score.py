@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.contracts import WHOLE_IMAGE_ID
 from pipeline.io.images import read_rgb
 from pipeline.io.masks import read_label_map
@@ -33,15 +33,6 @@ from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_poo
 def load_unit(path: Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in [0, 1] (pyiqa's convention)."""
     return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).to(torch.float32).div(255.0)
-
-
-def candidate_path(path: str, candidates_table: Path) -> Path:
-    """A candidate's file: as written (relative to the working directory), else beside the table."""
-    as_written = Path(path)
-    if as_written.is_file() or as_written.is_absolute():
-        return as_written
-    beside_table = candidates_table.parent / as_written
-    return beside_table if beside_table.is_file() else as_written
 
 
 def instance_masks_for(
@@ -100,13 +91,17 @@ def score_image(
 def score_candidates(
     candidates: pd.DataFrame,
     instances: pd.DataFrame,
-    hq_dir: Path,
+    data_dir: Path,
     masks_store: Path,
     registry: MetricRegistry,
     metric_names: Sequence[str],
-    candidates_table: Path = Path("."),
+    candidates_table: Path,
 ) -> pd.DataFrame:
-    """The ``scores`` table of every image in the candidates table."""
+    """The ``scores`` table of every image in the candidates table: HQ images from the data
+    folder's table, candidate files relative to the candidates table's folder
+    (:mod:`pipeline.contracts`)."""
+    hq_files = contracts.data_images(data_dir, "hq")
+    candidate_files = contracts.candidate_files(candidates_table, candidates)
     frames = []
     for image_id in tqdm(
         sorted(candidates["image_id"].unique()), desc="score", file=sys.stderr, mininterval=1
@@ -122,8 +117,13 @@ def score_candidates(
         )
         if not instance_ids:
             raise ValueError(f"image {image_id!r} has no row in the instances table")
+        if str(image_id) not in hq_files:
+            raise FileNotFoundError(
+                f"image {image_id!r}: no HQ image in the data folder {data_dir} "
+                f"(not in its {contracts.DATA_TABLE})"
+            )
         files = {
-            str(row.setting): candidate_path(str(row.path), candidates_table)
+            str(row.setting): candidate_files[(str(image_id), str(row.setting))]
             for row in rows.itertuples()
         }
         frames.append(
@@ -132,7 +132,7 @@ def score_candidates(
                 metric_names,
                 str(image_id),
                 files,
-                hq_dir / f"{image_id}.png",
+                hq_files[str(image_id)],
                 read_label_map(masks_store, str(image_id)),
                 instance_ids,
             )
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline score", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--candidates", type=Path, required=True, help="candidates.parquet")
-    parser.add_argument("--hq", type=Path, required=True, help="folder of HQ images {image_id}.png")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="degraded data folder (HQ images from its table)"
+    )
     parser.add_argument("--masks", type=Path, required=True, help="masks Zarr store")
     parser.add_argument("--instances", type=Path, required=True, help="instances.parquet")
     parser.add_argument("--out", type=Path, required=True, help="scores parquet to write")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = score_candidates(
         read_table(args.candidates, "candidates"),
         read_table(args.instances, "instances"),
-        args.hq,
+        args.data,
         args.masks,
         registry,
         metric_names,

@@ -10,8 +10,10 @@ Steps, as in the paper's section:
 2. :func:`masks_to_partition` turns the overlapping, gappy masks into the partition
    ``S = {s_m}, Σ_m s_m = 1`` the loss needs (docs/design.md §2) and computes the instance
    weights of Eq. (3), ``w_m = |s_m| / Σ_m |s_m|``.
-3. :func:`segment_images` does both for a folder; :func:`main` writes the label maps to
-   ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`) and the ``instances`` table.
+3. :func:`segment_images` does both for every image of the shared frame (the data folder's HQ
+   images, or the candidates of one setting, found through :mod:`pipeline.contracts`);
+   :func:`main` writes the label maps to ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`)
+   and the ``instances`` table.
 
 Segmentation draws no random numbers (SAM's point grid and the classical segmenters are
 deterministic); ``--seed`` is recorded in the metadata for provenance only.
@@ -20,6 +22,7 @@ deterministic); ``--seed`` is recorded in the metadata for provenance only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,11 +36,11 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.devices import resolve_device
-from pipeline.io.images import list_images, read_rgb
+from pipeline.io.images import read_rgb
 from pipeline.io.masks import write_label_maps
-from pipeline.io.tables import write_table
+from pipeline.io.tables import read_table, write_table
 
 MaskRecord = dict[str, Any]
 
@@ -396,31 +399,83 @@ def segment_images(
     return label_maps, pd.DataFrame(rows, columns=columns), map_attrs, segmenter.info
 
 
+def frame_images(
+    data: Path | None, candidates: Path | None, setting: str | None
+) -> dict[str, Path]:
+    """``{image_id: path}`` of the shared frame: the data folder's HQ images, or the candidates
+    table's images of one setting; every file is named ``{image_id}.<ext>``."""
+    if data is not None:
+        files = contracts.data_images(data, "hq")
+    else:
+        assert candidates is not None and setting is not None
+        table = read_table(candidates, "candidates")
+        chosen = table[table["setting"] == setting]
+        if chosen.empty:
+            raise ValueError(
+                f"{candidates}: no candidate of setting {setting!r}; "
+                f"settings: {sorted(set(table['setting']))}"
+            )
+        files = {
+            image_id: path
+            for (image_id, _), path in contracts.candidate_files(candidates, chosen).items()
+        }
+    misnamed = sorted(image_id for image_id, path in files.items() if path.stem != image_id)
+    if misnamed:
+        raise ValueError(
+            f"images {misnamed[:5]} are not named {{image_id}}.<ext>: "
+            f"{[str(files[image_id]) for image_id in misnamed[:5]]}"
+        )
+    return files
+
+
+def images_folder(paths: Sequence[Path], fallback: Path) -> str:
+    """The folder the images lie in (their common folder), for the metadata."""
+    parents = {path.parent for path in paths}
+    if not parents:
+        return str(fallback)
+    if len(parents) == 1:
+        return str(parents.pop())
+    return os.path.commonpath([str(parent) for parent in parents])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline segment", description="SAM instances → partition label maps"
     )
-    parser.add_argument("--images", required=True, type=Path, help="shared-frame image folder")
+    frame = parser.add_mutually_exclusive_group(required=True)
+    frame.add_argument(
+        "--data", type=Path, help="degraded data folder: segment its HQ images (source hq)"
+    )
+    frame.add_argument(
+        "--candidates", type=Path, help="candidates.parquet: segment the images of --setting"
+    )
+    parser.add_argument("--setting", help="the candidate setting to segment (with --candidates)")
     parser.add_argument("--out-zarr", required=True, type=Path, help="masks/{framework}.zarr")
     parser.add_argument("--out-table", required=True, type=Path, help="instances.parquet")
     parser.add_argument("--config", default="{}", help="the segment config section as JSON")
     parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
     args = parser.parse_args(argv)
+    if (args.candidates is None) != (args.setting is None):
+        parser.error("--candidates and --setting go together")
 
     config = resolve_config(settings.cli_config(args.config))
+    source = "hq" if args.data is not None else args.setting
+    if config["source"] != source:
+        raise ValueError(
+            f"segment.source is {config['source']!r} but the command line segments {source!r}"
+        )
+    paths = sorted(frame_images(args.data, args.candidates, args.setting).values())
     segmenter = build_segmenter(config)
     if segmenter.info["sam_used"]:
         print(f"segment: SAM {config['model_type']} from {config['checkpoint']}", file=sys.stderr)
     else:
         print(f"segment: SAM NOT USED — {segmenter.info['note']}", file=sys.stderr)
     started = time.perf_counter()
-    label_maps, instances, map_attrs, info = segment_images(
-        list_images(args.images), config, segmenter
-    )
+    label_maps, instances, map_attrs, info = segment_images(paths, config, segmenter)
     metadata = {
         **info,
         "source": config["source"],
-        "images": str(args.images),
+        "images": images_folder(paths, args.data or args.candidates.parent),
         "top_k": config["top_k"],
         "seed": args.seed,
     }

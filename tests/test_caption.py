@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from pipeline.contracts import image_negative_prompts, negative_prompts
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
+from tests.data_helpers import write_data_table
 
 WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue", "tree", "sky"]
 
@@ -217,6 +219,7 @@ def _write_stage_inputs(tmp_path):
     rng = np.random.default_rng(0)
     hq = (rng.random((20, 24, 3)) * 255).astype(np.uint8)
     write_png(tmp_path / "hq" / "img0.png", hq)
+    write_data_table(tmp_path, ["img0"])
     rows = []
     for setting in ("cfg6", "rank16"):
         path = tmp_path / "cand" / setting / "img0.png"
@@ -244,7 +247,7 @@ def _write_stage_inputs(tmp_path):
 
 def _stage_argv(tmp_path, config):
     return [
-        "--hq", str(tmp_path / "hq"),
+        "--data", str(tmp_path),
         "--candidates", str(tmp_path / "candidates.parquet"),
         "--masks-zarr", str(tmp_path / "masks.zarr"),
         "--instances", str(tmp_path / "instances.parquet"),
@@ -290,3 +293,56 @@ def test_stage_without_captioner_is_an_explicit_skip(tmp_path):
     assert table.empty
     metadata = read_metadata(tmp_path / "captions.parquet")
     assert metadata["skipped"] is True and "captioner" in metadata["reason"]
+
+
+class _MeanCaptioner:
+    """Stands in for BLIP: a crop's caption is its mean grey level."""
+
+    def __init__(self, path, *args):
+        self.path = str(path)
+
+    def caption(self, crops):
+        return [f"grey {int(np.mean(crop))}" for crop in crops]
+
+
+class _FlatEmbedder:
+    def __init__(self, path, device):
+        self.path = str(path)
+
+    def encode(self, texts):
+        return np.ones((len(texts), 4))
+
+
+@pytest.fixture()
+def fake_models(monkeypatch):
+    monkeypatch.setattr(caption, "BlipCaptioner", _MeanCaptioner)
+    monkeypatch.setattr(caption, "TextEmbedder", _FlatEmbedder)
+    return {"captioner": "fake-blip", "text_encoder": "fake-encoder", "device": "cpu"}
+
+
+def test_relative_candidate_paths_are_read_beside_the_table_not_in_the_working_directory(
+    tmp_path, tmp_path_factory, monkeypatch, fake_models
+):
+    _write_stage_inputs(tmp_path)
+    assert caption.main(_stage_argv(tmp_path, fake_models)) == 0
+    expected = read_table(tmp_path / "captions.parquet", "captions")
+    table = tmp_path / "candidates.parquet"
+    candidates = read_table(table, "candidates")
+    candidates["path"] = [
+        f"cand/{row.setting}/{row.image_id}.png" for row in candidates.itertuples()
+    ]
+    write_table(candidates, table, "candidates")
+    # the working directory holds same-named images of other content
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    for row in candidates.itertuples():
+        write_png(elsewhere / row.path, np.zeros((20, 24, 3), np.uint8))
+    monkeypatch.chdir(elsewhere)
+    assert caption.main(_stage_argv(tmp_path, fake_models)) == 0
+    pd.testing.assert_frame_equal(read_table(tmp_path / "captions.parquet", "captions"), expected)
+
+
+def test_hq_missing_from_the_data_table_names_the_image_and_the_folder(tmp_path, fake_models):
+    _write_stage_inputs(tmp_path)
+    write_data_table(tmp_path, ["other"])
+    with pytest.raises(FileNotFoundError, match=rf"'img0'.*data folder {re.escape(str(tmp_path))}"):
+        caption.main(_stage_argv(tmp_path, fake_models))

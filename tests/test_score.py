@@ -1,6 +1,7 @@
 """Score stage: the scores table on disk from a tiny candidates/masks/instances set."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from pipeline.score import load_unit, main
+from tests.data_helpers import write_data_table
 
 SETTINGS = {"s20": 2.0, "s80": 12.0, "c45": 30.0}  # noise sigma in grey levels
 
@@ -49,6 +51,7 @@ def inputs(tmp_path):
                     instance_id == 0,
                 )
             )
+    write_data_table(tmp_path, ["a", "b"])
     write_label_maps(tmp_path / "masks.zarr", label_maps, {"backend": "test"})
     write_table(
         pd.DataFrame(candidate_rows, columns=SCHEMAS["candidates"].names),
@@ -65,7 +68,7 @@ def inputs(tmp_path):
 
 def run(inputs, metrics):
     out = inputs / "scores" / "test.parquet"
-    argv = ["--candidates", str(inputs / "candidates.parquet"), "--hq", str(inputs / "hq")]
+    argv = ["--candidates", str(inputs / "candidates.parquet"), "--data", str(inputs)]
     argv += [
         "--masks",
         str(inputs / "masks.zarr"),
@@ -127,7 +130,7 @@ def test_unknown_config_key_is_rejected(inputs):
             [
                 "--candidates",
                 "x",
-                "--hq",
+                "--data",
                 "x",
                 "--masks",
                 "x",
@@ -145,3 +148,28 @@ def test_load_unit_range(inputs):
     image = load_unit(inputs / "hq" / "a.png")
     assert image.dtype == torch.float32 and image.shape == (3, 32, 36)
     assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+
+
+def test_relative_candidate_paths_are_read_beside_the_table_not_in_the_working_directory(
+    inputs, tmp_path_factory, monkeypatch
+):
+    expected = read_table(run(inputs, ["psnr"]), "scores")
+    table = inputs / "candidates.parquet"
+    candidates = read_table(table, "candidates")
+    candidates["path"] = [
+        f"candidates/{row.setting}/{row.image_id}.png" for row in candidates.itertuples()
+    ]
+    write_table(candidates, table, "candidates")
+    # the working directory holds same-named files of other content (and size)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    for row in candidates.itertuples():
+        write_png(elsewhere / row.path, np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.chdir(elsewhere)
+    scores = read_table(run(inputs, ["psnr"]), "scores")
+    pd.testing.assert_frame_equal(scores, expected)
+
+
+def test_hq_missing_from_the_data_table_names_the_image_and_the_folder(inputs):
+    write_data_table(inputs, ["a"])
+    with pytest.raises(FileNotFoundError, match=rf"'b'.*data folder {re.escape(str(inputs))}"):
+        run(inputs, ["psnr"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,9 +20,10 @@ from pipeline.io.masks import (
     read_store_attrs,
     write_label_maps,
 )
-from pipeline.io.tables import read_metadata, read_table
+from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from pipeline.replicas import TINY_SAM
 from pipeline.segment import masks_to_partition
+from tests.data_helpers import write_data_table
 
 # thresholds at zero so an untrained SAM still returns masks
 PERMISSIVE_GENERATOR = {
@@ -172,16 +174,20 @@ def test_classical_backend_records_and_stage(tmp_path):
     image = np.clip(image + rng.integers(0, 8, image.shape), 0, 255).astype(np.uint8)
     write_png(images / "scene.png", image)
     write_png(images / "flat.png", np.full((20, 20, 3), 90, np.uint8))
+    write_data_table(tmp_path, ["scene", "flat"])
     config = {"top_k": 2, "classical": {"method": "slic", "slic": {"n_segments": 6}}}
     zarr_path, table_path = tmp_path / "masks.zarr", tmp_path / "inst" / "instances.parquet"
     code = segment.main(
-        ["--images", str(images), "--out-zarr", str(zarr_path), "--out-table", str(table_path)]
+        ["--data", str(tmp_path), "--out-zarr", str(zarr_path), "--out-table", str(table_path)]
         + ["--config", json.dumps(config), "--seed", "3"]
     )
     assert code == 0
     table = read_table(table_path, "instances")
     metadata = read_metadata(table_path)
     assert metadata["backend"] == "classical" and metadata["sam_used"] is False
+    assert metadata["source"] == "hq" and metadata["images"] == str(images)
+    assert list(dict.fromkeys(table["image_id"])) == ["flat", "scene"]  # in file order
+    assert read_label_map_attrs(zarr_path, "scene")["source_image"] == str(images / "scene.png")
     assert metadata["seed"] == 3 and metadata["generator"]["method"] == "slic"
     assert read_store_attrs(zarr_path)["sam_used"] is False
     for image_id, rows in table.groupby("image_id"):
@@ -195,6 +201,71 @@ def test_classical_backend_records_and_stage(tmp_path):
             assert (row.bbox_x, row.bbox_y) == (xs.min(), ys.min())
             assert (row.bbox_w, row.bbox_h) == (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
         assert set(np.unique(label_map)) == set(rows["instance_id"])
+
+
+CLASSICAL = {"top_k": 2, "classical": {"method": "slic", "slic": {"n_segments": 4}}}
+
+
+def _write_candidates(folder, setting_images):
+    """A candidates table in ``folder`` naming ``{setting}/{image_id}.png`` (relative)."""
+    rows = []
+    for (setting, image_id), image in setting_images.items():
+        write_png(folder / setting / f"{image_id}.png", image)
+        rows.append((image_id, setting, "v", 1, 1.0, 0, "", f"{setting}/{image_id}.png"))
+    table = folder / "candidates.parquet"
+    write_table(pd.DataFrame(rows, columns=SCHEMAS["candidates"].names), table, "candidates")
+    return table
+
+
+def test_candidate_source_segments_one_setting_found_beside_the_table(
+    tmp_path, tmp_path_factory, monkeypatch
+):
+    rng = np.random.default_rng(4)
+    images = {
+        (setting, image_id): rng.integers(0, 255, (16, 20, 3)).astype(np.uint8)
+        for setting in ("cfg6", "rank16")
+        for image_id in ("i1", "i0")
+    }
+    table = _write_candidates(tmp_path / "cand", images)
+    # the working directory holds same-named images of other content
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    for setting, image_id in images:
+        write_png(elsewhere / setting / f"{image_id}.png", np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.chdir(elsewhere)
+    zarr_path, table_path = tmp_path / "masks.zarr", tmp_path / "instances.parquet"
+    config = {**CLASSICAL, "source": "rank16"}
+    argv = ["--candidates", str(table), "--setting", "rank16", "--out-zarr", str(zarr_path)]
+    argv += ["--out-table", str(table_path), "--config", json.dumps(config)]
+    assert segment.main(argv) == 0
+    assert list_image_ids(zarr_path) == ["i0", "i1"]
+    metadata = read_metadata(table_path)
+    assert metadata["source"] == "rank16"
+    assert metadata["images"] == str(tmp_path / "cand" / "rank16")
+    segmenter = segment.build_segmenter(CLASSICAL)
+    for image_id in ("i0", "i1"):
+        attrs = read_label_map_attrs(zarr_path, image_id)
+        assert attrs["source_image"] == str(tmp_path / "cand" / "rank16" / f"{image_id}.png")
+        records = segment.generate_mask_records(images[("rank16", image_id)], segmenter)
+        expected = masks_to_partition(records, (16, 20), CLASSICAL["top_k"]).label_map
+        np.testing.assert_array_equal(read_label_map(zarr_path, image_id), expected)
+
+
+def test_the_command_line_names_one_frame_matching_the_source(tmp_path):
+    table = _write_candidates(tmp_path, {("cfg6", "i0"): np.zeros((8, 8, 3), np.uint8)})
+    outputs = ["--out-zarr", str(tmp_path / "m.zarr"), "--out-table", str(tmp_path / "i.parquet")]
+    for frame in (
+        [],
+        ["--data", str(tmp_path), "--candidates", str(table), "--setting", "cfg6"],
+        ["--candidates", str(table)],
+        ["--data", str(tmp_path), "--setting", "cfg6"],
+    ):
+        with pytest.raises(SystemExit):
+            segment.main(frame + outputs)
+    argv = ["--candidates", str(table), "--setting", "cfg6", *outputs]
+    with pytest.raises(ValueError, match="segment.source is 'hq'"):
+        segment.main(argv)
+    with pytest.raises(ValueError, match="no candidate of setting 'rank16'.*cfg6"):
+        segment.main([*argv[:3], "rank16", *outputs, "--config", '{"source": "rank16"}'])
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
