@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import guidance, settings
-from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, write_png
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import load_model
 from pipeline.models.base import SRModel, batch_invariant, upsample_lq
@@ -72,7 +72,7 @@ def load_pair_images(data_dir: Path) -> list[tuple[str, torch.Tensor]]:
     images = []
     for row in pairs.itertuples():
         hq_shape = read_rgb(data_dir / row.hq_path).shape
-        lq = to_tensor(read_rgb(data_dir / row.lq_path))[None]
+        lq = signed_tensor(read_rgb(data_dir / row.lq_path))[None]
         images.append((str(row.image_id), upsample_lq(lq, hq_shape[:2])[0]))
     return images
 
@@ -141,7 +141,7 @@ def generate_candidates(
                 )  # fmt: skip
             for image_id, output in zip(ids, outputs, strict=True):
                 relative = f"{setting['name']}/{image_id}.png"
-                write_png(out_dir / relative, to_uint8(output.cpu()))
+                write_png(out_dir / relative, signed_to_uint8(output.cpu()))
                 rows.append({
                     "image_id": image_id, "setting": setting["name"], "variant": variant,
                     "steps": steps, "cfg": cfg,

@@ -1,15 +1,21 @@
-"""The vocabulary every stage shares, owned by no stage (docs/design.md).
+"""The vocabulary every stage shares, owned by no stage (docs/design.md §12).
 
-Table schemas live in :mod:`pipeline.io.tables` and the label-map layout in
-:mod:`pipeline.io.masks`; this module holds the names and rules that more than one stage
-needs: the whole-image instance id, the table of training methods, and the join that turns
-hallucination captions into an image's negative prompt.
+- **Artifacts**: where every output of the DAG lives (:data:`ARTIFACTS`, :func:`artifact`; the
+  Snakemake rules build their paths from it) and how a stage finds the files inside another
+  stage's folder (:func:`data_images`, :func:`candidate_files`, :func:`evaluation_images`).
+  Stages take folder and table paths on their command lines and open files only through these.
+- **Tables**: the Parquet schemas are in :mod:`pipeline.io.tables`, the label-map layout in
+  :mod:`pipeline.io.masks`.
+- **Words**: the whole-image instance id, the table of training methods and the join that turns
+  hallucination captions into an image's negative prompt.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the tables are pandas frames; importing pandas is left to the stages
@@ -30,6 +36,109 @@ STAGES = (
     "evaluate",
     "report",
 )
+
+# ---------------------------------------------------------------------------------- artifacts
+
+#: every artifact of the DAG, relative to the working directory: the rules' outputs (wildcards in
+#: braces, as Snakemake reads them) and the checkpoint folders kept outside them (Snakemake
+#: deletes a failed job's outputs, not these)
+ARTIFACTS = {
+    "data": "results/data/{split}",  # DATA_TABLE + hq/ + lq/ (paths recorded in the table)
+    "prompts": "results/prompts/{split}.parquet",  # split: train or a test set's name
+    "model": "results/models/{framework}/{variant}",  # save_pretrained folder
+    "pretrain_checkpoints": "results/checkpoints/pretrain/{framework}/{variant}",
+    "candidates": "results/candidates/{framework}",  # CANDIDATES_TABLE + images it names
+    "masks": "results/masks/{framework}.zarr",
+    "instances": "results/masks/{framework}/instances.parquet",
+    "captions": "results/captions/{framework}.parquet",
+    "scores": "results/scores/{framework}.parquet",
+    "pairs_dir": "results/pairs/{framework}",
+    "pairs": "results/pairs/{framework}/{objective}{level}.parquet",  # level: PAIR_LEVELS
+    "aligned": "results/aligned/{framework}/{method}/{objective}",  # save_pretrained folder
+    "train_checkpoints": "results/checkpoints/train/{framework}/{method}/{objective}",
+    "evaluation": "results/eval/{framework}/{testset}/{model}",  # EVAL_* files + images/
+    "report_dir": "results/eval/{framework}",  # summary, tables, plots, report.md
+}
+#: files inside the folder artifacts
+DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
+CANDIDATES_TABLE = "candidates.parquet"  # candidates/{framework}: table candidates
+EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
+EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)
+#: the pairs file of each pair level: ``pairs/{framework}/{objective}{suffix}.parquet``
+PAIR_LEVELS = {"instance": "", "image": "_image"}
+
+
+class _KeepMissing(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def artifact(name: str, **fields: Any) -> str:
+    """The path of artifact ``name`` with the given wildcards filled in; the others stay as
+    ``{wildcard}`` (for Snakemake rules). ``artifact("model", variant="base")`` ->
+    ``results/models/{framework}/base``."""
+    if name not in ARTIFACTS:
+        raise KeyError(f"unknown artifact {name!r}; known: {sorted(ARTIFACTS)}")
+    unknown = set(fields) - {f for _, f, _, _ in string.Formatter().parse(ARTIFACTS[name]) if f}
+    if unknown:
+        raise KeyError(f"artifact {name!r} has no wildcard {sorted(unknown)}")
+    return ARTIFACTS[name].format_map(_KeepMissing(fields))
+
+
+def pairs_artifact(framework: str, objective: str, method_name: str) -> str:
+    """The pairs table a training method reads (its pair level's file)."""
+    level = PAIR_LEVELS[method(method_name).pair_level]
+    return artifact("pairs", framework=framework, objective=objective, level=level)
+
+
+def _beside(folder: Path, recorded: str) -> Path:
+    path = Path(recorded)
+    return path if path.is_absolute() else folder / path
+
+
+def data_images(data_dir: str | Path, kind: str) -> dict[str, Path]:
+    """``{image_id: path}`` of a degraded data folder's ``kind`` images (``hq`` or ``lq``), as its
+    :data:`DATA_TABLE` records them (paths relative to the folder)."""
+    from pipeline.io.tables import read_table
+
+    if kind not in ("hq", "lq"):
+        raise ValueError(f"data images are 'hq' or 'lq', not {kind!r}")
+    folder = Path(data_dir)
+    table = folder / DATA_TABLE
+    if not table.is_file():
+        raise FileNotFoundError(f"{folder}: no {DATA_TABLE} (is it a degrade stage output?)")
+    frame = read_table(table, "degradation_pairs")
+    return {
+        str(image_id): _beside(folder, str(path))
+        for image_id, path in zip(frame["image_id"], frame[f"{kind}_path"], strict=True)
+    }
+
+
+def candidate_files(
+    candidates_table: str | Path, frame: pd.DataFrame
+) -> dict[tuple[str, str], Path]:
+    """``{(image_id, setting): path}`` of a candidates table's images: each recorded path is
+    relative to the table's folder (or absolute); nothing is looked up in the working directory."""
+    folder = Path(candidates_table).parent
+    return {
+        (str(row.image_id), str(row.setting)): _beside(folder, str(row.path))
+        for row in frame.itertuples()
+    }
+
+
+def evaluation_images(evaluation_dir: str | Path) -> pd.DataFrame:
+    """An evaluation folder's :data:`EVAL_IMAGES` manifest with absolute-or-relative paths
+    resolved: one row per test image (testset, model, image_id, sr_path, lq_path, hq_path)."""
+    from pipeline.io.tables import read_table
+
+    folder = Path(evaluation_dir)
+    frame = read_table(folder / EVAL_IMAGES, "eval_images")
+    frame["sr_path"] = [str(_beside(folder, path)) for path in frame["sr_path"]]
+    return frame
+
+
+# ------------------------------------------------------------------------------------- words
+
 #: ``instance_id`` of the whole image (scores, pairs): the image-level baselines' "instance"
 WHOLE_IMAGE_ID = -1
 #: ``candidate`` of the HQ image in the captions table (the reference captions)
@@ -41,9 +150,11 @@ class Method:
     """A preference-training method as the workflow and the train stage see it."""
 
     name: str
-    loss: str  # the loss train.py assembles (pipeline.losses)
-    pair_level: str  # "instance" (pairs/{objective}.parquet) or "image" (..._image.parquet)
-    settings: dict[str, Any] = field(default_factory=dict)  # overrides of the train section
+    loss: str  # the loss the train stage assembles (pipeline.losses, pipeline.training.step)
+    pair_level: str  # a key of PAIR_LEVELS: which pairs table the method reads
+    needs_reference: bool = True  # whether the loss compares against the frozen reference
+    # overrides of the train section: e.g. the prompt rule (negative_prompts) of an ablation
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: dict[str, Method] = {
@@ -52,9 +163,9 @@ METHODS: dict[str, Method] = {
         Method("dspo", "dspo", "instance"),
         Method("dro", "dro", "instance"),
         # the M1-only ablation: DSPO without the description feedback (no negative prompts)
-        Method("dspo_m1", "dspo", "instance", {"negative_prompts": False}),
+        Method("dspo_m1", "dspo", "instance", settings={"negative_prompts": False}),
         Method("dpo", "dpo", "image"),
-        Method("sft", "sft", "image"),
+        Method("sft", "sft", "image", needs_reference=False),
     )
 }
 

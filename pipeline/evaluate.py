@@ -54,9 +54,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import guidance, settings
+from pipeline import contracts, guidance, settings
 from pipeline.io.atomic import atomic_path
-from pipeline.io.images import read_rgb, to_tensor, to_uint8, write_png
+from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, unit_tensor, write_png
 from pipeline.io.tables import write_table
 from pipeline.io.testsets import TESTSET_KINDS, TestImage, load_testset
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_images, upscale_to_minimum
@@ -107,7 +107,7 @@ class LoadedPair:
 
 def load_pair(image: TestImage) -> LoadedPair:
     hq = read_rgb(image.hq)
-    lq = to_tensor(read_rgb(image.lq))
+    lq = signed_tensor(read_rgb(image.lq))
     if lq.shape[1] > hq.shape[0] or lq.shape[2] > hq.shape[1]:
         raise ValueError(
             f"LQ {image.lq} ({lq.shape[2]}x{lq.shape[1]}) is larger than its HQ {image.hq} "
@@ -158,7 +158,7 @@ def super_resolve(
                 torch_generator(seed, "evaluate", testset, p.image.image_id) for p in batch
             ],
         )
-    return [to_uint8(image) for image in sr]
+    return [signed_to_uint8(image) for image in sr]
 
 
 # ----------------------------------------------------------------------------- 3. metrics
@@ -175,11 +175,7 @@ def measure(
     upscaled for that metric first, as the score stage does with small instance crops (the
     metadata records each metric's minimum, ``metrics_metadata``)."""
 
-    def batch(arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        stacked = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        return stacked.to(torch.float32).div(255.0)
-
-    sr_batch, hq_batch = batch(sr_images), batch(hq_images)
+    sr_batch, hq_batch = unit_tensor(np.stack(sr_images)), unit_tensor(np.stack(hq_images))
     scores: dict[str, torch.Tensor] = {}
     for name in metric_names:
         sr, hq = upscale_to_minimum(sr_batch, hq_batch, registry.minimum_size(name))
@@ -277,7 +273,9 @@ def evaluate(
         for batch in batches(images, int(config["batch_size"])):
             sr_images = super_resolve(model, batch, testset, config, seed, texts)
             for pair, sr in zip(batch, sr_images, strict=True):
-                write_png(folder / "images" / f"{pair.image.image_id}.png", sr)
+                write_png(
+                    folder / "images" / f"{pair.image.image_id}.png", sr
+                )  # the manifest's sr_path
             scores = measure(registry, metric_names, sr_images, [pair.hq for pair in batch])
             for index, pair in enumerate(batch):
                 for name in metric_names:
@@ -304,7 +302,14 @@ def evaluate(
             **metrics_metadata(registry, metric_names),
             "stand_ins": stand_ins(description, metric_names),
         }
-        write_table(table, folder / "metrics.parquet", "eval_metrics", metadata)
+        write_table(table, folder / contracts.EVAL_METRICS, "eval_metrics", metadata)
+        manifest = pd.DataFrame(
+            [(testset, model_name, image.image_id, f"images/{image.image_id}.png", str(image.lq),
+              str(image.hq)) for image in images],
+            columns=["testset", "model", "image_id", "sr_path", "lq_path", "hq_path"],
+        )  # fmt: skip
+        write_table(manifest, folder / contracts.EVAL_IMAGES, "eval_images",
+                    {"model": model_name, "testset": testset})  # fmt: skip
     return table
 
 

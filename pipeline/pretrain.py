@@ -28,7 +28,7 @@ from tqdm import tqdm
 from pipeline import checkpoints, guidance, settings
 from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
-from pipeline.io.images import read_rgb, to_tensor
+from pipeline.io.images import read_rgb, signed_tensor
 from pipeline.io.tables import read_table, write_table
 from pipeline.models import model_class
 from pipeline.models.base import SRModel, upsample_lq
@@ -84,12 +84,12 @@ class PairSource:
         left = int(torch.randint(0, (width - crop_size) // factor + 1, (1,), generator=generator))
         flip = hflip and bool(torch.rand(1, generator=generator) < 0.5)
         top, left = top * factor, left * factor
-        hq_crop = to_tensor(hq[top : top + crop_size, left : left + crop_size].copy())
+        hq_crop = signed_tensor(hq[top : top + crop_size, left : left + crop_size].copy())
         lq_size = crop_size // factor
         lq_crop = lq[
             top // factor : top // factor + lq_size, left // factor : left // factor + lq_size
         ]
-        lq_crop = upsample_lq(to_tensor(lq_crop.copy())[None], (crop_size, crop_size))[0]
+        lq_crop = upsample_lq(signed_tensor(lq_crop.copy())[None], (crop_size, crop_size))[0]
         if flip:
             hq_crop, lq_crop = hq_crop.flip(-1), lq_crop.flip(-1)
         return lq_crop, hq_crop

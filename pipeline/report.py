@@ -1,6 +1,7 @@
 """Stage `report`: the paper's result tables and plots from the per-image metrics (DSPO Sec. 5).
 
-Inputs are the ``eval/{framework}/{testset}/{model}/metrics.parquet`` files of one framework.
+Inputs are the evaluation folders ``eval/{framework}/{testset}/{model}`` of one framework: their
+``metrics.parquet`` and their image manifest ``images.parquet`` (:mod:`pipeline.contracts`).
 The steps, each a function below:
 
 1. :func:`summarise` — per test set, model and metric: the mean over images, a 95% confidence
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -61,20 +62,25 @@ def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return config
 
 
-def read_metrics(paths: Iterable[str | Path]) -> tuple[pd.DataFrame, dict[tuple[str, str], dict]]:
-    """All per-image metrics, and each file's metadata keyed by (testset, model)."""
-    frames, metadata = [], {}
-    for path in paths:
+def read_evaluations(
+    folders: Iterable[str | Path],
+) -> tuple[pd.DataFrame, dict[tuple[str, str], dict], dict[tuple[str, str], pd.DataFrame]]:
+    """All per-image metrics of the evaluation folders, each folder's metrics metadata and its
+    image manifest, both keyed by (testset, model)."""
+    frames, metadata, manifests = [], {}, {}
+    for folder in folders:
+        path = Path(folder) / contracts.EVAL_METRICS
         frame = read_table(path, "eval_metrics")
-        keys = set(zip(frame["testset"], frame["model"], strict=True))
-        for key in keys:
+        manifest = contracts.evaluation_images(folder)
+        for key in set(zip(manifest["testset"], manifest["model"], strict=True)):
             if key in metadata:
-                raise ValueError(f"{path}: test set {key[0]!r}, model {key[1]!r} given twice")
+                raise ValueError(f"{folder}: test set {key[0]!r}, model {key[1]!r} given twice")
             metadata[key] = {**read_metadata(path), "path": str(path)}
+            manifests[key] = manifest
         frames.append(frame)
     if not frames:
-        raise ValueError("report: no metrics files given")
-    return pd.concat(frames, ignore_index=True), metadata
+        raise ValueError("report: no evaluation folders given")
+    return pd.concat(frames, ignore_index=True), metadata, manifests
 
 
 #: Table 2's ablation rows: the evaluation name of each ablation of ``dspo_<objective>``
@@ -354,31 +360,23 @@ def enlarge_nearest(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def grid_panels(
     testset: str,
     models: Sequence[str],
-    metadata: dict[tuple[str, str], dict],
+    manifests: dict[tuple[str, str], pd.DataFrame],
     config: dict[str, Any],
 ) -> list[tuple[str, list[np.ndarray]]]:
-    """Per grid image: its id and the crops ``[LQ, model..., HQ]`` (the first ``grid_images``
-    image ids; LQ/HQ files found again from the test set recorded by `evaluate`)."""
-    from pipeline.io.testsets import DEFAULT_SUFFIX_PATTERN, load_testset
-
-    recorded = metadata[(testset, models[0])]
-    pattern = recorded.get("config", {}).get("name_suffix_pattern", DEFAULT_SUFFIX_PATTERN)
-    images = load_testset(recorded["testset_kind"], recorded["testset_path"], pattern)
-    by_id = {image.image_id: image for image in images}
-    ids = [i for i in sorted(by_id) if all(
-        (Path(metadata[(testset, m)]["path"]).parent / "images" / f"{i}.png").is_file()
-        for m in models
-    )][: int(config["grid_images"])]  # fmt: skip
+    """Per grid image: its id and the crops ``[LQ, model..., HQ]`` of the first ``grid_images``
+    image ids every model has, the files as each evaluation's manifest (``images.parquet``,
+    :func:`pipeline.contracts.evaluation_images`) names them."""
+    rows = {model: manifests[(testset, model)].set_index("image_id") for model in models}
+    ids = sorted(set.intersection(*(set(frame.index) for frame in rows.values())))
+    ids = ids[: int(config["grid_images"])]
     if not ids:
         raise FileNotFoundError(f"no SR images of test set {testset!r} found for the crop grid")
+    first = rows[models[0]]
     panels = []
     for image_id in ids:
-        hq = read_rgb(by_id[image_id].hq)
-        lq = enlarge_nearest(read_rgb(by_id[image_id].lq), hq.shape[:2])
-        outputs = [
-            read_rgb(Path(metadata[(testset, m)]["path"]).parent / "images" / f"{image_id}.png")
-            for m in models
-        ]
+        hq = read_rgb(first.loc[image_id, "hq_path"])
+        lq = enlarge_nearest(read_rgb(first.loc[image_id, "lq_path"]), hq.shape[:2])
+        outputs = [read_rgb(rows[model].loc[image_id, "sr_path"]) for model in models]
         crops = [centre_crop(image, int(config["grid_crop"])) for image in [lq, *outputs, hq]]
         panels.append((image_id, crops))
     return panels
@@ -496,7 +494,7 @@ def write_report_markdown(
 
 
 def report(
-    metrics_paths: Sequence[str | Path],
+    evaluations: Sequence[str | Path],
     out_dir: str | Path,
     config: dict[str, Any] | None = None,
     seed: int = 0,
@@ -507,10 +505,10 @@ def report(
     config = stage_config(config)
     out_dir = Path(out_dir)
     framework = framework or out_dir.name
-    metrics, metadata = read_metrics(metrics_paths)
+    metrics, metadata, manifests = read_evaluations(evaluations)
     summary = summarise(metrics, config, seed)
     summary_metadata = {"framework": framework, "config": config, "seed": seed,
-                        "inputs": [str(p) for p in metrics_paths]}  # fmt: skip
+                        "inputs": [str(p) for p in evaluations]}  # fmt: skip
     write_table(summary, out_dir / "summary.parquet", "eval_summary", summary_metadata)
     markdown, table = format_tables(summary, config)
     with atomic_path(out_dir / "tables.md") as temporary:
@@ -524,7 +522,7 @@ def report(
         values.attrs["lower_better"] = lower_better
         plot_radar(values, out_dir / f"radar_{testset}.png", f"{framework}: {testset}")
         models = model_order(metrics.loc[metrics["testset"] == testset, "model"], config)
-        panels = grid_panels(testset, models, metadata, config)
+        panels = grid_panels(testset, models, manifests, config)
         plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / f"grid_{testset}.png",
                        f"{framework}: {testset}")  # fmt: skip
         artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
@@ -537,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline report", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--metrics", nargs="+", required=True, type=Path,
-                        help="eval/{framework}/{testset}/{model}/metrics.parquet files")  # fmt: skip
+    parser.add_argument("--evaluations", nargs="+", required=True, type=Path,
+                        help="eval/{framework}/{testset}/{model} folders (evaluate's outputs)")  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="output folder eval/{framework}")
     parser.add_argument("--provenance", nargs="*", default=[], type=Path,
                         help="upstream Parquet tables whose metadata report.md lists")  # fmt: skip
@@ -546,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
     args = parser.parse_args(argv)
-    summary = report(args.metrics, args.out, settings.cli_config(args.config), args.seed,
+    summary = report(args.evaluations, args.out, settings.cli_config(args.config), args.seed,
                      args.provenance, args.framework)  # fmt: skip
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0

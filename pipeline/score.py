@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline import contracts, settings
 from pipeline.contracts import WHOLE_IMAGE_ID
-from pipeline.io.images import read_rgb
+from pipeline.io.images import read_rgb, unit_tensor
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_pooled_map
@@ -32,7 +32,7 @@ from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_poo
 
 def load_unit(path: Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in [0, 1] (pyiqa's convention)."""
-    return torch.from_numpy(read_rgb(path).copy()).permute(2, 0, 1).to(torch.float32).div(255.0)
+    return unit_tensor(read_rgb(path))
 
 
 def instance_masks_for(

@@ -30,7 +30,7 @@ from pipeline import (
 from pipeline import select as select_stage
 from pipeline.models.multistep import MultiStepSettings
 from pipeline.models.onestep import OneStepSettings
-from pipeline.train import TrainConfig
+from pipeline.training.config import TrainConfig
 from tests.workflow_helpers import ROOT, copy_workflow, snakemake
 
 SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"

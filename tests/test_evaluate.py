@@ -39,7 +39,8 @@ def make_synthetic_set(root: Path, ids=("img_a", "img_b"), size=32, scale=4) -> 
         write_png(root / "hq" / f"{image_id}.png", hq)
         write_png(root / "lq" / f"{image_id}.png", lq.round().astype(np.uint8))
         row = {field.name: _blank(field) for field in schema_for("degradation_pairs")}
-        rows.append({**row, "image_id": image_id, "split": "test", "scale": scale})
+        rows.append({**row, "image_id": image_id, "split": "test", "scale": scale,
+                     "hq_path": f"hq/{image_id}.png", "lq_path": f"lq/{image_id}.png"})  # fmt: skip
     write_table(pd.DataFrame(rows), root / "pairs.parquet", "degradation_pairs")
     return root
 

@@ -276,7 +276,9 @@ def test_training_branches_take_the_table_prompt_and_feedback_then_negative(fold
     import torch
 
     from pipeline.models.onestep import OneStepSR
-    from pipeline.train import LoadedItem, PreferenceItem, TrainConfig, draw_conditions
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.items import LoadedItem, PreferenceItem
+    from pipeline.training.step import draw_conditions
 
     model = OneStepSR.build_tiny(**TINY)
     item = PreferenceItem("img1", ("a", "b"), (1,), (1.0,), (0,), (1,), "a dog")
@@ -328,13 +330,9 @@ def test_training_error_maps_follow_error_map_cfg(folders):
     import torch
 
     from pipeline.models.multistep import MultiStepSR
-    from pipeline.train import (
-        LoadedItem,
-        PreferenceItem,
-        TrainConfig,
-        _error_maps_batched,
-        draw_conditions,
-    )
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.items import LoadedItem, PreferenceItem
+    from pipeline.training.step import draw_conditions, error_maps_batched
 
     item = PreferenceItem("img1", ("a", "b"), (1,), (1.0,), (0,), (1,), "a dog")
     generator = torch.Generator().manual_seed(0)
@@ -353,5 +351,5 @@ def test_training_error_maps_follow_error_map_cfg(folders):
         conditions = draw_conditions(model, loaded, config, 0, 0, 0, texts)
         assert conditions.negative == f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"
         with torch.no_grad():
-            maps[scale] = _error_maps_batched(model, [loaded], [conditions], "cpu")[0]
+            maps[scale] = error_maps_batched(model, [loaded], [conditions], "cpu")[0]
     assert not torch.allclose(maps[1.0], maps[3.0])

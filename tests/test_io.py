@@ -12,8 +12,8 @@ from pipeline.io.images import (
     ImageError,
     image_size,
     read_rgb,
-    to_tensor,
-    to_uint8,
+    signed_tensor,
+    signed_to_uint8,
     write_png,
 )
 from pipeline.io.tables import TableError, read_metadata, read_table, write_table
@@ -104,9 +104,9 @@ def test_png_round_trip_and_tensor_range(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     write_png(tmp_path / "x.png", image)
     assert (read_rgb(tmp_path / "x.png") == image).all()
-    tensor = to_tensor(image)
+    tensor = signed_tensor(image)
     assert tensor.shape == (3, 5, 7) and tensor.min() >= -1 and tensor.max() <= 1
-    assert (to_uint8(tensor) == image).all()
+    assert (signed_to_uint8(tensor) == image).all()
 
 
 def test_atomic_path_keeps_old_content_on_error(tmp_path):

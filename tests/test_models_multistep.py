@@ -266,7 +266,7 @@ def test_controlnet_conditioning_is_what_the_diffusers_pipeline_feeds():
     from diffusers import StableDiffusionControlNetPipeline
     from PIL import Image
 
-    from pipeline.io.images import to_tensor
+    from pipeline.io.images import signed_tensor
 
     model = _live_controlnet(build_tiny_model("multistep", codec="vae", **TINY).eval())
     pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).byte()
@@ -279,7 +279,7 @@ def test_controlnet_conditioning_is_what_the_diffusers_pipeline_feeds():
         Image.fromarray(pixels.numpy()), width=32, height=32, batch_size=1,
         num_images_per_prompt=1, device="cpu", dtype=torch.float32,
     )  # fmt: skip
-    lq = to_tensor(pixels.numpy())[None]
+    lq = signed_tensor(pixels.numpy())[None]
     torch.testing.assert_close(model.controlnet_condition(lq), fed, rtol=0, atol=1e-6)
     latents, timesteps, embeddings = _step_inputs(model, lq)
     ours = model.predict_noise(latents, timesteps, lq, embeddings)

@@ -167,10 +167,16 @@ def test_report_stage_writes_every_artifact(tmp_path):
                     "model_describe": {"weights": f"{model}-weights"}, "metrics": {"psnr": {}},
                     "stand_ins": {"model_weights": "tiny-random(seed=0)"}, "config": {}}  # fmt: skip
         write_table(frame, folder / "metrics.parquet", "eval_metrics", metadata)
-        paths.append(folder / "metrics.parquet")
+        manifest = pd.DataFrame(
+            [("syn", model, i, f"images/{i}.png", str(data / "lq" / f"{i}.png"),
+              str(data / "hq" / f"{i}.png")) for i in ("img_a", "img_b")],
+            columns=["testset", "model", "image_id", "sr_path", "lq_path", "hq_path"],
+        )  # fmt: skip
+        write_table(manifest, folder / "images.parquet", "eval_images")
+        paths.append(folder)
     out = tmp_path / "eval" / "multistep"
     argv = [
-        "--metrics",
+        "--evaluations",
         *map(str, paths),
         "--out",
         str(out),

@@ -15,6 +15,11 @@ from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.models import build_tiny_model, load_model
+from pipeline.training.config import TrainConfig
+from pipeline.training.items import ItemLoader, preference_items
+from pipeline.training.run import configure_model, step_slots
+from pipeline.training.step import PolicyErrors, batch_loss, draw_conditions
+from tests.data_helpers import write_data_table
 from tests.ddp_helpers import run_in_gloo_processes
 
 SETTINGS = ("s20_c4.5", "s20_c10.5", "s80_c4.5", "s80_c10.5")
@@ -25,7 +30,7 @@ SIZE = 16
 def kill_at_step_three(monkeypatch):
     """Make ``train`` raise KeyboardInterrupt while it draws step 3's batch (a killed job);
     returns the real ``step_slots`` to restore."""
-    original = T.step_slots
+    original = step_slots
 
     def killed_at_step_three(n_items, step, batch_size, seed):
         if step == 2:
@@ -86,6 +91,7 @@ def inputs(tmp_path: Path) -> dict:
     )
     write_table(pd.DataFrame(pair_rows), tmp_path / "pairs.parquet", "preference_pairs")
     write_label_maps(tmp_path / "masks.zarr", label_maps, {"backend": "test"})
+    write_data_table(data, IMAGES)
     return {
         "framework": "multistep",
         "objective": "united",
@@ -97,8 +103,8 @@ def inputs(tmp_path: Path) -> dict:
     }
 
 
-def _loader(inputs: dict) -> T.ItemLoader:
-    return T.ItemLoader(
+def _loader(inputs: dict) -> ItemLoader:
+    return ItemLoader(
         read_table(inputs["candidates_path"], "candidates"),
         inputs["candidates_path"],
         inputs["data_dir"],
@@ -106,17 +112,17 @@ def _loader(inputs: dict) -> T.ItemLoader:
     )
 
 
-def _batch(inputs: dict, method: str, model, config: T.TrainConfig, step: int = 0):
-    items = T.preference_items(read_table(inputs["pairs_path"], "preference_pairs"), method)
+def _batch(inputs: dict, method: str, model, config: TrainConfig, step: int = 0):
+    items = preference_items(read_table(inputs["pairs_path"], "preference_pairs"), method)
     loader = _loader(inputs)
     loaded = [loader.load(item) for item in items]
-    conditions = [T.draw_conditions(model, e, config, 7, step, s) for s, e in enumerate(loaded)]
+    conditions = [draw_conditions(model, e, config, 7, step, s) for s, e in enumerate(loaded)]
     return loaded, conditions
 
 
 def test_preference_items_group_instances_and_image_level_pairs(inputs):
     pairs = read_table(inputs["pairs_path"], "preference_pairs")
-    dspo = T.preference_items(pairs, "dspo")
+    dspo = preference_items(pairs, "dspo")
     first = dspo[0]
     assert first.image_id == "img_a" and first.instance_ids == (1, 2, 3)
     assert first.candidates == tuple(sorted({SETTINGS[i] for i in (0, 1, 2, 3)}))
@@ -130,19 +136,20 @@ def test_preference_items_group_instances_and_image_level_pairs(inputs):
         (SETTINGS[3], SETTINGS[1]),
     ]
     assert dspo[1].negative_prompt == "a horse" and first.negative_prompt == ""
-    dpo = T.preference_items(pairs, "dpo")
+    dpo = preference_items(pairs, "dpo")
     assert dpo[1].instance_ids == (-1,) and dpo[1].candidates == tuple(
         sorted((SETTINGS[1], SETTINGS[3]))
     )
-    sft = T.preference_items(pairs, "sft")
-    assert sft[2].candidates == (SETTINGS[2],) and sft[2].winners == sft[2].losers == (0,)
+    sft = preference_items(pairs, "sft")
+    # SFT has winners only: no loser, no reference
+    assert sft[2].candidates == (SETTINGS[2],) and sft[2].winners == (0,) and sft[2].losers == ()
     with pytest.raises(ValueError, match="image-level"):
-        T.preference_items(pairs[pairs["instance_id"] >= 0], "dpo")
+        preference_items(pairs[pairs["instance_id"] >= 0], "dpo")
 
 
 def test_loaded_masks_are_the_label_map_instances(inputs):
     pairs = read_table(inputs["pairs_path"], "preference_pairs")
-    loaded = _loader(inputs).load(T.preference_items(pairs, "dspo")[0])
+    loaded = _loader(inputs).load(preference_items(pairs, "dspo")[0])
     assert loaded.lq.shape == (3, SIZE, SIZE) and loaded.targets.shape == (4, 3, SIZE, SIZE)
     assert loaded.masks.shape == (3, SIZE, SIZE)
     assert int(loaded.masks[0].sum()) == 6 * 10 and bool(loaded.masks.sum(0).eq(1).all())
@@ -154,12 +161,10 @@ def test_loaded_masks_are_the_label_map_instances(inputs):
 )
 def test_shared_forwards_equal_a_per_instance_loop(inputs, framework, method):
     model = tiny_model(framework)
-    config = T.TrainConfig(
-        beta=500.0, uncond_drop_rate=0.5
-    )  # beta keeps the sigmoid off saturation
+    config = TrainConfig(beta=500.0, uncond_drop_rate=0.5)  # beta keeps the sigmoid off saturation
     params = model.trainable_parameters()
     loaded, conditions = _batch(inputs, method, model, config)
-    shared, _ = T.batch_loss(T.PolicyErrors(model), model, loaded, conditions, method, config)
+    shared, _ = batch_loss(PolicyErrors(model), model, loaded, conditions, method, config)
     naive = instance_loop_loss(model, loaded, conditions, method, config)
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=1e-7)
     grads_shared = torch.autograd.grad(shared, params, allow_unused=True)
@@ -176,18 +181,18 @@ def test_shared_forwards_equal_a_per_instance_loop(inputs, framework, method):
 
 def test_one_optimizer_step_lowers_the_winners_error_relative_to_the_losers(inputs):
     model = tiny_model()
-    config = T.TrainConfig(uncond_drop_rate=0.0)
+    config = TrainConfig(uncond_drop_rate=0.0)
     loaded, conditions = _batch(inputs, "dspo", model, config)
-    policy = T.PolicyErrors(model)
+    policy = PolicyErrors(model)
 
     def relative_error() -> float:  # weighted mean over LQs of E_theta(w) - E_theta(l)
         with torch.no_grad():
-            _, stats = T.batch_loss(policy, model, loaded, conditions, "dspo", config)
+            _, stats = batch_loss(policy, model, loaded, conditions, "dspo", config)
         return stats["err_theta_winner"] - stats["err_theta_loser"]
 
     before = relative_error()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    loss, _ = T.batch_loss(policy, model, loaded, conditions, "dspo", config)
+    loss, _ = batch_loss(policy, model, loaded, conditions, "dspo", config)
     loss.backward()
     optimizer.step()
     assert relative_error() < before
@@ -293,10 +298,9 @@ def test_a_blown_up_last_step_is_an_error_naming_it(inputs, tmp_path):
 
 def test_fewer_than_one_step_is_refused_naming_the_key(inputs, tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
-        T.TrainConfig.from_dict({"max_steps": 0})
+        TrainConfig.from_dict({"max_steps": 0})
     with pytest.raises(ValueError, match="train.max_steps must be >= 1"):
-        _run(inputs, tmp_path / "out", T.TrainConfig(max_steps=0, batch_size=2))
-    assert not (tmp_path / "out").exists()
+        TrainConfig(max_steps=0, batch_size=2)
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(inputs, tmp_path):
@@ -315,7 +319,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(inputs, tm
 
 def test_config_errors_name_the_key(inputs, tmp_path):
     with pytest.raises(ValueError, match="unknown train config keys"):
-        T.TrainConfig.from_dict({"betta": 1.0})
+        TrainConfig.from_dict({"betta": 1.0})
     with pytest.raises(ValueError, match="multiple of processes"):
         _run(inputs, tmp_path / "out", {**BASE, "batch_size": 3, "gradient_accumulation_steps": 2})
 
@@ -360,11 +364,11 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(inputs):
     losses_and_grads = []
     for checkpointing in (False, True):
         model = tiny_model()
-        config = T.TrainConfig(gradient_checkpointing=checkpointing)
-        params = T._configure_model(model, config)
+        config = TrainConfig(gradient_checkpointing=checkpointing)
+        params = configure_model(model, config)
         assert model.unet.is_gradient_checkpointing == checkpointing
         loaded, conditions = _batch(inputs, "dspo", model, config)
-        loss, _ = T.batch_loss(T.PolicyErrors(model), model, loaded, conditions, "dspo", config)
+        loss, _ = batch_loss(PolicyErrors(model), model, loaded, conditions, "dspo", config)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         losses_and_grads.append((loss, torch.cat([g.flatten() for g in grads if g is not None])))
     (loss_a, grad_a), (loss_b, grad_b) = losses_and_grads

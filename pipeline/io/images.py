@@ -229,8 +229,18 @@ def source_manifest(source: str, demo_images: Sequence[str]) -> str:
     return f"{len(paths)} images, sha256 {digest.hexdigest()}"
 
 
-def to_tensor(array: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]`` in [-1, 1]."""
+def unit_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` (or a stack ``[B, H, W, 3]``) → float32 ``[3, H, W]`` (``[B, 3, H, W]``)
+    in [0, 1]: pyiqa's convention, what the score and evaluate stages measure."""
+    import torch
+
+    tensor = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))
+    return tensor.movedim(-1, -3).to(torch.float32).div(255.0)
+
+
+def signed_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` → float32 ``[3, H, W]`` in [-1, 1]: the models' convention (diffusers'
+    image range; torchvision's ``to_tensor`` gives [0, 1], see :func:`unit_tensor`)."""
     import torch
 
     return (
@@ -242,8 +252,8 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     )
 
 
-def to_uint8(tensor: torch.Tensor) -> np.ndarray:
-    """float ``[3, H, W]`` in [-1, 1] → uint8 ``[H, W, 3]`` (clamped, rounded)."""
+def signed_to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """float ``[3, H, W]`` in [-1, 1] (:func:`signed_tensor`'s range) → uint8 ``[H, W, 3]`` (clamped, rounded)."""
     import torch
 
     scaled = tensor.detach().float().cpu().clamp(-1.0, 1.0).add(1.0).mul(127.5).round()

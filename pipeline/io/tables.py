@@ -213,6 +213,16 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("value", pa.float64()),
         ("lower_better", pa.bool_()),
     ),
+    # eval/{framework}/{testset}/{model}/images.parquet: the evaluation's manifest, what the
+    # report reads (sr_path relative to that folder; lq_path, hq_path as the test set lists them)
+    "eval_images": _schema(
+        ("testset", pa.string()),
+        ("model", pa.string()),
+        ("image_id", pa.string()),
+        ("sr_path", pa.string()),
+        ("lq_path", pa.string()),
+        ("hq_path", pa.string()),
+    ),
     # eval/{framework}/summary.parquet
     "eval_summary": _schema(
         ("testset", pa.string()),

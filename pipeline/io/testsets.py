@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.io.images import list_images
-from pipeline.io.tables import read_table
 
 TESTSET_KINDS = ("synthetic", "paired")
 #: (LQ folder, HQ folder) names tried in order under a paired test set's root
@@ -130,11 +129,8 @@ def load_paired(root: str | Path, suffix_pattern: str = DEFAULT_SUFFIX_PATTERN) 
 def load_synthetic(folder: str | Path) -> list[TestImage]:
     """The pairs of a degraded data folder (``hq/``, ``lq/``, ``pairs.parquet``)."""
     folder = Path(folder)
-    pairs = read_table(folder / "pairs.parquet", "degradation_pairs")
-    images = [
-        TestImage(str(i), folder / "lq" / f"{i}.png", folder / "hq" / f"{i}.png")
-        for i in sorted(pairs["image_id"].astype(str))
-    ]
+    lq, hq = contracts.data_images(folder, "lq"), contracts.data_images(folder, "hq")
+    images = [TestImage(i, lq[i], hq[i]) for i in sorted(lq)]
     missing = [str(p) for image in images for p in (image.lq, image.hq) if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: images listed in pairs.parquet are missing: {missing}")

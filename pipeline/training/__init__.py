@@ -1,0 +1,8 @@
+"""The parts of the train stage (:mod:`pipeline.train`), one job per module (docs/design.md §12):
+
+- :mod:`.config`: :class:`~.config.TrainConfig`, the ``train`` section as typed settings;
+- :mod:`.items`: preference pairs grouped per LQ and the files each group reads;
+- :mod:`.step`: one step's draws, shared forward passes and the method's loss;
+- :mod:`.run`: what a run needs around the steps (trainable parameters, batch slots, learning
+  rate, the checkpoint fingerprint).
+"""

@@ -1,0 +1,49 @@
+"""The ``train`` config section as typed settings (defaults from the schema alone)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import settings
+
+_DEFAULTS = settings.defaults("train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` config section; the values and their meaning are in the schema
+    (``workflow/schemas/config.schema.yaml``, the only copy of the defaults)."""
+
+    max_steps: int = _DEFAULTS["max_steps"]
+    batch_size: int = _DEFAULTS["batch_size"]
+    gradient_accumulation_steps: int = _DEFAULTS["gradient_accumulation_steps"]
+    learning_rate: float = _DEFAULTS["learning_rate"]
+    lr_warmup_steps: int = _DEFAULTS["lr_warmup_steps"]
+    adam_beta1: float = _DEFAULTS["adam_beta1"]
+    adam_beta2: float = _DEFAULTS["adam_beta2"]
+    adam_epsilon: float = _DEFAULTS["adam_epsilon"]
+    weight_decay: float = _DEFAULTS["weight_decay"]
+    max_grad_norm: float = _DEFAULTS["max_grad_norm"]
+    beta: float = _DEFAULTS["beta"]
+    k: float = _DEFAULTS["k"]
+    dro_margin: float = _DEFAULTS["dro_margin"]
+    negative_prompts: bool = _DEFAULTS["negative_prompts"]
+    uncond_drop_rate: float = _DEFAULTS["uncond_drop_rate"]
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
+    keep_checkpoints: int = _DEFAULTS["keep_checkpoints"]
+    mixed_precision: str = _DEFAULTS["mixed_precision"]
+    gradient_checkpointing: bool = _DEFAULTS["gradient_checkpointing"]
+    device: str = _DEFAULTS["device"]
+
+    def __post_init__(self) -> None:
+        # the schema checks these too; a TrainConfig built in code is checked here
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any] | None) -> TrainConfig:
+        """The section with the schema's defaults; bad keys, types or ranges raise
+        :class:`pipeline.settings.ConfigError` naming them."""
+        return cls(**settings.resolve("train", section))
