@@ -272,7 +272,9 @@ def plot_win_rates(rates: pd.DataFrame, path: Path) -> None:
         part = rates[rates["testset"] == testset]
         x = np.arange(len(part))
         rate = part["win_rate"].to_numpy() * 100
-        errors = np.vstack([rate - part["wilson_low"] * 100, part["wilson_high"] * 100 - rate])
+        errors = np.clip(
+            np.vstack([rate - part["wilson_low"] * 100, part["wilson_high"] * 100 - rate]), 0, None
+        )
         ax.bar(x, rate, yerr=errors, capsize=4, color="#4c72b0")
         ax.axhline(50, color="grey", linestyle="--", linewidth=1)
         ax.set_xticks(x, [f"vs {o}" for o in part["opponent"]], rotation=20, ha="right")
