@@ -27,9 +27,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import guidance, settings
+from pipeline import contracts, guidance, settings
 from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, write_png
-from pipeline.io.tables import read_table, write_table
+from pipeline.io.tables import write_table
 from pipeline.models import load_model
 from pipeline.models.base import SRModel, batch_invariant, upsample_lq
 from pipeline.seeding import derive_seed, torch_generator
@@ -68,12 +68,15 @@ def negative_prompts_by_image(path: str | Path | None) -> dict[str, str]:
 
 def load_pair_images(data_dir: Path) -> list[tuple[str, torch.Tensor]]:
     """(image_id, LQ bicubic-upsampled to the HQ size) for every pair, sorted by image id."""
-    pairs = read_table(data_dir / "pairs.parquet", "degradation_pairs").sort_values("image_id")
+    hq_paths, lq_paths = (
+        contracts.data_images(data_dir, "hq"),
+        contracts.data_images(data_dir, "lq"),
+    )
     images = []
-    for row in pairs.itertuples():
-        hq_shape = read_rgb(data_dir / row.hq_path).shape
-        lq = signed_tensor(read_rgb(data_dir / row.lq_path))[None]
-        images.append((str(row.image_id), upsample_lq(lq, hq_shape[:2])[0]))
+    for image_id in sorted(hq_paths):
+        hq_shape = read_rgb(hq_paths[image_id]).shape
+        lq = signed_tensor(read_rgb(lq_paths[image_id]))[None]
+        images.append((image_id, upsample_lq(lq, hq_shape[:2])[0]))
     return images
 
 

@@ -45,11 +45,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.devices import resolve_device
 from pipeline.guidance import PromptsError, apply_feedback, check_guidance, join_prompts
 from pipeline.io.images import read_rgb
-from pipeline.io.tables import read_table, write_table
+from pipeline.io.tables import write_table
 
 SOURCES = ("fixed", "captioner", "tagger")
 KINDS = ("train", "synthetic", "paired")
@@ -105,11 +105,8 @@ def list_lq_images(
     """
     folder = Path(images)
     if kind == "train":
-        pairs = read_table(folder / "pairs.parquet", "degradation_pairs")
-        listed = [
-            LQImage(str(row.image_id), folder / str(row.lq_path))
-            for row in pairs.sort_values("image_id").itertuples()
-        ]
+        lq_paths = contracts.data_images(folder, "lq")
+        listed = [LQImage(image_id, lq_paths[image_id]) for image_id in sorted(lq_paths)]
         missing = [str(image.path) for image in listed if not image.path.is_file()]
         if missing:
             raise FileNotFoundError(f"{folder}: LQ images in pairs.parquet are missing: {missing}")

@@ -42,11 +42,8 @@ def kill_at_step_three(monkeypatch):
 
 
 def tiny_model(framework: str = "multistep"):
-    """The real model family at its smallest (multi-step: ControlNet + UNet, residual pixel codec).
-
-    The one-step family is used where its module exists (it is written in parallel)."""
+    """The real model family at its smallest (multi-step: ControlNet + UNet, residual pixel codec)."""
     if framework == "onestep":
-        pytest.importorskip("pipeline.models.onestep")
         return build_tiny_model("onestep", seed=0)
     return build_tiny_model(framework, block_out_channels=(8, 16), seed=0)
 

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -15,7 +14,7 @@ from torch import nn
 from pipeline import contracts
 from pipeline.contracts import WHOLE_IMAGE_ID
 from pipeline.io.images import read_rgb, signed_tensor
-from pipeline.io.masks import read_label_map
+from pipeline.io.masks import instance_masks, read_label_map
 from pipeline.models.base import upsample_lq
 
 
@@ -130,11 +129,8 @@ class ItemLoader:
         if all(i == WHOLE_IMAGE_ID for i in item.instance_ids):
             masks = torch.ones((1, *size), dtype=torch.bool)
         else:
-            label_map = torch.from_numpy(
-                read_label_map(self.masks_path, item.image_id).astype(np.int64)
-            )
-            ids = torch.tensor(item.instance_ids, dtype=torch.int64)
-            masks = label_map[None] == ids[:, None, None]
+            label_map = read_label_map(self.masks_path, item.image_id)
+            masks = torch.from_numpy(instance_masks(label_map, item.instance_ids))
             if tuple(masks.shape[-2:]) != size:
                 masks = (
                     nn.functional.interpolate(masks[None].float(), size=size, mode="nearest")[0]

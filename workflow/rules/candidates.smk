@@ -1,10 +1,10 @@
 rule candidates:
     input:
         unpack(get_candidate_models),
-        data="results/data/train",
-        prompts="results/prompts/train.parquet",
+        data=artifact("data", split="train"),
+        prompts=artifact("prompts", split="train"),
     output:
-        directory("results/candidates/{framework}"),
+        directory(artifact("candidates")),
     conda:
         "../../envs/pipeline.yaml"
     log:

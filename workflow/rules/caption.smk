@@ -1,12 +1,12 @@
 # With no captioner configured the stage writes an empty table marked {"skipped": true}.
 rule caption:
     input:
-        data="results/data/train",
-        candidates="results/candidates/{framework}",
-        masks="results/masks/{framework}.zarr",
-        instances="results/masks/{framework}/instances.parquet",
+        data=artifact("data", split="train"),
+        candidates=artifact("candidates"),
+        masks=artifact("masks"),
+        instances=artifact("instances"),
     output:
-        "results/captions/{framework}.parquet",
+        artifact("captions"),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -15,6 +15,7 @@ rule caption:
         "benchmarks/caption/{framework}.tsv"
     params:
         code=code_hash("caption"),
+        table=contracts.CANDIDATES_TABLE,
         config=job_config("caption"),
         config_file=job_config_file("caption"),
         threads=STAGE_THREADS,
@@ -24,7 +25,7 @@ rule caption:
         gpu=config["gpus"]["caption"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
-        "python -m pipeline caption --hq {input.data}/hq "
-        "--candidates {input.candidates}/candidates.parquet --masks-zarr {input.masks} "
+        "python -m pipeline caption --data {input.data} "
+        "--candidates {input.candidates}/{params.table} --masks-zarr {input.masks} "
         "--instances {input.instances} --out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"

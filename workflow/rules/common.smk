@@ -17,6 +17,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 sys.path.insert(0, str(ROOT))
 from pipeline import contracts, preflight, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
+from pipeline.contracts import artifact  # noqa: E402  (every path of the DAG)
 
 # Intra-op threads of every job process: the config's number, passed to each job explicitly
 # (Snakemake would scale {threads} down to --cores, and results would depend on --cores).
@@ -85,7 +86,7 @@ def candidate_variants(framework):
 
 def get_candidate_models(wildcards):
     return {
-        variant: f"results/models/{wildcards.framework}/{variant}"
+        variant: artifact("model", framework=wildcards.framework, variant=variant)
         for variant in candidate_variants(wildcards.framework)
     }
 
@@ -95,17 +96,18 @@ def get_candidate_model_args(wildcards):
 
 
 def get_segment_images(wildcards):
-    source = config["segment"]["source"]
-    if source == "hq":
-        return "results/data/train"
-    return f"results/candidates/{wildcards.framework}"
+    """The shared frame's images: the training split's HQ, or one candidate setting's images."""
+    if config["segment"]["source"] == "hq":
+        return artifact("data", split="train")
+    return artifact("candidates", framework=wildcards.framework)
 
 
 def get_segment_images_arg(wildcards):
     source = config["segment"]["source"]
     if source == "hq":
-        return "results/data/train/hq"
-    return f"results/candidates/{wildcards.framework}/{source}"
+        return f"--data {artifact('data', split='train')}"
+    table = f"{artifact('candidates', framework=wildcards.framework)}/{contracts.CANDIDATES_TABLE}"
+    return f"--candidates {table} --setting {source}"
 
 
 def get_annotations(wildcards):
@@ -117,13 +119,8 @@ def get_annotations_arg(wildcards):
 
 
 def get_train_pairs(wildcards):
-    suffix = "" if contracts.method(wildcards.method).pair_level == "instance" else "_image"
-    return f"results/pairs/{wildcards.framework}/{wildcards.objective}{suffix}.parquet"
-
-
-def get_train_method(wildcards):
-    """The loss a method trains with (dspo_m1 is DSPO with its own settings)."""
-    return contracts.method(wildcards.method).loss
+    """The pairs table of the method's pair level (pipeline.contracts.METHODS)."""
+    return contracts.pairs_artifact(wildcards.framework, wildcards.objective, wildcards.method)
 
 
 # The M2-in-sampling ablation: the dspo model sampled without its feedback negatives
@@ -162,9 +159,9 @@ def get_eval_model(wildcards):
     if name == "bicubic":
         return []
     if name == "pretrained":
-        return f"results/models/{wildcards.framework}/{BASE_VARIANT}"
+        return artifact("model", framework=wildcards.framework, variant=BASE_VARIANT)
     method, objective, _ = eval_method_objective(name)
-    return f"results/aligned/{wildcards.framework}/{method}/{objective}"
+    return artifact("aligned", framework=wildcards.framework, method=method, objective=objective)
 
 
 def get_eval_model_arg(wildcards):
@@ -196,32 +193,30 @@ def get_testset_kind(wildcards):
     return TESTSETS[wildcards.testset]["kind"]
 
 
-def get_eval_metrics(wildcards):
+def get_evaluations(wildcards):
     return expand(
-        "results/eval/{framework}/{testset}/{model}",
+        artifact("evaluation"),
         framework=wildcards.framework,
         testset=list(TESTSETS),
         model=evaluated_models(wildcards.framework),
     )
 
 
-def get_eval_metrics_files(wildcards):
-    return [f"{folder}/metrics.parquet" for folder in get_eval_metrics(wildcards)]
-
-
 def provenance(framework):
     """(input, table) per upstream stage whose metadata the report repeats (backends, weights,
     stand-ins); the input is the rule output to depend on, the table the file inside it."""
     folders = {
-        "results/data/train": "pairs.parquet",
-        f"results/models/{framework}/{BASE_VARIANT}": "train_log.parquet",
-        f"results/candidates/{framework}": "candidates.parquet",
+        artifact("data", split="train"): contracts.DATA_TABLE,
+        artifact("model", framework=framework, variant=BASE_VARIANT): "train_log.parquet",
+        artifact("candidates", framework=framework): contracts.CANDIDATES_TABLE,
     }
     tables = [
-        f"results/masks/{framework}/instances.parquet",
-        f"results/captions/{framework}.parquet",
-        f"results/scores/{framework}.parquet",
-        *(f"results/pairs/{framework}/{objective}.parquet" for objective in OBJECTIVES),
+        artifact("instances", framework=framework),
+        artifact("captions", framework=framework),
+        artifact("scores", framework=framework),
+        *(artifact("pairs", framework=framework, objective=objective,
+                   level=contracts.PAIR_LEVELS["instance"])
+          for objective in OBJECTIVES),
     ]
     return [(folder, f"{folder}/{table}") for folder, table in folders.items()] + [
         (table, table) for table in tables
@@ -238,7 +233,7 @@ def get_provenance_files(wildcards):
 
 def get_final_outputs():
     """The targets of the default run: every framework's report."""
-    return expand("results/eval/{framework}/report.md", framework=FRAMEWORKS)
+    return expand(f"{artifact('report_dir')}/report.md", framework=FRAMEWORKS)
 
 
 def check_gpu_requests():

@@ -3,7 +3,7 @@ from pipeline.io.images import source_manifest
 
 rule degrade:
     output:
-        directory("results/data/{split}"),
+        directory(artifact("data")),
     conda:
         "../../envs/pipeline.yaml"
     log:

@@ -2,11 +2,11 @@ rule evaluate:
     input:
         model=get_eval_model,
         testset=get_testset_path,
-        prompts="results/prompts/{testset}.parquet",
+        prompts=artifact("prompts", split="{testset}"),
         # M2 in sampling: a dspo model's training pairs give the feedback vocabulary
         feedback=get_eval_feedback,
     output:
-        directory("results/eval/{framework}/{testset}/{model}"),
+        directory(artifact("evaluation")),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -34,30 +34,35 @@ rule evaluate:
         "--seed {params.seed} > {log} 2>&1"
 
 
+# the report's folder, with {framework} left as a wildcard (escaped once more inside expand)
+REPORT_DIR = artifact("report_dir")
+REPORT_DIR_ESCAPED = artifact("report_dir", framework="{{framework}}")
+
+
 rule report:
     input:
-        metrics=get_eval_metrics,
+        evaluations=get_evaluations,
         provenance=get_provenance,
     output:
-        summary="results/eval/{framework}/summary.parquet",
+        summary=f"{REPORT_DIR}/summary.parquet",
         tables=report(
-            "results/eval/{framework}/tables.md",
+            f"{REPORT_DIR}/tables.md",
             caption="../report/tables.rst",
             category="Results",
         ),
-        tables_csv="results/eval/{framework}/tables.csv",
+        tables_csv=f"{REPORT_DIR}/tables.csv",
         radar=report(
-            expand("results/eval/{{framework}}/radar_{testset}.png", testset=list(TESTSETS)),
+            expand(f"{REPORT_DIR_ESCAPED}/radar_{{testset}}.png", testset=list(TESTSETS)),
             caption="../report/radar.rst",
             category="Results",
         ),
         grid=report(
-            expand("results/eval/{{framework}}/grid_{testset}.png", testset=list(TESTSETS)),
+            expand(f"{REPORT_DIR_ESCAPED}/grid_{{testset}}.png", testset=list(TESTSETS)),
             caption="../report/grid.rst",
             category="Results",
         ),
         report=report(
-            "results/eval/{framework}/report.md",
+            f"{REPORT_DIR}/report.md",
             caption="../report/report.rst",
             category="Run",
         ),
@@ -67,12 +72,12 @@ rule report:
         "logs/report/{framework}.log",
     params:
         code=code_hash("report"),
+        out_dir=lambda w: artifact("report_dir", framework=w.framework),
         config=job_config("report"),
         config_file=job_config_file("report"),
-        metrics=get_eval_metrics_files,
         provenance=get_provenance_files,
         seed=config["seed"],
     shell:
-        "python -m pipeline report --metrics {params.metrics} --out results/eval/{wildcards.framework} "
+        "python -m pipeline report --evaluations {input.evaluations} --out {params.out_dir} "
         "--provenance {params.provenance} --framework {wildcards.framework} "
         "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

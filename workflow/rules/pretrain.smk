@@ -1,9 +1,9 @@
 rule pretrain:
     input:
-        data="results/data/train",
-        prompts="results/prompts/train.parquet",
+        data=artifact("data", split="train"),
+        prompts=artifact("prompts", split="train"),
     output:
-        directory("results/models/{framework}/{variant}"),
+        directory(artifact("model")),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -17,7 +17,7 @@ rule pretrain:
         threads=STAGE_THREADS,
         seed=config["seed"],
         # outside the output folder: Snakemake deletes a failed job's outputs, not these
-        checkpoints="results/checkpoints/pretrain/{framework}/{variant}",
+        checkpoints=artifact("pretrain_checkpoints"),
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["pretrain"],

@@ -6,9 +6,9 @@ if "train" in TESTSETS:
 
 rule prompts:
     input:
-        images=lambda w: "results/data/train" if w.split == "train" else TESTSETS[w.split]["path"],
+        images=lambda w: artifact("data", split="train") if w.split == "train" else TESTSETS[w.split]["path"],
     output:
-        "results/prompts/{split}.parquet",
+        artifact("prompts"),
     conda:
         "../../envs/pipeline.yaml"
     log:

@@ -1,11 +1,11 @@
 rule score:
     input:
-        data="results/data/train",
-        candidates="results/candidates/{framework}",
-        masks="results/masks/{framework}.zarr",
-        instances="results/masks/{framework}/instances.parquet",
+        data=artifact("data", split="train"),
+        candidates=artifact("candidates"),
+        masks=artifact("masks"),
+        instances=artifact("instances"),
     output:
-        "results/scores/{framework}.parquet",
+        artifact("scores"),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -14,6 +14,7 @@ rule score:
         "benchmarks/score/{framework}.tsv"
     params:
         code=code_hash("score"),
+        table=contracts.CANDIDATES_TABLE,
         config=job_config("score"),
         config_file=job_config_file("score"),
         threads=STAGE_THREADS,
@@ -23,6 +24,6 @@ rule score:
         gpu=config["gpus"]["score"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
-        "python -m pipeline score --candidates {input.candidates}/candidates.parquet "
-        "--hq {input.data}/hq --masks {input.masks} --instances {input.instances} "
+        "python -m pipeline score --candidates {input.candidates}/{params.table} "
+        "--data {input.data} --masks {input.masks} --instances {input.instances} "
         "--out {output} --config {params.config_file} --seed {params.seed} > {log} 2>&1"

@@ -2,8 +2,8 @@ rule segment:
     input:
         get_segment_images,
     output:
-        masks=directory("results/masks/{framework}.zarr"),
-        instances="results/masks/{framework}/instances.parquet",
+        masks=directory(artifact("masks")),
+        instances=artifact("instances"),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -22,6 +22,6 @@ rule segment:
         gpu=config["gpus"]["segment"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
-        "python -m pipeline segment --images {params.images} --out-zarr {output.masks} "
+        "python -m pipeline segment {params.images} --out-zarr {output.masks} "
         "--out-table {output.instances} --config {params.config_file} --seed {params.seed} "
         "> {log} 2>&1"

@@ -1,14 +1,14 @@
 rule select:
     input:
-        scores="results/scores/{framework}.parquet",
-        instances="results/masks/{framework}/instances.parquet",
-        captions="results/captions/{framework}.parquet",
+        scores=artifact("scores"),
+        instances=artifact("instances"),
+        captions=artifact("captions"),
         annotations=get_annotations,
     output:
         expand(
-            "results/pairs/{{framework}}/{objective}{level}.parquet",
+            artifact("pairs", framework="{{framework}}"),
             objective=SELECT_OBJECTIVES,
-            level=["", "_image"],
+            level=list(contracts.PAIR_LEVELS.values()),
         ),
     conda:
         "../../envs/pipeline.yaml"
@@ -16,6 +16,7 @@ rule select:
         "logs/select/{framework}.log",
     params:
         code=code_hash("select"),
+        out_dir=lambda w: artifact("pairs_dir", framework=w.framework),
         config=job_config("select"),
         config_file=job_config_file("select"),
         threads=STAGE_THREADS,
@@ -24,5 +25,5 @@ rule select:
     shell:
         "python -m pipeline select --scores {input.scores} --instances {input.instances} "
         "--captions {input.captions} {params.annotations} "
-        "--out-dir results/pairs/{wildcards.framework} --config {params.config_file} "
+        "--out-dir {params.out_dir} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"

@@ -1,13 +1,13 @@
 rule train:
     input:
         pairs=get_train_pairs,
-        candidates="results/candidates/{framework}",
-        data="results/data/train",
-        prompts="results/prompts/train.parquet",
-        masks="results/masks/{framework}.zarr",
-        model=f"results/models/{{framework}}/{BASE_VARIANT}",
+        candidates=artifact("candidates"),
+        data=artifact("data", split="train"),
+        prompts=artifact("prompts", split="train"),
+        masks=artifact("masks"),
+        model=artifact("model", variant=BASE_VARIANT),
     output:
-        directory("results/aligned/{framework}/{method}/{objective}"),
+        directory(artifact("aligned")),
     conda:
         "../../envs/pipeline.yaml"
     log:
@@ -19,17 +19,17 @@ rule train:
         config=job_config("train", "method"),
         config_file=job_config_file("train", "method"),
         threads=STAGE_THREADS,
-        method=get_train_method,
         seed=config["seed"],
-        checkpoints="results/checkpoints/train/{framework}/{method}/{objective}",
+        checkpoints=artifact("train_checkpoints"),
+        table=contracts.CANDIDATES_TABLE,
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["train"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
-        "python -m pipeline train --framework {wildcards.framework} --method {params.method} "
+        "python -m pipeline train --framework {wildcards.framework} --method {wildcards.method} "
         "--objective {wildcards.objective} --pairs {input.pairs} "
-        "--candidates {input.candidates}/candidates.parquet --data {input.data} "
+        "--candidates {input.candidates}/{params.table} --data {input.data} "
         "--prompts {input.prompts} "
         "--masks {input.masks} --model {input.model} --out {output} "
         "--checkpoints {params.checkpoints} --config {params.config_file} --seed {params.seed} "
