@@ -50,22 +50,6 @@ def stage_config(config: Mapping[str, Any] | None, framework: str) -> dict[str, 
     return resolved
 
 
-def negative_prompts_by_image(path: str | Path | None) -> dict[str, str]:
-    """Per-image negative prompt from a table with ``image_id`` and ``negative_prompt`` (e.g. a
-    preference-pairs table): the distinct non-empty texts, sorted, joined with ", "."""
-    if path is None:
-        return {}
-    frame = pd.read_parquet(path)
-    missing = [c for c in ("image_id", "negative_prompt") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: negative-prompts table lacks columns {missing}")
-    result = {}
-    for image_id, texts in frame.groupby("image_id")["negative_prompt"]:
-        distinct = sorted({t for t in texts.dropna() if t})
-        result[str(image_id)] = ", ".join(distinct)
-    return result
-
-
 def load_pair_images(data_dir: Path) -> list[tuple[str, torch.Tensor]]:
     """(image_id, LQ bicubic-upsampled to the HQ size) for every pair, sorted by image id."""
     hq_paths, lq_paths = (
@@ -111,8 +95,12 @@ def generate_candidates(
             prompts, ids_all, feedback=negative_prompts, mode="image", where="candidates"
         )
     else:
-        negatives = negative_prompts_by_image(negative_prompts)
-        texts = {i: ("", negatives.get(i, "")) for i in ids_all}
+        feedback = (
+            guidance.feedback_by_image(pd.read_parquet(negative_prompts))
+            if negative_prompts
+            else {}
+        )
+        texts = {i: ("", guidance.join_prompts(feedback.get(i, []))) for i in ids_all}
         prompt_record = guidance.no_table_record("feedback text" if negative_prompts else None)
     rows = []
     models: dict[str, SRModel] = {}

@@ -54,3 +54,26 @@ def test_the_parser_sees_function_level_imports(tmp_path):
 def test_the_schema_offers_exactly_the_method_table():
     enum = settings.schema_node("methods")["items"]["enum"]
     assert sorted(enum) == sorted(contracts.METHODS)
+
+
+def test_rules_take_every_path_from_the_contracts():
+    """Artifact paths are declared once (pipeline.contracts.ARTIFACTS): no rule spells one."""
+    spelled = [
+        f"{path.name}:{number}"
+        for path in sorted((PACKAGE.parent / "workflow" / "rules").glob("*.smk"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "results/" in line
+    ]
+    assert spelled == []
+
+
+def test_artifact_fills_the_given_wildcards_and_keeps_the_others():
+    assert contracts.artifact("model", variant="base") == "results/models/{framework}/base"
+    assert (
+        contracts.pairs_artifact("onestep", "united", "dpo")
+        == "results/pairs/onestep/united_image.parquet"
+    )
+    with pytest.raises(KeyError, match="no wildcard"):
+        contracts.artifact("scores", split="train")
+    with pytest.raises(KeyError, match="unknown artifact"):
+        contracts.artifact("score")

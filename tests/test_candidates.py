@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.candidates import generate_candidates, main, negative_prompts_by_image
+from pipeline.candidates import generate_candidates, main
+from pipeline.guidance import feedback_by_image
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table
 from pipeline.models.onestep import OneStepSR
@@ -71,7 +72,10 @@ def test_negative_prompts_and_cli(setup, tmp_path):
     negatives = tmp_path / "neg.parquet"
     pd.DataFrame({"image_id": ["img0", "img0", "img2"],
                   "negative_prompt": ["blurry dog", "", "a cat"]}).to_parquet(negatives)  # fmt: skip
-    assert negative_prompts_by_image(negatives) == {"img0": "blurry dog", "img2": "a cat"}
+    assert feedback_by_image(pd.read_parquet(negatives)) == {
+        "img0": ["blurry dog"],
+        "img2": ["a cat"],
+    }
     args = [
         "--framework",
         "onestep",

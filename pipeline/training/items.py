@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline import contracts
 from pipeline.contracts import WHOLE_IMAGE_ID
+from pipeline.guidance import join_prompts
 from pipeline.io.images import read_rgb, signed_tensor
 from pipeline.io.masks import instance_masks, read_label_map
 from pipeline.models.base import upsample_lq
@@ -37,8 +38,8 @@ def preference_items(pairs: pd.DataFrame, method_name: str) -> list[PreferenceIt
 
     Instance-level methods use the instance pairs (``instance_id >= 0``) with their weights;
     image-level ones the image pair (``instance_id == WHOLE_IMAGE_ID``) with one full mask;
-    ``sft`` only that pair's winner. The image's negative prompt joins its rows' distinct
-    non-empty negative prompts.
+    ``sft`` only that pair's winner. The image's negative prompt joins its rows' negative prompts
+    (:func:`pipeline.guidance.join_prompts`: terms split at commas, repeats dropped).
     """
     method = contracts.method(method_name)
     image_level = method.pair_level == "image"
@@ -59,11 +60,7 @@ def preference_items(pairs: pd.DataFrame, method_name: str) -> list[PreferenceIt
         losers = list(group["loser"]) if method.needs_reference else []
         candidates = tuple(sorted(set(winners) | set(losers)))
         index = {name: i for i, name in enumerate(candidates)}
-        negatives = [
-            text
-            for text in dict.fromkeys(pairs.loc[pairs["image_id"] == image_id, "negative_prompt"])
-            if text
-        ]
+        negatives = pairs.loc[pairs["image_id"] == image_id, "negative_prompt"]
         items.append(
             PreferenceItem(
                 image_id=str(image_id),
@@ -72,7 +69,7 @@ def preference_items(pairs: pd.DataFrame, method_name: str) -> list[PreferenceIt
                 weights=(1.0,) if image_level else tuple(float(w) for w in group["weight"]),
                 winners=tuple(index[name] for name in winners),
                 losers=tuple(index[name] for name in losers),
-                negative_prompt=", ".join(negatives),
+                negative_prompt=join_prompts(negatives),
             )
         )
     return items
