@@ -153,6 +153,9 @@ class Method:
     loss: str  # the loss the train stage assembles (pipeline.losses, pipeline.training.step)
     pair_level: str  # a key of PAIR_LEVELS: which pairs table the method reads
     needs_reference: bool = True  # whether the loss compares against the frozen reference
+    # the training loop: "offline" (pipeline.train's loop over selected pairs) or the name of a
+    # module in pipeline.training with its own loop (train.py's ONLINE_LOOPS)
+    loop: str = "offline"
     # overrides of the train section: e.g. the prompt rule (negative_prompts) of an ablation
     settings: dict[str, Any] = field(default_factory=dict)
 

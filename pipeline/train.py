@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ from pipeline.training.run import (
 from pipeline.training.step import STAGE, PolicyErrors, batch_loss, draw_conditions
 
 LOG_COLUMNS = ("step", "loss", *losses.STAT_KEYS, "lr", "grad_norm")
+#: the module of each method loop other than this file's (``contracts.Method.loop``); each has a
+#: ``train(**arguments)`` taking :func:`train`'s keyword arguments
+LOOPS = {"ddpo": "pipeline.training.ddpo", "ea_adam": "pipeline.training.ea_adam"}
 
 
 def micro_batch_size(config: TrainConfig, processes: int) -> int:
@@ -214,8 +218,16 @@ def train(
     ``prompts_path`` is the training split's prompts table (each LQ's prompt and negative
     prompt; see the module docstring).
     """
+    loop = contracts.method(method).loop  # an unknown method fails before anything is read
+    if loop != "offline":
+        arguments = dict(
+            framework=framework, method=method, objective=objective, pairs_path=pairs_path,
+            candidates_path=candidates_path, data_dir=data_dir, masks_path=masks_path,
+            model_dir=model_dir, out_dir=out_dir, config=config, seed=seed,
+            checkpoint_dir=checkpoint_dir, model=model, prompts_path=prompts_path,
+        )  # fmt: skip
+        return importlib.import_module(LOOPS[loop]).train(**arguments)
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    contracts.method(method)  # an unknown method fails before anything is read
     out_dir = Path(out_dir)
     checkpoint_dir = (
         Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
