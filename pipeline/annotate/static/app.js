@@ -74,7 +74,7 @@ async function nextInstance() {
   $("inst-done").hidden = !data.done;
   $("inst-grid").hidden = data.done;
   document.querySelector("#instances .feedback").hidden = data.done;
-  if (data.done) { $("inst-title").textContent = ""; return; }
+  if (data.done) { $("inst-title").textContent = ""; document.body.dataset.ready = "instances:done"; return; }
   const task = data.task;
   $("inst-title").textContent = `image ${task.image_id}, instance ${task.instance_id}`;
   const grid = $("inst-grid");
@@ -92,6 +92,7 @@ async function nextInstance() {
     (img) => imageInto(img, `/api/images/instance/${task.n}/${img.dataset.view}`)));
   renderChoice();
   $("inst-status").textContent = "";
+  document.body.dataset.ready = `instances:${task.n}`;  // shown and taking keys
 }
 
 function card(label, view, index) {
@@ -178,10 +179,11 @@ async function nextCompare() {
   $("cmp-done").hidden = !data.done;
   $("cmp-row").hidden = data.done;
   document.querySelector("#compare .answers").hidden = data.done;
-  if (data.done) return;
+  if (data.done) { document.body.dataset.ready = "compare:done"; return; }
   const n = data.task.n;
   await Promise.all([["cmp-left", "left"], ["cmp-lq", "lq"], ["cmp-right", "right"]].map(
     ([id, side]) => imageInto($(id), `/api/images/compare/${n}/${side}`)));
+  document.body.dataset.ready = `compare:${n}`;
 }
 
 async function answer(value) {

@@ -1,0 +1,156 @@
+"""The annotation app in headless Chromium (Debian's package, driven by Playwright for Python):
+log in, three instances by mouse and keys (one flagged with a description), SIGKILL the server,
+resume at the fourth, answer a compare round by keys, check export and win rates by hand count.
+Screenshots land in the test's tmp folder (``instances.png``, ``compare.png``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.annotate import tasks, winrates
+from pipeline.annotate.cli import main as annotate
+from pipeline.annotate.store import Store, db_path
+from pipeline.annotate.synthetic import write_synthetic_results
+from pipeline.io.tables import read_table
+from tests.test_annotate import FRAMEWORK, Server
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
+#: where screenshots are copied as well (optional; the test's tmp folder always has them)
+SHOTS = os.environ.get("DSPO_SCREENSHOTS")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
+    ),
+]
+
+
+def shot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
+    return path
+
+
+def ready(page, what: str) -> None:
+    """Wait until the page shows task ``what`` (``instances:N`` / ``compare:N``) and takes keys."""
+    page.wait_for_selector(f'body[data-ready="{what}"]', timeout=10_000)
+
+
+def test_browser_annotation_session_survives_a_killed_server(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    results = write_synthetic_results(tmp_path / "results", FRAMEWORK)
+    token = Store(db_path(results, FRAMEWORK)).add_annotator("alice")
+    extra = ("--repeat-fraction", "0.25", "--gold", "1")
+    server = Server(results, *extra).start()
+    instance_tasks = tasks.instance_tasks(results, FRAMEWORK)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        try:
+            page.goto(server.url + "/")
+            page.fill("#token", "wrong-token")
+            page.click("#login-form button")
+            expect(page.locator("#login-error")).to_have_text("Unknown token.")
+            page.fill("#token", token)
+            page.press("#token", "Enter")
+            expect(page.locator("#inst-progress")).to_have_text("0 / 6 done")
+            # 1: mouse only, flagged with a description
+            cards = page.locator("#inst-grid .card[data-index]")
+            expect(cards).to_have_count(4)
+            cards.nth(0).locator(".pick-best").click()
+            cards.nth(1).locator(".pick-worst").click()
+            cards.nth(2).locator(".pick-flag").click()
+            page.fill("#inst-description", "fake text on the wall")
+            page.keyboard.press("Escape")
+            page.evaluate("document.activeElement.blur()")
+            page.keyboard.press("h")  # show the HQ for the screenshot
+            expect(page.locator("#inst-hq-card")).to_be_visible()
+            shot(page, tmp_path, "instances.png")
+            page.click("#inst-submit")
+            expect(page.locator("#inst-progress")).to_have_text("1 / 6 done")
+            # 2 and 3: keys only (best 3, worst 4 / best 2, worst 1, flag 4 with text)
+            ready(page, "instances:1")
+            page.keyboard.press("3")
+            page.keyboard.press("Shift+4")
+            page.keyboard.press("Enter")
+            expect(page.locator("#inst-progress")).to_have_text("2 / 6 done")
+            ready(page, "instances:2")
+            page.keyboard.press("2")
+            page.keyboard.press("Shift+1")
+            page.keyboard.press("r")
+            page.keyboard.press("/")
+            page.keyboard.type("melted fingers")
+            page.keyboard.press("Enter")
+            expect(page.locator("#inst-progress")).to_have_text("3 / 6 done")
+            server.kill()
+            server = Server(results, *extra, port=server.port).start()
+            page.reload()  # the token stays in the tab's session storage
+            expect(page.locator("#inst-progress")).to_have_text("3 / 6 done")
+            fourth = instance_tasks[3]
+            expect(page.locator("#inst-title")).to_have_text(
+                f"image {fourth.image_id}, instance {fourth.instance_id}"
+            )
+            # the compare round, by keys: 1 left, 2 right, 3 tie, 4 both bad, in turn
+            page.click("#tab-compare")
+            ready(page, "compare:0")
+            total = int(page.locator("#cmp-progress").inner_text().split("/")[1].split()[0])
+            expect(page.locator("#cmp-left")).to_have_attribute("src", re.compile("^blob:"))
+            shot(page, tmp_path, "compare.png")
+            keys = ["1", "ArrowRight", "t", "b", "ArrowLeft", "2"]
+            for i in range(total):
+                expect(page.locator("#cmp-progress")).to_have_text(f"{i} / {total} done")
+                ready(page, f"compare:{i}")
+                page.keyboard.press(keys[i % len(keys)])
+            expect(page.locator("#cmp-done")).to_be_visible()
+        finally:
+            browser.close()
+            if server.process.poll() is None:
+                server.kill()
+    assert annotate(["export", "--results", str(results), "--framework", FRAMEWORK]) == 0
+    out = results / "annotations" / FRAMEWORK
+    annotations = read_table(out / "annotations.parquet", "annotations")
+    by_task = annotations.set_index(["image_id", "instance_id"])
+    expected = [((0, 1, [2]), "fake text on the wall"), ((2, 3, []), ""), ((1, 0, [3]), "melted fingers")]  # fmt: skip
+    assert len(annotations) == 3
+    for task, ((best, worst, flagged), text) in zip(instance_tasks, expected, strict=False):
+        row = by_task.loc[(task.image_id, task.instance_id)]
+        assert row["best"] == task.candidates[best] and row["worst"] == task.candidates[worst]
+        assert row["flagged"] == ";".join(task.candidates[i] for i in flagged)
+        assert row["description"] == text
+    votes = read_table(out / "votes.parquet", "votes")
+    order = tasks.compare_tasks(
+        tasks.RoundSettings(1, 0, {"synthetic": str(results / "data/test")}, (),
+                            "dspo_fidelity", 0.25, 1),
+        results, FRAMEWORK, "alice",
+    )  # fmt: skip
+    assert len(votes) == len(order)
+    answers = {"1": "left", "ArrowLeft": "left", "2": "right", "ArrowRight": "right",
+               "t": "tie", "b": "both_bad"}  # fmt: skip
+    pressed = [answers[keys[i % len(keys)]] for i in range(len(order))]
+    assert votes.sort_values("answered_at")["answer"].tolist() == pressed
+    # the win-rate table against a count by hand from the tasks and the keys pressed
+    rates = winrates.win_rates(votes, resamples=100).set_index("opponent")
+    for opponent, row in rates.iterrows():
+        wins = losses = ties = 0
+        for task, answer in zip(order, pressed, strict=True):
+            if task.gold or task.repeated or opponent not in (task.left, task.right):
+                continue
+            chosen = {"left": task.left, "right": task.right}.get(answer)
+            wins += chosen == "dspo_fidelity"
+            losses += chosen == opponent
+            ties += chosen is None
+        assert (row["wins"], row["losses"], row["ties"]) == (wins, losses, ties)
+        assert row["win_rate"] == pytest.approx((wins + ties / 2) / (wins + losses + ties))
