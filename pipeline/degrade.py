@@ -6,8 +6,9 @@ uses it. The steps, each a function below:
 1. :func:`find_source_images` — the HQ source: ``demo`` (photos shipped with scikit-image, no
    download) or a folder searched recursively; every file gets a stable, filesystem-safe id;
 2. :func:`assign_split` — train or test, decided by the image id alone (hash or explicit list);
-3. :func:`crop_hq` — a random ``crop_size`` crop (several per image for train), small images
-   padded, refused or skipped as configured, optional horizontal flip (train);
+3. :func:`crop_hq` — random ``crop_size`` crops (``crops_per_image`` per train image,
+   ``test_crops_per_image`` per test image; a source image is in one split only), small images
+   padded, refused or skipped as configured, optional horizontal flip (train only);
 4. :func:`degrade_pair` — Real-ESRGAN second-order degradation (:mod:`pipeline.degradations`)
    with every drawn value recorded, writing ``hq/{image_id}.png`` and ``lq/{image_id}.png``.
 
@@ -75,8 +76,11 @@ def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         raise ValueError(
             f"degrade config 'test_fraction' must be in [0, 1]: {config['test_fraction']}"
         )
-    if config["crops_per_image"] < 1 or config["workers"] < 1:
-        raise ValueError("degrade config 'crops_per_image' and 'workers' must be at least 1")
+    if min(config["crops_per_image"], config["test_crops_per_image"], config["workers"]) < 1:
+        raise ValueError(
+            "degrade config 'crops_per_image', 'test_crops_per_image' and 'workers' must be "
+            "at least 1"
+        )
     return config
 
 
@@ -284,8 +288,9 @@ def degrade_pair(task: PairTask) -> dict[str, Any] | None:
 
 
 def plan_pairs(images: list[SourceImage], split: str, out: Path, config: dict[str, Any], seed: int):
-    """One task per (image, crop); several crops per image for train only."""
-    crops = config["crops_per_image"] if split == "train" else 1
+    """One task per (image, crop): ``crops_per_image`` per train image, ``test_crops_per_image``
+    per test image (every crop seeded by (seed, image id, crop index); flips on train only)."""
+    crops = config["crops_per_image"] if split == "train" else config["test_crops_per_image"]
     tasks = [
         PairTask(
             image=image,

@@ -247,3 +247,19 @@ def test_demo_source_is_bundled_colour_photos():
     images = degrade.find_source_images("demo")
     assert [image.image_id for image in images][:3] == ["astronaut", "chelsea", "coffee"]
     assert all(image.path.is_file() for image in images)
+
+
+def test_test_split_takes_test_crops_per_image_without_flips(source, tmp_path):
+    config = _config(source, crops_per_image=2, test_crops_per_image=3)
+    test = degrade.degrade_split("test", tmp_path / "test", config, seed=5)
+    train = degrade.degrade_split("train", tmp_path / "train", config, seed=5)
+    assert list(test["image_id"]) == [f"photo__crop{i}" for i in range(3)]
+    assert not test["hflip"].any() and set(test["source_id"]) == {"photo"}
+    assert not set(test["source_id"]) & set(train["source_id"])  # no image in both splits
+    assert test["seed"].is_unique
+    assert len(train) == 10  # crops_per_image still rules the train split
+    again = degrade.degrade_split("test", tmp_path / "again", config, seed=5)
+    assert _tree_bytes(tmp_path / "test") == _tree_bytes(tmp_path / "again")
+    # the default (1) keeps the single test crop named by its image id
+    single = degrade.degrade_split("test", tmp_path / "one", _config(source), seed=5)
+    assert list(single["image_id"]) == ["photo"]
