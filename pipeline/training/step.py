@@ -218,3 +218,67 @@ def batch_loss(
     with autocast() if autocast is not None else contextlib.nullcontext():
         err_theta, err_ref = shared_error_maps(policy, model, loaded, conditions, method_name)
     return losses_from_errors(err_theta, err_ref, loaded, method_name, config)
+
+
+# -- the two-pass step (train.memory: two_pass) ---------------------------------------------------
+# The loss depends on the policy only through its error maps, so
+#   dL/dθ = Σ_n Σ_pixels dL/d err_n · d err_n/dθ.
+# Pass 1 runs the policy without gradients and differentiates the loss with respect to the maps
+# (small tensors); pass 2 re-runs one candidate at a time with gradients and back-propagates
+# (err_n · dL/d err_n).sum(): the same gradient with one candidate's activations alive.
+
+
+def uses_two_pass(config: TrainConfig, loaded: Sequence[LoadedItem], device: torch.device) -> bool:
+    """``train.memory``: two_pass, one_pass, or auto (two_pass on CUDA when some LQ has more than
+    two distinct candidates: that is where one-pass memory exceeds Diffusion-DPO's)."""
+    if config.memory != "auto":
+        return config.memory == "two_pass"
+    return device.type == "cuda" and any(entry.targets.shape[0] > 2 for entry in loaded)
+
+
+def error_map_gradients(
+    model: SRModel,
+    loaded: Sequence[LoadedItem],
+    conditions: Sequence[Conditions],
+    method_name: str,
+    config: TrainConfig,
+    scale: float = 1.0,
+    autocast=None,
+) -> tuple[torch.Tensor, dict[str, float], list[torch.Tensor]]:
+    """Pass 1: the batch loss and statistics (as :func:`batch_loss` computes them) and the
+    derivative of ``scale * loss`` with respect to each LQ's policy error maps ``[D_i, h, w]``."""
+    with torch.no_grad(), autocast() if autocast is not None else contextlib.nullcontext():
+        err_theta = error_maps_batched(model, loaded, conditions, next(model.parameters()).device)
+        err_ref: list[torch.Tensor | None] = [None] * len(loaded)
+        if contracts.method(method_name).needs_reference:
+            err_ref = reference_errors(model, loaded, conditions)
+    leaves = [maps.detach().requires_grad_() for maps in err_theta]
+    with torch.enable_grad():
+        loss, stats = losses_from_errors(leaves, err_ref, loaded, method_name, config)
+        gradients = torch.autograd.grad(loss * scale, leaves)
+    return loss.detach(), stats, list(gradients)
+
+
+def backward_one_candidate_at_a_time(
+    policy: nn.Module,
+    loaded: Sequence[LoadedItem],
+    conditions: Sequence[Conditions],
+    gradients: Sequence[torch.Tensor],
+    backward: Callable[[torch.Tensor], None],
+    autocast=None,
+    hold_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    sync_at_end: bool = True,
+) -> None:
+    """Pass 2: for every LQ and distinct candidate, the policy's error map with gradients and
+    ``backward((map * its gradient).sum())``. ``hold_sync`` (e.g. accelerate's ``no_sync``)
+    wraps every backward but the last (and the last too unless ``sync_at_end``), so DDP
+    all-reduces once per optimizer step."""
+    jobs = [(i, n) for i, entry in enumerate(loaded) for n in range(entry.targets.shape[0])]
+    for count, (i, n) in enumerate(jobs):
+        entry = loaded[i]
+        one = LoadedItem(entry.item, entry.lq, entry.targets[n : n + 1], entry.masks)
+        syncs = sync_at_end and count == len(jobs) - 1
+        with contextlib.nullcontext() if syncs or hold_sync is None else hold_sync():
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                maps = policy([one], [conditions[i]])[0]
+            backward((maps * gradients[i][n : n + 1].to(maps.dtype)).sum())
