@@ -37,6 +37,7 @@ include: "workflow/rules/caption.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/winrates.smk"
 include: "workflow/rules/evaluate.smk"
 
 

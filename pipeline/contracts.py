@@ -34,6 +34,7 @@ STAGES = (
     "select",
     "train",
     "evaluate",
+    "winrates",
     "report",
 )
 
@@ -58,6 +59,11 @@ ARTIFACTS = {
     "train_checkpoints": "results/checkpoints/train/{framework}/{method}/{objective}",
     "evaluation": "results/eval/{framework}/{testset}/{model}",  # EVAL_* files + images/
     "report_dir": "results/eval/{framework}",  # summary, tables, plots, report.md
+    # win rates on a test set: its HQ segmented like the training images, then the table
+    "test_hq": "results/masks/{framework}/test_{testset}_hq.parquet",  # candidates table of HQ
+    "test_masks": "results/masks/{framework}/test_{testset}.zarr",
+    "test_instances": "results/masks/{framework}/test_{testset}_instances.parquet",
+    "win_rates": "results/winrates/{framework}/{testset}.parquet",
 }
 #: files inside the folder artifacts
 DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import contracts, settings
+from pipeline import alignment_report, contracts, settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -500,8 +500,11 @@ def report(
     seed: int = 0,
     provenance: Sequence[str | Path] = (),
     framework: str | None = None,
+    curves: Sequence[str | Path] = (),
+    win_rates: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
-    """Write summary.parquet, tables.md/.csv, radar/grid PNGs and report.md into ``out_dir``."""
+    """Write summary.parquet, tables.md/.csv, radar/grid PNGs and report.md into ``out_dir``;
+    with ``curves`` / ``win_rates`` tables, their section too (:mod:`pipeline.alignment_report`)."""
     config = stage_config(config)
     out_dir = Path(out_dir)
     framework = framework or out_dir.name
@@ -528,6 +531,7 @@ def report(
         artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
     write_report_markdown(out_dir / "report.md", framework, summary, metadata, provenance,
                           config, artifacts, seed)  # fmt: skip
+    alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
     return summary
 
 
@@ -541,11 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provenance", nargs="*", default=[], type=Path,
                         help="upstream Parquet tables whose metadata report.md lists")  # fmt: skip
     parser.add_argument("--framework", default=None, help="name in titles (default: --out name)")
+    parser.add_argument("--curves", nargs="*", default=[], type=Path,
+                        help="aligned models' train_curves.parquet (alignment curves)")  # fmt: skip
+    parser.add_argument("--win-rates", nargs="*", default=[], type=Path,
+                        help="winrates/{framework}/{testset}.parquet tables")  # fmt: skip
     parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
     args = parser.parse_args(argv)
     summary = report(args.evaluations, args.out, settings.cli_config(args.config), args.seed,
-                     args.provenance, args.framework)  # fmt: skip
+                     args.provenance, args.framework, args.curves, args.win_rates)  # fmt: skip
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0
 

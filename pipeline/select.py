@@ -48,6 +48,7 @@ import pandas as pd
 from pipeline import settings
 from pipeline.contracts import WHOLE_IMAGE_ID, image_negative_prompts
 from pipeline.io.tables import read_table, to_arrow, write_table
+from pipeline.objectives import KEYS, objective_scores  # noqa: F401  (select's public API)
 
 PAIR_COLUMNS = [
     "image_id",
@@ -60,7 +61,6 @@ PAIR_COLUMNS = [
     "source",
 ]
 FLAG_SEPARATOR = ";"
-KEYS = ["image_id", "instance_id"]
 # bad annotation rows an error lists before "... and N more rows"
 LISTED_ROWS = 20
 
@@ -71,32 +71,6 @@ class AnnotationError(ValueError):
 
 class NoPairsError(ValueError):
     """An objective that yields no preference pair at all (training on it would do nothing)."""
-
-
-def objective_scores(scores: pd.DataFrame, metric_weights: Mapping[str, float]) -> pd.DataFrame:
-    """Per (image, instance, candidate) the weighted sum of normalised metrics (docs/design.md §8).
-
-    Returns columns image_id, instance_id, candidate, score.
-    """
-    missing = sorted(set(metric_weights) - set(scores["metric"]))
-    if missing:
-        raise KeyError(
-            f"metrics {missing} are not in the scores table (it has {sorted(set(scores['metric']))})"
-        )
-    table = scores[scores["metric"].isin(list(metric_weights))].copy()
-    groups = table.groupby([*KEYS, "metric"])["value"]
-    low, high = groups.transform("min"), groups.transform("max")
-    has_nan = groups.transform(lambda values: values.isna().any()).astype(bool)
-    spread = (high - low).to_numpy()
-    scaled = np.divide(
-        (table["value"] - low).to_numpy(), spread, out=np.zeros(len(table)), where=spread > 0
-    )
-    # flip where lower is better so 1 is always the best candidate; all-equal metrics give 0
-    flipped = np.where(table["lower_better"].to_numpy(bool) & (spread > 0), 1.0 - scaled, scaled)
-    weights = table["metric"].map(dict(metric_weights)).to_numpy(float)
-    table["score"] = np.where(has_nan.to_numpy(), 0.0, flipped * weights)
-    summed = table.groupby([*KEYS, "candidate"], as_index=False)["score"].sum()
-    return summed.sort_values([*KEYS, "candidate"], ignore_index=True)
 
 
 def best_and_worst(candidate_scores: pd.DataFrame, tie_tolerance: float = 1e-9) -> pd.DataFrame:

@@ -43,6 +43,7 @@ from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tables import read_table, write_table
 from pipeline.models.base import SRModel
+from pipeline.training import curves
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, LoadedItem, PreferenceItem, preference_items
 from pipeline.training.run import (
@@ -235,6 +236,7 @@ def train(
     accelerator = make_accelerator(config.device, config.mixed_precision)
     micro_batch_size(config, accelerator.num_processes)  # fails early on a bad layout
     inputs = read_inputs(method, pairs_path, candidates_path, data_dir, masks_path, prompts_path)
+    inputs, curve = curves.hold_out(inputs, config, seed)  # held-out items never train
     if model is None:
         from pipeline.models import load_model
 
@@ -275,6 +277,7 @@ def train(
     )  # fmt: skip
     for step in range(start, config.max_steps):
         row = trainer.update(step)
+        row.update(curve.rows(trainer, step + 1))  # alignment curves, when due
         log.append(row)
         progress.update(1)
         progress.set_postfix(
@@ -300,6 +303,7 @@ def train(
             "prompts": inputs.prompt_record,
             "model": str(model_dir),
             "items": len(inputs.items),
+            "heldout_items": curve.heldout_ids,
             "fingerprint": fingerprint.fields,
             "fingerprint_hash": fingerprint.hash,
             "config": dataclasses.asdict(config),
@@ -319,6 +323,9 @@ def train(
                 folder / "train_log.parquet",
                 "train_log",
                 metadata,
+            )
+            write_table(
+                curves.curves_frame(log), folder / curves.CURVES_TABLE, "train_curves", metadata
             )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -258,7 +258,7 @@ def test_test_split_takes_test_crops_per_image_without_flips(source, tmp_path):
     assert not set(test["source_id"]) & set(train["source_id"])  # no image in both splits
     assert test["seed"].is_unique
     assert len(train) == 10  # crops_per_image still rules the train split
-    again = degrade.degrade_split("test", tmp_path / "again", config, seed=5)
+    degrade.degrade_split("test", tmp_path / "again", config, seed=5)
     assert _tree_bytes(tmp_path / "test") == _tree_bytes(tmp_path / "again")
     # the default (1) keeps the single test crop named by its image id
     single = degrade.degrade_split("test", tmp_path / "one", _config(source), seed=5)

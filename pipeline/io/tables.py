@@ -204,6 +204,32 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),
     ),
+    # aligned/{framework}/{method}/{objective}/train_curves.parquet: alignment curves, one row per
+    # (step, split) with split train or heldout (pipeline.training.curves)
+    "train_curves": _schema(
+        ("step", pa.int64()),
+        ("split", pa.string()),
+        ("items", pa.int64()),
+        ("loss", pa.float64()),
+        ("implicit_accuracy", pa.float64()),
+        ("margin", pa.float64()),
+        ("reward_margin", pa.float64()),
+    ),
+    # winrates/{framework}/{testset}.parquet: per aligned model, its per-instance win rate
+    # against the pretrained model under its objective (ties count half; pipeline.winrates)
+    "win_rates": _schema(
+        ("testset", pa.string()),
+        ("model", pa.string()),
+        ("objective", pa.string()),
+        ("instances", pa.int64()),
+        ("images", pa.int64()),
+        ("wins", pa.int64()),
+        ("ties", pa.int64()),
+        ("losses", pa.int64()),
+        ("win_rate", pa.float64()),
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+    ),
     # eval/{framework}/{testset}/{model}/metrics.parquet: per image
     "eval_metrics": _schema(
         ("testset", pa.string()),

@@ -34,11 +34,15 @@ class TrainConfig:
     keep_checkpoints: int = _DEFAULTS["keep_checkpoints"]
     mixed_precision: str = _DEFAULTS["mixed_precision"]
     gradient_checkpointing: bool = _DEFAULTS["gradient_checkpointing"]
+    heldout_fraction: float = _DEFAULTS["heldout_fraction"]
+    eval_every: int = _DEFAULTS["eval_every"]
+    curve_items: int = _DEFAULTS["curve_items"]
     device: str = _DEFAULTS["device"]
 
     def __post_init__(self) -> None:
         # the schema checks these too; a TrainConfig built in code is checked here
-        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every"):
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                    "eval_every", "curve_items"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
 

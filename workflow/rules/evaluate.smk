@@ -43,6 +43,8 @@ rule report:
     input:
         evaluations=get_evaluations,
         provenance=get_provenance,
+        aligned=get_aligned_with_curves,
+        win_rates=get_win_rates,
     output:
         summary=f"{REPORT_DIR}/summary.parquet",
         tables=report(
@@ -76,8 +78,10 @@ rule report:
         config=job_config("report"),
         config_file=job_config_file("report"),
         provenance=get_provenance_files,
+        curves=get_train_curves,
         seed=config["seed"],
     shell:
         "python -m pipeline report --evaluations {input.evaluations} --out {params.out_dir} "
         "--provenance {params.provenance} --framework {wildcards.framework} "
+        "--curves {params.curves} --win-rates {input.win_rates} "
         "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

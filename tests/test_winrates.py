@@ -1,0 +1,36 @@
+"""pipeline.winrates: per-instance wins under select's objective scores, ties as half, Wilson CI."""
+
+import pandas as pd
+import pytest
+from statsmodels.stats.proportion import proportion_confint
+
+from pipeline import winrates
+
+
+def _scores(values):
+    """values: {(image, instance): (pretrained psnr, aligned psnr)}"""
+    rows = []
+    for (image_id, instance_id), pair in values.items():
+        for candidate, value in zip(("pretrained", "aligned"), pair, strict=True):
+            rows.append((image_id, instance_id, candidate, "psnr", value, False))
+    return pd.DataFrame(
+        rows, columns=["image_id", "instance_id", "candidate", "metric", "value", "lower_better"]
+    )
+
+
+def test_wins_ties_and_losses_with_a_wilson_interval():
+    scores = _scores({("a", 0): (20.0, 21.0), ("a", 1): (20.0, 20.0), ("b", 0): (22.0, 21.0),
+                      ("b", 1): (20.0, 25.0)})  # fmt: skip
+    row = winrates.win_rate(scores, {"psnr": 1.0}, 1e-9)
+    assert (row["wins"], row["ties"], row["losses"], row["instances"], row["images"]) == (
+        2, 1, 1, 4, 2,
+    )  # fmt: skip
+    assert row["win_rate"] == pytest.approx(2.5 / 4)
+    low, high = proportion_confint(2.5, 4, alpha=0.05, method="wilson")
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
+
+
+def test_lower_better_metrics_are_flipped_as_select_flips_them():
+    scores = _scores({("a", 0): (0.3, 0.1)})
+    scores["metric"], scores["lower_better"] = "lpips", True
+    assert winrates.win_rate(scores, {"lpips": 1.0}, 1e-9)["wins"] == 1
