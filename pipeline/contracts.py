@@ -67,6 +67,19 @@ ARTIFACTS = {
 }
 #: files inside the folder artifacts
 DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
+    # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test)
+    "study_masks": "results/study/masks/{split}.zarr",
+    "study_instances": "results/study/masks/{split}_instances.parquet",
+    "study_prompts": "results/study/prompts/{split}.parquet",
+    "study_candidates": "results/study/candidates",  # CANDIDATES_TABLE, study.REGIONS_TABLE
+    "study_scores": "results/study/scores.parquet",
+    "study_pairs_dir": "results/study/pairs",
+    "study_pairs": "results/study/pairs/study{level}.parquet",  # objective study.OBJECTIVE
+    "study_aligned": "results/study/aligned/{method}/seed{seed}",
+    "study_train_checkpoints": "results/study/checkpoints/{method}/seed{seed}",
+    "study_adoption": "results/study/adoption.parquet",
+    "study_report": "results/study/report.md",
+    "study_plot": "results/study/adoption.png",
 CANDIDATES_TABLE = "candidates.parquet"  # candidates/{framework}: table candidates
 EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
 EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)

@@ -27,14 +27,41 @@ def imported_modules(path: Path) -> set[str]:
     return {name for name in found if name.startswith("pipeline")}
 
 
-def test_every_stage_has_a_rule():
-    rules = {
-        line.split()[1].rstrip(":")
+def rules_by_file() -> dict[str, set[str]]:
+    return {
+        path.name: {
+            line.split()[1].rstrip(":")
+            for line in path.read_text().splitlines()
+            if line.startswith("rule ")
+        }
         for path in (PACKAGE.parent / "workflow" / "rules").glob("*.smk")
-        for line in path.read_text().splitlines()
-        if line.startswith("rule ")
     }
+
+
+#: rule files that are not stages: their rules run stages (through `python -m pipeline STAGE`)
+#: or tools, and are named after the file (`study`, `study_*`)
+NON_STAGE_RULE_FILES = ("study.smk",)
+
+
+def test_every_stage_has_a_rule():
+    files = rules_by_file()
+    rules = set().union(*(names for name, names in files.items()
+                          if name not in NON_STAGE_RULE_FILES))  # fmt: skip
     assert rules == set(STAGES)
+
+
+@pytest.mark.parametrize("filename", NON_STAGE_RULE_FILES)
+def test_non_stage_rules_are_named_after_their_file(filename):
+    prefix = filename.removesuffix(".smk")
+    names = rules_by_file()[filename]
+    assert names and all(n == prefix or n.startswith(f"{prefix}_") for n in names)
+    assert not names & set(STAGES)
+
+
+def test_the_study_imports_no_stage():
+    """The study runs the stages through its rules (python -m pipeline STAGE), never imports them."""
+    stages = {f"pipeline.{name}" for name in STAGES}
+    assert imported_modules(PACKAGE / "study.py") & stages == set()
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -283,6 +283,31 @@ def full_schema(name: str) -> pa.Schema:
     return schema
 
 
+    # study/candidates/regions.parquet (pipeline/study.py): each training instance's kind
+    # (textured or smooth, from the HQ's mean luminance gradient), the candidate that plants its
+    # artifact there and the planted amplitude ([0, 1] units)
+    "study_regions": _schema(
+        ("split", pa.string()),
+        ("image_id", pa.string()),
+        ("instance_id", pa.int32()),
+        ("area", pa.int64()),
+        ("texture", pa.float64()),
+        ("kind", pa.string()),
+        ("planted", pa.string()),
+        ("amplitude", pa.float64()),
+    ),
+    # study/adoption.parquet: per aligned model (method, seed), region kind and artifact
+    # signature, the fraction of the planted amplitude it reproduces on held-out images
+    "study_adoption": _schema(
+        ("method", pa.string()),
+        ("seed", pa.int64()),
+        ("region", pa.string()),
+        ("signature", pa.string()),
+        ("adoption", pa.float64()),
+        ("amplitude", pa.float64()),
+        ("n_images", pa.int64()),
+        ("n_pixels", pa.int64()),
+    ),
 def schema_for(name: str) -> pa.Schema:
     """The registered schema of table ``name``."""
     try:

@@ -1,0 +1,739 @@
+"""A controlled study of the DSPO paper's Figure 1 dilemma (``snakemake study``, docs/study.md).
+
+Image-level preference can pick an image that is better overall but carries a severe local
+artifact, so image-level Diffusion-DPO learns the artifact; instance-level DSPO should not. The
+study builds candidates whose truth is known, lets the REAL select and train stages turn them
+into pairs and aligned models (the rules in ``workflow/rules/study.smk`` call
+``python -m pipeline select`` and ``python -m pipeline train``; this module imports no stage),
+and measures on held-out images how much of the planted artifact each aligned model reproduces
+per kind of region.
+
+Per training image, with the pretrained model's output ``P`` as the base and its instances (the
+segment stage's partition of the HQ) split into *textured* and *smooth* by the HQ's luminance
+gradient (:func:`region_kinds`), two candidates:
+
+- ``checker``: ``P`` + a checkerboard of amplitude ``artifact_strength`` on the textured
+  instances (:func:`checker_pattern`, the Nyquist frequency at a fixed phase: a content-free
+  signature that natural images hardly contain), clean elsewhere;
+- ``cast``: ``P`` + a colour cast ``c · (1, -1, 1)`` on the smooth instances, clean elsewhere,
+  with ``c`` chosen per image so that the cast's planted squared error over the whole image is
+  ``image_margin`` times the checkerboard's (:func:`cast_amplitude`).
+
+Under the study's objective (PSNR against the HQ, per instance and whole image, a ``scores``
+table) the image-level winner is ``checker`` (better overall, yet with the artifact on every
+textured instance); per instance, the winner is the candidate that is clean there (``cast`` on
+textured, ``checker`` on smooth instances). The measure (:func:`adoption`) is the matched filter
+of the artifact's signature on the aligned model's change over the pretrained one, pooled over
+the held-out pixels of one kind of region, in units of the planted amplitude: 1 = the model adds
+the whole planted artifact, 0 = none, < 0 = it moves away from it.
+
+Commands (``python -m pipeline study SUBCOMMAND``): ``build`` (candidates, regions, scores),
+``measure`` (the adoption table) and ``report`` (report.md, plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import contracts, settings
+from pipeline.io.atomic import atomic_path
+from pipeline.io.images import read_rgb, write_png
+from pipeline.io.masks import read_label_map
+from pipeline.io.tables import read_metadata, read_table, write_table
+
+#: the two candidate settings: each is the pretrained output plus one planted artifact
+CHECKER, CAST = "checker", "cast"
+SETTINGS = (CHECKER, CAST)
+#: where each candidate plants its artifact
+PLANTED_ON = {CHECKER: "textured", CAST: "smooth"}
+REGIONS = ("textured", "smooth")
+#: the select objective the study's pairs are made under (the study's scores hold one metric)
+OBJECTIVE = "study"
+METRIC = "psnr"
+#: per-channel direction of the colour cast (a magenta shift); |component| = 1
+CAST_DIRECTION = np.array([1.0, -1.0, 1.0])
+STAGE = "study"
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+def study_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``study`` section with the schema's defaults."""
+    return settings.resolve("study", config.get("study"))
+
+
+def train_settings(config: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """A study train job's settings: the ``train`` section < ``study.train`` (validated as train
+    keys) < the method's own overrides (as :func:`pipeline.settings.job_settings`)."""
+    merged = {**(config.get("train") or {}), **study_settings(config)["train"]}
+    section = settings.resolve("train", merged)
+    section.update(contracts.method(method).settings)
+    return section
+
+
+def select_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The select job's settings: the study's one objective (PSNR), every instance kept."""
+    merged = {**(config.get("select") or {}), "objectives": {OBJECTIVE: {METRIC: 1.0}},
+              "include_remainder": True}  # fmt: skip
+    return settings.resolve("select", merged)
+
+
+def segment_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The segment job's settings: the configured segmenter on the HQ images (source ``hq``)."""
+    return settings.resolve("segment", {**(config.get("segment") or {}), "source": "hq"})
+
+
+def job_file(job_dir: str | Path, name: str, payload: Mapping[str, Any]) -> tuple[str, str]:
+    """``(canonical JSON, path)``: a study job's settings, written once to
+    ``job_dir/study-NAME-HASH.json`` (the rules' ``--config`` file; the JSON is the rerun trigger)."""
+    import hashlib
+    import os
+
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    target = Path(job_dir) / f"study-{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(target)
+    return text, str(target)
+
+
+def rule_jobs(config: Mapping[str, Any], job_dir: str | Path) -> dict[str, tuple[str, str]]:
+    """Every study rule's settings (:func:`job_file`), by job: ``study``, ``segment``,
+    ``prompts``, ``select`` and ``train_{method}``."""
+    study = study_settings(config)
+    jobs = {
+        "study": study,
+        "segment": segment_settings(config),
+        "prompts": settings.job_settings(config, "prompts"),
+        "select": select_settings(config),
+        **{f"train_{m}": train_settings(config, m) for m in study["methods"]},
+    }
+    return {name: job_file(job_dir, name.replace("_", "-"), job) for name, job in jobs.items()}
+
+
+def aligned_paths(methods: Sequence[str], seeds: Sequence[int]) -> dict[tuple[str, int], str]:
+    """``{(method, seed): aligned model folder}`` of the study's train jobs."""
+    return {
+        (m, int(s)): contracts.artifact("study_aligned", method=m, seed=s)
+        for m in methods
+        for s in seeds
+    }
+
+
+# ------------------------------------------------------------------------------- regions
+
+
+def unit(image: np.ndarray) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` → float64 in [0, 1]."""
+    return np.asarray(image, dtype=np.float64) / 255.0
+
+
+def texture(hq: np.ndarray, mask: np.ndarray) -> float:
+    """Mean luminance gradient magnitude of ``hq`` (float ``[H, W, 3]`` in [0, 1]) under ``mask``."""
+    luminance = hq @ np.array([0.299, 0.587, 0.114])
+    gy, gx = np.gradient(luminance)
+    return float(np.hypot(gx, gy)[mask].mean())
+
+
+def region_kinds(
+    hq: np.ndarray, label_map: np.ndarray, quantile: float
+) -> dict[int, tuple[str, float]]:
+    """``{instance_id: (kind, texture)}``: an instance is ``textured`` when its texture is above
+    the ``quantile`` of its image's instance textures, else ``smooth``."""
+    ids = [int(i) for i in np.unique(label_map)]
+    values = {i: texture(hq, label_map == i) for i in ids}
+    threshold = float(np.quantile(list(values.values()), quantile))
+    return {i: ("textured" if v > threshold else "smooth", v) for i, v in values.items()}
+
+
+def kind_masks(
+    label_map: np.ndarray, kinds: Mapping[int, tuple[str, float]]
+) -> dict[str, np.ndarray]:
+    """``{region: bool [H, W]}``: the union of the instances of each kind."""
+    return {
+        region: np.isin(label_map, [i for i, (kind, _) in kinds.items() if kind == region])
+        for region in REGIONS
+    }
+
+
+# -------------------------------------------------------------------------------- planting
+
+
+def checker_pattern(height: int, width: int) -> np.ndarray:
+    """``(-1)^(y + x)`` on all three channels, float ``[H, W, 3]``: the checkerboard signature."""
+    y, x = np.indices((height, width))
+    return np.repeat((1.0 - 2.0 * ((y + x) % 2))[:, :, None], 3, axis=2)
+
+
+def cast_pattern(height: int, width: int) -> np.ndarray:
+    """The colour cast's signature: :data:`CAST_DIRECTION` at every pixel, float ``[H, W, 3]``."""
+    return np.broadcast_to(CAST_DIRECTION, (height, width, 3)).astype(np.float64)
+
+
+def cast_amplitude(strength: float, margin: float, textured: int, smooth: int) -> float:
+    """The cast amplitude whose planted squared error over the image is ``margin`` times the
+    checkerboard's: ``smooth · c² = margin · textured · strength²``."""
+    return float(strength * np.sqrt(margin * textured / smooth))
+
+
+def plant(
+    base: np.ndarray, masks: Mapping[str, np.ndarray], strength: float, margin: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """The two candidates (uint8 ``[H, W, 3]``) built from ``base`` (uint8, the pretrained output)
+    and the region masks, and the cast amplitude used."""
+    height, width = base.shape[:2]
+    textured, smooth = masks["textured"], masks["smooth"]
+    amplitude = cast_amplitude(strength, margin, int(textured.sum()), int(smooth.sum()))
+    planted = {
+        CHECKER: unit(base) + strength * checker_pattern(height, width) * textured[:, :, None],
+        CAST: unit(base) + amplitude * cast_pattern(height, width) * smooth[:, :, None],
+    }
+    to_uint8 = {name: np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+                for name, image in planted.items()}  # fmt: skip
+    return to_uint8, amplitude
+
+
+def psnr(image: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """RGB PSNR in dB of uint8 images (data range 1) under ``mask`` (None: the whole image)."""
+    error = (unit(image) - unit(reference)) ** 2
+    mse = float(error[mask].mean() if mask is not None else error.mean())
+    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+
+
+def score_rows(
+    image_id: str, candidates: Mapping[str, np.ndarray], hq: np.ndarray, label_map: np.ndarray
+) -> list[dict[str, Any]]:
+    """``scores`` rows: PSNR of each candidate per instance and over the whole image (-1)."""
+    rows = []
+    ids = [int(i) for i in np.unique(label_map)]
+    for name, image in candidates.items():
+        for instance_id in [contracts.WHOLE_IMAGE_ID, *ids]:
+            mask = None if instance_id == contracts.WHOLE_IMAGE_ID else label_map == instance_id
+            rows.append({"image_id": image_id, "instance_id": instance_id, "candidate": name,
+                         "metric": METRIC, "value": psnr(image, hq, mask),
+                         "lower_better": False})  # fmt: skip
+    return rows
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _load_model(path: str | Path):
+    from pipeline.models import load_model
+
+    model = load_model(path)
+    model.eval()
+    return model
+
+
+def super_resolve(model, lq: np.ndarray, size: tuple[int, int], prompt: tuple[str, str]):
+    """The model's SR output of one LQ (uint8 ``[h, w, 3]``) as float ``[H, W, 3]`` in [0, 1]
+    (not quantised: the measure sees changes far below one grey level)."""
+    import torch
+
+    from pipeline.io.images import signed_tensor
+    from pipeline.models.base import batch_invariant, upsample_lq
+
+    upsampled = upsample_lq(signed_tensor(lq)[None], size)
+    with torch.no_grad(), batch_invariant(model):
+        sr = model.sample(upsampled, prompts=[prompt[0]], negative_prompts=[prompt[1]])
+    return sr[0].double().clamp(-1, 1).add(1).div(2).permute(1, 2, 0).numpy()
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------- build
+
+
+REGION_COLUMNS = ["split", "image_id", "instance_id", "area", "texture", "kind", "planted",
+                  "amplitude"]  # fmt: skip
+
+
+def build(
+    *,
+    data_dir: str | Path,
+    prompts_path: str | Path,
+    masks_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    scores_path: str | Path,
+    config: Mapping[str, Any],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the study's candidates (``out_dir``: candidates table, images, regions table) and
+    their ``scores`` table; returns counts. ``config`` is the ``study`` section."""
+    import torch
+
+    from pipeline.guidance import load_prompts
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    hq_paths = contracts.data_images(data_dir, "hq")
+    lq_paths = contracts.data_images(data_dir, "lq")
+    prompts = load_prompts(prompts_path, hq_paths)
+    model = _load_model(model_dir)
+    strength, margin = float(config["artifact_strength"]), float(config["image_margin"])
+    candidate_rows, region_rows, scores, skipped = [], [], [], []
+    with atomic_path(out_dir) as folder:
+        for image_id in sorted(hq_paths):
+            hq = read_rgb(hq_paths[image_id])
+            label_map = read_label_map(masks_path, image_id)
+            kinds = region_kinds(unit(hq), label_map, config["texture_quantile"])
+            masks = kind_masks(label_map, kinds)
+            if not masks["textured"].any() or not masks["smooth"].any():
+                skipped.append(image_id)  # one kind only: no dilemma to plant
+                continue
+            base = to_uint8(super_resolve(model, read_rgb(lq_paths[image_id]), hq.shape[:2],
+                                          prompts[image_id]))  # fmt: skip
+            candidates, amplitude = plant(base, masks, strength, margin)
+            for name, image in candidates.items():
+                relative = Path(name) / f"{image_id}.png"
+                write_png(folder / relative, image)
+                candidate_rows.append({"image_id": image_id, "setting": name, "variant": name,
+                                       "steps": 1, "cfg": 0.0, "seed": int(seed),
+                                       "negative_prompt": "", "path": str(relative)})  # fmt: skip
+            for instance_id, (kind, value) in sorted(kinds.items()):
+                planted = CHECKER if kind == PLANTED_ON[CHECKER] else CAST
+                region_rows.append({"split": "train", "image_id": image_id,
+                                    "instance_id": instance_id,
+                                    "area": int((label_map == instance_id).sum()),
+                                    "texture": value, "kind": kind, "planted": planted,
+                                    "amplitude": strength if planted == CHECKER else amplitude})  # fmt: skip
+            scores += score_rows(image_id, candidates, hq, label_map)
+        if not candidate_rows:
+            raise ValueError(f"study build: no training image has both textured and smooth "
+                             f"instances ({len(skipped)} images; texture_quantile "
+                             f"{config['texture_quantile']})")  # fmt: skip
+        metadata = {"stage": STAGE, "study": dict(config), "base": "pretrained output",
+                    "model": str(model_dir), "model_describe": model.describe(),
+                    "masks": str(masks_path), "data": str(data_dir), "skipped": skipped}  # fmt: skip
+        write_table(pd.DataFrame(candidate_rows), folder / contracts.CANDIDATES_TABLE,
+                    "candidates", metadata)  # fmt: skip
+        write_table(pd.DataFrame(region_rows, columns=REGION_COLUMNS),
+                    folder / REGIONS_TABLE, "study_regions", metadata)  # fmt: skip
+    write_table(pd.DataFrame(scores), scores_path, "scores", metadata)
+    return {"images": len(candidate_rows) // len(SETTINGS), "skipped": len(skipped)}
+
+
+#: the regions table inside the study's candidates folder
+REGIONS_TABLE = "regions.parquet"
+
+
+# ------------------------------------------------------------------------------ measure
+
+
+def adoption(
+    deltas: Sequence[np.ndarray],
+    patterns: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    amplitude: float,
+) -> float:
+    """How much of a planted artifact a model reproduces: the matched filter of the pattern on
+    the model's change ``delta`` (float ``[H, W, 3]``, aligned − pretrained, [0, 1] units),
+    pooled over the masked pixels of every image, over the pattern's energy there, in units of
+    the planted ``amplitude``: ``Σ Δ·p / (Σ p² · amplitude)``."""
+    numerator = sum(
+        float((d * p)[m].sum()) for d, p, m in zip(deltas, patterns, masks, strict=True)
+    )
+    energy = sum(float((p * p)[m].sum()) for p, m in zip(patterns, masks, strict=True))
+    return numerator / (energy * amplitude) if energy > 0 else float("nan")
+
+
+SIGNATURES = {CHECKER: checker_pattern, CAST: cast_pattern}
+
+
+def planted_amplitudes(regions: pd.DataFrame) -> dict[str, float]:
+    """The planted amplitude of each artifact: ``artifact_strength`` for the checkerboard, the
+    area-weighted mean cast amplitude over the training images for the cast."""
+    out = {}
+    for name in SETTINGS:
+        rows = regions[regions["planted"] == name]
+        out[name] = float(np.average(rows["amplitude"], weights=rows["area"]))
+    return out
+
+
+def measure(
+    *,
+    data_dir: str | Path,
+    prompts_path: str | Path,
+    masks_path: str | Path,
+    pretrained_dir: str | Path,
+    aligned: Mapping[tuple[str, int], str | Path],
+    regions_path: str | Path,
+    out_path: str | Path,
+    config: Mapping[str, Any],
+) -> pd.DataFrame:
+    """The adoption table: per aligned model (method, seed), region kind and signature, the
+    :func:`adoption` over the held-out images of ``data_dir``."""
+    from pipeline.guidance import load_prompts
+
+    hq_paths = contracts.data_images(data_dir, "hq")
+    lq_paths = contracts.data_images(data_dir, "lq")
+    ids = sorted(hq_paths)[: config["max_images"] or None]
+    prompts = load_prompts(prompts_path, ids)
+    amplitudes = planted_amplitudes(read_table(regions_path, "study_regions"))
+    images = []
+    for image_id in ids:
+        hq = read_rgb(hq_paths[image_id])
+        label_map = read_label_map(masks_path, image_id)
+        masks = kind_masks(label_map, region_kinds(unit(hq), label_map, config["texture_quantile"]))
+        images.append((image_id, read_rgb(lq_paths[image_id]), hq.shape[:2], masks))
+    pretrained = _load_model(pretrained_dir)
+    reference = {i: super_resolve(pretrained, lq, size, prompts[i]) for i, lq, size, _ in images}
+    rows = []
+    for (method_name, seed), path in sorted(aligned.items()):
+        model = _load_model(path)
+        deltas = [super_resolve(model, lq, size, prompts[i]) - reference[i]
+                  for i, lq, size, _ in images]  # fmt: skip
+        for region in REGIONS:
+            masks = [m[region] for *_, m in images]
+            for name, signature in SIGNATURES.items():
+                patterns = [signature(*size) for _, _, size, _ in images]
+                rows.append({"method": method_name, "seed": int(seed), "region": region,
+                             "signature": name,
+                             "adoption": adoption(deltas, patterns, masks, amplitudes[name]),
+                             "amplitude": amplitudes[name],
+                             "n_images": sum(bool(m.any()) for m in masks),
+                             "n_pixels": int(sum(m.sum() for m in masks))})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    metadata = {"stage": STAGE, "study": dict(config), "data": str(data_dir),
+                "masks": str(masks_path), "pretrained": str(pretrained_dir),
+                "aligned": {f"{m}:{s}": str(p) for (m, s), p in aligned.items()},
+                "images": ids, "amplitudes": amplitudes}  # fmt: skip
+    write_table(frame, out_path, "study_adoption", metadata)
+    return frame
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval over ``values`` (seeds)."""
+    from scipy import stats
+
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    if len(array) < 2 or float(array.std(ddof=1)) == 0.0:
+        return mean, mean, mean
+    low, high = stats.t.interval(level, len(array) - 1, loc=mean, scale=stats.sem(array))
+    return mean, float(low), float(high)
+
+
+def summarise(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """Mean and t interval over seeds per (method, region, signature)."""
+    rows = []
+    for (method_name, region, name), group in frame.groupby(["method", "region", "signature"]):
+        mean, low, high = interval(group["adoption"].tolist(), level)
+        rows.append({"method": method_name, "region": region, "signature": name, "mean": mean,
+                     "low": low, "high": high, "seeds": len(group)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_difference(
+    frame: pd.DataFrame, first: str, second: str, region: str, name: str, level: float = 0.95
+) -> tuple[float, float, float, int]:
+    """``first − second`` adoption per seed (same seed: same batch order), its mean and interval."""
+    rows = frame[(frame["region"] == region) & (frame["signature"] == name)]
+    table = rows.pivot(index="seed", columns="method", values="adoption").dropna()
+    differences = (table[first] - table[second]).tolist()
+    return (*interval(differences, level), len(differences))
+
+
+def pair_truth(pairs_dir: str | Path, regions: pd.DataFrame) -> dict[str, Any]:
+    """What the real select stage made of the candidates, against the planted truth."""
+    folder = Path(pairs_dir)
+    instance = read_table(folder / f"{OBJECTIVE}.parquet", "preference_pairs")
+    image = read_table(folder / f"{OBJECTIVE}_image.parquet", "preference_pairs")
+    kinds = {(r.image_id, int(r.instance_id)): r.kind for r in regions.itertuples()}
+    clean_winner = {"textured": CAST, "smooth": CHECKER}
+    correct = [row.winner == clean_winner[kinds[(row.image_id, int(row.instance_id))]]
+               for row in instance.itertuples()]  # fmt: skip
+    images = sorted(set(regions["image_id"]))
+    return {
+        "images": len(images),
+        "image_pairs": len(image),
+        "image_winner_checker": int((image["winner"] == CHECKER).sum()),
+        "instance_pairs": len(instance),
+        "instance_winner_clean": int(sum(correct)),
+        "instances": len(regions),
+        "textured_instances": int((regions["kind"] == "textured").sum()),
+    }
+
+
+def train_summary(aligned: Mapping[tuple[str, int], str | Path]) -> pd.DataFrame:
+    """Per aligned model: steps and the last logged loss and implicit accuracy."""
+    rows = []
+    for (method_name, seed), path in sorted(aligned.items()):
+        log = read_table(Path(path) / "train_log.parquet", "train_log")
+        last = log.iloc[-1]
+        rows.append({"method": method_name, "seed": seed, "steps": int(last["step"]),
+                     "loss_first": float(log["loss"].iloc[0]), "loss_last": float(last["loss"]),
+                     "accuracy_last": float(last["implicit_accuracy"])})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def verdict(summary: pd.DataFrame, difference: tuple[float, float, float, int]) -> str:
+    """The outcome under the rule the report states before the numbers."""
+
+    def row(method_name):
+        found = summary[(summary["method"] == method_name) & (summary["region"] == "textured")
+                        & (summary["signature"] == CHECKER)]  # fmt: skip
+        return found.iloc[0]
+
+    dpo, dspo = row("dpo"), row("dspo")
+    dpo_adopts = dpo["low"] > 0
+    dspo_adopts = dspo["low"] > 0
+    apart = difference[1] > 0
+    if dpo_adopts and not dspo_adopts and apart:
+        return "supported"
+    if not dpo_adopts:
+        return "not supported (Diffusion-DPO did not measurably adopt the artifact)"
+    if dspo_adopts and not apart:
+        return "not supported (DSPO adopted the artifact as much as Diffusion-DPO)"
+    return "partly supported (see the numbers)"
+
+
+def _fmt(mean: float, low: float, high: float) -> str:
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def plot(frame: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted(set(frame["method"]))
+    figure, axes = plt.subplots(1, len(SETTINGS), figsize=(4.2 * len(SETTINGS), 3.4))
+    for axis, name in zip(np.atleast_1d(axes), SETTINGS, strict=True):
+        for offset, method_name in enumerate(methods):
+            for position, region in enumerate(REGIONS):
+                x = position + (offset - (len(methods) - 1) / 2) * 0.25
+                found = summary[(summary["method"] == method_name) & (summary["region"] == region)
+                                & (summary["signature"] == name)].iloc[0]  # fmt: skip
+                axis.errorbar(x, found["mean"], yerr=[[found["mean"] - found["low"]],
+                              [found["high"] - found["mean"]]], fmt="o", capsize=4,
+                              color=f"C{offset}", label=method_name if position == 0 else None)  # fmt: skip
+                seeds = frame[(frame["method"] == method_name) & (frame["region"] == region)
+                              & (frame["signature"] == name)]["adoption"]  # fmt: skip
+                axis.scatter([x + 0.06] * len(seeds), seeds, s=10, color=f"C{offset}", alpha=0.5)
+        axis.axhline(0.0, color="grey", linewidth=0.8)
+        axis.set_xticks(range(len(REGIONS)), [f"{r} instances" for r in REGIONS])
+        axis.set_title(f"{name} (planted on {PLANTED_ON[name]})")
+        axis.set_ylabel("adoption (fraction of planted amplitude)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+
+
+def report(
+    *,
+    adoption_path: str | Path,
+    pairs_dir: str | Path,
+    regions_path: str | Path,
+    scores_path: str | Path,
+    aligned: Mapping[tuple[str, int], str | Path],
+    out_path: str | Path,
+    plot_path: str | Path,
+    config: Mapping[str, Any],
+    train: Mapping[str, Any],
+) -> str:
+    """Write report.md (hypothesis and measure first, then the numbers) and the plot."""
+    frame = read_table(adoption_path, "study_adoption")
+    meta = read_metadata(adoption_path)
+    regions = read_table(regions_path, "study_regions")
+    scores = read_table(scores_path, "scores")
+    level = float(config["ci_level"])
+    summary = summarise(frame, level)
+    truth = pair_truth(pairs_dir, regions)
+    whole = scores[scores["instance_id"] == contracts.WHOLE_IMAGE_ID].pivot(
+        index="image_id", columns="candidate", values="value"
+    )
+    gap = (whole[CHECKER] - whole[CAST]).to_numpy()
+    difference = paired_difference(frame, "dpo", "dspo", "textured", CHECKER, level)
+    outcome = verdict(summary, difference)
+    seeds = sorted(set(frame["seed"]))
+    pct = int(round(level * 100))
+    lines = [
+        "# Controlled study: the Figure 1 dilemma",
+        "",
+        "## Hypothesis and measure (fixed before the numbers)",
+        "",
+        "**Hypothesis.** When the image-level winner is better overall but carries a severe "
+        "local artifact, image-level Diffusion-DPO learns to produce that artifact, and "
+        "instance-level DSPO, whose per-instance winners are clean, does not.",
+        "",
+        "**Setup.** Per training image the candidates are the pretrained model's output plus one "
+        f"planted artifact: `{CHECKER}` a checkerboard of amplitude "
+        f"{config['artifact_strength']:g} (of the [0, 1] range) on the textured instances, "
+        f"`{CAST}` a colour cast on the smooth instances, sized so that its whole-image squared "
+        f"error is {config['image_margin']:g}x the checkerboard's. Under the study's objective "
+        "(RGB PSNR against the HQ) the image-level winner is therefore `checker` (better overall, "
+        "artifact on every textured instance) and each instance's winner is the candidate that "
+        "is clean there. The real `select` stage makes the pairs, the real `train` stage trains "
+        f"both methods from the same pretrained model with the same settings and seeds {seeds}.",
+        "",
+        "**Measure.** On held-out images, the change of each aligned model's output over the "
+        "pretrained model's output, matched-filtered with the artifact's signature (the "
+        "checkerboard `(-1)^(x+y)`, or the cast direction), pooled over the pixels of textured "
+        "(or smooth) instances and divided by the planted amplitude: 1 = the model adds the whole "
+        "planted artifact, 0 = none, below 0 = it moves away from it. Means over seeds with "
+        f"{pct}% Student t intervals; the DPO − DSPO difference is paired by seed.",
+        "",
+        "**Decision rule.** Supported if Diffusion-DPO's checkerboard adoption on textured "
+        f"instances has its {pct}% interval above 0, DSPO's does not, and the paired difference "
+        "DPO − DSPO has its interval above 0.",
+        "",
+        "## What the select stage made of the candidates",
+        "",
+        f"- {truth['images']} training images, {truth['instances']} instances "
+        f"({truth['textured_instances']} textured).",
+        f"- Image-level pairs: {truth['image_pairs']}; winner `checker` in "
+        f"{truth['image_winner_checker']} (whole-image PSNR of `checker` − `cast`: median "
+        f"{np.median(gap):+.2f} dB, min {gap.min():+.2f} dB).",
+        f"- Instance-level pairs: {truth['instance_pairs']}; winner clean on that instance in "
+        f"{truth['instance_winner_clean']}.",
+        "",
+        "## Result",
+        "",
+        f"Held-out images: {len(meta.get('images', []))} (`{meta.get('data')}`), "
+        f"{frame['n_pixels'].max() if len(frame) else 0} pixels at most per region kind. "
+        f"Planted amplitudes: checkerboard {meta['amplitudes'][CHECKER]:.4f}, cast (mean) "
+        f"{meta['amplitudes'][CAST]:.4f}.",
+        "",
+        "| method | signature | textured instances | smooth instances |",
+        "|---|---|---|---|",
+    ]
+    for method_name in sorted(set(summary["method"])):
+        for name in SETTINGS:
+            cells = []
+            for region in REGIONS:
+                found = summary[(summary["method"] == method_name) & (summary["region"] == region)
+                                & (summary["signature"] == name)].iloc[0]  # fmt: skip
+                cells.append(_fmt(found["mean"], found["low"], found["high"]))
+            lines.append(f"| {method_name} | {name} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        f"Paired DPO − DSPO checkerboard adoption on textured instances: "
+        f"{_fmt(*difference[:3])} over {difference[3]} seeds.",
+        "",
+        f"**Outcome: {outcome}.**",
+        "",
+        "Per seed (adoption of the checkerboard on textured instances):",
+        "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for method_name in sorted(set(frame["method"])):
+        rows = frame[(frame["method"] == method_name) & (frame["region"] == "textured")
+                     & (frame["signature"] == CHECKER)].set_index("seed")["adoption"]  # fmt: skip
+        lines.append(f"| {method_name} | " + " | ".join(f"{rows.get(s, float('nan')):+.4f}"
+                                                        for s in seeds) + " |")  # fmt: skip
+    training = train_summary(aligned)
+    lines += [
+        "",
+        "Training (the real train stage; last logged step):",
+        "",
+        "| method | seed | steps | loss first → last | implicit accuracy (last) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r.method} | {r.seed} | {r.steps} | {r.loss_first:.4f} → {r.loss_last:.4f} | "
+            f"{r.accuracy_last:.2f} |"
+            for r in training.itertuples()
+        ),
+        "",
+        f"Train settings: {json.dumps({k: train[k] for k in ('max_steps', 'batch_size', 'learning_rate', 'beta', 'k')})}.",  # noqa: E501
+        "",
+        f"![adoption]({Path(plot_path).name})",
+        "",
+    ]
+    text = "\n".join(lines)
+    plot(frame, summary, plot_path)
+    with atomic_path(out_path) as temporary:
+        Path(temporary).write_text(text)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def _aligned_args(values: Sequence[str]) -> dict[tuple[str, int], str]:
+    """``METHOD:SEED=PATH`` arguments."""
+    out = {}
+    for value in values:
+        key, _, path = value.partition("=")
+        method_name, _, seed = key.partition(":")
+        if not path or not seed:
+            raise ValueError(f"--aligned {value!r}: expected METHOD:SEED=PATH")
+        out[(method_name, int(seed))] = path
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline study",
+                                     description=__doc__.splitlines()[0])  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build", help="candidates, regions and scores of the training images")
+    b.add_argument("--data", required=True, help="data/train/")
+    b.add_argument("--prompts", required=True, help="prompts/train.parquet")
+    b.add_argument("--masks", required=True, help="the training images' label maps (Zarr)")
+    b.add_argument("--model", required=True, help="the pretrained model folder")
+    b.add_argument("--out", required=True, help="candidates folder")
+    b.add_argument("--scores", required=True, help="scores table to write")
+    m = commands.add_parser("measure", help="the adoption table on held-out images")
+    m.add_argument("--data", required=True, help="held-out data folder (data/test/)")
+    m.add_argument("--prompts", required=True)
+    m.add_argument("--masks", required=True)
+    m.add_argument("--pretrained", required=True)
+    m.add_argument("--aligned", nargs="+", required=True, help="METHOD:SEED=PATH ...")
+    m.add_argument("--regions", required=True, help="the build's regions table")
+    m.add_argument("--out", required=True)
+    r = commands.add_parser("report", help="report.md and the plot")
+    r.add_argument("--adoption", required=True)
+    r.add_argument("--pairs-dir", required=True)
+    r.add_argument("--regions", required=True)
+    r.add_argument("--scores", required=True)
+    r.add_argument("--aligned", nargs="+", required=True, help="METHOD:SEED=PATH ...")
+    r.add_argument("--out", required=True)
+    r.add_argument("--plot", required=True)
+    r.add_argument("--train-config", default="{}", help="the train settings (JSON or a file)")
+    for sub in (b, m, r):
+        sub.add_argument("--config", default="{}", help="the study section as JSON (or a file)")
+        sub.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = settings.resolve("study", settings.cli_config(args.config))
+    if args.command == "build":
+        counts = build(data_dir=args.data, prompts_path=args.prompts, masks_path=args.masks,
+                       model_dir=args.model, out_dir=args.out, scores_path=args.scores,
+                       config=config, seed=args.seed)  # fmt: skip
+        print(json.dumps(counts), file=sys.stderr)
+    elif args.command == "measure":
+        measure(data_dir=args.data, prompts_path=args.prompts, masks_path=args.masks,
+                pretrained_dir=args.pretrained, aligned=_aligned_args(args.aligned),
+                regions_path=args.regions, out_path=args.out, config=config)  # fmt: skip
+    else:
+        outcome = report(adoption_path=args.adoption, pairs_dir=args.pairs_dir,
+                         regions_path=args.regions, scores_path=args.scores,
+                         aligned=_aligned_args(args.aligned), out_path=args.out,
+                         plot_path=args.plot, config=config,
+                         train=settings.cli_config(args.train_config))  # fmt: skip
+        print(f"study outcome: {outcome}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+# The controlled study of the Figure 1 dilemma (docs/study.md): `snakemake --cores all study`.
+# Not part of `rule all`. Thin rules: the logic is pipeline/study.py; segment, prompts, select and
+# train are the real stages, run with the study's settings (pipeline.study.*_settings).
+from pipeline import study as study_module
+
+STUDY = study_module.study_settings(config)
+STUDY_FRAMEWORK = STUDY["framework"]
+STUDY_METHODS = STUDY["methods"]
+STUDY_SEEDS = STUDY["seeds"]
+
+
+STUDY_JOBS = study_module.rule_jobs(config, JOB_CONFIG_DIR)
+STUDY_MODEL = artifact("model", framework=STUDY_FRAMEWORK, variant=BASE_VARIANT)
+STUDY_ALIGNED = study_module.aligned_paths(STUDY_METHODS, STUDY_SEEDS)
+STUDY_ALIGNED_ARG = " ".join(f"{m}:{s}={path}" for (m, s), path in STUDY_ALIGNED.items())
+STUDY_PAIRS = [artifact("study_pairs", level=level) for level in contracts.PAIR_LEVELS.values()]
+STUDY_REGIONS = f"{artifact('study_candidates')}/{study_module.REGIONS_TABLE}"
+
+
+rule study:
+    input:
+        artifact("study_report"),
+        artifact("study_plot"),
+        artifact("study_adoption"),
+
+
+rule study_segment:
+    input:
+        artifact("data"),
+    output:
+        masks=directory(artifact("study_masks")),
+        instances=artifact("study_instances"),
+    wildcard_constraints:
+        split="train|test",
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/segment_{split}.log",
+    params:
+        code=code_hash("segment"),
+        config=STUDY_JOBS["segment"][0],
+        config_file=STUDY_JOBS["segment"][1],
+        threads=STAGE_THREADS,
+        seed=config["seed"],
+    threads: STAGE_THREADS
+    resources:
+        gpu=config["gpus"]["segment"],
+    shell:
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
+        "python -m pipeline segment --data {input} --out-zarr {output.masks} "
+        "--out-table {output.instances} --config {params.config_file} --seed {params.seed} "
+        "> {log} 2>&1"
+
+
+rule study_prompts:
+    input:
+        artifact("data", split="test"),
+    output:
+        artifact("study_prompts", split="test"),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/prompts_test.log",
+    params:
+        code=code_hash("prompts"),
+        config=STUDY_JOBS["prompts"][0],
+        config_file=STUDY_JOBS["prompts"][1],
+        threads=STAGE_THREADS,
+        suffix=settings.job_settings(config, "evaluate")["name_suffix_pattern"],
+        seed=config["seed"],
+    threads: STAGE_THREADS
+    resources:
+        gpu=0
+        if settings.job_settings(config, "prompts")["source"] == "fixed"
+        else config["gpus"]["prompts"],
+    shell:
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
+        "python -m pipeline prompts --images {input} --kind synthetic --out {output} "
+        "--config {params.config_file} --name-suffix-pattern {params.suffix:q} "
+        "--seed {params.seed} > {log} 2>&1"
+
+
+rule study_build:
+    input:
+        data=artifact("data", split="train"),
+        prompts=artifact("prompts", split="train"),
+        masks=artifact("study_masks", split="train"),
+        model=STUDY_MODEL,
+    output:
+        candidates=directory(artifact("study_candidates")),
+        scores=artifact("study_scores"),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/build.log",
+    params:
+        code=code_hash("study"),
+        config=STUDY_JOBS["study"][0],
+        config_file=STUDY_JOBS["study"][1],
+        threads=STAGE_THREADS,
+        seed=config["seed"],
+    threads: STAGE_THREADS
+    shell:
+        "OMP_NUM_THREADS={params.threads} MKL_NUM_THREADS={params.threads} "
+        "python -m pipeline study build --data {input.data} --prompts {input.prompts} "
+        "--masks {input.masks} --model {input.model} --out {output.candidates} "
+        "--scores {output.scores} --config {params.config_file} --seed {params.seed} "
+        "> {log} 2>&1"
+
+
+rule study_select:
+    input:
+        scores=artifact("study_scores"),
+        instances=artifact("study_instances", split="train"),
+    output:
+        STUDY_PAIRS,
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/select.log",
+    params:
+        code=code_hash("select"),
+        out_dir=lambda w: artifact("study_pairs_dir"),
+        config=STUDY_JOBS["select"][0],
+        config_file=STUDY_JOBS["select"][1],
+        seed=config["seed"],
+    shell:
+        "python -m pipeline select --scores {input.scores} --instances {input.instances} "
+        "--out-dir {params.out_dir} --config {params.config_file} --seed {params.seed} "
+        "> {log} 2>&1"
+
+
+rule study_train:
+    input:
+        pairs=lambda w: artifact(
+            "study_pairs", level=contracts.PAIR_LEVELS[contracts.method(w.method).pair_level]
+        ),
+        candidates=artifact("study_candidates"),
+        data=artifact("data", split="train"),
+        prompts=artifact("prompts", split="train"),
+        masks=artifact("study_masks", split="train"),
+        model=STUDY_MODEL,
+    output:
+        directory(artifact("study_aligned")),
+    wildcard_constraints:
+        method="|".join(STUDY_METHODS),
+        seed=r"\d+",
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/train_{method}_seed{seed}.log",
+    benchmark:
+        "benchmarks/study/train_{method}_seed{seed}.tsv"
+    params:
+        code=code_hash("train"),
+        config=lambda w: STUDY_JOBS[f"train_{w.method}"][0],
+        config_file=lambda w: STUDY_JOBS[f"train_{w.method}"][1],
+        threads=STAGE_THREADS,
+        checkpoints=artifact("study_train_checkpoints"),
+        table=contracts.CANDIDATES_TABLE,
+        framework=STUDY_FRAMEWORK,
+        objective=study_module.OBJECTIVE,
+    threads: STAGE_THREADS
+    resources:
+        gpu=config["gpus"]["train"],
+    shell:
+        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
+        "python -m pipeline train --framework {params.framework} --method {wildcards.method} "
+        "--objective {params.objective} --pairs {input.pairs} "
+        "--candidates {input.candidates}/{params.table} --data {input.data} "
+        "--prompts {input.prompts} --masks {input.masks} --model {input.model} --out {output} "
+        "--checkpoints {params.checkpoints} --config {params.config_file} --seed {wildcards.seed} "
+        "> {log} 2>&1"
+
+
+rule study_measure:
+    input:
+        data=artifact("data", split="test"),
+        prompts=artifact("study_prompts", split="test"),
+        masks=artifact("study_masks", split="test"),
+        candidates=artifact("study_candidates"),
+        model=STUDY_MODEL,
+        aligned=list(STUDY_ALIGNED.values()),
+    output:
+        artifact("study_adoption"),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/measure.log",
+    params:
+        code=code_hash("study"),
+        config=STUDY_JOBS["study"][0],
+        config_file=STUDY_JOBS["study"][1],
+        threads=STAGE_THREADS,
+        aligned=STUDY_ALIGNED_ARG,
+        regions=STUDY_REGIONS,
+    threads: STAGE_THREADS
+    shell:
+        "OMP_NUM_THREADS={params.threads} MKL_NUM_THREADS={params.threads} "
+        "python -m pipeline study measure --data {input.data} --prompts {input.prompts} "
+        "--masks {input.masks} --pretrained {input.model} --aligned {params.aligned} "
+        "--regions {params.regions} --out {output} --config {params.config_file} > {log} 2>&1"
+
+
+rule study_report:
+    input:
+        adoption=artifact("study_adoption"),
+        pairs=STUDY_PAIRS,
+        candidates=artifact("study_candidates"),
+        scores=artifact("study_scores"),
+        aligned=list(STUDY_ALIGNED.values()),
+    output:
+        report=artifact("study_report"),
+        plot=artifact("study_plot"),
+    conda:
+        "../../envs/pipeline.yaml"
+    log:
+        "logs/study/report.log",
+    params:
+        code=code_hash("study"),
+        config=STUDY_JOBS["study"][0],
+        config_file=STUDY_JOBS["study"][1],
+        train_file=STUDY_JOBS[f"train_{STUDY_METHODS[0]}"][1],
+        aligned=STUDY_ALIGNED_ARG,
+        pairs_dir=lambda w: artifact("study_pairs_dir"),
+        regions=STUDY_REGIONS,
+    shell:
+        "python -m pipeline study report --adoption {input.adoption} --pairs-dir {params.pairs_dir} "
+        "--regions {params.regions} --scores {input.scores} --aligned {params.aligned} "
+        "--out {output.report} --plot {output.plot} --config {params.config_file} "
+        "--train-config {params.train_file} > {log} 2>&1"
