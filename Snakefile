@@ -24,7 +24,7 @@ include: "workflow/rules/common.smk"
 wildcard_constraints:
     framework="|".join(FRAMEWORKS),
     method="|".join(METHODS),
-    objective="|".join(SELECT_OBJECTIVES),
+    objective="|".join([*SELECT_OBJECTIVES, contracts.FRONT_OBJECTIVE]),
     testset="|".join(TESTSETS),
 
 

@@ -56,6 +56,9 @@ ARTIFACTS = {
     "pairs_dir": "results/pairs/{framework}",
     "pairs": "results/pairs/{framework}/{objective}{level}.parquet",  # level: PAIR_LEVELS
     "aligned": "results/aligned/{framework}/{method}/{objective}",  # save_pretrained folder
+    # ea_adam's aligned folder holds the fused model itself and the population beside it:
+    # POPULATION_TABLE, POPULATION_STATE and one save_pretrained folder per member
+    "population_member": "results/aligned/{framework}/{method}/{objective}/members/{member}",
     "train_checkpoints": "results/checkpoints/train/{framework}/{method}/{objective}",
     "evaluation": "results/eval/{framework}/{testset}/{model}",  # EVAL_* files + images/
     "report_dir": "results/eval/{framework}",  # summary, tables, plots, report.md
@@ -85,6 +88,16 @@ EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
 EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)
 #: the pairs file of each pair level: ``pairs/{framework}/{objective}{suffix}.parquet``
 PAIR_LEVELS = {"instance": "", "image": "_image"}
+#: a method of pair level "objectives" reads the instance pairs of each of these objectives, in
+#: this order (EA-Adam, docs/ea_adam.md: objective 0 = perception, 1 = fidelity)
+MULTI_OBJECTIVES = ("perception", "fidelity")
+#: the objective wildcard of a multi-objective method's one run per framework (ea_adam)
+FRONT_OBJECTIVE = "front"
+#: files of ea_adam's aligned folder (docs/ea_adam.md): table population, the population state
+POPULATION_TABLE = "population.parquet"
+POPULATION_STATE = "population.safetensors"
+MEMBERS_DIR = "members"  # members/{i}/: member i, a save_pretrained folder
+
 
 
 class _KeepMissing(dict):
@@ -106,8 +119,21 @@ def artifact(name: str, **fields: Any) -> str:
 
 def pairs_artifact(framework: str, objective: str, method_name: str) -> str:
     """The pairs table a training method reads (its pair level's file)."""
+    if method(method_name).pair_level == "objectives":
+        raise ValueError(f"{method_name!r} reads several pairs tables: use train_pairs_artifacts")
     level = PAIR_LEVELS[method(method_name).pair_level]
     return artifact("pairs", framework=framework, objective=objective, level=level)
+
+
+def train_pairs_artifacts(framework: str, objective: str, method_name: str) -> list[str]:
+    """Every pairs table a training method reads: its pair level's file, or for pair level
+    "objectives" the instance pairs of each of :data:`MULTI_OBJECTIVES`, in that order."""
+    if method(method_name).pair_level != "objectives":
+        path = pairs_artifact(framework, objective, method_name)
+        return [path] if path else []
+    level = PAIR_LEVELS["instance"]
+    return [artifact("pairs", framework=framework, objective=o, level=level)
+            for o in MULTI_OBJECTIVES]  # fmt: skip
 
 
 def _beside(folder: Path, recorded: str) -> Path:
@@ -170,7 +196,7 @@ class Method:
 
     name: str
     loss: str  # the loss the train stage assembles (pipeline.losses, pipeline.training.step)
-    pair_level: str  # a key of PAIR_LEVELS: which pairs table the method reads
+    pair_level: str  # a key of PAIR_LEVELS, or "objectives" (MULTI_OBJECTIVES' instance pairs)
     needs_reference: bool = True  # whether the loss compares against the frozen reference
     # the training loop: "offline" (pipeline.train's loop over selected pairs) or the name of a
     # module in pipeline.training with its own loop (train.py's ONLINE_LOOPS)
@@ -188,6 +214,8 @@ METHODS: dict[str, Method] = {
         Method("dspo_m1", "dspo", "instance", settings={"negative_prompts": False}),
         Method("dpo", "dpo", "image"),
         Method("sft", "sft", "image", needs_reference=False),
+        # EA-Adam on DSPO (docs/ea_adam.md): a population on the perception and fidelity pairs
+        Method("ea_adam", "dspo", "objectives", loop="ea_adam"),
     )
 }
 

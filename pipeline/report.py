@@ -490,6 +490,101 @@ def write_report_markdown(
         temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------- EA-Adam front
+
+#: evaluation names of ea_adam's models (workflow/rules/common.smk): the fused model, member i
+EA_ADAM_FUSED, EA_ADAM_MEMBER = "ea_adam_front", "ea_adam_member"
+
+
+def front_points(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> pd.DataFrame:
+    """(perception, fidelity) score per plotted model of one test set: the ea_adam members and
+    fused model, the single-objective DSPO models and the pretrained model. Each metric of
+    ``front_objectives`` is min-max normalised over these models, flipped where lower is better,
+    and weighted; ``non_dominated`` marks the members on the front (among members). Empty
+    without members."""
+    part = summary[summary["testset"] == testset]
+    members = sorted({m for m in part["model"] if m.startswith(EA_ADAM_MEMBER)},
+                     key=lambda m: int(m[len(EA_ADAM_MEMBER):]))  # fmt: skip
+    objectives = config.get("front_objectives") or {}
+    if not members or any(o not in objectives for o in contracts.MULTI_OBJECTIVES):
+        return pd.DataFrame()
+    singles = sorted(
+        m for m in set(part["model"]) if m.startswith("dspo_") and not ablation_label(m)
+    )
+    models = [*members, *([EA_ADAM_FUSED] if EA_ADAM_FUSED in set(part["model"]) else []),
+              *singles, *(["pretrained"] if "pretrained" in set(part["model"]) else [])]  # fmt: skip
+    means = part.pivot_table(index="model", columns="metric", values="mean").reindex(models)
+    flip = part.groupby("metric")["lower_better"].first()
+    frame = pd.DataFrame(index=pd.Index(models, name="model"))
+    for objective in contracts.MULTI_OBJECTIVES:
+        total = pd.Series(0.0, index=models)
+        for metric, weight in objectives[objective].items():
+            if metric not in means:
+                continue
+            values = means[metric] * (-1.0 if flip[metric] else 1.0)
+            spread = values.max() - values.min()
+            total += float(weight) * ((values - values.min()) / spread if spread > 0 else 0.0)
+        frame[objective] = total
+    import torch
+
+    from pipeline.population import pareto_mask
+
+    points = torch.tensor(frame.loc[members, list(contracts.MULTI_OBJECTIVES)].to_numpy())
+    mask = pareto_mask(points, (True, True)).tolist()
+    frame["non_dominated"] = [mask[members.index(m)] if m in members else None for m in models]
+    return frame.reset_index()
+
+
+def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: dict[str, Any]):
+    """The EA-Adam front of every test set: ``front_{testset}.png`` (fidelity vs perception;
+    members, the non-dominated ones ringed, the fused model, single-objective DSPO models and
+    the pretrained model as points) and ``front.md`` (a row per plotted model). Returns the
+    files written and the markdown (empty without ea_adam members)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files, lines = [], []
+    for testset in dict.fromkeys(summary["testset"]):
+        frame = front_points(summary, testset, config)
+        if frame.empty:
+            continue
+        figure, axes = plt.subplots(figsize=(5, 4))
+        member = frame["model"].str.startswith(EA_ADAM_MEMBER)
+        front = frame[member & frame["non_dominated"].eq(True)]
+        axes.plot(frame.loc[member, "perception"], frame.loc[member, "fidelity"], "o-",
+                  color="tab:blue", label="EA-Adam members")  # fmt: skip
+        axes.scatter(front["perception"], front["fidelity"], s=160, facecolors="none",
+                     edgecolors="tab:red", label="non-dominated")  # fmt: skip
+        for _, row in frame[~member].iterrows():
+            axes.scatter(row["perception"], row["fidelity"], marker="s", label=row["model"])
+        for _, row in frame.iterrows():
+            axes.annotate(row["model"].replace(EA_ADAM_MEMBER, "m"),
+                          (row["perception"], row["fidelity"]), fontsize="x-small")  # fmt: skip
+        axes.set_xlabel("perception score (normalised, higher = better)")
+        axes.set_ylabel("fidelity score (normalised, higher = better)")
+        axes.set_title(f"{framework}: {testset}, EA-Adam front")
+        axes.legend(fontsize="x-small")
+        _save_figure(figure, out_dir / f"front_{testset}.png")
+        files.append(f"front_{testset}.png")
+        lines += [f"### {testset}", "", f"![front](front_{testset}.png)", "",
+                  "| model | perception | fidelity | non-dominated |", "|---|---|---|---|"]  # fmt: skip
+        for _, row in frame.iterrows():
+            mark = "" if row["non_dominated"] is None else ("yes" if row["non_dominated"] else "no")
+            lines.append(f"| {row['model']} | {row['perception']:.4f} | {row['fidelity']:.4f} "
+                         f"| {mark} |")  # fmt: skip
+        lines.append("")
+    if not lines:
+        return [], ""
+    text = "\n".join(["## EA-Adam front", "", "Scores: each metric of `front_objectives` min-max "
+                      "normalised over the plotted models, flipped where lower is better, "
+                      "weighted.", "", *lines])  # fmt: skip
+    with atomic_path(out_dir / "front.md") as temporary:
+        temporary.write_text(text + "\n", encoding="utf-8")
+    return [*files, "front.md"], text
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -529,8 +624,15 @@ def report(
         plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / f"grid_{testset}.png",
                        f"{framework}: {testset}")  # fmt: skip
         artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
+    front_files, front_text = write_front(summary, out_dir, framework, config)
+    artifacts += front_files
     write_report_markdown(out_dir / "report.md", framework, summary, metadata, provenance,
                           config, artifacts, seed)  # fmt: skip
+    if front_text:  # the front follows the report's sections
+        text = (out_dir / "report.md").read_text(encoding="utf-8")
+        with atomic_path(out_dir / "report.md") as temporary:
+            temporary.write_text(text + "\n" + front_text + "\n", encoding="utf-8")
+    alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
     alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
     return summary
 

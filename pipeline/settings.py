@@ -154,7 +154,35 @@ def job_settings(config: Mapping[str, Any], stage: str, **wildcards: str) -> dic
         section["settings"] = candidate_settings(config, wildcards["framework"])
     if stage == "train" and "method" in wildcards:
         section.update(contracts.method(wildcards["method"]).settings)
+    if stage == "train":
+        ea_adam = section.pop("ea_adam", None)  # ea_adam jobs only, with what fitness needs
+        if wildcards.get("method") == "ea_adam":
+            section["ea_adam"] = ea_adam_settings(config, ea_adam)
+    if stage == "report" and section.get("front_objectives") is None:
+        section["front_objectives"] = multi_objective_weights(config)
     return section
+
+
+def multi_objective_weights(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{objective: {metric: weight}}`` of :data:`pipeline.contracts.MULTI_OBJECTIVES` as
+    ``select.objectives`` defines them (those it lacks are left out)."""
+    objectives = resolve("select", config.get("select"))["objectives"]
+    return {name: objectives[name] for name in contracts.MULTI_OBJECTIVES if name in objectives}
+
+
+def ea_adam_settings(
+    config: Mapping[str, Any], section: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """``train.ea_adam`` of an ea_adam job: fitness objectives from ``select.objectives`` and
+    the metric registry from the ``score`` section where the section leaves them null."""
+    ea_adam = resolve("train.ea_adam", section or {})
+    if ea_adam["objectives"] is None:
+        ea_adam["objectives"] = multi_objective_weights(config)
+    if ea_adam["score"] is None:
+        score = resolve("score", config.get("score"))
+        ea_adam["score"] = {key: score[key] for key in
+                            ("weights_dir", "weights", "options", "device", "min_crop_size")}  # fmt: skip
+    return ea_adam
 
 
 def effective_config(config: Mapping[str, Any]) -> dict[str, Any]:

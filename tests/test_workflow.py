@@ -49,9 +49,11 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"), *CI)
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
-    assert jobs["train"] == 2 * 4  # four methods, one objective, two frameworks
+    # five methods (ddpo included), one objective, two frameworks; ea_adam once, one-step only
+    assert jobs["train"] == 2 * 5 + 1
     # bicubic, pretrained, four aligned per framework; multi-step also dspo without M2 sampling
-    assert jobs["evaluate"] == 2 * (2 + 4) + 1
+    # ... and one-step's ea_adam fused model and its two members
+    assert jobs["evaluate"] == 2 * (2 + 5) + 1 + 3
     assert jobs["prompts"] == 2  # the training split and the test set
 
 
@@ -66,7 +68,7 @@ def test_ci_preset_end_to_end(tmp_path):
     same_bytes_on_one_core(workdir, tmp_path / "one-core")
 
     rerun = planned_jobs(workdir, *CI, "--forcerun", "score")
-    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 8
+    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 9
     assert not UPSTREAM_OF_SCORE & set(rerun)
 
     # a rerun gives the same bytes (tables, masks and images were checked per stage)
@@ -85,7 +87,7 @@ def test_ci_preset_end_to_end(tmp_path):
     select_code = workdir / "pipeline/select.py"
     select_code.write_text(select_code.read_text() + "\n# edited\n")
     jobs = planned_jobs(workdir, *CI)
-    assert jobs["select"] == 2 and jobs["train"] == 8
+    assert jobs["select"] == 2 and jobs["train"] == 11  # ddpo's reward imports select's code
     assert not (UPSTREAM_OF_SCORE | {"score"}) & set(jobs)
 
 

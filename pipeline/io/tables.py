@@ -230,6 +230,25 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
     ),
+    # aligned/{framework}/ea_adam/front/train_log.parquet: one row per member and Adam step
+    "ea_adam_log": _schema(
+        ("step", pa.int64()),
+        ("member", pa.int64()),
+        ("loss_perception", pa.float64()),  # NaN where the member's preference skips it
+        ("loss_fidelity", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+    ),
+    # aligned/{framework}/ea_adam/front/population.parquet: one row per member (docs/ea_adam.md)
+    "population": _schema(
+        ("member", pa.int64()),
+        ("preference_perception", pa.float64()),
+        ("preference_fidelity", pa.float64()),
+        ("fitness_perception", pa.float64()),  # losses of the last EA phase (NaN: none ran)
+        ("fitness_fidelity", pa.float64()),
+        ("fusion_weight", pa.float64()),  # the member's mean fusion weight over layers
+        ("path", pa.string()),  # the member's save_pretrained folder, relative to the table's
+    ),
     # eval/{framework}/{testset}/{model}/metrics.parquet: per image
     "eval_metrics": _schema(
         ("testset", pa.string()),

@@ -119,8 +119,27 @@ def get_annotations_arg(wildcards):
 
 
 def get_train_pairs(wildcards):
-    """The pairs table of the method's pair level (pipeline.contracts.METHODS)."""
-    return contracts.pairs_artifact(wildcards.framework, wildcards.objective, wildcards.method)
+    """The pairs tables of the method's pair level (pipeline.contracts.METHODS): the perception
+    and fidelity tables, in that order, for pair level "objectives" (ea_adam)."""
+    return contracts.train_pairs_artifacts(wildcards.framework, wildcards.objective,
+                                           wildcards.method)
+
+
+# EA-Adam (docs/ea_adam.md): one run per framework (objective "front") whose fused model and
+# members are evaluated as ea_adam_front and ea_adam_member{i}
+EA_ADAM = "ea_adam"
+EA_ADAM_SETTINGS = settings.ea_adam_settings(config, (config.get("train") or {}).get(EA_ADAM))
+EA_ADAM_FRONT = f"{EA_ADAM}_{contracts.FRONT_OBJECTIVE}"
+EA_ADAM_MEMBER = f"{EA_ADAM}_member"
+
+
+def ea_adam_models(framework):
+    """The fused model and every member of ea_adam's run on ``framework`` (none without it)."""
+    chosen = EA_ADAM_SETTINGS["frameworks"]
+    if EA_ADAM not in METHODS or (chosen is not None and framework not in chosen):
+        return []
+    members = range(EA_ADAM_SETTINGS["population_size"])
+    return [EA_ADAM_FRONT, *(f"{EA_ADAM_MEMBER}{i}" for i in members)]
 
 
 # The M2-in-sampling ablation: the dspo model sampled without its feedback negatives
@@ -134,7 +153,8 @@ GUIDED_SAMPLING = ("multistep",)
 def evaluated_models(framework):
     """Model names in the evaluation: bicubic, the pretrained base, every aligned model and,
     with dspo and guided sampling, each objective's ``dspo_{objective}_nom2`` ablation."""
-    aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES]
+    aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES
+               if method != EA_ADAM] + ea_adam_models(framework)
     ablations = [
         f"dspo_{objective}{NO_M2_SUFFIX}"
         for objective in OBJECTIVES
@@ -146,6 +166,8 @@ def evaluated_models(framework):
 def eval_method_objective(name):
     """(method, objective, feedback) of an aligned model's evaluation name; feedback: sampled
     with the M2 feedback negatives (dspo only, not its _nom2 ablation)."""
+    if name.startswith(f"{EA_ADAM}_"):
+        return EA_ADAM, contracts.FRONT_OBJECTIVE, False
     if name.startswith("dspo_m1_"):
         return "dspo_m1", name[len("dspo_m1_"):], False
     if name.startswith("dspo_") and name.endswith(NO_M2_SUFFIX):
@@ -165,7 +187,13 @@ def get_eval_model(wildcards):
 
 
 def get_eval_model_arg(wildcards):
+    """The model folder: an ea_adam member's is inside its run's folder (the rule's input)."""
+    if wildcards.model.startswith(EA_ADAM_MEMBER):
+        return artifact("population_member", framework=wildcards.framework, method=EA_ADAM,
+                        objective=contracts.FRONT_OBJECTIVE,
+                        member=wildcards.model[len(EA_ADAM_MEMBER):])
     return get_eval_model(wildcards) or "bicubic"
+
 
 
 def get_eval_feedback(wildcards):
@@ -182,7 +210,7 @@ def get_eval_feedback(wildcards):
 
 def get_eval_feedback_arg(wildcards):
     feedback = get_eval_feedback(wildcards)
-    return f"--feedback {feedback}" if feedback else ""
+    return f"--feedback {' '.join(feedback)}" if feedback else ""
 
 
 def get_testset_path(wildcards):

@@ -1,0 +1,524 @@
+"""EA-Adam on DSPO (issue 16, docs/ea_adam.md): a population of adapters across the
+perception-fidelity trade-off, trained by alternating Adam and evolutionary phases, and their
+layer-wise fusion. :func:`train` takes :func:`pipeline.train.train`'s keyword arguments.
+
+- **Members**: P copies of the pretrained model's trainable parameters
+  (``model.trainable_parameters()``: the top LoRA adapter of one-step, the ControlNet of
+  multi-step), member i with preference ``(1 - i/(P-1), i/(P-1))`` (perception, fidelity). One
+  model holds whichever member is being stepped or scored; the frozen reference (adapter off /
+  frozen copy) is the pretrained model for every member.
+- **Adam phase**, every step, for each member in order: the DSPO loss of the perception pairs
+  and of the fidelity pairs, each with exactly the batch and the draws that DSPO's own run on
+  that table makes at that step (:meth:`pipeline.train.Trainer.micro_batch`,
+  :func:`pipeline.training.step.batch_loss`); the gradients are mixed per tensor
+  (:func:`pipeline.population.mix_gradients`; a one-hot member takes its one objective's raw
+  gradient and skips the other loss), clipped as train clips, and member i's own AdamW steps.
+- **EA phase** every ``ea_every`` steps (:func:`pipeline.population.ea_phase`); fitness of an
+  adapter = (perception, fidelity) losses on a fixed validation subset: the first
+  ``fitness_images`` training LQs by id, HR centre crops of ``fitness_crop``, super-resolved with
+  ``fitness_steps`` sampler steps and noise keyed by (seed, "ea_fitness", image id), scored
+  with the score stage's metric registry (:class:`pipeline.iqa.MetricRegistry`) on the metrics
+  and weights of ``objectives`` (``select.objectives``' perception and fidelity). Each metric is
+  oriented by ``lower_better`` and divided by its magnitude for the pretrained adapter on the
+  same subset; an objective's score is the weighted sum, its loss the negative. The AdamW
+  moments are reset after each phase (as released).
+- **Checkpoints** (``checkpoint_every``, through :mod:`pipeline.checkpoints`): the whole
+  population state (:meth:`pipeline.population.PopulationState.to_flat`, members, fitness,
+  reference points, the EA generator) as the checkpoint's weights, every member's AdamW state
+  as its optimizer, the log and a fingerprint of train's plus both pairs tables and the
+  ``ea_adam`` settings. Resume is bit-identical.
+- **Fusion** after the last step: per-layer softmax weights learned with Adam on the
+  ``fusion_preference``-weighted DSPO losses of the fused adapter on the first
+  ``fusion_images`` LQs of each table (draws keyed by steps after ``max_steps``), then the
+  static merge (:func:`pipeline.population.fuse_adapters`).
+
+Output folder (``out_dir``): the fused model itself (``save_pretrained``, so evaluate loads the
+folder as any aligned model), ``members/{i}/`` (each member, ``save_pretrained``),
+``population.parquet`` (member, preference, fitness, fusion weight, path),
+``population.safetensors`` (the final population state) and ``train_log.parquet`` (table
+``ea_adam_log``, one row per member and step).
+
+Single process only (a multi-process launch is refused); fp16 is refused (the gradients are
+taken with ``torch.autograd.grad``, outside accelerate's loss scaling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline import checkpoints, contracts, guidance, population, settings
+from pipeline.distributed import make_accelerator
+from pipeline.io.atomic import atomic_path
+from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, unit_tensor
+from pipeline.io.tables import write_table
+from pipeline.iqa import MetricRegistry, score_images
+from pipeline.models.base import SRModel, upsample_lq
+from pipeline.seeding import torch_generator
+from pipeline.train import Trainer, micro_batch_size, read_inputs
+from pipeline.training.config import TrainConfig
+from pipeline.training.run import (
+    configure_model,
+    learning_rate,
+    run_fingerprint,
+    step_slots,
+    trainable_names,
+)
+from pipeline.training.step import STAGE, PolicyErrors, batch_loss
+
+#: the loss each member's objectives train with (contracts.METHODS["ea_adam"].loss)
+LOSS_METHOD = "dspo"
+OBJECTIVES = contracts.MULTI_OBJECTIVES  # (perception, fidelity): objective 0 and 1
+LOG_COLUMNS = ("step", "member", "loss_perception", "loss_fidelity", "lr", "grad_norm")
+
+
+def split_config(config: Mapping[str, Any] | TrainConfig | None) -> tuple[TrainConfig, dict]:
+    """(the train settings, the resolved ``ea_adam`` settings) of a job's config."""
+    if isinstance(config, TrainConfig):
+        return config, settings.resolve("train.ea_adam", {})
+    section = dict(config or {})
+    ea_adam = section.pop("ea_adam", None)
+    return TrainConfig.from_dict(section), settings.resolve("train.ea_adam", ea_adam or {})
+
+
+def pairs_paths(pairs_path: Any) -> tuple[Path, Path]:
+    """The (perception, fidelity) pairs tables: a sequence of two paths in that order, or a
+    mapping by objective name."""
+    if isinstance(pairs_path, Mapping):
+        missing = [o for o in OBJECTIVES if o not in pairs_path]
+        if missing:
+            raise ValueError(f"ea_adam needs pairs tables of {list(OBJECTIVES)}; missing {missing}")
+        return tuple(Path(pairs_path[o]) for o in OBJECTIVES)  # type: ignore[return-value]
+    if isinstance(pairs_path, (str, Path)) or len(pairs_path) != len(OBJECTIVES):
+        raise ValueError(
+            f"ea_adam needs {len(OBJECTIVES)} pairs tables ({', '.join(OBJECTIVES)}, in this "
+            f"order: --pairs PERCEPTION FIDELITY), got {pairs_path!r}"
+        )
+    return tuple(Path(p) for p in pairs_path)  # type: ignore[return-value]
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+class MemberOptimizers:
+    """One AdamW per member over the model's trainable parameters (each holds its own moments),
+    seen by :mod:`pipeline.checkpoints` as one optimizer: member i's state and param group at
+    indices offset by i (so ``save``/``load`` store and restore all of them)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], size: int, config: TrainConfig):
+        self.parameters, self.config = parameters, config
+        self.optimizers = [self.fresh() for _ in range(size)]
+
+    def fresh(self) -> torch.optim.AdamW:
+        c = self.config
+        return torch.optim.AdamW(
+            self.parameters, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon, weight_decay=c.weight_decay,
+        )  # fmt: skip
+
+    def reset(self) -> None:
+        """New moments for every member (EA-Adam resets them after every EA phase)."""
+        self.optimizers = [self.fresh() for _ in self.optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        n = len(self.parameters)
+        state, groups = {}, []
+        for i, optimizer in enumerate(self.optimizers):
+            inner = optimizer.state_dict()
+            state.update({i * n + index: value for index, value in inner["state"].items()})
+            for group in inner["param_groups"]:
+                groups.append({**group, "params": [i * n + p for p in group["params"]]})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, document: Mapping[str, Any]) -> None:
+        n = len(self.parameters)
+        groups = document["param_groups"]
+        if len(groups) != len(self.optimizers):
+            raise ValueError(f"{len(groups)} member optimizers saved, {len(self.optimizers)} here")
+        for i, optimizer in enumerate(self.optimizers):
+            state = {int(k) - i * n: v for k, v in document["state"].items()
+                     if i * n <= int(k) < (i + 1) * n}  # fmt: skip
+            group = {**groups[i], "params": [p - i * n for p in groups[i]["params"]]}
+            optimizer.load_state_dict({"state": state, "param_groups": [group]})
+
+
+def _set_weights(named: Mapping[str, torch.nn.Parameter], weights: Mapping[str, torch.Tensor]):
+    with torch.no_grad():
+        for name, parameter in named.items():
+            parameter.copy_(weights[name])
+
+
+def _weights(named: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True) for name, p in named.items()}
+
+
+@dataclasses.dataclass
+class Fitness:
+    """The fixed fitness subset and the registry that scores it (docs/ea_adam.md, step 4)."""
+
+    model: SRModel
+    named: dict[str, torch.nn.Parameter]
+    lq: list[torch.Tensor]  # per image [3, c, c] in [-1, 1], upsampled to the HR size
+    hq: list[torch.Tensor]  # per image [3, c, c] in [0, 1]
+    ids: list[str]
+    texts: dict[str, tuple[str, str]] | None
+    objectives: dict[str, dict[str, float]]
+    registry: MetricRegistry
+    steps: int
+    seed: int
+    scale: dict[str, float] | None = None  # |metric| of the pretrained adapter
+    evaluations: int = 0
+
+    def metrics(self) -> list[str]:
+        return sorted({m for o in OBJECTIVES for m in self.objectives[o]})
+
+    def raw(self, weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Mean metric values of an adapter's SR crops."""
+        _set_weights(self.named, weights)
+        sr, hq = [], []
+        with torch.no_grad():
+            for image_id, lq, target in zip(self.ids, self.lq, self.hq, strict=True):
+                prompt, negative = self.texts[image_id] if self.texts else ("", None)
+                out = self.model.sample(
+                    lq[None].to(next(self.model.parameters()).device), prompts=[prompt],
+                    negative_prompts=None if negative is None else [negative], steps=self.steps,
+                    generators=[torch_generator(self.seed, "ea_fitness", image_id)],
+                )  # fmt: skip
+                sr.append(unit_tensor(signed_to_uint8(out[0])))  # measured as evaluate's PNGs
+                hq.append(target)
+        scores = score_images(self.metrics(), torch.stack(sr), torch.stack(hq), self.registry)
+        self.evaluations += 1
+        return {name: float(values.mean()) for name, values in scores.items()}
+
+    def __call__(self, weights: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """(perception loss, fidelity loss) of an adapter: lower is better."""
+        values = self.raw(weights)
+        losses = []
+        for objective in OBJECTIVES:
+            score = 0.0
+            for metric, weight in self.objectives[objective].items():
+                sign = -1.0 if self.registry.info(metric).lower_better else 1.0
+                score += float(weight) * sign * values[metric] / self.scale[metric]
+            losses.append(-score)
+        return losses[0], losses[1]
+
+
+def fitness_subset(model: SRModel, named, data_dir, prompts_path, ea: dict, seed: int) -> Fitness:
+    lq_paths, hq_paths = (
+        contracts.data_images(data_dir, "lq"),
+        contracts.data_images(data_dir, "hq"),
+    )
+    ids = sorted(set(lq_paths) & set(hq_paths))[: ea["fitness_images"]]
+    if not ids:
+        raise ValueError(f"{data_dir}: no LQ/HQ images for the EA-Adam fitness subset")
+    lqs, hqs = [], []
+    for image_id in ids:
+        hq = read_rgb(hq_paths[image_id])
+        lq = upsample_lq(signed_tensor(read_rgb(lq_paths[image_id]))[None], hq.shape[:2])[0]
+        side = min(ea["fitness_crop"], *hq.shape[:2])
+        side -= side % 8  # the latent grids of both codecs (VAE: 8, pixel: 4)
+        if side < 8:
+            raise ValueError(f"fitness image {image_id!r} is smaller than 8 px")
+        top, left = (hq.shape[0] - side) // 2, (hq.shape[1] - side) // 2
+        lqs.append(lq[:, top : top + side, left : left + side].contiguous())
+        hqs.append(unit_tensor(hq[top : top + side, left : left + side]))
+    texts = None
+    if prompts_path is not None:
+        texts, _ = guidance.stage_prompts(prompts_path, ids, where="train ea_adam fitness")
+    objectives = ea["objectives"]
+    missing = [o for o in OBJECTIVES if not (objectives or {}).get(o)]
+    if missing:
+        raise ValueError(
+            f"ea_adam's fitness needs metric weights of {list(OBJECTIVES)} (train.ea_adam."
+            f"objectives, or select.objectives in the workflow); missing {missing}"
+        )
+    score = ea["score"] or settings.resolve("score", {})
+    registry = MetricRegistry(
+        weights_dir=score.get("weights_dir"), weights=score.get("weights") or {},
+        options=score.get("options") or {}, device=score.get("device", "auto"),
+        min_crop_size=score.get("min_crop_size", 32), seed=seed,
+    )  # fmt: skip
+    return Fitness(model, named, lqs, hqs, ids, texts,
+                   {o: dict(objectives[o]) for o in OBJECTIVES}, registry,
+                   ea["fitness_steps"], seed)  # fmt: skip
+
+
+@dataclasses.dataclass
+class Run:
+    """What the Adam phase needs: one :class:`pipeline.train.Trainer` per objective (its batches
+    and draws are DSPO's on that table), the model, its trainable parameters, the optimizers."""
+
+    trainers: dict[str, Trainer]
+    model: SRModel
+    named: dict[str, torch.nn.Parameter]
+    optimizers: MemberOptimizers
+    config: TrainConfig
+    ea: dict
+    seed: int
+    accelerator: Any
+
+    def objective_gradients(self, objective: str, step: int) -> tuple[list, float]:
+        """The gradient of one objective's DSPO loss at ``step`` (summed over micro-steps, each
+        ``loss / gradient_accumulation_steps``, as train's backward accumulates) and the loss."""
+        trainer, config = self.trainers[objective], self.config
+        slots = step_slots(len(trainer.inputs.items), step, config.batch_size, self.seed)
+        params = list(self.named.values())
+        total, value = None, 0.0
+        for micro in range(config.gradient_accumulation_steps):
+            loaded, conditions = trainer.micro_batch(step, micro, slots)
+            loss, _ = batch_loss(
+                trainer.policy, self.model, loaded, conditions, LOSS_METHOD, config,
+                autocast=self.accelerator.autocast,
+            )  # fmt: skip
+            checkpoints.check_finite(
+                self.accelerator, loss, f"non-finite {objective} loss at step {step + 1}"
+            )
+            grads = torch.autograd.grad(
+                loss / config.gradient_accumulation_steps, params, allow_unused=True
+            )
+            if total is None:
+                total = list(grads)
+            else:
+                total = [a if b is None else (b if a is None else a + b)
+                         for a, b in zip(total, grads, strict=True)]  # fmt: skip
+            value += float(loss.detach()) / config.gradient_accumulation_steps
+        return total, value
+
+    def step_member(self, state: population.PopulationState, i: int, step: int) -> dict:
+        config = self.config
+        _set_weights(self.named, state.members[i])
+        optimizer = self.optimizers.optimizers[i]
+        lr = learning_rate(config, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        preference = tuple(float(w) for w in state.preferences[i].tolist())
+        raw = not self.ea["normalise_one_hot"]
+        pure = {(1.0, 0.0): 0, (0.0, 1.0): 1}.get(preference) if raw else None
+        names = list(self.named)
+        grads: list[dict] = [dict.fromkeys(names), dict.fromkeys(names)]
+        values = [math.nan, math.nan]
+        for k, objective in enumerate(OBJECTIVES):
+            if pure is not None and k != pure:
+                continue  # a one-hot member needs only its own objective's loss
+            total, values[k] = self.objective_gradients(objective, step)
+            grads[k] = dict(zip(names, total, strict=True))
+        mixed = population.mix_gradients(grads[0], grads[1], preference, raw_if_one_hot=raw)
+        for name, parameter in self.named.items():
+            parameter.grad = mixed[name]
+        grad_norm = checkpoints.total_norm(
+            checkpoints.clip_gradients(self.accelerator, [list(self.named.values())],
+                                       config.max_grad_norm)
+        )  # fmt: skip
+        checkpoints.check_finite(
+            self.accelerator, grad_norm,
+            f"non-finite gradient norm of member {i} at step {step + 1}",
+        )  # fmt: skip
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        checkpoints.check_finite(
+            self.accelerator, checkpoints.weights_flag(self.named.values()),
+            f"non-finite weights of member {i} after step {step + 1}",
+        )  # fmt: skip
+        state.members[i] = _weights(self.named)
+        return {"step": step + 1, "member": i, "loss_perception": values[0],
+                "loss_fidelity": values[1], "lr": lr, "grad_norm": grad_norm}  # fmt: skip
+
+    def fusion_loss(self, fused: Mapping[str, torch.Tensor], step: int, items: int) -> torch.Tensor:
+        """``fusion_preference``-weighted DSPO losses of the fused adapter (functional), on the
+        first ``items`` LQs of each table, draws keyed by steps after ``max_steps``."""
+        config, total = self.config, None
+        parameters = {f"model.{name}": value for name, value in fused.items()}
+        draw_step = config.max_steps + step
+        for weight, objective in zip(self.ea["fusion_preference"], OBJECTIVES, strict=True):
+            if weight == 0:
+                continue
+            trainer = self.trainers[objective]
+            subset = dataclasses.replace(trainer, inputs=dataclasses.replace(
+                trainer.inputs, items=trainer.inputs.items[:items]))  # fmt: skip
+            slots = step_slots(len(subset.inputs.items), draw_step, config.batch_size, self.seed)
+
+            def policy(loaded, conditions, _policy=trainer.policy):
+                return torch.func.functional_call(_policy, parameters, (loaded, conditions))
+
+            for micro in range(config.gradient_accumulation_steps):
+                loaded, conditions = subset.micro_batch(draw_step, micro, slots)
+                loss, _ = batch_loss(policy, self.model, loaded, conditions, LOSS_METHOD, config,
+                                     autocast=self.accelerator.autocast)  # fmt: skip
+                term = float(weight) * loss / config.gradient_accumulation_steps
+                total = term if total is None else total + term
+        return total
+
+
+def _read_pairs_inputs(paths, candidates_path, data_dir, masks_path, prompts_path):
+    return {
+        objective: read_inputs(LOSS_METHOD, path, candidates_path, data_dir, masks_path,
+                               prompts_path)
+        for objective, path in zip(OBJECTIVES, paths, strict=True)
+    }  # fmt: skip
+
+
+def train(
+    *,
+    framework: str,
+    method: str,
+    objective: str,
+    pairs_path,
+    candidates_path,
+    data_dir,
+    masks_path,
+    model_dir,
+    out_dir,
+    config: dict[str, Any] | TrainConfig | None = None,
+    seed: int = 0,
+    checkpoint_dir=None,
+    model: SRModel | None = None,
+    prompts_path=None,
+) -> Path:
+    """Train the EA-Adam population and its fusion (module docstring); ``pairs_path`` holds the
+    perception and fidelity pairs tables (:func:`pairs_paths`). Returns ``out_dir``."""
+    config, ea = split_config(config)
+    perception_path, fidelity_path = pairs_paths(pairs_path)
+    out_dir = Path(out_dir)
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
+    )
+    accelerator = make_accelerator(config.device, config.mixed_precision)
+    if accelerator.num_processes != 1:
+        raise NotImplementedError("ea_adam trains in one process (set gpus.train to 1)")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("ea_adam takes its gradients outside fp16 loss scaling: use bf16 or no")
+    micro_batch_size(config, 1)
+    inputs = _read_pairs_inputs((perception_path, fidelity_path), candidates_path, data_dir,
+                                masks_path, prompts_path)  # fmt: skip
+    if model is None:
+        from pipeline.models import load_model
+
+        model = load_model(model_dir)
+    fingerprint = run_fingerprint(
+        config, framework=framework, method=method, objective=objective, seed=seed,
+        pairs_path=perception_path, candidates_path=candidates_path, data_dir=data_dir,
+        masks_path=masks_path, model_dir=model_dir, model=model, processes=1,
+        device=accelerator.device.type, prompts_path=prompts_path,
+    )  # fmt: skip
+    fields = dict(fingerprint.fields)
+    fields["inputs"] = {**fields["inputs"],
+                        "pairs_fidelity": checkpoints.content_hash(fidelity_path)}  # fmt: skip
+    fields["ea_adam"] = {k: v for k, v in ea.items() if k != "frameworks"}
+    fingerprint = checkpoints.Fingerprint(_canonical(fields))
+
+    trainable = configure_model(model, config)
+    with model.reference():  # a lazily built reference captures the pretrained weights now
+        pass
+    model.to(accelerator.device)
+    named = trainable_names(model)
+    initial = _weights(named)
+    size = ea["population_size"]
+    state = population.init_population(
+        initial, size, seed=seed, stage=STAGE, neighbourhood_size=ea["neighbourhood_size"]
+    )
+    optimizers = MemberOptimizers(trainable, size, config)
+    policy = PolicyErrors(model)
+    trainers = {
+        o: Trainer(
+            LOSS_METHOD, config, seed, inputs[o], accelerator, policy, model, None, trainable
+        )  # fmt: skip
+        for o in OBJECTIVES
+    }
+    run = Run(trainers, model, named, optimizers, config, ea, seed, accelerator)
+    fitness = fitness_subset(model, named, data_dir, prompts_path, ea, seed)
+
+    if ea["ea_every"] <= config.max_steps:  # the pretrained adapter's metric magnitudes
+        fitness.scale = {m: max(abs(v), 1e-12) for m, v in fitness.raw(initial).items()}
+    start, log = 0, []
+    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
+    if resumed_from is not None:
+        flat = state.to_flat()
+        start, log = checkpoints.load(resumed_from, flat, optimizers, fingerprint)
+        state = population.PopulationState.from_flat(flat)
+        if state.step != start:
+            raise ValueError(f"checkpoint {resumed_from}: population at step {state.step}")
+
+    progress = tqdm(total=config.max_steps, initial=start, desc=f"train {method} P={size}",
+                    file=sys.stderr, mininterval=1)  # fmt: skip
+    for step in range(start, config.max_steps):
+        for i in range(size):
+            log.append(run.step_member(state, i, step))
+        state.step = step + 1
+        if state.step % ea["ea_every"] == 0:
+            state = population.ea_phase(
+                state, fitness, ea["ea_iterations"], protected=ea["protected_members"],
+                p_crossover=ea["p_crossover"], p_mutation=ea["p_mutation"],
+                p_global_mating=ea["p_global_mating"], eta=ea["sbx_eta"],
+                mutation_rate=ea["mutation_rate"], mutation_sigma=ea["mutation_sigma"],
+            )  # fmt: skip
+            optimizers.reset()
+        progress.update(1)
+        if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
+            checkpoints.save(checkpoint_dir, state.step, state.to_flat(), optimizers, log,
+                             fingerprint, config.keep_checkpoints)  # fmt: skip
+    progress.close()
+
+    # fusion: per-layer weights on the fixed members, then the static merge
+    layers = population.layer_names(state.members[0])
+    if size == 1:
+        weights, history = torch.ones(len(layers), 1), []
+    else:
+        weights, history = population.learn_fusion_weights(
+            state.members,
+            lambda fused, s: run.fusion_loss(fused, s, ea["fusion_images"]),
+            steps=ea["fusion_steps"], lr=ea["fusion_lr"], layers=layers,
+        )  # fmt: skip
+    fused = population.fuse_adapters(state.members, weights, layers)
+
+    metadata = {
+        "framework": framework, "method": method, "loss": contracts.method(method).loss,
+        "objective": objective, "seed": int(seed),
+        "pairs": {o: str(p) for o, p in zip(OBJECTIVES, (perception_path, fidelity_path),
+                                             strict=True)},
+        "items": {o: len(inputs[o].items) for o in OBJECTIVES},
+        "prompts": inputs[OBJECTIVES[0]].prompt_record,
+        "model": str(model_dir), "config": dataclasses.asdict(config), "ea_adam": ea,
+        "ea_rounds": state.ea_rounds, "fitness_evaluations": fitness.evaluations,
+        "fitness_images": fitness.ids, "fitness_scale": fitness.scale,
+        "fusion_loss": history, "fusion_layers": layers,
+        "fingerprint": fingerprint.fields, "fingerprint_hash": fingerprint.hash,
+        "candidates": str(candidates_path), "data": str(data_dir), "masks": str(masks_path),
+        "model_describe": model.describe(), "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }  # fmt: skip
+    rows = []
+    with atomic_path(out_dir) as folder:
+        _set_weights(named, fused)
+        model.save_pretrained(folder)
+        for i, member in enumerate(state.members):
+            _set_weights(named, member)
+            model.save_pretrained(folder / contracts.MEMBERS_DIR / str(i))
+            rows.append({
+                "member": i,
+                "preference_perception": float(state.preferences[i, 0]),
+                "preference_fidelity": float(state.preferences[i, 1]),
+                "fitness_perception": float(state.fitness[i, 0]),
+                "fitness_fidelity": float(state.fitness[i, 1]),
+                "fusion_weight": float(weights[:, i].mean()),
+                "path": f"{contracts.MEMBERS_DIR}/{i}",
+            })  # fmt: skip
+        save_file(state.to_flat(), folder / contracts.POPULATION_STATE)
+        write_table(pd.DataFrame(rows), folder / contracts.POPULATION_TABLE, "population",
+                    {**metadata, "fusion_weights": weights.tolist()})  # fmt: skip
+        write_table(pd.DataFrame(log, columns=list(LOG_COLUMNS)), folder / "train_log.parquet",
+                    "ea_adam_log", metadata)  # fmt: skip
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return out_dir
