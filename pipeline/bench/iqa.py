@@ -1,29 +1,34 @@
 """Benchmark: full-reference IQA per instance by pooled maps vs one pyiqa call per crop.
 
-4 candidates × 5 instances (a partition of the image into 5 regions). ``pooled_s``: the
+4 candidates × 5 instances (a partition of the image into 5 regions). ``pooled``: the
 metrics with spatial maps run once per candidate image (batched) and are pooled under each
 mask (:func:`pipeline.iqa.score_instances`); what depends on the HQ reference alone (LPIPS
 features, SSIM mean and variance) is computed once for the 4 candidates, and SSIM's gaussian
 window is applied separably (same numbers as pyiqa's maps, see :mod:`pipeline.iqa`).
-``per_crop_s``: one pyiqa call per (candidate, instance) on the instance's masked
-bounding-box crop. ``per_crop_batched_s``: one call per instance with the 4 candidates
-batched (what the crop path does for other metrics). Times are the best of ``--repeats``
-runs after one warm-up, one CPU thread for both. Prints one JSON object.
+``per_crop``: one pyiqa call per (candidate, instance) on the instance's masked
+bounding-box crop. ``per_crop_batched``: one call per instance with the 4 candidates
+batched (what the crop path does for other metrics).
+
+``python -m pipeline bench iqa [--size 256] [--metrics psnr ssim lpips] [--repeats 3]
+[--threads 1] [--check]`` prints one JSON object. Each round runs, metric by metric, the
+three ways once (interleaved, :mod:`pipeline.bench.timing`); a way's seconds in a round are
+the sum over the metrics; ``ratios`` are per-round ratios.
+
+Target (``--check`` exits 1 if it fails): ``per_crop_over_pooled >= 5``, the pooled maps at
+least 5x faster than one call per crop (median of the per-round ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from pipeline.bench import timing
 from pipeline.iqa import MetricRegistry, bounding_box, masked_crop, score_instances, uses_pooled_map
 from pipeline.seeding import derive_seed, torch_generator
 
@@ -67,16 +72,6 @@ def random_lpips_weights(folder: Path, seed: int = 0) -> None:
     torch.save(heads, folder / "pyiqa" / Path(default_model_urls["0.1_alex"]).name)
 
 
-def best_time(function: Callable[[], object], repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench iqa", description=__doc__.splitlines()[0]
@@ -89,25 +84,30 @@ def main(argv: list[str] | None = None) -> int:
         "--weights-dir", default=None, help="pyiqa weights dir (default: random LPIPS weights)"
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    timing.add_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    timing.pin_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         weights_dir = args.weights_dir
         if weights_dir is None and "lpips" in args.metrics:
             weights_dir = Path(scratch)
             random_lpips_weights(weights_dir, args.seed)
         with contextlib.redirect_stdout(sys.stderr):  # pyiqa prints while loading weights
-            result = run(args, MetricRegistry(weights_dir=weights_dir, device=args.device), parser)
+            result, targets = run(
+                args, MetricRegistry(weights_dir=weights_dir, device=args.device), parser
+            )
     result["lpips_weights"] = args.weights_dir or "random stand-in (timing only)"
-    print(json.dumps(result))
-    return 0
+    return timing.finish(result, targets, args)
+
+
+WAYS = ("pooled", "per_crop", "per_crop_batched")
 
 
 def run(
     args: argparse.Namespace, registry: MetricRegistry, parser: argparse.ArgumentParser
-) -> dict:
+) -> tuple[dict, list[timing.Target]]:
+    """Time the three ways on seeded candidates; the report and its target."""
     not_pooled = [name for name in args.metrics if not uses_pooled_map(registry.info(name))]
     if not_pooled:
         parser.error(f"metrics without a pooled map: {not_pooled}")
@@ -121,7 +121,7 @@ def run(
     for mask in masks:
         top, bottom, left, right = bounding_box(mask)
         crop_area += (bottom - top) * (right - left)
-    timings: dict[str, dict[str, float]] = {"pooled": {}, "per_crop": {}, "per_crop_batched": {}}
+    variants = {}
     for name in args.metrics:
         model = registry.model(name)
 
@@ -141,33 +141,45 @@ def run(
                 for mask in masks:
                     model(*masked_crop(candidates, hq_batch, mask, True, 1))
 
-        for method, function in [
-            ("pooled", pooled),
-            ("per_crop", per_crop),
-            ("per_crop_batched", per_crop_batched),
-        ]:
-            timings[method][name] = round(best_time(function, args.repeats), 5)
-    pooled_s = sum(timings["pooled"].values())
-    per_crop_s = sum(timings["per_crop"].values())
-    per_crop_batched_s = sum(timings["per_crop_batched"].values())
-    return {
+        variants[f"pooled/{name}"] = pooled
+        variants[f"per_crop/{name}"] = per_crop
+        variants[f"per_crop_batched/{name}"] = per_crop_batched
+    by_metric = timing.interleave(variants, args.repeats, args.warmup)
+    times = {
+        way: [
+            sum(by_metric[f"{way}/{name}"][r] for name in args.metrics) for r in range(args.repeats)
+        ]
+        for way in WAYS
+    }
+    ratios = {
+        "per_crop_over_pooled": timing.paired_ratio(times["per_crop"], times["pooled"]),
+        "per_crop_batched_over_pooled": timing.paired_ratio(
+            times["per_crop_batched"], times["pooled"]
+        ),
+    }
+    result = {
         "benchmark": "iqa",
         "metrics": args.metrics,
         "candidates": len(candidates),
         "instances": len(masks),
         "image_size": args.size,
         "device": str(registry.device),
-        "threads": torch.get_num_threads(),
-        "pooled_s": round(pooled_s, 5),
-        "per_crop_s": round(per_crop_s, 5),
-        "per_crop_batched_s": round(per_crop_batched_s, 5),
-        "ratio": round(per_crop_s / pooled_s, 2),
-        "ratio_vs_batched_crops": round(per_crop_batched_s / pooled_s, 2),
-        "target_ratio": 5.0,
-        "by_metric_s": timings,
+        **timing.timing_fields(args, times, order=by_metric),
+        "ratios": ratios,
+        "median_seconds_by_metric": {
+            key: timing.summarize(values)["median"] for key, values in by_metric.items()
+        },
         "pooled_method": "one map per candidate, HQ-only terms once, pooled under each mask",
         "crop_area_over_image_area": round(crop_area / masks[0].numel(), 3),
     }
+    target = timing.Target(
+        "per_crop_over_pooled",
+        ratios["per_crop_over_pooled"]["median"],
+        ">=",
+        5.0,
+        "pooled maps at least 5x faster than one pyiqa call per crop",
+    )
+    return result, [target]
 
 
 if __name__ == "__main__":

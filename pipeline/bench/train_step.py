@@ -1,46 +1,64 @@
-"""Time one preference-training step: shared forwards vs a per-instance loop vs Diffusion-DPO.
+"""Time one preference-training step per method, interleaved, and the memory it saves for backward.
 
-``python -m pipeline bench train_step [--framework multistep] [--size 64] [--instances 5]
-[--candidates 4] [--batch 4] [--repeats 5]`` prints one JSON object:
+``python -m pipeline bench train-step [--framework multistep] [--size 64] [--instances 5]
+[--candidates 4] [--batch 4] [--methods dspo naive dpo sft dro] [--repeats 3] [--threads 1]
+[--check]`` prints one JSON object. The methods, on the same seeded LQs and draws:
 
-- ``dspo_s``: median seconds of a DSPO step (forward policy + reference over each LQ's distinct
-  candidates, pooled per instance, backward, AdamW step);
-- ``naive_s``: the same loss with one policy and one reference forward per instance;
-- ``dpo_s``: a Diffusion-DPO step on the same LQs (one winner/loser pair each);
-- ``distinct_mean``: mean number of distinct candidates per LQ; ``ratios`` and ``targets``
-  (``naive_s / dspo_s >= 3`` and ``dspo_s <= 1.1 * distinct_mean / 2 * dpo_s`` at M = 5, N = 4).
+- ``dspo``: forward policy + reference over each LQ's distinct candidates, pooled per instance,
+  backward, AdamW step (:func:`pipeline.training.step.batch_loss`);
+- ``naive``: the same loss with one policy and one reference forward per instance
+  (:func:`instance_loop_loss`);
+- ``dpo``: a Diffusion-DPO step on the same LQs (one winner/loser pair each);
+- ``dro``: the DRO loss on DSPO's instance pairs; ``sft``: the winner only, no reference.
 
-The tiny model and all draws are seeded; figures are from this one run.
+One step of each method per round, rounds interleaved (:mod:`pipeline.bench.timing`).
+``seconds`` gives each method's min / median / IQR / range; ``ratios`` are per-round ratios.
+``saved_for_backward_bytes``: peak bytes of the distinct storages autograd holds during one
+step (:func:`pipeline.bench.timing.saved_tensor_peak`, the model's parameters not counted).
+
+Targets (``--check`` exits 1 if one fails), on the per-round ratios' medians, at M = 5, N = 4:
+
+- ``naive_over_dspo >= 3``: the shared forwards are at least 3x faster than the naive loop;
+- ``dspo_over_scaled_dpo <= 1.1``: a DSPO step costs at most 1.1 x (distinct candidates / 2)
+  DPO steps (DSPO forwards every distinct candidate, DPO two).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
-from pipeline import train as T
+from pipeline.bench import timing
 from pipeline.models import build_tiny_model
 from pipeline.models.base import SRModel
 from pipeline.seeding import numpy_rng, torch_generator
+from pipeline.training.config import TrainConfig
+from pipeline.training.items import LoadedItem, PreferenceItem
+from pipeline.training.step import (
+    Conditions,
+    PolicyErrors,
+    batch_loss,
+    draw_conditions,
+    error_maps_batched,
+    lq_loss,
+    reference_errors,
+)
 
 
 def instance_loop_loss(
     model: SRModel,
-    loaded: Sequence[T.LoadedItem],
-    conditions: Sequence[T.Conditions],
+    loaded: Sequence[LoadedItem],
+    conditions: Sequence[Conditions],
     method: str,
-    config: T.TrainConfig,
+    config: TrainConfig,
 ) -> torch.Tensor:
     """The naive reference implementation: one policy and one reference forward PER INSTANCE.
 
-    Same draws and same formula as :func:`pipeline.train.batch_loss`; kept here, outside the
+    Same draws and same formula as :func:`pipeline.training.step.batch_loss`; kept here, outside the
     product, for this bench (the speed-up of the shared forwards) and the tests (equality of
     loss and gradients).
     """
@@ -50,7 +68,7 @@ def instance_loop_loss(
         item, total = entry.item, 0.0
         for m in range(len(item.instance_ids)):
             pair = [item.winners[m]] if method == "sft" else [item.winners[m], item.losers[m]]
-            one = T.LoadedItem(
+            one = LoadedItem(
                 dataclasses.replace(
                     item,
                     candidates=tuple(item.candidates[c] for c in pair),
@@ -63,9 +81,9 @@ def instance_loop_loss(
                 entry.targets[pair],
                 entry.masks[m : m + 1],
             )
-            err_theta = T._error_maps_batched(model, [one], [cond], device)[0]
-            err_ref = None if method == "sft" else T.reference_errors(model, [one], [cond])[0]
-            loss, _ = T.lq_loss(method, err_theta, err_ref, one, config)
+            err_theta = error_maps_batched(model, [one], [cond], device)[0]
+            err_ref = None if method == "sft" else reference_errors(model, [one], [cond])[0]
+            loss, _ = lq_loss(method, err_theta, err_ref, one, config)
             # sft_loss normalises by the weights; undo it to sum the per-instance terms
             total = total + (
                 loss * item.weights[m] / sum(item.weights) if method == "sft" else loss
@@ -76,7 +94,7 @@ def instance_loop_loss(
 
 def synthetic_batch(
     n_lq: int, n_candidates: int, n_instances: int, size: int, seed: int
-) -> tuple[list[T.LoadedItem], list[T.LoadedItem]]:
+) -> tuple[list[LoadedItem], list[LoadedItem]]:
     """The same LQs as DSPO items (random instance pairs over a band partition) and DPO items."""
     dspo, dpo = [], []
     names = tuple(f"c{i}" for i in range(n_candidates))
@@ -92,7 +110,7 @@ def synthetic_batch(
         pairs = [rng.choice(n_candidates, size=2, replace=False) for _ in range(n_instances)]
         used = sorted({int(c) for pair in pairs for c in pair})
         index = {c: i for i, c in enumerate(used)}
-        item = T.PreferenceItem(
+        item = PreferenceItem(
             image_id=f"lq{n}",
             candidates=tuple(names[c] for c in used),
             instance_ids=tuple(range(1, n_instances + 1)),
@@ -101,44 +119,66 @@ def synthetic_batch(
             losers=tuple(index[int(p[1])] for p in pairs),
             negative_prompt="",
         )
-        dspo.append(T.LoadedItem(item, lq, targets[used], masks))
-        image_pair = T.PreferenceItem(f"lq{n}", names[:2], (-1,), (1.0,), (0,), (1,), "")
+        dspo.append(LoadedItem(item, lq, targets[used], masks))
+        image_pair = PreferenceItem(f"lq{n}", names[:2], (-1,), (1.0,), (0,), (1,), "")
         dpo.append(
-            T.LoadedItem(image_pair, lq, targets[:2], torch.ones(1, size, size, dtype=torch.bool))
+            LoadedItem(image_pair, lq, targets[:2], torch.ones(1, size, size, dtype=torch.bool))
         )
     return dspo, dpo
 
 
-def time_steps(step, repeats: int) -> float:
-    """Median wall time of ``step()`` after one warm-up call."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def sft_batch(dpo: Sequence[LoadedItem]) -> list[LoadedItem]:
+    """SFT items on the DPO LQs: the winner only (as :func:`pipeline.training.items.preference_items`
+    builds them: one candidate, winner = loser = 0)."""
+    return [
+        LoadedItem(
+            dataclasses.replace(
+                entry.item, candidates=entry.item.candidates[:1], winners=(0,), losers=(0,)
+            ),
+            entry.lq,
+            entry.targets[:1],
+            entry.masks,
+        )
+        for entry in dpo
+    ]
+
+
+METHODS = ("dspo", "naive", "dpo", "sft", "dro")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline bench train_step")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline bench train-step", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--framework", default="multistep", choices=("multistep", "onestep"))
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--instances", type=int, default=5)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="timed, in this order"
+    )
+    timing.add_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
+    timing.pin_threads(args.threads)
 
     model = build_tiny_model(args.framework, seed=args.seed)
-    config = T.TrainConfig(uncond_drop_rate=0.0)
+    config = TrainConfig(uncond_drop_rate=0.0)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6)
-    policy = T.PolicyErrors(model)
+    policy = PolicyErrors(model)
     dspo, dpo = synthetic_batch(args.batch, args.candidates, args.instances, args.size, args.seed)
+    sft = sft_batch(dpo)
     conditions = [
-        T.draw_conditions(model, entry, config, args.seed, 0, s) for s, entry in enumerate(dspo)
+        draw_conditions(model, entry, config, args.seed, 0, s) for s, entry in enumerate(dspo)
     ]
+    losses = {
+        "dspo": lambda: batch_loss(policy, model, dspo, conditions, "dspo", config)[0],
+        "naive": lambda: instance_loop_loss(model, dspo, conditions, "dspo", config),
+        "dpo": lambda: batch_loss(policy, model, dpo, conditions, "dpo", config)[0],
+        "sft": lambda: batch_loss(policy, model, sft, conditions, "sft", config)[0],
+        "dro": lambda: batch_loss(policy, model, dspo, conditions, "dro", config)[0],
+    }
 
     def step(loss_fn):
         def run():
@@ -148,18 +188,43 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    dspo_s = time_steps(
-        step(lambda: T.batch_loss(policy, model, dspo, conditions, "dspo", config)[0]), args.repeats
-    )
-    naive_s = time_steps(
-        step(lambda: instance_loop_loss(model, dspo, conditions, "dspo", config)), args.repeats
-    )
-    dpo_s = time_steps(
-        step(lambda: T.batch_loss(policy, model, dpo, conditions, "dpo", config)[0]), args.repeats
-    )
+    steps = {method: step(losses[method]) for method in dict.fromkeys(args.methods)}
+    times = timing.interleave(steps, args.repeats, args.warmup)
+    parameters = list(model.parameters())
+    saved = {
+        method: timing.saved_tensor_peak(run, exclude=parameters) for method, run in steps.items()
+    }
+
     distinct = [len(entry.item.candidates) for entry in dspo]
     distinct_mean = sum(distinct) / len(distinct)
+    ratios, targets = {}, []
+    if {"naive", "dspo"} <= times.keys():
+        ratios["naive_over_dspo"] = timing.paired_ratio(times["naive"], times["dspo"])
+        targets.append(
+            timing.Target(
+                "naive_over_dspo",
+                ratios["naive_over_dspo"]["median"],
+                ">=",
+                3.0,
+                "per-instance loop at least 3x slower than the shared forwards",
+            )
+        )
+    if {"dspo", "dpo"} <= times.keys():
+        ratios["dspo_over_dpo"] = timing.paired_ratio(times["dspo"], times["dpo"])
+        ratios["dspo_over_scaled_dpo"] = timing.paired_ratio(
+            times["dspo"], times["dpo"], scale=distinct_mean / 2
+        )
+        targets.append(
+            timing.Target(
+                "dspo_over_scaled_dpo",
+                ratios["dspo_over_scaled_dpo"]["median"],
+                "<=",
+                1.1,
+                "DSPO step <= 1.1 x (distinct candidates / 2) x DPO step",
+            )
+        )
     result = {
+        "benchmark": "train-step",
         "framework": args.framework,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
@@ -170,23 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_per_lq": distinct,
         "distinct_mean": distinct_mean,
         "forwarded_targets_per_lq": max(distinct),  # padded to the widest LQ of the batch
-        "threads": torch.get_num_threads(),
-        "repeats": args.repeats,
-        "dspo_s": round(dspo_s, 5),
-        "naive_s": round(naive_s, 5),
-        "dpo_s": round(dpo_s, 5),
-        "ratios": {
-            "naive_over_dspo": round(naive_s / dspo_s, 3),
-            "dspo_over_dpo": round(dspo_s / dpo_s, 3),
-            "dspo_over_scaled_dpo": round(dspo_s / (distinct_mean / 2 * dpo_s), 3),
-        },
-        "targets": {
-            "naive_over_dspo_at_least_3": naive_s / dspo_s >= 3.0,
-            "dspo_within_1.1_of_scaled_dpo": dspo_s <= 1.1 * distinct_mean / 2 * dpo_s,
-        },
+        **timing.timing_fields(args, times),
+        "ratios": ratios,
+        "saved_for_backward_bytes": saved,
     }
-    print(json.dumps(result, indent=1))
-    return 0
+    if "dpo" in saved and saved["dpo"]:
+        result["saved_over_dpo"] = {
+            method: round(value / saved["dpo"], 3) for method, value in saved.items()
+        }
+    return timing.finish(result, targets, args)
 
 
 if __name__ == "__main__":
