@@ -298,8 +298,11 @@ def save(
     log: Sequence[Mapping[str, Any]],
     fingerprint: Fingerprint,
     keep: int | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``<directory>/step-<step>/`` atomically; with ``keep``, prune older checkpoints."""
+    """Write ``<directory>/step-<step>/`` atomically; with ``keep``, prune older checkpoints.
+    ``extra`` (JSON-able, e.g. an online method's stat tracker) goes into ``state.json``;
+    :func:`load_extra` returns it."""
     final = Path(directory) / f"{PREFIX}{step:08d}"
     state = optimizer.state_dict()
     with atomic_path(final) as folder:
@@ -325,6 +328,8 @@ def save(
             "fingerprint": fingerprint.fields,
             "fingerprint_hash": fingerprint.hash,
         }
+        if extra is not None:
+            document["extra"] = dict(extra)
         (folder / "state.json").write_text(json.dumps(document, indent=1, sort_keys=True))
     if keep is not None:
         prune(Path(directory), keep)
@@ -357,6 +362,11 @@ def load(
     optimizer.load_state_dict({"state": entries, "param_groups": groups})
     _set_rng_state(path / "rng.safetensors")
     return int(state["step"]), list(state["log"])
+
+
+def load_extra(path: Path) -> dict[str, Any] | None:
+    """The ``extra`` state a checkpoint was saved with (None if it has none)."""
+    return json.loads((Path(path) / "state.json").read_text()).get("extra")
 
 
 # -- the checked optimizer step ------------------------------------------------------------------

@@ -88,6 +88,8 @@ EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
 EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)
 #: the pairs file of each pair level: ``pairs/{framework}/{objective}{suffix}.parquet``
 PAIR_LEVELS = {"instance": "", "image": "_image"}
+#: the pair level of an online method (ddpo): it samples its own outputs and reads no pairs
+NO_PAIRS = "none"
 #: a method of pair level "objectives" reads the instance pairs of each of these objectives, in
 #: this order (EA-Adam, docs/ea_adam.md: objective 0 = perception, 1 = fidelity)
 MULTI_OBJECTIVES = ("perception", "fidelity")
@@ -117,8 +119,11 @@ def artifact(name: str, **fields: Any) -> str:
     return ARTIFACTS[name].format_map(_KeepMissing(fields))
 
 
-def pairs_artifact(framework: str, objective: str, method_name: str) -> str:
-    """The pairs table a training method reads (its pair level's file)."""
+def pairs_artifact(framework: str, objective: str, method_name: str) -> str | None:
+    """The pairs table a training method reads (its pair level's file); None for a method of
+    pair level :data:`NO_PAIRS`."""
+    if method(method_name).pair_level == NO_PAIRS:
+        return None
     if method(method_name).pair_level == "objectives":
         raise ValueError(f"{method_name!r} reads several pairs tables: use train_pairs_artifacts")
     level = PAIR_LEVELS[method(method_name).pair_level]
@@ -214,6 +219,9 @@ METHODS: dict[str, Method] = {
         Method("dspo_m1", "dspo", "instance", settings={"negative_prompts": False}),
         Method("dpo", "dpo", "image"),
         Method("sft", "sft", "image", needs_reference=False),
+        # DDPO (docs/online_alignment.md): PPO on the policy's own samples, rewarded by the
+        # objective's scores; the one-step framework's policy is the one-step Gaussian policy
+        Method("ddpo", "ppo", NO_PAIRS, needs_reference=False, loop="ddpo"),
         # EA-Adam on DSPO (docs/ea_adam.md): a population on the perception and fidelity pairs
         Method("ea_adam", "dspo", "objectives", loop="ea_adam"),
     )

@@ -154,6 +154,8 @@ def job_settings(config: Mapping[str, Any], stage: str, **wildcards: str) -> dic
         section["settings"] = candidate_settings(config, wildcards["framework"])
     if stage == "train" and "method" in wildcards:
         section.update(contracts.method(wildcards["method"]).settings)
+        if contracts.method(wildcards["method"]).loop == "ddpo":
+            section["reward"] = reward_settings(config, wildcards.get("objective"))
     if stage == "train":
         ea_adam = section.pop("ea_adam", None)  # ea_adam jobs only, with what fitness needs
         if wildcards.get("method") == "ea_adam":
@@ -183,6 +185,21 @@ def ea_adam_settings(
         ea_adam["score"] = {key: score[key] for key in
                             ("weights_dir", "weights", "options", "device", "min_crop_size")}  # fmt: skip
     return ea_adam
+
+
+def reward_settings(config: Mapping[str, Any], objective: str | None = None) -> dict[str, Any]:
+    """``train.reward`` of an online job (ddpo; not a schema key, the job's settings carry it):
+    the score stage's metric registry settings (``score`` section) and ``objectives``, the
+    ``{metric: weight}`` of the job's objective as ``select.objectives`` defines it (without an
+    objective, of every configured objective: ``python -m pipeline config``)."""
+    score = resolve("score", config.get("score"))
+    objectives = resolve("select", config.get("select"))["objectives"]
+    names = [objective] if objective else list(config.get("objectives") or objectives)
+    registry = ("metrics", "weights_dir", "weights", "options", "device", "min_crop_size")
+    return {
+        "score": {key: copy.deepcopy(score[key]) for key in registry},
+        "objectives": {name: dict(objectives[name]) for name in names if name in objectives},
+    }
 
 
 def effective_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -339,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--framework", required=True)
     parser.add_argument("--method", required=True, choices=sorted(contracts.METHODS))
     parser.add_argument("--objective", required=True)
-    parser.add_argument("--pairs", required=True, help="pairs/{framework}/{objective}.parquet")
+    parser.add_argument("--pairs", default=None,
+                        help="pairs/{framework}/{objective}.parquet (none for ddpo: it samples its "
+                        "own outputs)")  # fmt: skip
     parser.add_argument(
         "--candidates", required=True, help="candidates/{framework}/candidates.parquet"
     )

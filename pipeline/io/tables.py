@@ -249,6 +249,21 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("fusion_weight", pa.float64()),  # the member's mean fusion weight over layers
         ("path", pa.string()),  # the member's save_pretrained folder, relative to the table's
     ),
+    # aligned/{framework}/ddpo/{objective}/train_log.parquet: DDPO (pipeline.training.ddpo), one row
+    # per step; reward_* of the normalised objective over the global batch, scores a JSON object
+    # of the raw metric means, PPO's stats averaged over inner epochs and timesteps
+    "ddpo_log": _schema(
+        ("step", pa.int64()),
+        ("loss", pa.float64()),
+        ("reward_mean", pa.float64()),
+        ("reward_std", pa.float64()),
+        ("scores", pa.string()),
+        ("approx_kl", pa.float64()),
+        ("clipfrac", pa.float64()),
+        ("ratio_mean", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+    ),
     # eval/{framework}/{testset}/{model}/metrics.parquet: per image
     "eval_metrics": _schema(
         ("testset", pa.string()),

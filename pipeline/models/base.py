@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,6 +30,21 @@ def upsample_lq(lq: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(lq.shape[-2:]) == tuple(size):
         return lq
     return F.interpolate(lq, size=size, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+@dataclass
+class PolicySample:
+    """Samples of a model's stochastic policy for online alignment (docs/online_alignment.md):
+    ``images [B, 3, H, W]`` in [-1, 1], the states ``latents [B, T+1, C, h, w]`` (the initial
+    state first, the decoded action last), the log-probability of each action ``log_probs [B,
+    T]``, the timesteps ``int64 [B, T]`` and, for the multi-step DDIM policy, the guided noise
+    predictions ``[B, T, C, h, w]``. The one-step Gaussian policy has T = 1."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    noise_predictions: torch.Tensor | None = None
 
 
 class LatentCodec(ABC):

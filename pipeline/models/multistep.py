@@ -25,10 +25,11 @@ from diffusers import ControlNetModel, DDIMScheduler, DDPMScheduler, UNet2DCondi
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipeline import policy as online
 from pipeline import settings
 from pipeline.devices import resolve_device
 from pipeline.io.atomic import atomic_path
-from pipeline.models.base import LatentCodec, SRModel
+from pipeline.models.base import LatentCodec, PolicySample, SRModel
 from pipeline.models.codecs import (
     VaeCodec,
     build_tiny_codec,
@@ -517,6 +518,48 @@ class MultiStepSR(DiffusionParts, SRModel):
             self.settings.latent_tile_size, self.settings.latent_tile_overlap,
         )  # fmt: skip
 
+    def _padded(self, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LQ on the model's device and its copy padded (replicate) to the model's stride."""
+        lq = lq.to(self.device).float()
+        height, width = lq.shape[-2:]
+        multiple = self._size_multiple()
+        pad_h, pad_w = -height % multiple, -width % multiple
+        padded_lq = F.pad(lq, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else lq
+        return lq, padded_lq
+
+    def _sampling_inputs(
+        self,
+        lq: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None,
+        generators: Sequence[torch.Generator],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every sampler starts from: the LQ, its padded copy, the initial noise (one draw
+        per image from its own generator) and the prompt and negative-prompt embeddings."""
+        batch = lq.shape[0]
+        if len(generators) != batch or len(prompts) != batch:
+            raise ValueError(f"need one prompt and one generator per image ({batch})")
+        lq, padded_lq = self._padded(lq)
+        down = self.codec.downscale
+        shape = (
+            1,
+            self.codec.latent_channels,
+            padded_lq.shape[2] // down,
+            padded_lq.shape[3] // down,
+        )
+        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
+        prompt_embeddings = self._text(prompts)
+        negative_embeddings = self._text(self._negatives(negative_prompts, batch))
+        return lq, padded_lq, latents, prompt_embeddings, negative_embeddings
+
+    def _decode_sample(
+        self, latents: torch.Tensor, padded_lq: torch.Tensor, lq: torch.Tensor
+    ) -> torch.Tensor:
+        """Final latents to images cropped back to the LQ's size, colour-corrected against it."""
+        height, width = lq.shape[-2:]
+        images = self.codec.decode(latents, padded_lq).float()[..., :height, :width]
+        return apply_color_fix(images, lq, self.settings.color_fix)
+
     @torch.no_grad()
     def sample(
         self,
@@ -533,25 +576,12 @@ class MultiStepSR(DiffusionParts, SRModel):
         model's stride are padded (replicate) and cropped back."""
         steps = steps or self.settings.steps
         cfg = self.settings.cfg if cfg is None else cfg
-        batch, _, height, width = lq.shape
+        batch = lq.shape[0]
         if generators is None:
             generators = [torch.Generator().manual_seed(0) for _ in range(batch)]
-        if len(generators) != batch or len(prompts) != batch:
-            raise ValueError(f"need one prompt and one generator per image ({batch})")
-        lq = lq.to(self.device).float()
-        multiple = self._size_multiple()
-        pad_h, pad_w = -height % multiple, -width % multiple
-        padded_lq = F.pad(lq, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else lq
-        down = self.codec.downscale
-        shape = (
-            1,
-            self.codec.latent_channels,
-            padded_lq.shape[2] // down,
-            padded_lq.shape[3] // down,
+        lq, padded_lq, latents, prompt_embeddings, negative_embeddings = self._sampling_inputs(
+            lq, prompts, negative_prompts, generators
         )
-        latents = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        prompt_embeddings = self._text(prompts)
-        negative_embeddings = self._text(self._negatives(negative_prompts, batch))
         scheduler = self._sampling_scheduler(steps)
         latents = latents * scheduler.init_noise_sigma
 
@@ -567,5 +597,117 @@ class MultiStepSR(DiffusionParts, SRModel):
                 ).prev_sample
                 for i in range(batch)
             ])  # fmt: skip
-        images = self.codec.decode(latents, padded_lq).float()[..., :height, :width]
-        return apply_color_fix(images, lq, self.settings.color_fix)
+        return self._decode_sample(latents, padded_lq, lq)
+
+    # -- the stochastic policy of online methods (DDPO; docs/online_alignment.md) ------------
+    #: what tables and metadata call this family's policy (DDPO's multi-step MDP)
+    POLICY_NAME = "DDPO (multi-step DDIM policy)"
+
+    def policy_scheduler(self, steps: int) -> DDIMScheduler:
+        """The DDIM scheduler of policy samples (whatever ``settings.sampler`` says)."""
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    def _policy_step(
+        self,
+        scheduler: DDIMScheduler,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        padded_lq: torch.Tensor,
+        prompt_embeddings: torch.Tensor,
+        negative_embeddings: torch.Tensor,
+        cfg: float,
+        eta: float,
+        prev_sample: torch.Tensor | None = None,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One DDIM step as a Gaussian policy: (next latents, log-prob ``[B]``, guided noise)."""
+        noise_prediction = self._tiled_noise(
+            latents, timesteps.to(self.device), padded_lq, prompt_embeddings,
+            negative_embeddings, cfg,
+        )  # fmt: skip
+        following, log_prob = online.ddim_step_with_log_prob(
+            scheduler, noise_prediction, timesteps, latents, eta,
+            prev_sample=prev_sample, generator=None if generators is None else list(generators),
+        )  # fmt: skip
+        return following, log_prob, noise_prediction
+
+    @torch.no_grad()
+    def sample_trajectory(
+        self,
+        lq: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        eta: float = 1.0,
+        generators: Sequence[torch.Generator],
+    ) -> PolicySample:
+        """DDIM sampling with ``eta > 0`` recording every step's log-probability (DDPO's
+        trajectory; :func:`pipeline.policy.ddim_step_with_log_prob`): the same inputs, guidance,
+        tiling, decoding and colour fix as :meth:`sample`, each image's initial noise and step
+        noise from its own generator. Latents are on the padded grid."""
+        steps = steps or self.settings.steps
+        cfg = self.settings.cfg if cfg is None else cfg
+        if eta <= 0:
+            raise ValueError(f"a policy sample needs eta > 0 (got {eta}): eta 0 has no density")
+        batch = lq.shape[0]
+        lq, padded_lq, latents, prompt_embeddings, negative_embeddings = self._sampling_inputs(
+            lq, prompts, negative_prompts, generators
+        )
+        scheduler = self.policy_scheduler(steps)
+        latents = latents * scheduler.init_noise_sigma
+        states, log_probs, predictions = [latents], [], []
+        for timestep in scheduler.timesteps:
+            timesteps = torch.full((batch,), int(timestep), dtype=torch.long)
+            latents, log_prob, prediction = self._policy_step(
+                scheduler, latents, timesteps, padded_lq, prompt_embeddings,
+                negative_embeddings, cfg, eta, generators=generators,
+            )  # fmt: skip
+            states.append(latents)
+            log_probs.append(log_prob)
+            predictions.append(prediction)
+        grid = scheduler.timesteps.to(torch.long)[None].expand(batch, -1).clone()
+        return PolicySample(
+            images=self._decode_sample(latents, padded_lq, lq),
+            latents=torch.stack(states, dim=1),
+            log_probs=torch.stack(log_probs, dim=1),
+            timesteps=grid,
+            noise_predictions=torch.stack(predictions, dim=1),
+        )
+
+    def trajectory_log_probs(
+        self,
+        lq: torch.Tensor,
+        sample: PolicySample,
+        step_index: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        steps: int | None = None,
+        cfg: float | None = None,
+        eta: float = 1.0,
+    ) -> torch.Tensor:
+        """The current policy's log-prob ``[B]`` of each recorded step ``step_index [B]`` of
+        ``sample`` (from :meth:`sample_trajectory` with the same settings), with gradients: the
+        PPO pass. Equal to the recorded log-prob while the weights are those that sampled."""
+        steps = steps or self.settings.steps
+        cfg = self.settings.cfg if cfg is None else cfg
+        batch = lq.shape[0]
+        rows = torch.arange(batch)
+        index = torch.as_tensor(step_index, dtype=torch.long).cpu()
+        lq, padded_lq = self._padded(lq)
+        _, log_prob, _ = self._policy_step(
+            self.policy_scheduler(steps),
+            sample.latents[rows, index].to(self.device),
+            sample.timesteps[rows, index],
+            padded_lq,
+            self._text(prompts),
+            self._text(self._negatives(negative_prompts, batch)),
+            cfg,
+            eta,
+            prev_sample=sample.latents[rows, index + 1].to(self.device),
+        )
+        return log_prob

@@ -39,11 +39,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipeline import policy as online
 from pipeline import settings
 from pipeline.devices import resolve_device
 from pipeline.hub import resolve_weights
 from pipeline.io.atomic import atomic_path
-from pipeline.models.base import LatentCodec, SRModel
+from pipeline.models.base import LatentCodec, PolicySample, SRModel
 from pipeline.models.codecs import (
     VaeCodec,
     build_tiny_codec,
@@ -756,6 +757,14 @@ class OneStepSR(DiffusionParts, SRModel):
         Deterministic: ``negative_prompts``, ``steps``, ``cfg`` and ``generators`` are
         accepted for the interface and unused (one step, no CFG, VAE posterior mode).
         """
+        lq, padded, z_lq, z_hat = self._one_step(lq, prompts)
+        return self._decode_one_step(z_hat, padded, lq)
+
+    def _one_step(
+        self, lq: torch.Tensor, prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`sample`'s prediction: (the LQ on the device, its padded copy, ``z_L``, the
+        one-step latent ``z_hat`` over Gaussian-blended tiles); differentiable."""
         batch, _, height, width = lq.shape
         if len(prompts) != batch:
             raise ValueError(f"need one prompt per image ({batch}), got {len(prompts)}")
@@ -774,10 +783,61 @@ class OneStepSR(DiffusionParts, SRModel):
 
         eps = tiled_apply(predict_tile, z_lq.shape, self.settings.latent_tile_size,
                           self.settings.latent_tile_overlap)  # fmt: skip
-        z_hat = self._x0(z_lq, eps, timesteps)
+        return lq, padded, z_lq, self._x0(z_lq, eps, timesteps)
+
+    def _decode_one_step(
+        self, latents: torch.Tensor, padded: torch.Tensor, lq: torch.Tensor
+    ) -> torch.Tensor:
+        height, width = lq.shape[-2:]
         with self._autocast():
-            images = self.codec.decode(z_hat, padded).float()[..., :height, :width]
+            images = self.codec.decode(latents, padded).float()[..., :height, :width]
         return apply_color_fix(images.clamp(-1, 1), lq, self.settings.color_fix)
+
+    # -- the stochastic policy of online methods (docs/online_alignment.md) ------------------
+    #: what tables and metadata call this family's policy: one Gaussian action, not DDPO's MDP
+    POLICY_NAME = "one-step Gaussian policy"
+
+    @torch.no_grad()
+    def sample_policy(
+        self,
+        lq: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        std: float,
+        generators: Sequence[torch.Generator],
+    ) -> PolicySample:
+        """The one-step Gaussian policy (:func:`pipeline.policy.gaussian_onestep_policy`):
+        ``z ~ N(z_hat, std^2 I)`` around :meth:`sample`'s one-step latent, decoded as
+        :meth:`sample` decodes. ONE action (T = 1), not DDPO's denoising chain; its states are
+        ``(z_L, z)`` and its timestep ``settings.timestep``."""
+        lq, padded, z_lq, z_hat = self._one_step(lq, prompts)
+        latent, log_prob = online.gaussian_onestep_policy(z_hat, std, generator=list(generators))
+        batch = lq.shape[0]
+        return PolicySample(
+            images=self._decode_one_step(latent, padded, lq),
+            latents=torch.stack([z_lq, latent], dim=1),
+            log_probs=log_prob[:, None],
+            timesteps=torch.full((batch, 1), self.settings.timestep, dtype=torch.long),
+        )
+
+    def trajectory_log_probs(
+        self,
+        lq: torch.Tensor,
+        sample: PolicySample,
+        step_index: torch.Tensor,
+        *,
+        prompts: Sequence[str],
+        std: float,
+    ) -> torch.Tensor:
+        """The current policy's log-prob ``[B]`` of ``sample``'s action, with gradients (the PPO
+        pass); ``step_index`` is all zeros (one action)."""
+        if bool((torch.as_tensor(step_index) != 0).any()):
+            raise ValueError("the one-step Gaussian policy has one action: step_index must be 0")
+        _, _, _, z_hat = self._one_step(lq, prompts)
+        _, log_prob = online.gaussian_onestep_policy(
+            z_hat, std, sample=sample.latents[:, 1].to(z_hat.device)
+        )
+        return log_prob
 
 
 def _saved_base_weights(base: str, folder: Path) -> str:

@@ -16,8 +16,9 @@ rule train:
         "benchmarks/train/{framework}/{method}/{objective}.tsv"
     params:
         code=code_hash("train"),
-        config=job_config("train", "method"),
-        config_file=job_config_file("train", "method"),
+        config=job_config("train", "method", "objective"),
+        config_file=job_config_file("train", "method", "objective"),
+        pairs=get_train_pairs_arg,
         threads=STAGE_THREADS,
         seed=config["seed"],
         checkpoints=artifact("train_checkpoints"),
@@ -28,7 +29,7 @@ rule train:
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
         "python -m pipeline train --framework {wildcards.framework} --method {wildcards.method} "
-        "--objective {wildcards.objective} --pairs {input.pairs} "
+        "--objective {wildcards.objective} {params.pairs} "
         "--candidates {input.candidates}/{params.table} --data {input.data} "
         "--prompts {input.prompts} "
         "--masks {input.masks} --model {input.model} --out {output} "
