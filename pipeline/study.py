@@ -8,9 +8,9 @@ into pairs and aligned models (the rules in ``workflow/rules/study.smk`` call
 and measures on held-out images how much of the planted artifact each aligned model reproduces
 per kind of region.
 
-Per training image, with the pretrained model's output ``P`` as the base and its instances (the
-segment stage's partition of the HQ) split into *textured* and *smooth* by the HQ's luminance
-gradient (:func:`region_kinds`), two candidates:
+Per training image, with a base ``P`` (``study.base``: the HQ by default, or the pretrained
+model's output) and its instances (the segment stage's partition of the HQ) split into
+*textured* and *smooth* by the HQ's luminance gradient (:func:`region_kinds`), two candidates:
 
 - ``checker``: ``P`` + a checkerboard of amplitude ``artifact_strength`` on the textured
   instances (:func:`checker_pattern`, the Nyquist frequency at a fixed phase: a content-free
@@ -283,7 +283,7 @@ def build(
     hq_paths = contracts.data_images(data_dir, "hq")
     lq_paths = contracts.data_images(data_dir, "lq")
     prompts = load_prompts(prompts_path, hq_paths)
-    model = _load_model(model_dir)
+    model = _load_model(model_dir) if config["base"] == "pretrained" else None
     strength, margin = float(config["artifact_strength"]), float(config["image_margin"])
     candidate_rows, region_rows, scores, skipped = [], [], [], []
     with atomic_path(out_dir) as folder:
@@ -295,8 +295,10 @@ def build(
             if not masks["textured"].any() or not masks["smooth"].any():
                 skipped.append(image_id)  # one kind only: no dilemma to plant
                 continue
-            base = to_uint8(super_resolve(model, read_rgb(lq_paths[image_id]), hq.shape[:2],
-                                          prompts[image_id]))  # fmt: skip
+            base = hq  # the candidates' base: the HQ, or the pretrained model's output
+            if model is not None:
+                lq = read_rgb(lq_paths[image_id])
+                base = to_uint8(super_resolve(model, lq, hq.shape[:2], prompts[image_id]))
             candidates, amplitude = plant(base, masks, strength, margin)
             for name, image in candidates.items():
                 relative = Path(name) / f"{image_id}.png"
@@ -316,8 +318,9 @@ def build(
             raise ValueError(f"study build: no training image has both textured and smooth "
                              f"instances ({len(skipped)} images; texture_quantile "
                              f"{config['texture_quantile']})")  # fmt: skip
-        metadata = {"stage": STAGE, "study": dict(config), "base": "pretrained output",
-                    "model": str(model_dir), "model_describe": model.describe(),
+        metadata = {"stage": STAGE, "study": dict(config), "base": config["base"],
+                    "model": str(model_dir) if model is not None else None,
+                    "model_describe": model.describe() if model is not None else None,
                     "masks": str(masks_path), "data": str(data_dir), "skipped": skipped}  # fmt: skip
         write_table(pd.DataFrame(candidate_rows), folder / contracts.CANDIDATES_TABLE,
                     "candidates", metadata)  # fmt: skip
@@ -327,6 +330,8 @@ def build(
     return {"images": len(candidate_rows) // len(SETTINGS), "skipped": len(skipped)}
 
 
+#: how the report names each base
+BASE_WORDS = {"hq": "the HQ image", "pretrained": "the pretrained model's output"}
 #: the regions table inside the study's candidates folder
 REGIONS_TABLE = "regions.parquet"
 
@@ -577,14 +582,15 @@ def report(
         "local artifact, image-level Diffusion-DPO learns to produce that artifact, and "
         "instance-level DSPO, whose per-instance winners are clean, does not.",
         "",
-        "**Setup.** Per training image the candidates are the pretrained model's output plus one "
+        f"**Setup.** Per training image the candidates are {BASE_WORDS[config['base']]} plus one "
         f"planted artifact: `{CHECKER}` a checkerboard of amplitude "
         f"{config['artifact_strength']:g} (of the [0, 1] range) on the textured instances, "
         f"`{CAST}` a colour cast on the smooth instances, sized so that its whole-image squared "
         f"error is {config['image_margin']:g}x the checkerboard's. Under the study's objective "
-        "(RGB PSNR against the HQ) the image-level winner is therefore `checker` (better overall, "
-        "artifact on every textured instance) and each instance's winner is the candidate that "
-        "is clean there. The real `select` stage makes the pairs, the real `train` stage trains "
+        "(RGB PSNR against the HQ) the image-level winner is then `checker` when that ratio is "
+        "above 1 (better overall, yet with the artifact on every textured instance) and each "
+        "instance's winner is the candidate that is clean there (checked below on the pairs the "
+        "select stage actually made). The real `select` stage makes the pairs, the real `train` stage trains "
         f"both methods from the same pretrained model with the same settings and seeds {seeds}.",
         "",
         "**Measure.** On held-out images, the change of each aligned model's output over the "
@@ -592,7 +598,10 @@ def report(
         "checkerboard `(-1)^(x+y)`, or the cast direction), pooled over the pixels of textured "
         "(or smooth) instances and divided by the planted amplitude: 1 = the model adds the whole "
         "planted artifact, 0 = none, below 0 = it moves away from it. Means over seeds with "
-        f"{pct}% Student t intervals; the DPO − DSPO difference is paired by seed.",
+        f"{pct}% Student t intervals; the DPO − DSPO difference is paired by seed. The "
+        "checkerboard has period 2, so in the demo's residual pixel codec (pixel-unshuffle by 4) "
+        "it is one constant latent vector: a model can add it everywhere, and the split by "
+        "region tells whether it learnt it where it was planted or globally.",
         "",
         "**Decision rule.** Supported if Diffusion-DPO's checkerboard adoption on textured "
         f"instances has its {pct}% interval above 0, DSPO's does not, and the paired difference "

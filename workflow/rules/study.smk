@@ -162,7 +162,7 @@ rule study_train:
         objective=study_module.OBJECTIVE,
     threads: STAGE_THREADS
     resources:
-        gpu=config["gpus"]["train"],
+        gpu=STUDY["gpus"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
         "python -m pipeline train --framework {params.framework} --method {wildcards.method} "
