@@ -40,6 +40,7 @@ def test_demo_plan(tmp_path):
         "select": 1,
         "train": 3,  # dspo, dpo, sft on the fidelity objective
         "evaluate": 5,  # bicubic, pretrained and the three aligned models
+        "winrates": 1,  # the three aligned models against the pretrained one on the test set
         "report": 1,
         "all": 1,
     }
@@ -55,6 +56,7 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     # ... and one-step's ea_adam fused model and its two members
     assert jobs["evaluate"] == 2 * (2 + 5) + 1 + 3
     assert jobs["prompts"] == 2  # the training split and the test set
+    assert jobs["winrates"] == 2  # one test set per framework
 
 
 @pytest.mark.slow
