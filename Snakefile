@@ -39,6 +39,7 @@ include: "workflow/rules/select.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/winrates_inputs.smk"
 include: "workflow/rules/winrates.smk"
+include: "workflow/rules/annotate.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/study.smk"
 

@@ -62,6 +62,11 @@ ARTIFACTS = {
     "train_checkpoints": "results/checkpoints/train/{framework}/{method}/{objective}",
     "evaluation": "results/eval/{framework}/{testset}/{model}",  # EVAL_* files + images/
     "report_dir": "results/eval/{framework}",  # summary, tables, plots, report.md
+    # human evaluation (Fig. 3; pipeline/annotate, workflow/rules/annotate.smk): the votes of
+    # simulated annotators (a real round's votes come from `annotate export`), and the win-rate
+    # folder (winrates.csv/.md, bradley_terry.csv, winrates.png, summary.json)
+    "simulated_votes": "results/annotations/{framework}/votes_simulated.parquet",
+    "human_winrates": "results/annotations/{framework}/winrates",
     # win rates on a test set: its HQ segmented like the training images, then the table
     "test_hq": "results/masks/{framework}/test_{testset}_hq.parquet",  # candidates table of HQ
     "test_masks": "results/masks/{framework}/test_{testset}.zarr",

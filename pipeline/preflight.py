@@ -286,6 +286,14 @@ class _Checker:
                     f"{testset['kind']} test set; put it there or remove it from 'testsets'",
                 )  # fmt: skip
         self.local("annotations", config["annotations"], "file", "human annotation file")
+        human_eval = config["human_eval"]
+        for framework, votes in (human_eval["votes"] or {}).items():
+            self.local(f"human_eval.votes.{framework}", votes, "file",
+                       "votes table of `annotate export`")  # fmt: skip
+        metric = human_eval["simulate"]["metric"]
+        if human_eval["simulate"]["enabled"] and metric not in config["evaluate"]["metrics"]:
+            self.problem("human_eval.simulate.metric",
+                         f"{metric!r} is not in evaluate.metrics {_names(config['evaluate']['metrics'])}")  # fmt: skip
 
     def candidates(self) -> None:
         config = self.config

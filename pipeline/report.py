@@ -653,9 +653,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="winrates/{framework}/{testset}.parquet tables")  # fmt: skip
     parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
+    parser.add_argument("--human-eval", type=Path, default=None,
+                        help="an `annotate winrate` folder: report.md's Fig. 3 section")  # fmt: skip
     args = parser.parse_args(argv)
     summary = report(args.evaluations, args.out, settings.cli_config(args.config), args.seed,
                      args.provenance, args.framework, args.curves, args.win_rates)  # fmt: skip
+    if args.human_eval is not None:  # the human evaluation (maybe SIMULATED) closes the report
+        from pipeline.annotate.report_section import append_to_report
+
+        append_to_report(args.out / "report.md", args.human_eval)
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0
 

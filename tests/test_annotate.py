@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.annotate import tasks, winrates
+from pipeline.annotate import report_section, tasks, winrates
+from pipeline.annotate.cli import SIMULATED_AT, WINRATE_FILES
 from pipeline.annotate.cli import main as annotate
 from pipeline.annotate.store import Store, db_path
 from pipeline.annotate.synthetic import write_synthetic_results
@@ -352,3 +353,92 @@ def test_simulated_votes_follow_the_metric_and_are_labelled(results, tmp_path):
     assert (out / "winrates.png").stat().st_size > 0
     table = pd.read_csv(out / "winrates.csv")
     assert table["simulated"].all() and (table["boot_low"] <= table["win_rate"]).all()
+
+
+# ---------------------------------------------------------------- the workflow's rules
+
+
+def simulate_and_winrate(results: Path, folder: Path, *extra: str) -> dict[str, bytes]:
+    """What annotate_simulate and annotate_winrate write (their CLI calls), by file name."""
+    votes, out = folder / "votes_simulated.parquet", folder / "winrates"
+    assert annotate(["simulate", "--results", str(results), "--framework", FRAMEWORK,
+                     "--testset", f"synthetic={results / 'data/test'}", "--seed", "0",
+                     "--out", str(votes), *extra]) == 0  # fmt: skip
+    assert annotate(["winrate", "--votes", str(votes), "--out-dir", str(out), "--seed", "0",
+                     "--bootstrap", "200", "--bt-bootstrap", "20"]) == 0  # fmt: skip
+    files = {"votes": votes.read_bytes()}
+    files.update((name, (out / name).read_bytes()) for name in WINRATE_FILES)
+    return files
+
+
+def test_winrate_rule_outputs_are_deterministic_and_follow_the_settings(results, tmp_path):
+    first = simulate_and_winrate(results, tmp_path / "run")
+    again = simulate_and_winrate(results, tmp_path / "run")  # a rerun over the same paths
+    assert again == first  # byte-identical votes, tables, markdown, plot and summary
+    votes = read_table(tmp_path / "run/votes_simulated.parquet", "votes")
+    assert (votes["shown_at"] == SIMULATED_AT).all()
+    assert (votes["answered_at"] == SIMULATED_AT).all()
+    summary = json.loads(first["summary.json"])
+    assert summary["simulated"] and summary["simulation"]["noise"] == 0.2
+    for extra in (("--noise", "0.6"), ("--annotators", "2")):
+        changed = simulate_and_winrate(results, tmp_path / "run", *extra)
+        assert changed["votes"] != first["votes"], extra
+        assert changed["winrates.csv"] != first["winrates.csv"], extra
+    fewer = read_table(tmp_path / "run/votes_simulated.parquet", "votes")
+    assert set(fewer["annotator"]) == {"simulated-1", "simulated-2"}
+
+
+def test_report_section_shows_the_plot_and_table_and_says_simulated(results, tmp_path):
+    simulate_and_winrate(results, tmp_path / "run")
+    report_md = tmp_path / "eval/report.md"
+    report_md.parent.mkdir()
+    report_md.write_text("# Report\n\nearlier sections\n")
+    assert report_section.append_to_report(report_md, tmp_path / "run/winrates") == [
+        report_section.PLOT_NAME
+    ]
+    text = report_md.read_text()
+    assert text.startswith("# Report\n\nearlier sections\n")
+    assert "## Human evaluation (Fig. 3) — SIMULATED" in text and "**SIMULATED annotators" in text
+    assert f"]({report_section.PLOT_NAME})" in text
+    assert (report_md.parent / report_section.PLOT_NAME).read_bytes() == (
+        tmp_path / "run/winrates/winrates.png"
+    ).read_bytes()
+    rates = pd.read_csv(tmp_path / "run/winrates/winrates.csv")
+    assert len(rates) == 3 and "| synthetic | dspo_fidelity | pretrained |" in text
+    # real votes: no SIMULATED anywhere
+    human = votes_frame([(who, 1, "s", f"i{i}", "dspo_x", "pretrained", answer, False, False)
+                         for who in ("ann", "bob") for i, answer in enumerate(
+                             ["left", "right", "tie", "left"])])  # fmt: skip
+    write_table(human, tmp_path / "human.parquet", "votes")
+    assert annotate(["winrate", "--votes", str(tmp_path / "human.parquet"), "--out-dir",
+                     str(tmp_path / "human"), "--bootstrap", "100", "--bt-bootstrap", "10"]) == 0  # fmt: skip
+    section = report_section.section(tmp_path / "human")
+    assert "SIMULATED" not in section and "Votes of 2 annotators" in section
+
+
+def test_browser_tests_fail_without_chromium_and_skip_only_when_told(monkeypatch):
+    from tests import test_annotate_browser as browser
+
+    monkeypatch.setattr(browser, "CHROMIUM", Path("/nonexistent/chromium"))
+    reason = browser.missing_browser()
+    assert reason and "apt-get install -y chromium" in reason
+    assert f"{browser.SKIP_VARIABLE}=1" in reason
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "tests/test_annotate_browser.py")],
+        cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, browser.SKIP_VARIABLE: "1"},
+    )  # fmt: skip
+    assert result.returncode == 0 and "1 skipped" in result.stdout, result.stdout[-2000:]
+    assert f"{browser.SKIP_VARIABLE}=1 skips the browser tests" in result.stdout
+
+
+def test_preflight_names_missing_votes_and_an_unevaluated_simulation_metric(tmp_path):
+    from pipeline import preflight
+
+    config = {"human_eval": {"votes": {"onestep": "nope.parquet"}, "simulate": {"metric": "x"}},
+              "evaluate": {"metrics": ["psnr"]}}  # fmt: skip
+    with pytest.raises(preflight.PreflightError) as error:
+        preflight.check(config, tmp_path)
+    assert "human_eval.votes.onestep" in str(error.value)
+    assert "human_eval.simulate.metric" in str(error.value)

@@ -24,14 +24,38 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 #: where screenshots are copied as well (optional; the test's tmp folder always has them)
 SHOTS = os.environ.get("DSPO_SCREENSHOTS")
 
+#: the only way to skip these tests: ``DSPO_SKIP_BROWSER_TESTS=1`` (a missing chromium or
+#: Playwright is a failure saying what to install, never a silent skip)
+SKIP_VARIABLE = "DSPO_SKIP_BROWSER_TESTS"
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
     pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)",
+        os.environ.get(SKIP_VARIABLE) == "1", reason=f"{SKIP_VARIABLE}=1 skips the browser tests"
     ),
 ]
+
+
+def missing_browser() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not CHROMIUM.exists():
+        return (f"Debian's chromium is not at {CHROMIUM}: `apt-get install -y chromium` (as "
+                f".ci/run does), or set {SKIP_VARIABLE}=1 to skip the browser tests")  # fmt: skip
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return (f"Playwright for Python is not installed: `pip install -e \".[test]\"`, or set "
+                f"{SKIP_VARIABLE}=1 to skip the browser tests")  # fmt: skip
+    return None
+
+
+@pytest.fixture(autouse=True)
+def browser_available():
+    """Fail (not skip) when the browser cannot run, unless the skip variable says so."""
+    reason = missing_browser()
+    if reason:
+        pytest.fail(reason, pytrace=False)
 
 
 def shot(page, tmp_path: Path, name: str) -> Path:

@@ -41,6 +41,8 @@ def test_demo_plan(tmp_path):
         "train": 3,  # dspo, dpo, sft on the fidelity objective
         "evaluate": 5,  # bicubic, pretrained and the three aligned models
         "winrates": 1,  # the three aligned models against the pretrained one on the test set
+        "annotate_simulate": 1,  # simulated votes (human_eval: no votes file) ...
+        "annotate_winrate": 1,  # ... and their Fig. 3 win rates for the report
         "report": 1,
         "all": 1,
     }
@@ -57,6 +59,7 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     assert jobs["evaluate"] == 2 * (2 + 5) + 1 + 3
     assert jobs["prompts"] == 2  # the training split and the test set
     assert jobs["winrates"] == 2  # one test set per framework
+    assert jobs["annotate_simulate"] == jobs["annotate_winrate"] == 2  # Fig. 3, per framework
 
 
 @pytest.mark.slow

@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline import contracts
 from pipeline.annotate import export as export_module
 from pipeline.annotate import winrates
 from pipeline.annotate.store import Store, db_path
@@ -22,12 +22,18 @@ from pipeline.annotate.tasks import (
     compare_tasks,
     default_focus,
     evaluated_models,
+    evaluation_dir,
     instance_tasks,
 )
-from pipeline.io.tables import SCHEMAS, read_table, write_table
+from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from pipeline.seeding import numpy_rng
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: ``shown_at`` and ``answered_at`` of every simulated vote: a fixed stamp (the Unix epoch), so
+#: that a rerun with the same settings writes byte-identical votes and win-rate tables
+SIMULATED_AT = pd.Timestamp(0, unit="s", tz="UTC")
+#: what ``annotate winrate`` writes into ``--out-dir`` (the ``human_winrates`` artifact)
+WINRATE_FILES = ("winrates.csv", "bradley_terry.csv", "winrates.md", "winrates.png", "summary.json")
 
 
 def parse_testsets(values: list[str] | None, config: Path | None) -> dict[str, str]:
@@ -144,6 +150,16 @@ def winrate(args: argparse.Namespace) -> int:
     tables["Bradley-Terry scores"].to_csv(out / "bradley_terry.csv", index=False)
     (out / "winrates.md").write_text(winrates.markdown(tables, simulated))
     winrates.plot_win_rates(rates, out / "winrates.png")
+    metadata = read_metadata(args.votes)
+    summary = {
+        "simulated": simulated,
+        "votes": str(args.votes),
+        "n_votes": len(votes),
+        "annotators": sorted(map(str, set(votes["annotator"]))),
+        "rounds": sorted(int(r) for r in set(votes["round"])),
+        "simulation": metadata.get("simulation") if simulated else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(json.dumps({"pairs": len(rates), "simulated": simulated}), file=sys.stderr)
     return 0
 
@@ -159,7 +175,9 @@ def simulated_answer(scores: dict[str, float], left: str, right: str, lower_bett
 def simulate(args: argparse.Namespace) -> int:
     """Votes of ``--annotators`` simulated annotators over ``--rounds`` rounds: the answer the
     metric prefers (HQ always wins gold pairs), replaced with probability ``--noise`` by a
-    uniformly drawn one. Every row has ``simulated = true``."""
+    uniformly drawn one. Every row has ``simulated = true`` and the fixed stamp
+    :data:`SIMULATED_AT`; all draws are seeded by ``--seed`` (pipeline.seeding), so the same
+    settings give the same bytes."""
     results = Path(args.results)
     testsets = parse_testsets(args.testset, args.configfile)
     if not testsets:
@@ -167,7 +185,7 @@ def simulate(args: argparse.Namespace) -> int:
     metrics = {}
     for name in testsets:
         for model in evaluated_models(results, args.framework, name):
-            path = results / "eval" / args.framework / name / model / "metrics.parquet"
+            path = evaluation_dir(results, args.framework, name, model) / contracts.EVAL_METRICS
             table = read_table(path, "eval_metrics")
             table = table[table["metric"] == args.metric]
             if table.empty:
@@ -178,7 +196,7 @@ def simulate(args: argparse.Namespace) -> int:
                     bool(row.lower_better),
                 )
     rows = []
-    stamp = pd.Timestamp(datetime.now(UTC))
+    stamp = SIMULATED_AT
     for round_number in range(1, args.rounds + 1):
         args.round = round_number
         settings = round_settings(args, results, testsets)
@@ -199,9 +217,13 @@ def simulate(args: argparse.Namespace) -> int:
                              task.right, answer, task.repeated, task.gold, True, stamp, stamp))  # fmt: skip
     out = Path(args.out or results / "annotations" / args.framework / "votes_simulated.parquet")
     frame = pd.DataFrame(rows, columns=SCHEMAS["votes"].names)
+    simulation = {"annotators": args.annotators, "rounds": args.rounds, "noise": args.noise,
+                  "metric": args.metric, "repeat_fraction": args.repeat_fraction,
+                  "gold": args.gold, "seed": args.seed}  # fmt: skip
     write_table(
-        frame, out, "votes", {"simulated": True, "noise": args.noise, "metric": args.metric}
-    )
+        frame, out, "votes",
+        {"simulated": True, "noise": args.noise, "metric": args.metric, "simulation": simulation},
+    )  # fmt: skip
     print(json.dumps({"votes": len(frame), "out": str(out), "simulated": True}), file=sys.stderr)
     return 0
 

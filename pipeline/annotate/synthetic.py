@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import contracts
+from pipeline.annotate.tasks import evaluation_dir
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import SCHEMAS, write_table
@@ -106,7 +108,7 @@ def write_synthetic_results(
         "instances",
     )
     for index, model in enumerate(models):
-        out = root / "eval" / framework / testset / model
+        out = evaluation_dir(root, framework, testset, model)
         rows = []
         for image_id, hq in test.items():
             sr = noisy(hq, rng, 20.0 - 5.0 * index)
@@ -116,7 +118,7 @@ def write_synthetic_results(
             rows.append((testset, model, image_id, "psnr", psnr, False))
         write_table(
             pd.DataFrame(rows, columns=SCHEMAS["eval_metrics"].names),
-            out / "metrics.parquet",
+            out / contracts.EVAL_METRICS,
             "eval_metrics",
         )
     return root

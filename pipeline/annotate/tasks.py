@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
+from pipeline import contracts
 from pipeline.io.tables import read_table
 from pipeline.io.testsets import load_testset
 from pipeline.seeding import numpy_rng
@@ -150,9 +151,16 @@ def testset_kind(path: str | Path) -> str:
     return "synthetic" if (Path(path) / "pairs.parquet").is_file() else "paired"
 
 
+def evaluation_dir(results: str | Path, framework: str, testset: str, model: str) -> Path:
+    """The evaluate stage's folder of (framework, test set, model): the contracts' artifact
+    ``evaluation``, with ``results`` in place of its leading ``results/`` (the workflow's root)."""
+    path = Path(contracts.artifact("evaluation", framework=framework, testset=testset, model=model))
+    return Path(results).joinpath(*path.parts[1:])
+
+
 def evaluated_models(results: Path, framework: str, testset: str) -> list[str]:
     """Models with SR outputs of a test set (folders ``eval/{F}/{testset}/*/images``)."""
-    folder = results / "eval" / framework / testset
+    folder = evaluation_dir(results, framework, testset, "_").parent
     return sorted(p.parent.name for p in folder.glob("*/images") if p.is_dir())
 
 
@@ -175,7 +183,8 @@ def base_pairs(settings: RoundSettings, results: Path, framework: str) -> list[d
         absent = sorted(set(models) - set(found))
         if absent:
             raise TaskError(
-                f"{results / 'eval' / framework / testset}: no SR outputs of models {absent} "
+                f"{evaluation_dir(results, framework, testset, '_').parent}: no SR outputs of "
+                f"models {absent} "
                 f"(found {found})"
             )
         if len(models) < 2:
@@ -189,10 +198,10 @@ def base_pairs(settings: RoundSettings, results: Path, framework: str) -> list[d
             else list(combinations(sorted(models), 2))
         )
         images = {i.image_id: i for i in load_testset(testset_kind(path), path)}
-        outputs = results / "eval" / framework / testset
+        outputs = evaluation_dir(results, framework, testset, "_").parent
 
-        def sr(model: str, image_id: str, outputs: Path = outputs) -> Path:
-            return outputs / model / "images" / f"{image_id}.png"
+        def sr(model: str, image_id: str, testset: str = testset) -> Path:
+            return evaluation_dir(results, framework, testset, model) / "images" / f"{image_id}.png"
 
         ids = [i for i in sorted(images) if all(sr(m, i).is_file() for m in models)]
         if not ids:

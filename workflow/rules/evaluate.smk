@@ -45,6 +45,8 @@ rule report:
         provenance=get_provenance,
         aligned=get_aligned_with_curves,
         win_rates=get_win_rates,
+        # annotate.smk: the Fig. 3 win rates (maybe simulated; none without votes)
+        human_eval=lambda wildcards: HUMAN_WINRATES[wildcards.framework],
     output:
         summary=f"{REPORT_DIR}/summary.parquet",
         tables=report(
@@ -79,9 +81,10 @@ rule report:
         config_file=job_config_file("report"),
         provenance=get_provenance_files,
         curves=get_train_curves,
+        human_eval=lambda w: " ".join(f"--human-eval {d}" for d in HUMAN_WINRATES[w.framework]),
         seed=config["seed"],
     shell:
         "python -m pipeline report --evaluations {input.evaluations} --out {params.out_dir} "
         "--provenance {params.provenance} --framework {wildcards.framework} "
-        "--curves {params.curves} --win-rates {input.win_rates} "
+        "--curves {params.curves} --win-rates {input.win_rates} {params.human_eval} "
         "--config {params.config_file} --seed {params.seed} > {log} 2>&1"

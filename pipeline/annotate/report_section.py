@@ -1,0 +1,87 @@
+"""The report's "Human evaluation (Fig. 3)" section, from an ``annotate winrate`` folder.
+
+:func:`append_to_report` copies the Fig. 3 bar plot beside ``report.md`` (as
+:data:`PLOT_NAME`, so the link is relative to the report) and appends the section: where the
+votes came from, the focus model's win rates with their Wilson and bootstrap 95% intervals,
+and the Bradley–Terry scores. Simulated votes (``annotate simulate``) are said to be SIMULATED
+in the heading, in a banner naming the simulation's settings, and in the plot's title.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.io.atomic import atomic_path
+
+#: the plot's name beside report.md
+PLOT_NAME = "human_winrates.png"
+WINRATE_COLUMNS = ["testset", "model", "opponent", "n", "win_rate", "wilson_low", "wilson_high",
+                   "boot_low", "boot_high"]  # fmt: skip
+BT_COLUMNS = ["testset", "model", "reference", "score", "boot_low", "boot_high", "n"]
+
+
+def _table(frame: pd.DataFrame) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    return "\n".join(lines)
+
+
+def section(winrate_dir: str | Path, plot: str | None = PLOT_NAME) -> str:
+    """The section's markdown from ``winrate_dir`` (``winrates.csv``, ``bradley_terry.csv``,
+    ``summary.json``); ``plot``: the plot's path relative to the report (None: no image)."""
+    folder = Path(winrate_dir)
+    rates = pd.read_csv(folder / "winrates.csv")
+    scores = pd.read_csv(folder / "bradley_terry.csv")
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    simulated = bool(summary.get("simulated", False)) or bool(rates["simulated"].any())
+    title = "## Human evaluation (Fig. 3)" + (" — SIMULATED" if simulated else "")
+    lines = [title, ""]
+    if simulated:
+        setup = summary.get("simulation") or {}
+        detail = ", ".join(f"{key} {setup[key]}" for key in sorted(setup))
+        lines += [
+            "**SIMULATED annotators, not human judgements**: the votes were made by `annotate "
+            "simulate` from the evaluation metric" + (f" ({detail})" if detail else "")
+            + "; they show the Fig. 3 layout, not what people prefer. Real votes: "
+            "`human_eval.votes` in the config (docs/annotation.md).",
+            "",
+        ]  # fmt: skip
+    else:
+        lines += [f"Votes of {len(summary.get('annotators', []))} annotators over rounds "
+                  f"{summary.get('rounds', [])} (`{summary.get('votes', '?')}`).", ""]  # fmt: skip
+    lines += ["Win rate: wins plus half the ties (both bad counts as a tie) over all answers; "
+              "Wilson and (annotator, round) cluster bootstrap 95% intervals; gold pairs and "
+              f"repeats left out. All tables in `{folder}`.", ""]  # fmt: skip
+    if plot:
+        lines += [f"![human win rates{' (SIMULATED)' if simulated else ''}]({plot})", ""]
+    lines += ["### Win rates" + (" (SIMULATED)" if simulated else ""), "",
+              _table(rates[WINRATE_COLUMNS]), ""]  # fmt: skip
+    lines += ["### Bradley–Terry scores" + (" (SIMULATED)" if simulated else ""), "",
+              _table(scores[BT_COLUMNS]), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def append_to_report(report_md: str | Path, winrate_dir: str | Path) -> list[str]:
+    """Copy the plot beside ``report_md`` and append the section; returns the files written."""
+    report_md = Path(report_md)
+    folder = Path(winrate_dir)
+    written = []
+    plot = None
+    if (folder / "winrates.png").is_file():
+        with atomic_path(report_md.parent / PLOT_NAME) as temporary:
+            shutil.copyfile(folder / "winrates.png", temporary)
+        plot = PLOT_NAME
+        written.append(PLOT_NAME)
+    text = report_md.read_text(encoding="utf-8")
+    with atomic_path(report_md) as temporary:
+        temporary.write_text(text.rstrip("\n") + "\n\n" + section(folder, plot) + "\n",
+                             encoding="utf-8")  # fmt: skip
+    return written
