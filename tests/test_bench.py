@@ -175,13 +175,19 @@ def test_bench_train_step_memory_and_check(capsys):
 
     argv = ["--size", "16", "--batch", "1", "--instances", "2", "--candidates", "3"]
     argv += ["--repeats", "1", "--warmup", "0", "--check", "--target", "naive_over_dspo=1e9"]
-    argv += ["--target", "dspo_over_scaled_dpo=1e9"]  # always met: only the first can fail
+    argv += ["--target", "dspo_over_scaled_dpo=1e9", "--target", "two_pass_over_one_pass=1e9"]
+    argv += ["--target", "two_pass_memory_over_one_candidate=1e9"]  # only the first can fail
     status, report = run_bench(train_step, argv, capsys)
     assert status == 1 and report["failed"] == ["naive_over_dspo"]
     check_report(report, list(train_step.METHODS), 1)
-    assert set(report["ratios"]) == {"naive_over_dspo", "dspo_over_dpo", "dspo_over_scaled_dpo"}
+    assert set(report["ratios"]) == {
+        "naive_over_dspo", "dspo_over_dpo", "dspo_over_scaled_dpo", "two_pass_over_one_pass"
+    }  # fmt: skip
     saved = report["saved_for_backward_bytes"]
-    assert set(saved) == set(train_step.METHODS)
+    assert set(saved) == {*train_step.METHODS, "one_candidate_forward"}
+    # two-pass: the activations of one candidate per LQ, like SFT's single winner
+    assert saved["dspo_two_pass"] == pytest.approx(saved["one_candidate_forward"], rel=0.01)
+    assert saved["dspo_two_pass"] == pytest.approx(saved["sft"], rel=0.01)
     # candidates forwarded with gradients: sft 1, dpo 2, dspo and dro the distinct ones (3 here),
     # naive 2 per instance
     assert 0 < saved["sft"] < saved["dpo"] < saved["dspo"] < saved["naive"]

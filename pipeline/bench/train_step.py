@@ -9,7 +9,9 @@
 - ``naive``: the same loss with one policy and one reference forward per instance
   (:func:`instance_loop_loss`);
 - ``dpo``: a Diffusion-DPO step on the same LQs (one winner/loser pair each);
-- ``dro``: the DRO loss on DSPO's instance pairs; ``sft``: the winner only, no reference.
+- ``dro``: the DRO loss on DSPO's instance pairs; ``sft``: the winner only, no reference;
+- ``dspo_two_pass``: DSPO with ``train.memory: two_pass`` (pass 1 without gradients, then one
+  candidate per LQ at a time with gradients; :mod:`pipeline.training.step`).
 
 One step of each method per round, rounds interleaved (:mod:`pipeline.bench.timing`).
 ``seconds`` gives each method's min / median / IQR / range; ``ratios`` are per-round ratios.
@@ -20,7 +22,11 @@ Targets (``--check`` exits 1 if one fails), on the per-round ratios' medians, at
 
 - ``naive_over_dspo >= 3``: the shared forwards are at least 3x faster than the naive loop;
 - ``dspo_over_scaled_dpo <= 1.1``: a DSPO step costs at most 1.1 x (distinct candidates / 2)
-  DPO steps (DSPO forwards every distinct candidate, DPO two).
+  DPO steps (DSPO forwards every distinct candidate, DPO two);
+- ``two_pass_over_one_pass <= 1.6``: the two-pass step's time over the one-pass step's;
+- ``two_pass_memory_over_one_candidate <= 1.1``: the two-pass step's peak saved bytes over
+  those of one candidate's forward (one target per LQ of the batch): memory no longer grows
+  with the number of candidates.
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ from pipeline.training.items import LoadedItem, PreferenceItem
 from pipeline.training.step import (
     Conditions,
     PolicyErrors,
+    backward_one_candidate_at_a_time,
     batch_loss,
     draw_conditions,
+    error_map_gradients,
     error_maps_batched,
     lq_loss,
     reference_errors,
@@ -143,7 +151,7 @@ def sft_batch(dpo: Sequence[LoadedItem]) -> list[LoadedItem]:
     ]
 
 
-METHODS = ("dspo", "naive", "dpo", "sft", "dro")
+METHODS = ("dspo", "naive", "dpo", "sft", "dro", "dspo_two_pass")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,12 +196,27 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    steps = {method: step(losses[method]) for method in dict.fromkeys(args.methods)}
+    def two_pass_step():
+        optimizer.zero_grad(set_to_none=True)
+        _, _, gradients = error_map_gradients(model, dspo, conditions, "dspo", config)
+        backward_one_candidate_at_a_time(
+            policy, dspo, conditions, gradients, lambda loss: loss.backward()
+        )
+        optimizer.step()
+
+    steps = {
+        method: two_pass_step if method == "dspo_two_pass" else step(losses[method])
+        for method in dict.fromkeys(args.methods)
+    }
     times = timing.interleave(steps, args.repeats, args.warmup)
     parameters = list(model.parameters())
     saved = {
         method: timing.saved_tensor_peak(run, exclude=parameters) for method, run in steps.items()
     }
+    one_each = [LoadedItem(e.item, e.lq, e.targets[:1], e.masks) for e in dspo]
+    saved["one_candidate_forward"] = timing.saved_tensor_peak(
+        lambda: policy(one_each, conditions), exclude=parameters
+    )
 
     distinct = [len(entry.item.candidates) for entry in dspo]
     distinct_mean = sum(distinct) / len(distinct)
@@ -221,6 +244,28 @@ def main(argv: list[str] | None = None) -> int:
                 "<=",
                 1.1,
                 "DSPO step <= 1.1 x (distinct candidates / 2) x DPO step",
+            )
+        )
+    if {"dspo", "dspo_two_pass"} <= times.keys():
+        ratios["two_pass_over_one_pass"] = timing.paired_ratio(
+            times["dspo_two_pass"], times["dspo"]
+        )
+        targets.append(
+            timing.Target(
+                "two_pass_over_one_pass",
+                ratios["two_pass_over_one_pass"]["median"],
+                "<=",
+                1.6,
+                "two-pass DSPO step at most 1.6 x the one-pass step's time",
+            )
+        )
+        targets.append(
+            timing.Target(
+                "two_pass_memory_over_one_candidate",
+                saved["dspo_two_pass"] / saved["one_candidate_forward"],
+                "<=",
+                1.1,
+                "two-pass DSPO saves at most 1.1 x one candidate's forward for backward",
             )
         )
     result = {

@@ -224,8 +224,9 @@ def batch_loss(
 # The loss depends on the policy only through its error maps, so
 #   dL/dθ = Σ_n Σ_pixels dL/d err_n · d err_n/dθ.
 # Pass 1 runs the policy without gradients and differentiates the loss with respect to the maps
-# (small tensors); pass 2 re-runs one candidate at a time with gradients and back-propagates
-# (err_n · dL/d err_n).sum(): the same gradient with one candidate's activations alive.
+# (small tensors); pass 2 re-runs one candidate per LQ at a time with gradients and
+# back-propagates (err_n · dL/d err_n).sum(): the same gradient with the activations of one
+# candidate per LQ alive, however many candidates an LQ has.
 
 
 def uses_two_pass(config: TrainConfig, loaded: Sequence[LoadedItem], device: torch.device) -> bool:
@@ -269,16 +270,24 @@ def backward_one_candidate_at_a_time(
     hold_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     sync_at_end: bool = True,
 ) -> None:
-    """Pass 2: for every LQ and distinct candidate, the policy's error map with gradients and
-    ``backward((map * its gradient).sum())``. ``hold_sync`` (e.g. accelerate's ``no_sync``)
-    wraps every backward but the last (and the last too unless ``sync_at_end``), so DDP
-    all-reduces once per optimizer step."""
-    jobs = [(i, n) for i, entry in enumerate(loaded) for n in range(entry.targets.shape[0])]
-    for count, (i, n) in enumerate(jobs):
-        entry = loaded[i]
-        one = LoadedItem(entry.item, entry.lq, entry.targets[n : n + 1], entry.masks)
-        syncs = sync_at_end and count == len(jobs) - 1
+    """Pass 2: for each candidate slot ``n``, the policy's error maps of every LQ's ``n``-th
+    distinct candidate with gradients (one batched forward: one target per LQ, whatever the
+    number of candidates) and ``backward(sum_i (map_i * its gradient).sum())``. ``hold_sync``
+    (e.g. accelerate's ``no_sync``) wraps every backward but the last (and the last too unless
+    ``sync_at_end``), so DDP all-reduces once per optimizer step."""
+    slots = max(entry.targets.shape[0] for entry in loaded)
+    for n in range(slots):
+        rows = [i for i, entry in enumerate(loaded) if entry.targets.shape[0] > n]
+        ones = [
+            LoadedItem(loaded[i].item, loaded[i].lq, loaded[i].targets[n : n + 1], loaded[i].masks)
+            for i in rows
+        ]
+        syncs = sync_at_end and n == slots - 1
         with contextlib.nullcontext() if syncs or hold_sync is None else hold_sync():
             with autocast() if autocast is not None else contextlib.nullcontext():
-                maps = policy([one], [conditions[i]])[0]
-            backward((maps * gradients[i][n : n + 1].to(maps.dtype)).sum())
+                maps = policy(ones, [conditions[i] for i in rows])
+            total = sum(
+                (m * gradients[i][n : n + 1].to(m.dtype)).sum()
+                for m, i in zip(maps, rows, strict=True)
+            )
+            backward(total)
