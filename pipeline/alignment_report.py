@@ -55,11 +55,15 @@ def plot_curves(curves: pd.DataFrame, path: str | Path, title: str) -> None:
                 if len(part):
                     ax.plot(part["step"], part[key], style, markersize=3,
                             label=f"{split} ({int(part['items'].iloc[0])} LQs)")  # fmt: skip
+            if frame[key].isna().all():  # sft: no loser and no reference, no margin
+                ax.text(0.5, 0.5, "undefined (no loser / reference)", ha="center",
+                        va="center", transform=ax.transAxes, fontsize="small")  # fmt: skip
             ax.set_title(f"{model}: {label}", fontsize="small")
             ax.set_xlabel("optimizer step")
             if key == "margin":
                 ax.axhline(0.0, color="grey", linewidth=0.5)
-            ax.legend(fontsize="x-small")
+            if ax.get_legend_handles_labels()[0] and not frame[key].isna().all():
+                ax.legend(fontsize="x-small")
     figure.suptitle(title)
     figure.tight_layout()
     _save(figure, Path(path))
