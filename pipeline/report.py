@@ -633,7 +633,6 @@ def report(
         with atomic_path(out_dir / "report.md") as temporary:
             temporary.write_text(text + "\n" + front_text + "\n", encoding="utf-8")
     alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
-    alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
     return summary
 
 
