@@ -204,11 +204,17 @@ def plant(
     return to_uint8, amplitude
 
 
+#: PSNR's squared-error floor: an instance equal to the HQ scores 100 dB, not infinity (select
+#: normalises scores across candidates and cannot subtract infinities)
+MSE_FLOOR = 1e-10
+
+
 def psnr(image: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """RGB PSNR in dB of uint8 images (data range 1) under ``mask`` (None: the whole image)."""
+    """RGB PSNR in dB of uint8 images (data range 1) under ``mask`` (None: the whole image),
+    at most 100 dB (:data:`MSE_FLOOR`)."""
     error = (unit(image) - unit(reference)) ** 2
     mse = float(error[mask].mean() if mask is not None else error.mean())
-    return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
+    return float(10.0 * np.log10(1.0 / max(mse, MSE_FLOOR)))
 
 
 def score_rows(

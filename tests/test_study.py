@@ -49,6 +49,17 @@ def pairs_of(image_id, candidates, hq, label_map):
     return chosen[whole].iloc[0], chosen[~whole], scores
 
 
+def test_candidates_on_the_hq_give_pairs_under_the_real_select_logic():
+    """With the HQ as base a clean instance has zero error: PSNR stays finite (100 dB) so
+    select's min-max normalisation gives every instance a pair."""
+    hq, label_map, _ = scene()
+    masks = study.kind_masks(label_map, study.region_kinds(study.unit(hq), label_map, 0.5))
+    candidates, _ = study.plant(hq, masks, 0.08, 2.0)
+    image_pair, instance_pairs, scores = pairs_of("a", candidates, hq, label_map)
+    assert scores["value"].max() == pytest.approx(100.0)
+    assert image_pair["winner"] == study.CHECKER and len(instance_pairs) == 4
+
+
 def test_regions_split_by_the_hq_texture():
     hq, label_map, *_ = scene()
     kinds = study.region_kinds(study.unit(hq), label_map, 0.5)
