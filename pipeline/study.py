@@ -108,12 +108,17 @@ def job_file(job_dir: str | Path, name: str, payload: Mapping[str, Any]) -> tupl
     return text, str(target)
 
 
+#: the study keys that only the train jobs (and the rules' job lists) read
+TRAIN_KEYS = ("train", "gpus", "seeds", "methods")
+
+
 def rule_jobs(config: Mapping[str, Any], job_dir: str | Path) -> dict[str, tuple[str, str]]:
     """Every study rule's settings (:func:`job_file`), by job: ``study``, ``segment``,
     ``prompts``, ``select`` and ``train_{method}``."""
     study = study_settings(config)
     jobs = {
-        "study": study,
+        # build, measure and report: not the keys of the train jobs (those rerun what they change)
+        "study": {k: v for k, v in study.items() if k not in TRAIN_KEYS},
         "segment": segment_settings(config),
         "prompts": settings.job_settings(config, "prompts"),
         "select": select_settings(config),

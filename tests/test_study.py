@@ -191,3 +191,12 @@ def test_study_artifacts_are_contract_paths():
     assert contracts.artifact("study_pairs", level="_image").endswith(
         f"{study.OBJECTIVE}_image.parquet"
     )
+
+
+def test_train_overrides_rerun_the_train_jobs_only(tmp_path):
+    plain = study.rule_jobs({}, tmp_path)
+    changed = study.rule_jobs({"study": {"train": {"beta": 80.0}, "seeds": [5, 6, 7]}}, tmp_path)
+    assert plain["study"] == changed["study"] and plain["select"] == changed["select"]
+    assert plain["train_dpo"] != changed["train_dpo"]
+    assert '"beta":80.0' in changed["train_dspo"][0]
+    assert (tmp_path / changed["train_dpo"][1].split("/")[-1]).is_file()
