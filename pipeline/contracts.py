@@ -72,9 +72,6 @@ ARTIFACTS = {
     "test_masks": "results/masks/{framework}/test_{testset}.zarr",
     "test_instances": "results/masks/{framework}/test_{testset}_instances.parquet",
     "win_rates": "results/winrates/{framework}/{testset}.parquet",
-}
-#: files inside the folder artifacts
-DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
     # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test)
     "study_masks": "results/study/masks/{split}.zarr",
     "study_instances": "results/study/masks/{split}_instances.parquet",
@@ -88,6 +85,9 @@ DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
     "study_adoption": "results/study/adoption.parquet",
     "study_report": "results/study/report.md",
     "study_plot": "results/study/adoption.png",
+}
+#: files inside the folder artifacts
+DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
 CANDIDATES_TABLE = "candidates.parquet"  # candidates/{framework}: table candidates
 EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
 EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)
@@ -104,7 +104,6 @@ FRONT_OBJECTIVE = "front"
 POPULATION_TABLE = "population.parquet"
 POPULATION_STATE = "population.safetensors"
 MEMBERS_DIR = "members"  # members/{i}/: member i, a save_pretrained folder
-
 
 
 class _KeepMissing(dict):

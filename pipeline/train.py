@@ -53,7 +53,15 @@ from pipeline.training.run import (
     step_slots,
     trainable_names,
 )
-from pipeline.training.step import STAGE, PolicyErrors, batch_loss, draw_conditions
+from pipeline.training.step import (
+    STAGE,
+    PolicyErrors,
+    backward_one_candidate_at_a_time,
+    batch_loss,
+    draw_conditions,
+    error_map_gradients,
+    uses_two_pass,
+)
 
 LOG_COLUMNS = ("step", "loss", *losses.STAT_KEYS, "lr", "grad_norm")
 #: the module of each method loop other than this file's (``contracts.Method.loop``); each has a
@@ -143,16 +151,16 @@ class Trainer:
         for micro in range(config.gradient_accumulation_steps):
             loaded, conditions = self.micro_batch(step, micro, slots)
             sync = micro == config.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(self.policy):
-                loss, stats = batch_loss(
-                    self.policy, self.model, loaded, conditions, self.method, config,
-                    autocast=accelerator.autocast,
-                )  # fmt: skip
-                checkpoints.check_finite(
-                    accelerator, loss, f"non-finite loss at step {step + 1} "
-                    f"(images {[e.item.image_id for e in loaded]}); {self.stopped()}",
-                )  # fmt: skip
-                accelerator.backward(loss / config.gradient_accumulation_steps)
+            if uses_two_pass(config, loaded, accelerator.device):
+                loss, stats = self.two_pass(step, loaded, conditions, sync)
+            else:
+                with contextlib.nullcontext() if sync else accelerator.no_sync(self.policy):
+                    loss, stats = batch_loss(
+                        self.policy, self.model, loaded, conditions, self.method, config,
+                        autocast=accelerator.autocast,
+                    )  # fmt: skip
+                    self.check_loss(step, loss, loaded)
+                    accelerator.backward(loss / config.gradient_accumulation_steps)
             totals += torch.tensor(
                 [float(loss.detach()), *(stats[k] for k in losses.STAT_KEYS)], dtype=torch.float64
             )
@@ -175,6 +183,28 @@ class Trainer:
         )
         row = dict(zip(("loss", *losses.STAT_KEYS), means, strict=True))
         return {"step": step + 1, **row, "lr": lr, "grad_norm": grad_norm}
+
+    def check_loss(self, step: int, loss: torch.Tensor, loaded: list[LoadedItem]) -> None:
+        checkpoints.check_finite(
+            self.accelerator, loss, f"non-finite loss at step {step + 1} "
+            f"(images {[e.item.image_id for e in loaded]}); {self.stopped()}",
+        )  # fmt: skip
+
+    def two_pass(self, step: int, loaded: list[LoadedItem], conditions, sync: bool):
+        """One micro-step with train.memory two_pass (pipeline.training.step): the same
+        gradient as the one-pass step, one candidate's activations at a time."""
+        accelerator = self.accelerator
+        loss, stats, gradients = error_map_gradients(
+            self.model, loaded, conditions, self.method, self.config,
+            scale=1.0 / self.config.gradient_accumulation_steps, autocast=accelerator.autocast,
+        )  # fmt: skip
+        self.check_loss(step, loss, loaded)
+        backward_one_candidate_at_a_time(
+            self.policy, loaded, conditions, gradients, accelerator.backward,
+            autocast=accelerator.autocast,
+            hold_sync=lambda: accelerator.no_sync(self.policy), sync_at_end=sync,
+        )  # fmt: skip
+        return loss, stats
 
     def check_final_weights(self, step: int, loaded: list[LoadedItem], conditions) -> None:
         """One more forward with the last step's weights, as the next step would run it."""
@@ -339,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--framework", required=True)
     parser.add_argument("--method", required=True, choices=sorted(contracts.METHODS))
     parser.add_argument("--objective", required=True)
-    parser.add_argument("--pairs", default=None,
-                        help="pairs/{framework}/{objective}.parquet (none for ddpo: it samples its "
-                        "own outputs)")  # fmt: skip
+    parser.add_argument("--pairs", nargs="+", default=None,  # none for ddpo: it samples its own
+                        help="pairs/{framework}/{objective}.parquet; a method of pair level "
+                        "objectives (ea_adam) takes one table per contracts.MULTI_OBJECTIVES, "
+                        "in that order")  # fmt: skip
     parser.add_argument(
         "--candidates", required=True, help="candidates/{framework}/candidates.parquet"
     )
@@ -363,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         framework=args.framework,
         method=args.method,
         objective=args.objective,
-        pairs_path=args.pairs,
+        pairs_path=args.pairs[0] if args.pairs and len(args.pairs) == 1 else args.pairs,
         candidates_path=args.candidates,
         data_dir=args.data,
         masks_path=args.masks,

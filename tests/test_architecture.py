@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import contracts, settings
+from pipeline.codehash import module_closure
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 STAGES = contracts.STAGES
@@ -68,6 +69,18 @@ def test_the_study_imports_no_stage():
 def test_no_stage_imports_another(stage):
     others = {f"pipeline.{name}" for name in STAGES if name != stage}
     assert imported_modules(PACKAGE / f"{stage}.py") & others == set()
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_reaches_another_through_shared_modules(stage):
+    """The whole import closure (what codehash hashes): a shared module importing a stage would
+    make that stage part of every stage importing the shared module."""
+    closure = {
+        path.relative_to(PACKAGE.parent).as_posix()
+        for path in module_closure(PACKAGE.parent, f"pipeline.{stage}")
+    }
+    others = {f"pipeline/{name}.py" for name in STAGES if name != stage}
+    assert closure & others == set()
 
 
 def test_the_parser_sees_function_level_imports(tmp_path):

@@ -1,5 +1,6 @@
 """pipeline.train: shared forwards vs a per-instance loop, one step, DDP, resume, NaN, outputs."""
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,7 +19,14 @@ from pipeline.models import build_tiny_model, load_model
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, preference_items
 from pipeline.training.run import configure_model, step_slots
-from pipeline.training.step import PolicyErrors, batch_loss, draw_conditions
+from pipeline.training.step import (
+    PolicyErrors,
+    backward_one_candidate_at_a_time,
+    batch_loss,
+    draw_conditions,
+    error_map_gradients,
+    uses_two_pass,
+)
 from tests.data_helpers import write_data_table
 from tests.ddp_helpers import run_in_gloo_processes
 
@@ -340,14 +348,16 @@ def test_cli_trains_a_saved_model(inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_give_the_update_of_one_process(inputs, tmp_path):
+@pytest.mark.parametrize("memory", ["one_pass", "two_pass"])
+def test_two_gloo_processes_give_the_update_of_one_process(inputs, tmp_path, memory):
     # The all-reduce sums gradients in another order than one process does (float32 noise).
     # beta 100 and Adam eps 1 (update ~ lr * g, not lr * sign(g) for near-zero g) keep that
     # noise from being amplified, so a real difference in the update would still show.
+    # two_pass: several backward passes per micro-step, all-reduced once (no_sync until the last)
     config = {**BASE, "max_steps": 2, "batch_size": 4, "checkpoint_every": 10, "beta": 100.0,
-              "adam_epsilon": 1.0, "learning_rate": 1e-2}  # fmt: skip
-    single = _run(inputs, tmp_path / "single", config)
-    run_in_gloo_processes(2, _run, inputs, tmp_path / "ddp", config)
+              "adam_epsilon": 1.0, "learning_rate": 1e-2, "gradient_accumulation_steps": 2}  # fmt: skip
+    single = _run(inputs, tmp_path / "single", {**config, "memory": "one_pass"})
+    run_in_gloo_processes(2, _run, inputs, tmp_path / "ddp", {**config, "memory": memory})
     assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
     log_single = read_table(single / "train_log.parquet", "train_log")
     log_ddp = read_table(tmp_path / "ddp" / "train_log.parquet", "train_log")
@@ -371,3 +381,79 @@ def test_gradient_checkpointing_switch_keeps_loss_and_gradients(inputs):
     (loss_a, grad_a), (loss_b, grad_b) = losses_and_grads
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(grad_a, grad_b)
+
+
+def _gradient(model, params, inputs, method, config, two_pass: bool) -> torch.Tensor:
+    for p in params:
+        p.grad = None
+    loaded, conditions = _batch(inputs, method, model, config)
+    loaded = [dataclasses.replace(e, lq=e.lq.double(), targets=e.targets.double()) for e in loaded]
+    conditions = [dataclasses.replace(c, noise=c.noise.double()) for c in conditions]
+    if two_pass:
+        loss, _, maps_grad = error_map_gradients(model, loaded, conditions, method, config, 0.5)
+        backward_one_candidate_at_a_time(
+            PolicyErrors(model), loaded, conditions, maps_grad, lambda t: t.backward()
+        )
+    else:
+        loss, _ = batch_loss(PolicyErrors(model), model, loaded, conditions, method, config)
+        (loss * 0.5).backward()
+    return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+
+@pytest.mark.parametrize(
+    ("framework", "method", "checkpointing"),
+    [
+        ("multistep", "dspo", False),
+        ("multistep", "dspo", True),
+        ("multistep", "dpo", False),
+        ("multistep", "dro", False),
+        ("multistep", "sft", False),
+        ("onestep", "dspo", False),
+    ],
+)
+def test_two_pass_gradient_equals_one_pass(inputs, framework, method, checkpointing):
+    """train.memory two_pass: pass 1 differentiates the loss w.r.t. the error maps, pass 2
+    back-propagates one candidate at a time; in float64 the gradient is the one-pass gradient."""
+    model = tiny_model(framework).double()
+    config = TrainConfig(gradient_checkpointing=checkpointing and framework == "multistep")
+    params = configure_model(model, config)
+    one = _gradient(model, params, inputs, method, config, two_pass=False)
+    two = _gradient(model, params, inputs, method, config, two_pass=True)
+    assert one.abs().max() > 0
+    # relative to the gradient's norm: single elements that cancel (a sum of terms of ~1e3
+    # giving ~1) differ by float64 rounding of the other summation order
+    assert float((two - one).norm() / one.norm()) < 1e-6
+
+
+def test_memory_setting_chooses_the_pass(inputs):
+    model = tiny_model()
+    loaded, _ = _batch(inputs, "dspo", model, TrainConfig())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not uses_two_pass(TrainConfig(), loaded, cpu)  # auto: one pass on the CPU
+    assert uses_two_pass(TrainConfig(), loaded, cuda)  # auto: 4 distinct candidates on CUDA
+    assert uses_two_pass(TrainConfig(memory="two_pass"), loaded, cpu)
+    assert not uses_two_pass(TrainConfig(memory="one_pass"), loaded, cuda)
+
+
+def test_two_pass_training_matches_one_pass_training(inputs, tmp_path, monkeypatch):
+    """The whole stage with memory two_pass trains to the one-pass weights (float32; as in the
+    gloo test, beta 100 and Adam eps 1 keep float32 summation noise from being amplified)."""
+    config = {**BASE, "max_steps": 2, "batch_size": 2, "beta": 100.0, "adam_epsilon": 1.0,
+              "learning_rate": 1e-2}  # fmt: skip
+    passes = []
+    second_pass = T.backward_one_candidate_at_a_time
+    monkeypatch.setattr(
+        T,
+        "backward_one_candidate_at_a_time",
+        lambda *a, **k: passes.append(1) or second_pass(*a, **k),
+    )
+    one = _run(inputs, tmp_path / "one", {**config, "memory": "one_pass"})
+    assert passes == []
+    two = _run(inputs, tmp_path / "two", {**config, "memory": "two_pass"})
+    assert len(passes) == 2  # one second pass per step
+    a, b = _trained_weights(one), _trained_weights(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+    log_one = read_table(one / "train_log.parquet", "train_log")
+    log_two = read_table(two / "train_log.parquet", "train_log")
+    pd.testing.assert_frame_equal(log_one, log_two, rtol=1e-5)

@@ -204,6 +204,25 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),
     ),
+    # aligned/{framework}/ea_adam/front/train_log.parquet: one row per member and Adam step
+    "ea_adam_log": _schema(
+        ("step", pa.int64()),
+        ("member", pa.int64()),
+        ("loss_perception", pa.float64()),  # NaN where the member's preference skips it
+        ("loss_fidelity", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+    ),
+    # aligned/{framework}/ea_adam/front/population.parquet: one row per member (docs/ea_adam.md)
+    "population": _schema(
+        ("member", pa.int64()),
+        ("preference_perception", pa.float64()),
+        ("preference_fidelity", pa.float64()),
+        ("fitness_perception", pa.float64()),  # losses of the last EA phase (NaN: none ran)
+        ("fitness_fidelity", pa.float64()),
+        ("fusion_weight", pa.float64()),  # the member's mean fusion weight over layers
+        ("path", pa.string()),  # the member's save_pretrained folder, relative to the table's
+    ),
     # aligned/{framework}/{method}/{objective}/train_curves.parquet: alignment curves, one row per
     # (step, split) with split train or heldout (pipeline.training.curves)
     "train_curves": _schema(
@@ -229,25 +248,6 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("win_rate", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
-    ),
-    # aligned/{framework}/ea_adam/front/train_log.parquet: one row per member and Adam step
-    "ea_adam_log": _schema(
-        ("step", pa.int64()),
-        ("member", pa.int64()),
-        ("loss_perception", pa.float64()),  # NaN where the member's preference skips it
-        ("loss_fidelity", pa.float64()),
-        ("lr", pa.float64()),
-        ("grad_norm", pa.float64()),
-    ),
-    # aligned/{framework}/ea_adam/front/population.parquet: one row per member (docs/ea_adam.md)
-    "population": _schema(
-        ("member", pa.int64()),
-        ("preference_perception", pa.float64()),
-        ("preference_fidelity", pa.float64()),
-        ("fitness_perception", pa.float64()),  # losses of the last EA phase (NaN: none ran)
-        ("fitness_fidelity", pa.float64()),
-        ("fusion_weight", pa.float64()),  # the member's mean fusion weight over layers
-        ("path", pa.string()),  # the member's save_pretrained folder, relative to the table's
     ),
     # aligned/{framework}/ddpo/{objective}/train_log.parquet: DDPO (pipeline.training.ddpo), one row
     # per step; reward_* of the normalised objective over the global batch, scores a JSON object
@@ -283,6 +283,31 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("lq_path", pa.string()),
         ("hq_path", pa.string()),
     ),
+    # study/candidates/regions.parquet (pipeline/study.py): each training instance's kind
+    # (textured or smooth, from the HQ's mean luminance gradient), the candidate that plants its
+    # artifact there and the planted amplitude ([0, 1] units)
+    "study_regions": _schema(
+        ("split", pa.string()),
+        ("image_id", pa.string()),
+        ("instance_id", pa.int32()),
+        ("area", pa.int64()),
+        ("texture", pa.float64()),
+        ("kind", pa.string()),
+        ("planted", pa.string()),
+        ("amplitude", pa.float64()),
+    ),
+    # study/adoption.parquet: per aligned model (method, seed), region kind and artifact
+    # signature, the fraction of the planted amplitude it reproduces on held-out images
+    "study_adoption": _schema(
+        ("method", pa.string()),
+        ("seed", pa.int64()),
+        ("region", pa.string()),
+        ("signature", pa.string()),
+        ("adoption", pa.float64()),
+        ("amplitude", pa.float64()),
+        ("n_images", pa.int64()),
+        ("n_pixels", pa.int64()),
+    ),
     # eval/{framework}/summary.parquet
     "eval_summary": _schema(
         ("testset", pa.string()),
@@ -317,31 +342,6 @@ def full_schema(name: str) -> pa.Schema:
     return schema
 
 
-    # study/candidates/regions.parquet (pipeline/study.py): each training instance's kind
-    # (textured or smooth, from the HQ's mean luminance gradient), the candidate that plants its
-    # artifact there and the planted amplitude ([0, 1] units)
-    "study_regions": _schema(
-        ("split", pa.string()),
-        ("image_id", pa.string()),
-        ("instance_id", pa.int32()),
-        ("area", pa.int64()),
-        ("texture", pa.float64()),
-        ("kind", pa.string()),
-        ("planted", pa.string()),
-        ("amplitude", pa.float64()),
-    ),
-    # study/adoption.parquet: per aligned model (method, seed), region kind and artifact
-    # signature, the fraction of the planted amplitude it reproduces on held-out images
-    "study_adoption": _schema(
-        ("method", pa.string()),
-        ("seed", pa.int64()),
-        ("region", pa.string()),
-        ("signature", pa.string()),
-        ("adoption", pa.float64()),
-        ("amplitude", pa.float64()),
-        ("n_images", pa.int64()),
-        ("n_pixels", pa.int64()),
-    ),
 def schema_for(name: str) -> pa.Schema:
     """The registered schema of table ``name``."""
     try:

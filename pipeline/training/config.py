@@ -49,6 +49,7 @@ class TrainConfig:
     heldout_fraction: float = _DEFAULTS["heldout_fraction"]
     eval_every: int = _DEFAULTS["eval_every"]
     curve_items: int = _DEFAULTS["curve_items"]
+    memory: str = _DEFAULTS["memory"]
     device: str = _DEFAULTS["device"]
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ are not read). Per optimizer step (docs/online_alignment.md §4):
    whole image is scored against the HQ by the score stage's metric registry
    (:class:`pipeline.iqa.MetricRegistry` + :func:`pipeline.iqa.score_images`, configured from the
    ``score`` section, which the job's settings carry as ``reward.score``); the reward of a sample
-   is its objective score as select computes it (:func:`pipeline.select.objective_scores`: per
+   is its objective score as select computes it (:func:`pipeline.objectives.objective_scores`: per
    LQ, each metric min-max normalised over the group, flipped where lower is better, weighted by
    ``reward.objectives[objective]``).
 3. **Advantages.** Rewards and image ids are gathered over processes and z-scored per LQ by
@@ -60,8 +60,8 @@ from pipeline.io.images import read_rgb, signed_tensor, unit_tensor
 from pipeline.io.tables import write_table
 from pipeline.iqa import MetricRegistry, score_images
 from pipeline.models.base import PolicySample, SRModel, upsample_lq
+from pipeline.objectives import objective_scores
 from pipeline.seeding import torch_generator
-from pipeline.select import objective_scores
 from pipeline.training.config import TrainConfig
 from pipeline.training.run import (
     _NOT_FINGERPRINTED,

@@ -119,10 +119,16 @@ def get_annotations_arg(wildcards):
 
 
 def get_train_pairs(wildcards):
-    """The pairs tables of the method's pair level (pipeline.contracts.METHODS): the perception
+    """The pairs table of the method's pair level (pipeline.contracts.METHODS); none for a
+    method that samples its own outputs (pair level contracts.NO_PAIRS: ddpo); the perception
     and fidelity tables, in that order, for pair level "objectives" (ea_adam)."""
     return contracts.train_pairs_artifacts(wildcards.framework, wildcards.objective,
                                            wildcards.method)
+
+
+def get_train_pairs_arg(wildcards):
+    pairs = get_train_pairs(wildcards)
+    return f"--pairs {' '.join(pairs)}" if pairs else ""
 
 
 # EA-Adam (docs/ea_adam.md): one run per framework (objective "front") whose fused model and
@@ -193,7 +199,6 @@ def get_eval_model_arg(wildcards):
                         objective=contracts.FRONT_OBJECTIVE,
                         member=wildcards.model[len(EA_ADAM_MEMBER):])
     return get_eval_model(wildcards) or "bicubic"
-
 
 
 def get_eval_feedback(wildcards):
