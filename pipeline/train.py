@@ -47,8 +47,10 @@ from pipeline.training import curves
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, LoadedItem, PreferenceItem, preference_items
 from pipeline.training.run import (
+    clipped_update,
     configure_model,
     learning_rate,
+    make_optimizer,
     run_fingerprint,
     step_slots,
     trainable_names,
@@ -164,18 +166,9 @@ class Trainer:
             totals += torch.tensor(
                 [float(loss.detach()), *(stats[k] for k in losses.STAT_KEYS)], dtype=torch.float64
             )
-        grad_norm = checkpoints.total_norm(
-            checkpoints.clip_gradients(accelerator, [self.trainable], config.max_grad_norm)
+        grad_norm = clipped_update(
+            accelerator, self.optimizer, self.trainable, config.max_grad_norm, step, self.stopped()
         )
-        checkpoints.check_finite(
-            accelerator, grad_norm, f"non-finite gradient norm at step {step + 1}; {self.stopped()}"
-        )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        checkpoints.check_finite(
-            accelerator, checkpoints.weights_flag(self.trainable),
-            f"non-finite weights after step {step + 1}; {self.stopped()}",
-        )  # fmt: skip
         if step + 1 == config.max_steps:  # no later step's forward will see these weights
             self.check_final_weights(step, loaded, conditions)
         means = checkpoints.reduce_mean(
@@ -283,13 +276,7 @@ def train(
     # pretrained weights before a checkpoint overwrites them
     with model.reference():
         pass
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(trainable, config)
     named = trainable_names(model)
     start, log = 0, []
     resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)

@@ -65,8 +65,10 @@ from pipeline.seeding import torch_generator
 from pipeline.training.config import TrainConfig
 from pipeline.training.run import (
     _NOT_FINGERPRINTED,
+    clipped_update,
     configure_model,
     learning_rate,
+    make_optimizer,
     step_slots,
     trainable_names,
 )
@@ -324,20 +326,16 @@ class Trainer:
                     if parameter.grad is not None:
                         torch.distributed.all_reduce(parameter.grad)
             losses.append(float(np.sum(_gather(accelerator, [epoch_loss]))))
-            norm = checkpoints.total_norm(
-                checkpoints.clip_gradients(accelerator, [self.trainable], config.max_grad_norm)
+            norms.append(
+                clipped_update(
+                    accelerator,
+                    self.optimizer,
+                    self.trainable,
+                    config.max_grad_norm,
+                    step,
+                    self.stopped(),
+                )  # fmt: skip
             )
-            checkpoints.check_finite(
-                accelerator, norm,
-                f"non-finite gradient norm at step {step + 1}; {self.stopped()}",
-            )  # fmt: skip
-            norms.append(norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            checkpoints.check_finite(
-                accelerator, checkpoints.weights_flag(self.trainable),
-                f"non-finite weights after step {step + 1}; {self.stopped()}",
-            )  # fmt: skip
         means = checkpoints.reduce_mean(accelerator, [float(np.mean(stats[k])) for k in PPO_STATS])
         return {
             "step": step + 1,
@@ -422,13 +420,7 @@ def train(
     )  # fmt: skip
     trainable = configure_model(model, config)
     model.to(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        trainable,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = make_optimizer(trainable, config)
     named = trainable_names(model)
     start, log = 0, []
     tracker = online.PerLQStatTracker(

@@ -71,6 +71,7 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.run import (
     configure_model,
     learning_rate,
+    make_optimizer,
     run_fingerprint,
     step_slots,
     trainable_names,
@@ -122,11 +123,7 @@ class MemberOptimizers:
         self.optimizers = [self.fresh() for _ in range(size)]
 
     def fresh(self) -> torch.optim.AdamW:
-        c = self.config
-        return torch.optim.AdamW(
-            self.parameters, lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
-            eps=c.adam_epsilon, weight_decay=c.weight_decay,
-        )  # fmt: skip
+        return make_optimizer(self.parameters, self.config)
 
     def reset(self) -> None:
         """New moments for every member (EA-Adam resets them after every EA phase)."""

@@ -8,6 +8,7 @@ import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from pipeline import checkpoints, contracts
@@ -55,6 +56,42 @@ def configure_model(model: SRModel, config: TrainConfig) -> list[nn.Parameter]:
                 f"{type(model).__name__} has no module that supports gradient checkpointing"
             )
     return trainable
+
+
+def make_optimizer(trainable: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the train section's learning rate, betas, epsilon and weight decay."""
+    return torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+
+
+def clipped_update(
+    accelerator,
+    optimizer,
+    trainable: list[nn.Parameter],
+    max_grad_norm: float,
+    step: int,
+    stopped: str,
+) -> float:
+    """One optimizer update: clip the gradients, check their norm, step, zero them, check the
+    weights (``FloatingPointError`` naming ``step`` and ``stopped``); returns the norm."""
+    grad_norm = checkpoints.total_norm(
+        checkpoints.clip_gradients(accelerator, [trainable], max_grad_norm)
+    )
+    checkpoints.check_finite(
+        accelerator, grad_norm, f"non-finite gradient norm at step {step + 1}; {stopped}"
+    )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    checkpoints.check_finite(
+        accelerator, checkpoints.weights_flag(trainable),
+        f"non-finite weights after step {step + 1}; {stopped}",
+    )  # fmt: skip
+    return grad_norm
 
 
 def trainable_names(model: SRModel) -> dict[str, nn.Parameter]:
