@@ -192,7 +192,7 @@ def summarise(metrics: pd.DataFrame, config: dict[str, Any], seed: int = 0) -> p
     summary = pd.DataFrame(rows)
     baseline_means = summary[summary["model"] == baseline].set_index(["testset", "metric"])["mean"]
     keys = pd.MultiIndex.from_frame(summary[["testset", "metric"]])
-    summary["delta_vs_pretrained"] = summary["mean"].to_numpy() - baseline_means.reindex(
+    summary["delta_vs_baseline"] = summary["mean"].to_numpy() - baseline_means.reindex(
         keys
     ).to_numpy(np.float64)
     return summary
@@ -213,17 +213,17 @@ def decimals(values: Iterable[float]) -> int:
 
 def table_frame(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> pd.DataFrame:
     """One test set as the paper lays it out: rows (model, kind) with kind ``mean`` or
-    ``delta_vs_pretrained`` (every model but the baseline), columns the metrics."""
+    ``delta_vs_baseline`` (every model but the baseline), columns the metrics."""
     part = summary[summary["testset"] == testset]
     metrics = metric_order(part["metric"])
     means = part.pivot(index="model", columns="metric", values="mean")
-    deltas = part.pivot(index="model", columns="metric", values="delta_vs_pretrained")
+    deltas = part.pivot(index="model", columns="metric", values="delta_vs_baseline")
     has_baseline = config["baseline_model"] in means.index
     rows = []
     for model in model_order(part["model"], config):
         rows.append({"model": model, "kind": "mean", **means.loc[model, metrics].to_dict()})
         if has_baseline and model != config["baseline_model"]:
-            rows.append({"model": model, "kind": "delta_vs_pretrained",
+            rows.append({"model": model, "kind": "delta_vs_baseline",
                          **deltas.loc[model, metrics].to_dict()})  # fmt: skip
     return pd.DataFrame(rows, columns=["model", "kind", *metrics])
 

@@ -55,20 +55,20 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     assert constant == (2.5, 2.5)
 
 
-def test_summary_means_ci_and_delta_vs_pretrained():
+def test_summary_means_ci_and_delta_vs_baseline():
     summary = report.summarise(metrics_frame(HAND), CONFIG, seed=0)
     row = summary.set_index(["model", "metric"])
     assert row.loc[("dspo", "psnr"), "mean"] == pytest.approx(69.5 / 3)
-    assert row.loc[("dspo", "psnr"), "delta_vs_pretrained"] == pytest.approx(69.5 / 3 - 22.0)
-    assert row.loc[("dspo", "lpips"), "delta_vs_pretrained"] == pytest.approx(0.2 - 0.25)
-    assert row.loc[("pretrained", "psnr"), "delta_vs_pretrained"] == 0.0
+    assert row.loc[("dspo", "psnr"), "delta_vs_baseline"] == pytest.approx(69.5 / 3 - 22.0)
+    assert row.loc[("dspo", "lpips"), "delta_vs_baseline"] == pytest.approx(0.2 - 0.25)
+    assert row.loc[("pretrained", "psnr"), "delta_vs_baseline"] == 0.0
     half = 4.302652729911275 * 2.0 / math.sqrt(3)  # t(0.975, 2), s = 2
     assert row.loc[("pretrained", "psnr"), "ci95_high"] == pytest.approx(22.0 + half)
     assert row.loc[("bicubic", "psnr"), "ci95_low"] == pytest.approx(22.0)
     assert (summary["n_images"] == 3).all()
     assert row.loc[("dspo", "lpips"), "lower_better"]
     no_baseline = report.summarise(metrics_frame({"dspo": HAND["dspo"]}), CONFIG)
-    assert no_baseline["delta_vs_pretrained"].isna().all()
+    assert no_baseline["delta_vs_baseline"].isna().all()
 
 
 def test_models_on_different_images_are_refused():
@@ -83,8 +83,8 @@ def test_table_layout_rows_deltas_and_highlights():
     markdown, table = report.format_tables(summary, CONFIG)
     assert list(table.columns) == ["testset", "model", "kind", "psnr", "lpips"]
     assert list(zip(table["model"], table["kind"], strict=True)) == [
-        ("bicubic", "mean"), ("bicubic", "delta_vs_pretrained"), ("pretrained", "mean"),
-        ("dspo", "mean"), ("dspo", "delta_vs_pretrained"),
+        ("bicubic", "mean"), ("bicubic", "delta_vs_baseline"), ("pretrained", "mean"),
+        ("dspo", "mean"), ("dspo", "delta_vs_baseline"),
     ]  # fmt: skip
     lines = markdown.splitlines()
     header = next(line for line in lines if line.startswith("| Method"))

@@ -318,7 +318,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("ci95_high", pa.float64()),
         ("n_images", pa.int64()),
         ("lower_better", pa.bool_()),
-        ("delta_vs_pretrained", pa.float64()),
+        ("delta_vs_baseline", pa.float64()),  # mean minus report.baseline_model's mean
     ),
 }
 
