@@ -239,3 +239,21 @@ def test_bench_degrade_check(capsys):
     )
     assert status == 1 and report["failed"] == ["scaling_vs_machine"]
     check_report(report, ["one_process", "workers", "spin_one", "spin_workers", "chain"], 1)
+
+
+def test_bench_gpu_smoke_path_on_the_cpu(capsys):
+    """`bench gpu` at smoke scale: SD 2-base's architecture at tiny widths, every measurement
+    present; two-pass DSPO saves a quarter of one-pass's activations (4 candidates per LQ)."""
+    from pipeline.bench import gpu
+
+    argv = ["--scale", "smoke", "--resolution", "64", "--batches", "1", "--repeats", "1"]
+    status, report = run_bench(
+        gpu, [*argv, "--warmup", "0", "--sample-steps", "2", "--check"], capsys
+    )
+    assert status == 0 and report["device"] == "cpu"
+    entry = report["steps"]["batch1"]
+    assert set(entry["seconds"]) == {"dpo", "dspo", "dspo_two_pass"}
+    saved = entry["saved_for_backward_bytes"]
+    assert saved["dspo_two_pass"] < saved["dpo"] < saved["dspo"]
+    assert set(report["sampling_images_per_second"]) == {"multistep_batch1", "onestep_batch1"}
+    assert gpu.SD2_UNET["block_out_channels"] == (320, 640, 1280, 1280)
