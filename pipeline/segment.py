@@ -369,18 +369,26 @@ def _instance_row(
 
 
 def segment_images(
-    image_paths: Sequence[Path], config: Mapping[str, Any], segmenter: Segmenter | None = None
+    images: Mapping[str, Path] | Sequence[Path],
+    config: Mapping[str, Any],
+    segmenter: Segmenter | None = None,
 ) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Segment every image: label maps, the ``instances`` rows, per-map attrs, segmenter info."""
+    """Segment every image (``{image_id: path}``, or paths whose stems are the ids), in path
+    order: label maps, the ``instances`` rows, per-map attrs, segmenter info."""
     config = resolve_config(config)
     segmenter = segmenter or build_segmenter(config)
+    if not isinstance(images, Mapping):
+        named: dict[str, Path] = {}
+        for path in images:
+            if Path(path).stem in named:
+                raise ValueError(f"two images share the id {Path(path).stem!r} (second: {path})")
+            named[Path(path).stem] = Path(path)
+        images = named
     label_maps: dict[str, np.ndarray] = {}
     map_attrs: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
-    for path in tqdm(image_paths, desc="segment", file=sys.stderr, mininterval=1):
-        image_id = Path(path).stem
-        if image_id in label_maps:
-            raise ValueError(f"two images share the id {image_id!r} (second: {path})")
+    ordered = sorted(images.items(), key=lambda item: (Path(item[1]), item[0]))
+    for image_id, path in tqdm(ordered, desc="segment", file=sys.stderr, mininterval=1):
         image = read_rgb(path)
         records = generate_mask_records(image, segmenter)
         partition = masks_to_partition(records, image.shape[:2], config["top_k"])
@@ -403,7 +411,7 @@ def frame_images(
     data: Path | None, candidates: Path | None, setting: str | None
 ) -> dict[str, Path]:
     """``{image_id: path}`` of the shared frame: the data folder's HQ images, or the candidates
-    table's images of one setting; every file is named ``{image_id}.<ext>``."""
+    table's images of one setting (ids as the tables record them, whatever the file names)."""
     if data is not None:
         files = contracts.data_images(data, "hq")
     else:
@@ -419,12 +427,6 @@ def frame_images(
             image_id: path
             for (image_id, _), path in contracts.candidate_files(candidates, chosen).items()
         }
-    misnamed = sorted(image_id for image_id, path in files.items() if path.stem != image_id)
-    if misnamed:
-        raise ValueError(
-            f"images {misnamed[:5]} are not named {{image_id}}.<ext>: "
-            f"{[str(files[image_id]) for image_id in misnamed[:5]]}"
-        )
     return files
 
 
@@ -464,14 +466,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"segment.source is {config['source']!r} but the command line segments {source!r}"
         )
-    paths = sorted(frame_images(args.data, args.candidates, args.setting).values())
+    images = frame_images(args.data, args.candidates, args.setting)
+    paths = sorted(images.values())
     segmenter = build_segmenter(config)
     if segmenter.info["sam_used"]:
         print(f"segment: SAM {config['model_type']} from {config['checkpoint']}", file=sys.stderr)
     else:
         print(f"segment: SAM NOT USED — {segmenter.info['note']}", file=sys.stderr)
     started = time.perf_counter()
-    label_maps, instances, map_attrs, info = segment_images(paths, config, segmenter)
+    label_maps, instances, map_attrs, info = segment_images(images, config, segmenter)
     metadata = {
         **info,
         "source": config["source"],

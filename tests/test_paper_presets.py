@@ -76,6 +76,7 @@ OVERRIDDEN = (
     "evaluate.batch_size",
     "evaluate.max_images",
     "report.grid_crop",
+    "report.front_objectives.*",  # select.objectives' perception and fidelity (METRIC_SWAPS)
 )
 
 

@@ -160,7 +160,7 @@ def check_artifacts(results: Path) -> None:
         read_table(captions, "captions")
         assert read_metadata(captions)["skipped"] is True
         scores = read_table(results / f"scores/{framework}.parquet", "scores")
-        assert set(scores["metric"]) == {"psnr", "ssim", "gmsd"}
+        assert set(scores["metric"]) == {"psnr", "ssim", "gmsd", "piqe"}
         for level in ("", "_image"):
             read_table(results / f"pairs/{framework}/fidelity{level}.parquet", "preference_pairs")
         for method in ("dspo", "dpo", "sft", "dspo_m1"):
@@ -171,10 +171,12 @@ def check_artifacts(results: Path) -> None:
         for model in ("bicubic", "pretrained", "dspo_fidelity", "dspo_m1_fidelity"):
             evaluated = results / f"eval/{framework}/synthetic/{model}"
             metrics = read_table(evaluated / "metrics.parquet", "eval_metrics")
-            assert set(metrics["metric"]) == {"psnr", "ssim", "gmsd"}
+            assert set(metrics["metric"]) == {"psnr", "ssim", "gmsd", "piqe"}
             assert len(list((evaluated / "images").glob("*.png"))) == metrics["image_id"].nunique()
+        ddpo = results / f"aligned/{framework}/ddpo/fidelity"
+        assert read_metadata(ddpo / "train_log.parquet")["table"] == "ddpo_log"
         summary = read_table(results / f"eval/{framework}/summary.parquet", "eval_summary")
-        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity"}
+        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", "ddpo_fidelity"}
         for name in (
             "tables.md",
             "tables.csv",
@@ -185,3 +187,8 @@ def check_artifacts(results: Path) -> None:
             assert (results / f"eval/{framework}/{name}").stat().st_size > 0
         report_text = (results / f"eval/{framework}/report.md").read_text()
         assert "classical" in report_text  # the offline segmenter is named as a stand-in
+        assert "SIMULATED" in report_text  # the Fig. 3 section of simulated annotators
+    front = results / "aligned/onestep/ea_adam/front"  # EA-Adam runs on the one-step framework
+    population = read_table(front / "population.parquet", "population")
+    assert len(population) == len(list((front / "members").iterdir())) >= 2
+    assert (front / "dspo_model.json").is_file()  # the fused model
