@@ -327,9 +327,10 @@ def check_training(
     for method, objective in sorted(trained):
         folder = aligned / method / objective
         log = read_metadata(folder / "train_log.parquet")
-        # the stage records the loss it assembled (dspo_m1: the dspo loss, no negative prompts)
-        loss = contracts.method(method).loss
-        assert (log["method"], log["objective"], log["framework"]) == (loss, objective, framework)
+        # the stage records the method and the loss it assembled (dspo_m1: the dspo loss, no
+        # negative prompts)
+        assert (log["method"], log["objective"], log["framework"]) == (method, objective, framework)
+        assert log["loss"] == contracts.method(method).loss
         expected = effective["train"]["methods"][method]
         assert expected["negative_prompts"] is (method != "dspo_m1")
         assert_recorded(log["config"], expected, f"aligned/{framework}/{method}/{objective}")
