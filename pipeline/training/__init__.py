@@ -4,5 +4,8 @@
 - :mod:`.items`: preference pairs grouped per LQ and the files each group reads;
 - :mod:`.step`: one step's draws, shared forward passes and the method's loss;
 - :mod:`.run`: what a run needs around the steps (trainable parameters, batch slots, learning
-  rate, the checkpoint fingerprint).
+  rate, the optimizer and its checked update, the checkpoint fingerprint);
+- :mod:`.curves`: the held-out items and the alignment curves the loop logs;
+- :mod:`.ddpo`, :mod:`.ea_adam`: the loops of the methods with their own
+  (``contracts.Method.loop``; DDPO samples from the policy, EA-Adam trains a population).
 """
