@@ -320,7 +320,7 @@ def train(
             "prompts": inputs.prompt_record,
             "model": str(model_dir),
             "items": len(inputs.items),
-            "heldout_items": curve.heldout_ids,
+            **curve.record(),  # the held-out items and how they were chosen
             "fingerprint": fingerprint.fields,
             "fingerprint_hash": fingerprint.hash,
             "config": dataclasses.asdict(config),
