@@ -75,7 +75,8 @@ def read_win_rates(paths: Sequence[str | Path]) -> pd.DataFrame:
 
 
 def plot_win_rates(rates: pd.DataFrame, path: str | Path, title: str) -> None:
-    """A point per (test set, model) with its Wilson 95% interval; 0.5 = no change."""
+    """A point per (test set, model) with its 95% interval clustered by image (Wilson's on the
+    effective number of instances, :func:`pipeline.winrates.clustered_interval`); 0.5 = no change."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,12 +85,12 @@ def plot_win_rates(rates: pd.DataFrame, path: str | Path, title: str) -> None:
     labels = [f"{r.model} ({r.testset})" for r in rates.itertuples()]
     figure, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.2))
     y = list(range(len(labels)))
-    ax.errorbar(rates["win_rate"], y, xerr=[rates["win_rate"] - rates["ci_low"],
-                rates["ci_high"] - rates["win_rate"]], fmt="o", capsize=3)  # fmt: skip
+    ax.errorbar(rates["win_rate"], y, xerr=[rates["win_rate"] - rates["cluster_low"],
+                rates["cluster_high"] - rates["win_rate"]], fmt="o", capsize=3)  # fmt: skip
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("per-instance win rate vs pretrained (ties ½), Wilson 95%")
+    ax.set_xlabel("per-instance win rate vs pretrained (ties ½), 95% clustered by image")
     ax.set_title(title)
     _save(figure, Path(path))
 
@@ -122,15 +123,21 @@ def sections(curves: pd.DataFrame, rates: pd.DataFrame, curves_png: str | None,
                   "Test HQ images segmented like the training images; per instance, the aligned "
                   "and the pretrained outputs scored under the model's objective as select scores "
                   "candidates (min–max over the two, flipped, weighted sum); ties count as half a "
-                  "win; Wilson 95% interval (statsmodels). Instances of one image are not "
-                  "independent, so the interval is optimistic.", "",
+                  "win. Two 95% intervals: Wilson's on the instances (statsmodels), which treats "
+                  "them as independent and is optimistic because instances of one image share its "
+                  "content and outputs; and Wilson's on the effective number of instances "
+                  "(instances / design effect, the images as clusters: the cluster-robust variance "
+                  "of the win rate over the binomial one, at least 1; pipeline/winrates.py). The "
+                  "plot shows the clustered interval.", "",
                   f"![win rates]({rates_png})", "",
                   "| test set | model | objective | images | instances | wins | ties | losses "
-                  "| win rate | 95% CI |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| win rate | Wilson 95% (instances) | effective n | 95% clustered by image |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in rates.itertuples():
             lines.append(f"| {r.testset} | {r.model} | {r.objective} | {r.images} | {r.instances} "
                          f"| {r.wins} | {r.ties} | {r.losses} | {r.win_rate:.3f} "
-                         f"| [{r.ci_low:.3f}, {r.ci_high:.3f}] |")  # fmt: skip
+                         f"| [{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.effective_n:.1f} "
+                         f"| [{r.cluster_low:.3f}, {r.cluster_high:.3f}] |")  # fmt: skip
         lines.append("")
     return lines
 

@@ -248,6 +248,9 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("win_rate", pa.float64()),
         ("ci_low", pa.float64()),
         ("ci_high", pa.float64()),
+        ("effective_n", pa.float64()),  # instances / design effect (images as clusters)
+        ("cluster_low", pa.float64()),  # Wilson 95% on effective_n (pipeline.winrates)
+        ("cluster_high", pa.float64()),
     ),
     # aligned/{framework}/ddpo/{objective}/train_log.parquet: DDPO (pipeline.training.ddpo), one row
     # per step; reward_* of the normalised objective over the global batch, scores a JSON object
