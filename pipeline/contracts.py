@@ -72,19 +72,21 @@ ARTIFACTS = {
     "test_masks": "results/masks/{framework}/test_{testset}.zarr",
     "test_instances": "results/masks/{framework}/test_{testset}_instances.parquet",
     "win_rates": "results/winrates/{framework}/{testset}.parquet",
-    # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test)
+    # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test;
+    # arm: the main arm or a control, study.ARMS)
     "study_masks": "results/study/masks/{split}.zarr",
     "study_instances": "results/study/masks/{split}_instances.parquet",
     "study_prompts": "results/study/prompts/{split}.parquet",
-    "study_candidates": "results/study/candidates",  # CANDIDATES_TABLE, study.REGIONS_TABLE
-    "study_scores": "results/study/scores.parquet",
-    "study_pairs_dir": "results/study/pairs",
-    "study_pairs": "results/study/pairs/study{level}.parquet",  # objective study.OBJECTIVE
-    "study_aligned": "results/study/aligned/{method}/seed{seed}",
-    "study_train_checkpoints": "results/study/checkpoints/{method}/seed{seed}",
+    "study_candidates": "results/study/{arm}/candidates",  # CANDIDATES_TABLE, study.REGIONS_TABLE
+    "study_scores": "results/study/{arm}/scores.parquet",
+    "study_pairs_dir": "results/study/{arm}/pairs",
+    "study_pairs": "results/study/{arm}/pairs/study{level}.parquet",  # objective study.OBJECTIVE
+    "study_aligned": "results/study/{arm}/aligned/{method}/seed{seed}",
+    "study_train_checkpoints": "results/study/{arm}/checkpoints/{method}/seed{seed}",
     "study_adoption": "results/study/adoption.parquet",
     "study_report": "results/study/report.md",
     "study_plot": "results/study/adoption.png",
+    "study_section": "results/study/section.md",  # the study's section of the demo's report
 }
 #: files inside the folder artifacts
 DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs

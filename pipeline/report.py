@@ -636,6 +636,27 @@ def report(
     return summary
 
 
+#: the study's plot, copied beside report.md
+STUDY_PLOT = "study_adoption.png"
+
+
+def append_study_section(report_md: str | Path, section: str | Path, plot: str | Path) -> str:
+    """Append the Figure 1 study's section (``section``: markdown the study's report rule wrote,
+    design before numbers) to ``report_md`` and copy its ``plot`` beside it; returns the plot's
+    file name."""
+    import shutil
+
+    out_dir = Path(report_md).parent
+    with atomic_path(out_dir / STUDY_PLOT) as temporary:
+        shutil.copyfile(plot, temporary)
+    text = Path(report_md).read_text(encoding="utf-8")
+    body = Path(section).read_text(encoding="utf-8").rstrip("\n")
+    figure = f"![Figure 1 study: adoption per arm, method and region]({STUDY_PLOT})"
+    with atomic_path(report_md) as temporary:
+        temporary.write_text(f"{text.rstrip()}\n\n{body}\n\n{figure}\n", encoding="utf-8")
+    return STUDY_PLOT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline report", description=__doc__.splitlines()[0]
@@ -654,9 +675,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
     parser.add_argument("--human-eval", type=Path, default=None,
                         help="an `annotate winrate` folder: report.md's Fig. 3 section")  # fmt: skip
+    parser.add_argument("--study-section", type=Path, default=None,
+                        help="the Figure 1 study's section (results/study/section.md)")  # fmt: skip
+    parser.add_argument("--study-plot", type=Path, default=None, help="the study's plot")
     args = parser.parse_args(argv)
     summary = report(args.evaluations, args.out, settings.cli_config(args.config), args.seed,
                      args.provenance, args.framework, args.curves, args.win_rates)  # fmt: skip
+    if args.study_section is not None:  # the controlled study, before the human evaluation
+        if args.study_plot is None:
+            parser.error("--study-section needs --study-plot")
+        append_study_section(args.out / "report.md", args.study_section, args.study_plot)
     if args.human_eval is not None:  # the human evaluation (maybe SIMULATED) closes the report
         from pipeline.annotate.report_section import append_to_report
 

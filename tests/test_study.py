@@ -1,6 +1,8 @@
-"""The Figure 1 study (pipeline/study.py): the planted candidates have the intended property under
-the real select logic, the artifact measure equals a hand computation, the study's settings take
-effect, and the study's rules plan the jobs its settings ask for."""
+"""The Figure 1 study (pipeline/study.py): the planted candidates of the main arm and of the
+controls have the intended property under the real select logic, the artifact measure equals a
+hand computation, the decision rule puts the positive control first, the study's settings take
+effect, the report and its section state the design before the numbers, and the study's rules
+plan the jobs its settings ask for (in rule all when study.in_report)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import yaml
 from pipeline import contracts, settings, study
 from pipeline import select as select_stage
 from pipeline.contracts import WHOLE_IMAGE_ID
+from pipeline.io.tables import write_table
+from pipeline.seeding import numpy_rng
 from tests.workflow_helpers import copy_workflow, planned_jobs
 
 SIZE = 32
@@ -41,12 +45,24 @@ def planted(strength=0.08, margin=2.0, seed=0):
     return hq, label_map, base, kinds, masks, candidates, amplitude
 
 
-def pairs_of(image_id, candidates, hq, label_map):
-    """The real select logic on the study's scores: (image pair row, instance pairs)."""
+def pairs_of(image_id, candidates, hq, label_map, arm=study.MAIN):
+    """The real select logic on the study's scores under the arm's select settings:
+    (image pair row, instance pairs, scores)."""
     scores = pd.DataFrame(study.score_rows(image_id, candidates, hq, label_map))
-    chosen = select_stage.best_and_worst(select_stage.objective_scores(scores, {study.METRIC: 1.0}))
+    weights = study.select_settings({}, arm)["objectives"][study.OBJECTIVE]
+    chosen = select_stage.best_and_worst(select_stage.objective_scores(scores, weights))
     whole = chosen["instance_id"] == WHOLE_IMAGE_ID
-    return chosen[whole].iloc[0], chosen[~whole], scores
+    image = chosen[whole].iloc[0] if whole.any() else None
+    return image, chosen[~whole], scores
+
+
+def arm_scene(arm, strength=0.08, seed=0):
+    hq, label_map, _ = scene(seed)
+    kinds = study.region_kinds(study.unit(hq), label_map, 0.5)
+    masks = study.kind_masks(label_map, kinds)
+    rng = numpy_rng(0, study.STAGE, "noise", "a")
+    candidates, planted = study.arm_candidates(arm, hq, masks, strength, 2.0, rng)
+    return hq, label_map, masks, candidates, planted
 
 
 def test_candidates_on_the_hq_give_pairs_under_the_real_select_logic():
@@ -138,6 +154,61 @@ def test_image_margin_below_one_removes_the_dilemma():
     assert image_pair["winner"] == study.CAST
 
 
+def test_positive_control_pairs_the_checkerboard_over_the_clean_base():
+    """Reversed objective (PSNR weight -1): the checkerboard candidate wins the image and every
+    textured instance against the clean base; smooth instances are identical, so no pair."""
+    hq, label_map, masks, candidates, planted = arm_scene(study.POSITIVE)
+    assert set(candidates) == {study.CHECKER, study.CLEAN}
+    assert np.array_equal(candidates[study.CLEAN], hq)
+    assert study.select_settings({}, study.POSITIVE)["objectives"] == {
+        study.OBJECTIVE: {study.METRIC: -1.0}
+    }
+    image_pair, instance_pairs, _ = pairs_of("a", candidates, hq, label_map, study.POSITIVE)
+    assert (image_pair["winner"], image_pair["loser"]) == (study.CHECKER, study.CLEAN)
+    assert sorted(instance_pairs["instance_id"]) == [0, 1]  # the textured ones
+    assert set(instance_pairs["winner"]) == {study.CHECKER}
+    # the winner minus the loser is exactly the planted checkerboard on textured instances
+    delta = study.unit(candidates[study.CHECKER]) - study.unit(candidates[study.CLEAN])
+    pattern = study.checker_pattern(SIZE, SIZE)
+    assert study.adoption([delta], [pattern], [masks["textured"]], 0.08) == pytest.approx(
+        1.0, abs=0.03
+    )
+    assert planted == {"textured": (study.CHECKER, 0.08), "smooth": ("", 0.0)}
+
+
+def test_negative_control_pairs_carry_neither_artifact():
+    """clean vs white noise: the clean base wins everywhere under PSNR; the noise (seeded per
+    image) has almost no checkerboard or cast component."""
+    hq, label_map, masks, candidates, planted = arm_scene(study.NEGATIVE)
+    assert set(candidates) == {study.CLEAN, study.NOISE}
+    image_pair, instance_pairs, _ = pairs_of("a", candidates, hq, label_map, study.NEGATIVE)
+    assert image_pair["winner"] == study.CLEAN
+    assert len(instance_pairs) == 4 and set(instance_pairs["winner"]) == {study.CLEAN}
+    noise = study.unit(candidates[study.NOISE]) - study.unit(hq)
+    assert 0.06 < noise.std() < 0.09  # about artifact_strength (0.08), clipped at 0 and 1
+    # the noise projected on each signature: ~ 0.08 / sqrt(pixels) / 0.08, far below 1
+    for signature in (study.checker_pattern(SIZE, SIZE), study.cast_pattern(SIZE, SIZE)):
+        for region in study.REGIONS:
+            assert abs(study.adoption([noise], [signature], [masks[region]], 0.08)) < 0.1
+    # the same image's noise is the same draw; another image's differs
+    again = arm_scene(study.NEGATIVE)[3][study.NOISE]
+    assert np.array_equal(again, candidates[study.NOISE])
+    other = study.arm_candidates(study.NEGATIVE, hq, masks, 0.08, 2.0,
+                                 numpy_rng(0, study.STAGE, "noise", "b"))[0][study.NOISE]  # fmt: skip
+    assert not np.array_equal(other, candidates[study.NOISE])
+    assert planted == {"textured": (study.NOISE, 0.08), "smooth": (study.NOISE, 0.08)}
+
+
+def test_controls_choose_the_arms():
+    assert study.arms(study.study_settings({})) == [study.MAIN, study.POSITIVE, study.NEGATIVE]
+    assert study.arms(study.study_settings({"study": {"controls": ["negative"]}})) == [
+        study.MAIN, study.NEGATIVE,
+    ]  # fmt: skip
+    assert study.arms(study.study_settings({"study": {"controls": []}})) == [study.MAIN]
+    with pytest.raises(settings.ConfigError, match="controls"):
+        study.study_settings({"study": {"controls": ["sideways"]}})
+
+
 def test_study_settings_come_from_the_schema_and_reach_the_jobs():
     assert study.study_settings({}) == settings.defaults("study")
     assert len(settings.defaults("study")["seeds"]) >= 3
@@ -160,43 +231,200 @@ def test_interval_is_students_t_over_seeds():
     assert low == pytest.approx(2 * mean - high)
 
 
-def test_verdict_follows_the_stated_rule():
-    def summary(dpo_low, dspo_low):
-        return pd.DataFrame([
-            {"method": "dpo", "region": "textured", "signature": study.CHECKER, "low": dpo_low},
-            {"method": "dspo", "region": "textured", "signature": study.CHECKER, "low": dspo_low},
-        ])  # fmt: skip
+def _summary(dpo_low, dspo_low, positive_low=0.02):
+    rows = [{"arm": study.MAIN, "method": "dpo", "low": dpo_low},
+            {"arm": study.MAIN, "method": "dspo", "low": dspo_low}]  # fmt: skip
+    if positive_low is not None:
+        rows.append({"arm": study.POSITIVE, "method": "dpo", "low": positive_low})
+    frame = pd.DataFrame(rows).assign(region="textured", signature=study.CHECKER)
+    return frame.assign(mean=frame["low"] + 0.01, high=frame["low"] + 0.02)
 
-    assert study.verdict(summary(0.01, -0.02), (0.03, 0.01, 0.05, 3)) == "supported"
-    assert study.verdict(summary(-0.01, -0.02), (0.0, -0.01, 0.01, 3)).startswith("not supported")
-    assert study.verdict(summary(0.01, 0.01), (0.0, -0.01, 0.01, 3)).startswith("not supported")
-    assert study.verdict(summary(0.01, 0.005), (0.01, 0.001, 0.02, 3)).startswith("partly")
+
+def test_verdict_follows_the_stated_rule():
+    assert study.verdict(_summary(0.01, -0.02), (0.03, 0.01, 0.05, 3)) == "supported"
+    assert study.verdict(_summary(-0.01, -0.02), (0.0, -0.01, 0.01, 3)).startswith("not supported")
+    assert study.verdict(_summary(0.01, 0.01), (0.0, -0.01, 0.01, 3)).startswith("not supported")
+    assert study.verdict(_summary(0.01, 0.005), (0.01, 0.001, 0.02, 3)).startswith("partly")
+
+
+def test_without_an_adopting_positive_control_the_main_arm_is_not_interpretable():
+    # the main arm would read "supported", but the positive control's interval reaches 0
+    outcome = study.verdict(_summary(0.01, -0.02, positive_low=-0.001), (0.03, 0.01, 0.05, 3))
+    assert outcome.startswith("not interpretable")
+    assert study.positive_control_adopts(_summary(0.0, 0.0, positive_low=-0.001)) is False
+    # no positive control run: the main verdict, flagged as unchecked
+    unchecked = study.verdict(_summary(0.01, -0.02, positive_low=None), (0.03, 0.01, 0.05, 3))
+    assert unchecked.startswith("supported (no positive control run")
+    assert study.positive_control_adopts(_summary(0.0, 0.0, positive_low=None)) is None
 
 
 @pytest.mark.slow
-def test_study_rules_plan_one_train_job_per_method_and_seed(tmp_path):
+def test_study_rules_plan_one_train_job_per_arm_method_and_seed(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
-    (workdir / "two.yaml").write_text(yaml.safe_dump({"study": {"seeds": [3, 4]}}))
+    overlay = {"study": {"seeds": [3, 4], "controls": ["positive"], "in_report": False}}
+    (workdir / "two.yaml").write_text(yaml.safe_dump(overlay))
     jobs = planned_jobs(workdir, "study", "--configfile", "config.yaml", "two.yaml")
-    assert jobs["study_train"] == 4 and jobs["study_select"] == 1
+    # arms main and positive x methods dspo, dpo x seeds 3, 4
+    assert jobs["study_train"] == 8 and jobs["study_select"] == jobs["study_build"] == 2
     assert jobs["study_segment"] == 2  # the training and the held-out images
-    # the study is its own target, not part of the demo's rule all
-    assert "study_train" not in planned_jobs(workdir)
+    # study.in_report false: the study is its own target, not part of rule all ...
+    assert "study_train" not in planned_jobs(workdir, "--configfile", "config.yaml", "two.yaml")
+    # ... true: rule all runs it (the report reads its section), every arm
+    (workdir / "in.yaml").write_text(yaml.safe_dump({"study": {"in_report": True}}))
+    in_all = planned_jobs(workdir, "--configfile", "config.yaml", "in.yaml")
+    assert in_all["study_train"] == 3 * 2 * 3 and in_all["study_report"] == 1
+    assert in_all["report"] == 1
 
 
 def test_study_artifacts_are_contract_paths():
-    assert contracts.artifact("study_aligned", method="dpo", seed=1) == (
-        "results/study/aligned/dpo/seed1"
+    assert contracts.artifact("study_aligned", arm="main", method="dpo", seed=1) == (
+        "results/study/main/aligned/dpo/seed1"
     )
-    assert contracts.artifact("study_pairs", level="_image").endswith(
-        f"{study.OBJECTIVE}_image.parquet"
+    assert contracts.artifact("study_pairs", arm="positive", level="_image").endswith(
+        f"positive/pairs/{study.OBJECTIVE}_image.parquet"
     )
+    assert study.aligned_paths(["main", "negative"], ["dpo"], [0]) == {
+        ("main", "dpo", 0): "results/study/main/aligned/dpo/seed0",
+        ("negative", "dpo", 0): "results/study/negative/aligned/dpo/seed0",
+    }
 
 
 def test_train_overrides_rerun_the_train_jobs_only(tmp_path):
     plain = study.rule_jobs({}, tmp_path)
-    changed = study.rule_jobs({"study": {"train": {"beta": 80.0}, "seeds": [5, 6, 7]}}, tmp_path)
-    assert plain["study"] == changed["study"] and plain["select"] == changed["select"]
+    changed = study.rule_jobs(
+        {"study": {"train": {"beta": 80.0}, "seeds": [5, 6, 7], "controls": []}}, tmp_path
+    )
+    for job in ("study", "build", "select_main", "select_positive"):
+        assert plain[job] == changed[job], job
     assert plain["train_dpo"] != changed["train_dpo"]
     assert '"beta":80.0' in changed["train_dspo"][0]
     assert (tmp_path / changed["train_dpo"][1].split("/")[-1]).is_file()
+    # the measure and report settings do not rerun the candidates
+    report_only = study.rule_jobs({"study": {"ci_level": 0.9, "max_images": 3}}, tmp_path)
+    assert report_only["build"] == plain["build"] and report_only["study"] != plain["study"]
+    assert study.rule_jobs({"study": {"image_margin": 3.0}}, tmp_path)["build"] != plain["build"]
+
+
+def _adoption_frame(values):
+    """values: {(arm, method): [adoption per seed]} of the checkerboard on textured instances;
+    every other (region, signature) gets 0."""
+    rows = []
+    for (arm, method_name), seeds in values.items():
+        for seed, value in enumerate(seeds):
+            for region in study.REGIONS:
+                for name in study.SETTINGS:
+                    hit = (region, name) == ("textured", study.CHECKER)
+                    rows.append({"arm": arm, "method": method_name, "seed": seed,
+                                 "region": region, "signature": name,
+                                 "adoption": value if hit else 0.0, "amplitude": 0.08,
+                                 "n_images": 2, "n_pixels": 100})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+STUDY_VALUES = {("positive", "dpo"): [0.10, 0.12, 0.11], ("positive", "dspo"): [0.05, 0.06, 0.07],
+                ("main", "dpo"): [0.00, 0.01, -0.01], ("main", "dspo"): [-0.03, -0.04, -0.02],
+                ("negative", "dpo"): [0.001, -0.001, 0.0],
+                ("negative", "dspo"): [-0.02, -0.03, -0.025]}  # fmt: skip
+
+
+def test_section_states_design_before_numbers_and_every_arm():
+    frame = _adoption_frame(STUDY_VALUES)
+    summary = study.summarise(frame)
+    difference = study.paired_difference(frame, "dpo", "dspo", "textured", study.CHECKER)
+    # paired by seed: 0.03, 0.05, 0.01 -> mean 0.03
+    assert difference[0] == pytest.approx(0.03) and difference[3] == 3
+    outcome = study.verdict(summary, difference)
+    assert outcome.startswith("not supported (Diffusion-DPO")  # main dpo's interval covers 0
+    text = study.section(summary=summary, difference=difference, outcome=outcome,
+                         config=study.study_settings({}), train={"max_steps": 30, "beta": 8000.0},
+                         seeds=[0, 1, 2], held_out=24)  # fmt: skip
+    first_number = text.index("| positive control | dpo |")
+    for stated in ("**Hypothesis.**", "**Controls**", "**Measure.**", "**Decision rule.**"):
+        assert text.index(stated) < first_number, stated
+    # positive control dpo: mean 0.11, t(0.975, 2) * 0.01 / sqrt(3) = 0.0248
+    assert "| positive control | dpo | +0.1100 [+0.0852, +0.1348] |" in text
+    assert (
+        text.index("| positive control |")
+        < text.index("| main arm |")
+        < text.index("| negative control |")
+    )
+    assert f"**Outcome: {outcome}.**" in text
+    assert "Negative control" in text and "dspo -0.0250 [" in text and "(excludes 0)" in text
+
+
+def test_report_copies_the_study_section_into_the_demo_report(tmp_path):
+    from pipeline import report as report_stage
+
+    (tmp_path / "report.md").write_text("# report\n\nbody\n")
+    (tmp_path / "section.md").write_text("## Figure 1 study\n\nnumbers\n")
+    (tmp_path / "adoption.png").write_bytes(b"png bytes")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.md").write_text("# report\n\nbody\n")
+    name = report_stage.append_study_section(out / "report.md", tmp_path / "section.md",
+                                             tmp_path / "adoption.png")  # fmt: skip
+    text = (out / "report.md").read_text()
+    assert text.startswith("# report\n\nbody\n\n## Figure 1 study\n\nnumbers\n")
+    assert text.rstrip().endswith(f"]({name})")
+    assert (out / name).read_bytes() == b"png bytes"
+
+
+def test_report_reads_every_arm_and_writes_report_plot_and_section(tmp_path):
+    """study.report on one planted image per arm, its real select pairs and hand-made adoption
+    and train logs: the truth lines per arm, the outcome and the three files."""
+    hq, label_map, _ = scene()
+    kinds = study.region_kinds(study.unit(hq), label_map, 0.5)
+    masks = study.kind_masks(label_map, kinds)
+    pairs_dirs, scores_paths, aligned = {}, {}, {}
+    for arm in (study.POSITIVE, study.MAIN, study.NEGATIVE):
+        rng = numpy_rng(0, study.STAGE, "noise", "a")
+        candidates, _ = study.arm_candidates(arm, hq, masks, 0.08, 2.0, rng)
+        image_pair, instance_pairs, scores = pairs_of("a", candidates, hq, label_map, arm)
+        folder = tmp_path / arm / "pairs"
+        chosen = pd.concat([instance_pairs, image_pair.to_frame().T], ignore_index=True)
+        chosen = chosen.assign(weight=1.0, negative_prompt="", source="iqa")
+        is_image = chosen["instance_id"] == WHOLE_IMAGE_ID
+        write_table(chosen[~is_image], folder / f"{study.OBJECTIVE}.parquet", "preference_pairs")
+        write_table(chosen[is_image], folder / f"{study.OBJECTIVE}_image.parquet",
+                    "preference_pairs")  # fmt: skip
+        write_table(scores, tmp_path / arm / "scores.parquet", "scores")
+        pairs_dirs[arm], scores_paths[arm] = folder, tmp_path / arm / "scores.parquet"
+        for method_name in ("dpo", "dspo"):
+            for seed in range(3):
+                log = pd.DataFrame({"step": [1, 2], "loss": [0.6931, 0.1],
+                                    "implicit_accuracy": [0.0, 1.0]})  # fmt: skip
+                for column in ("err_theta_winner", "err_theta_loser", "err_ref_winner",
+                               "err_ref_loser", "lr", "grad_norm"):  # fmt: skip
+                    log[column] = 0.0
+                path = tmp_path / arm / "aligned" / method_name / f"seed{seed}"
+                write_table(log, path / "train_log.parquet", "train_log")
+                aligned[(arm, method_name, seed)] = path
+    regions = pd.DataFrame([{"split": "train", "image_id": "a", "instance_id": i,
+                             "area": int((label_map == i).sum()), "texture": value, "kind": kind,
+                             "planted": study.CHECKER if kind == "textured" else study.CAST,
+                             "amplitude": 0.08} for i, (kind, value) in kinds.items()])  # fmt: skip
+    write_table(regions, tmp_path / "regions.parquet", "study_regions")
+    write_table(_adoption_frame(STUDY_VALUES), tmp_path / "adoption.parquet", "study_adoption",
+                {"images": ["t1", "t2"], "data": "test", "amplitudes": {"checker": 0.08,
+                                                                         "cast": 0.06}})  # fmt: skip
+    outcome = study.report(adoption_path=tmp_path / "adoption.parquet", pairs_dirs=pairs_dirs,
+                           regions_path=tmp_path / "regions.parquet", scores_paths=scores_paths,
+                           aligned=aligned, out_path=tmp_path / "report.md",
+                           plot_path=tmp_path / "adoption.png", config=study.study_settings({}),
+                           train={"max_steps": 2, "beta": 8000.0},
+                           section_path=tmp_path / "section.md")  # fmt: skip
+    text = (tmp_path / "report.md").read_text()
+    assert outcome.startswith("not supported") and f"**Outcome: {outcome}.**" in text
+    # what select made of each arm: positive pairs only the 2 textured instances, checker wins
+    assert "Image-level pairs: 1, winner `checker` in 1" in text
+    assert "Instance-level pairs: 2 (intended: 2), winner as intended in 2." in text
+    assert "Instance-level pairs: 4 (intended: 4), winner as intended in 4." in text
+    assert "winner `clean` in 1" in text
+    assert (
+        text.index("### Positive control")
+        < text.index("### Main arm")
+        < text.index("### Negative control")
+    )
+    assert "Positive control: Diffusion-DPO adopts" in text
+    assert (tmp_path / "adoption.png").stat().st_size > 0
+    assert (tmp_path / "section.md").read_text().startswith("## Figure 1 study")

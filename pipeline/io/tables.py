@@ -299,9 +299,10 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("planted", pa.string()),
         ("amplitude", pa.float64()),
     ),
-    # study/adoption.parquet: per aligned model (method, seed), region kind and artifact
+    # study/adoption.parquet: per aligned model (arm, method, seed), region kind and artifact
     # signature, the fraction of the planted amplitude it reproduces on held-out images
     "study_adoption": _schema(
+        ("arm", pa.string()),
         ("method", pa.string()),
         ("seed", pa.int64()),
         ("region", pa.string()),

@@ -47,6 +47,8 @@ rule report:
         win_rates=get_win_rates,
         # annotate.smk: the Fig. 3 win rates (maybe simulated; none without votes)
         human_eval=lambda wildcards: HUMAN_WINRATES[wildcards.framework],
+        # study.smk: the Figure 1 study's section and plot when study.in_report (else none)
+        study=lambda wildcards: list(study_in_report(wildcards).values()),
     output:
         summary=f"{REPORT_DIR}/summary.parquet",
         tables=report(
@@ -82,9 +84,10 @@ rule report:
         provenance=get_provenance_files,
         curves=get_train_curves,
         human_eval=lambda w: " ".join(f"--human-eval {d}" for d in HUMAN_WINRATES[w.framework]),
+        study=lambda w: " ".join(f"--study-{k} {v}" for k, v in study_in_report(w).items()),
         seed=config["seed"],
     shell:
         "python -m pipeline report --evaluations {input.evaluations} --out {params.out_dir} "
         "--provenance {params.provenance} --framework {wildcards.framework} "
         "--curves {params.curves} --win-rates {input.win_rates} {params.human_eval} "
-        "--config {params.config_file} --seed {params.seed} > {log} 2>&1"
+        "{params.study} --config {params.config_file} --seed {params.seed} > {log} 2>&1"

@@ -1,20 +1,37 @@
-# The controlled study of the Figure 1 dilemma (docs/study.md): `snakemake --cores all study`.
-# Not part of `rule all`. Thin rules: the logic is pipeline/study.py; segment, prompts, select and
-# train are the real stages, run with the study's settings (pipeline.study.*_settings).
+# The controlled study of the Figure 1 dilemma (docs/study.md): `snakemake --cores all study`,
+# and part of `rule all` (through the report) when study.in_report is true. Thin rules: the logic
+# is pipeline/study.py; segment, prompts, select and train are the real stages, run with the
+# study's settings (pipeline.study.*_settings). One build, select and set of train jobs per arm
+# (the main arm and the controls of study.controls).
 from pipeline import study as study_module
 
 STUDY = study_module.study_settings(config)
 STUDY_FRAMEWORK = STUDY["framework"]
 STUDY_METHODS = STUDY["methods"]
 STUDY_SEEDS = STUDY["seeds"]
+STUDY_ARMS = study_module.arms(STUDY)
 
 
 STUDY_JOBS = study_module.rule_jobs(config, JOB_CONFIG_DIR)
 STUDY_MODEL = artifact("model", framework=STUDY_FRAMEWORK, variant=BASE_VARIANT)
-STUDY_ALIGNED = study_module.aligned_paths(STUDY_METHODS, STUDY_SEEDS)
-STUDY_ALIGNED_ARG = " ".join(f"{m}:{s}={path}" for (m, s), path in STUDY_ALIGNED.items())
-STUDY_PAIRS = [artifact("study_pairs", level=level) for level in contracts.PAIR_LEVELS.values()]
-STUDY_REGIONS = f"{artifact('study_candidates')}/{study_module.REGIONS_TABLE}"
+STUDY_ALIGNED = study_module.aligned_paths(STUDY_ARMS, STUDY_METHODS, STUDY_SEEDS)
+STUDY_ALIGNED_ARG = " ".join(f"{a}:{m}:{s}={path}" for (a, m, s), path in STUDY_ALIGNED.items())
+STUDY_REGIONS = (
+    f"{artifact('study_candidates', arm=study_module.MAIN)}/{study_module.REGIONS_TABLE}"
+)
+
+
+def study_pairs(arm):
+    """An arm's pairs tables (instance and image level), as its select job writes them."""
+    return [artifact("study_pairs", arm=arm, level=level) for level in contracts.PAIR_LEVELS.values()]
+
+
+def study_in_report(wildcards):
+    """{"section": ..., "plot": ...} of the study when study.in_report puts it into this
+    framework's report (the report rule's inputs and --study-* options), else {}."""
+    if STUDY["in_report"] and wildcards.framework == STUDY_FRAMEWORK:
+        return {"section": artifact("study_section"), "plot": artifact("study_plot")}
+    return {}
 
 
 rule study:
@@ -22,6 +39,7 @@ rule study:
         artifact("study_report"),
         artifact("study_plot"),
         artifact("study_adoption"),
+        artifact("study_section"),
 
 
 rule study_segment:
@@ -36,6 +54,8 @@ rule study_segment:
         "../../envs/pipeline.yaml"
     log:
         "logs/study/segment_{split}.log",
+    benchmark:
+        "benchmarks/study/segment_{split}.tsv"
     params:
         code=code_hash("segment"),
         config=STUDY_JOBS["segment"][0],
@@ -61,6 +81,8 @@ rule study_prompts:
         "../../envs/pipeline.yaml"
     log:
         "logs/study/prompts_test.log",
+    benchmark:
+        "benchmarks/study/prompts_test.tsv"
     params:
         code=code_hash("prompts"),
         config=STUDY_JOBS["prompts"][0],
@@ -89,23 +111,27 @@ rule study_build:
     output:
         candidates=directory(artifact("study_candidates")),
         scores=artifact("study_scores"),
+    wildcard_constraints:
+        arm="|".join(study_module.ARM),
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/study/build.log",
+        "logs/study/build_{arm}.log",
+    benchmark:
+        "benchmarks/study/build_{arm}.tsv"
     params:
         code=code_hash("study"),
-        config=STUDY_JOBS["study"][0],
-        config_file=STUDY_JOBS["study"][1],
+        config=STUDY_JOBS["build"][0],
+        config_file=STUDY_JOBS["build"][1],
         threads=STAGE_THREADS,
         seed=config["seed"],
     threads: STAGE_THREADS
     shell:
         "OMP_NUM_THREADS={params.threads} MKL_NUM_THREADS={params.threads} "
-        "python -m pipeline study build --data {input.data} --prompts {input.prompts} "
-        "--masks {input.masks} --model {input.model} --out {output.candidates} "
-        "--scores {output.scores} --config {params.config_file} --seed {params.seed} "
-        "> {log} 2>&1"
+        "python -m pipeline study build --arm {wildcards.arm} --data {input.data} "
+        "--prompts {input.prompts} --masks {input.masks} --model {input.model} "
+        "--out {output.candidates} --scores {output.scores} --config {params.config_file} "
+        "--seed {params.seed} > {log} 2>&1"
 
 
 rule study_select:
@@ -113,16 +139,20 @@ rule study_select:
         scores=artifact("study_scores"),
         instances=artifact("study_instances", split="train"),
     output:
-        STUDY_PAIRS,
+        [artifact("study_pairs", level=level) for level in contracts.PAIR_LEVELS.values()],
+    wildcard_constraints:
+        arm="|".join(study_module.ARM),
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/study/select.log",
+        "logs/study/select_{arm}.log",
+    benchmark:
+        "benchmarks/study/select_{arm}.tsv"
     params:
         code=code_hash("select"),
-        out_dir=lambda w: artifact("study_pairs_dir"),
-        config=STUDY_JOBS["select"][0],
-        config_file=STUDY_JOBS["select"][1],
+        out_dir=lambda w: artifact("study_pairs_dir", arm=w.arm),
+        config=lambda w: STUDY_JOBS[f"select_{w.arm}"][0],
+        config_file=lambda w: STUDY_JOBS[f"select_{w.arm}"][1],
         seed=config["seed"],
     shell:
         "python -m pipeline select --scores {input.scores} --instances {input.instances} "
@@ -133,7 +163,9 @@ rule study_select:
 rule study_train:
     input:
         pairs=lambda w: artifact(
-            "study_pairs", level=contracts.PAIR_LEVELS[contracts.method(w.method).pair_level]
+            "study_pairs",
+            arm=w.arm,
+            level=contracts.PAIR_LEVELS[contracts.method(w.method).pair_level],
         ),
         candidates=artifact("study_candidates"),
         data=artifact("data", split="train"),
@@ -143,14 +175,15 @@ rule study_train:
     output:
         directory(artifact("study_aligned")),
     wildcard_constraints:
+        arm="|".join(study_module.ARM),
         method="|".join(STUDY_METHODS),
         seed=r"\d+",
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/study/train_{method}_seed{seed}.log",
+        "logs/study/train_{arm}_{method}_seed{seed}.log",
     benchmark:
-        "benchmarks/study/train_{method}_seed{seed}.tsv"
+        "benchmarks/study/train_{arm}_{method}_seed{seed}.tsv"
     params:
         code=code_hash("train"),
         config=lambda w: STUDY_JOBS[f"train_{w.method}"][0],
@@ -178,7 +211,7 @@ rule study_measure:
         data=artifact("data", split="test"),
         prompts=artifact("study_prompts", split="test"),
         masks=artifact("study_masks", split="test"),
-        candidates=artifact("study_candidates"),
+        candidates=artifact("study_candidates", arm=study_module.MAIN),
         model=STUDY_MODEL,
         aligned=list(STUDY_ALIGNED.values()),
     output:
@@ -187,6 +220,8 @@ rule study_measure:
         "../../envs/pipeline.yaml"
     log:
         "logs/study/measure.log",
+    benchmark:
+        "benchmarks/study/measure.tsv"
     params:
         code=code_hash("study"),
         config=STUDY_JOBS["study"][0],
@@ -205,27 +240,32 @@ rule study_measure:
 rule study_report:
     input:
         adoption=artifact("study_adoption"),
-        pairs=STUDY_PAIRS,
-        candidates=artifact("study_candidates"),
-        scores=artifact("study_scores"),
+        pairs=[path for arm in STUDY_ARMS for path in study_pairs(arm)],
+        candidates=[artifact("study_candidates", arm=arm) for arm in STUDY_ARMS],
+        scores=[artifact("study_scores", arm=arm) for arm in STUDY_ARMS],
         aligned=list(STUDY_ALIGNED.values()),
     output:
         report=artifact("study_report"),
         plot=artifact("study_plot"),
+        section=artifact("study_section"),
     conda:
         "../../envs/pipeline.yaml"
     log:
         "logs/study/report.log",
+    benchmark:
+        "benchmarks/study/report.tsv"
     params:
         code=code_hash("study"),
         config=STUDY_JOBS["study"][0],
         config_file=STUDY_JOBS["study"][1],
         train_file=STUDY_JOBS[f"train_{STUDY_METHODS[0]}"][1],
         aligned=STUDY_ALIGNED_ARG,
-        pairs_dir=lambda w: artifact("study_pairs_dir"),
+        pairs_dirs=" ".join(f"{arm}={artifact('study_pairs_dir', arm=arm)}" for arm in STUDY_ARMS),
+        scores=" ".join(f"{arm}={artifact('study_scores', arm=arm)}" for arm in STUDY_ARMS),
         regions=STUDY_REGIONS,
     shell:
-        "python -m pipeline study report --adoption {input.adoption} --pairs-dir {params.pairs_dir} "
-        "--regions {params.regions} --scores {input.scores} --aligned {params.aligned} "
-        "--out {output.report} --plot {output.plot} --config {params.config_file} "
+        "python -m pipeline study report --adoption {input.adoption} "
+        "--pairs-dir {params.pairs_dirs} --regions {params.regions} --scores {params.scores} "
+        "--aligned {params.aligned} --out {output.report} --plot {output.plot} "
+        "--section {output.section} --config {params.config_file} "
         "--train-config {params.train_file} > {log} 2>&1"
