@@ -7,7 +7,10 @@ A checkpoint is a folder ``<checkpoints>/step-NNNNNNNN/`` written atomically
 - ``optimizer.safetensors``: the optimizer state by parameter index, its param groups as metadata;
 - ``rng.safetensors``: the torch CPU/CUDA, numpy and Python RNG states (both stages key their draws
   by step, so these matter only to code that draws from a global RNG);
-- ``state.json``: the step, the log so far and the run's fingerprint.
+- ``state.json``: the step, the log so far and the run's fingerprint (and a loop's JSON-able
+  ``extra`` state);
+- ``extra.safetensors`` (optional): a loop's own tensors (``extra_tensors``, e.g. an online
+  method's buffer of policy trajectories), by name.
 
 The fingerprint (:func:`run_fingerprint`) is a JSON-able dict of everything that decides the run
 (effective settings, seed, the stage's code hash, content hashes of the input tables and of the
@@ -49,6 +52,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "step-"
 KEEP = 2  # newest checkpoints kept while training, where the stage's config does not say
 CHUNK = 1 << 20  # bytes read at a time when hashing files
+EXTRA_TENSORS = "extra.safetensors"  # a checkpoint's optional loop tensors (save's extra_tensors)
 
 
 # -- content hashes ------------------------------------------------------------------------------
@@ -299,10 +303,12 @@ def save(
     fingerprint: Fingerprint,
     keep: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``<directory>/step-<step>/`` atomically; with ``keep``, prune older checkpoints.
     ``extra`` (JSON-able, e.g. an online method's stat tracker) goes into ``state.json``;
-    :func:`load_extra` returns it."""
+    :func:`load_extra` returns it. ``extra_tensors`` (``{name: tensor}``) go to
+    ``extra.safetensors``; :func:`load_extra_tensors` returns them."""
     final = Path(directory) / f"{PREFIX}{step:08d}"
     state = optimizer.state_dict()
     with atomic_path(final) as folder:
@@ -330,6 +336,11 @@ def save(
         }
         if extra is not None:
             document["extra"] = dict(extra)
+        if extra_tensors is not None:
+            save_file(
+                {name: t.detach().cpu().contiguous() for name, t in extra_tensors.items()},
+                folder / EXTRA_TENSORS,
+            )
         (folder / "state.json").write_text(json.dumps(document, indent=1, sort_keys=True))
     if keep is not None:
         prune(Path(directory), keep)
@@ -367,6 +378,12 @@ def load(
 def load_extra(path: Path) -> dict[str, Any] | None:
     """The ``extra`` state a checkpoint was saved with (None if it has none)."""
     return json.loads((Path(path) / "state.json").read_text()).get("extra")
+
+
+def load_extra_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The ``extra_tensors`` a checkpoint was saved with (None if it has none)."""
+    file = Path(path) / EXTRA_TENSORS
+    return load_file(file) if file.is_file() else None
 
 
 # -- the checked optimizer step ------------------------------------------------------------------

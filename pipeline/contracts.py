@@ -60,6 +60,16 @@ ARTIFACTS = {
     # POPULATION_TABLE, POPULATION_STATE and one save_pretrained folder per member
     "population_member": "results/aligned/{framework}/{method}/{objective}/members/{member}",
     "train_checkpoints": "results/checkpoints/train/{framework}/{method}/{objective}",
+    # iterative rounds (docs/design.md §14, workflow/rules/rounds.smk): round r >= 2 of one
+    # (framework, method, objective) run, regenerated from round r - 1's aligned model; round 1
+    # is the artifacts above. The round's select writes only its objective's pairs.
+    "round_candidates": "results/rounds/{framework}/{method}/{objective}/r{round}/candidates",
+    "round_captions": "results/rounds/{framework}/{method}/{objective}/r{round}/captions.parquet",
+    "round_scores": "results/rounds/{framework}/{method}/{objective}/r{round}/scores.parquet",
+    "round_pairs_dir": "results/rounds/{framework}/{method}/{objective}/r{round}/pairs",
+    "round_pairs": "results/rounds/{framework}/{method}/{objective}/r{round}/pairs/{objective}{level}.parquet",
+    "round_aligned": "results/rounds/{framework}/{method}/{objective}/r{round}/aligned",
+    "round_train_checkpoints": "results/checkpoints/rounds/{framework}/{method}/{objective}/r{round}",
     "evaluation": "results/eval/{framework}/{testset}/{model}",  # EVAL_* files + images/
     "report_dir": "results/eval/{framework}",  # summary, tables, plots, report.md
     # human evaluation (Fig. 3; pipeline/annotate, workflow/rules/annotate.smk): the votes of
@@ -125,23 +135,44 @@ def artifact(name: str, **fields: Any) -> str:
     return ARTIFACTS[name].format_map(_KeepMissing(fields))
 
 
-def pairs_artifact(framework: str, objective: str, method_name: str) -> str | None:
-    """The pairs table a training method reads (its pair level's file); None for a method of
-    pair level :data:`NO_PAIRS`."""
+def pairs_artifact(
+    framework: str, objective: str, method_name: str, round_number: int = 1
+) -> str | None:
+    """The pairs table a training method reads (its pair level's file; from round 2 on, the
+    round's own, ``round_pairs``); None for a method of pair level :data:`NO_PAIRS`."""
     if method(method_name).pair_level == NO_PAIRS:
         return None
     if method(method_name).pair_level == "objectives":
         raise ValueError(f"{method_name!r} reads several pairs tables: use train_pairs_artifacts")
     level = PAIR_LEVELS[method(method_name).pair_level]
+    if round_number > 1:
+        return artifact("round_pairs", framework=framework, method=method_name,
+                        objective=objective, round=round_number, level=level)  # fmt: skip
     return artifact("pairs", framework=framework, objective=objective, level=level)
 
 
-def train_pairs_artifacts(framework: str, objective: str, method_name: str) -> list[str]:
+def aligned_artifact(
+    framework: str, method_name: str, objective: str, round_number: int = 1
+) -> str:
+    """The aligned model of one run after round ``round_number`` (1: ``aligned``, later rounds:
+    ``round_aligned``). Round r + 1 starts from, and takes as its reference, round r's model:
+    ``aligned_artifact(..., r)`` (docs/design.md §14)."""
+    if round_number == 1:
+        return artifact("aligned", framework=framework, method=method_name, objective=objective)
+    return artifact("round_aligned", framework=framework, method=method_name,
+                    objective=objective, round=round_number)  # fmt: skip
+
+
+def train_pairs_artifacts(
+    framework: str, objective: str, method_name: str, round_number: int = 1
+) -> list[str]:
     """Every pairs table a training method reads: its pair level's file, or for pair level
     "objectives" the instance pairs of each of :data:`MULTI_OBJECTIVES`, in that order."""
     if method(method_name).pair_level != "objectives":
-        path = pairs_artifact(framework, objective, method_name)
+        path = pairs_artifact(framework, objective, method_name, round_number)
         return [path] if path else []
+    if round_number > 1:
+        raise ValueError(f"{method_name!r} reads several objectives' pairs: it has no rounds")
     level = PAIR_LEVELS["instance"]
     return [artifact("pairs", framework=framework, objective=o, level=level)
             for o in MULTI_OBJECTIVES]  # fmt: skip
@@ -221,6 +252,9 @@ METHODS: dict[str, Method] = {
     for method in (
         Method("dspo", "dspo", "instance"),
         Method("dro", "dro", "instance"),
+        # Diffusion-DRO's hybrid sampling (docs/online_alignment.md "Online DRO"): the pairs'
+        # winners (or the HQ) as experts against states of the policy's own trajectories
+        Method("dro_online", "dro", "instance", loop="dro_online"),
         # the M1-only ablation: DSPO without the description feedback (no negative prompts)
         Method("dspo_m1", "dspo", "instance", settings={"negative_prompts": False}),
         Method("dpo", "dpo", "image"),
@@ -228,6 +262,11 @@ METHODS: dict[str, Method] = {
         # DDPO (docs/online_alignment.md): PPO on the policy's own samples, rewarded by the
         # objective's scores; the one-step framework's policy is the one-step Gaussian policy
         Method("ddpo", "ppo", NO_PAIRS, needs_reference=False, loop="ddpo"),
+        # GDPO-SR (docs/online_alignment.md "GDPO"): groups of policy samples, group-relative
+        # advantages in a Diffusion-DPO-style loss; gdpo_instance: rewards, advantages and error
+        # maps per DSPO instance (it reads the segment stage's masks)
+        Method("gdpo", "gdpo", NO_PAIRS, loop="gdpo"),
+        Method("gdpo_instance", "gdpo_instance", NO_PAIRS, loop="gdpo"),
         # EA-Adam on DSPO (docs/ea_adam.md): a population on the perception and fidelity pairs
         Method("ea_adam", "dspo", "objectives", loop="ea_adam"),
     )

@@ -412,8 +412,9 @@ class OnlineNegativeBuffer:
     """A FIFO of policy trajectories for Diffusion-DRO's online negatives (DRO ``misc/buffer.py``).
 
     One entry is one trajectory of one LQ: ``image_id``, the states fed to the policy ``[T, C, h,
-    w]``, their timesteps ``[T]`` (strictly decreasing) and the targets ``[T, C, h, w]`` (the
-    policy's own ε-prediction at each state). The buffer keeps the ``size`` newest trajectories
+    w]``, their timesteps ``[T]`` (strictly decreasing), the targets ``[T, C, h, w]`` (the
+    policy's own ε-prediction at each state) and the prompt it was sampled under (DRO keeps the
+    prompt embedding ``c`` with the trajectory and trains on it; ``""`` when not given). The buffer keeps the ``size`` newest trajectories
     (whole trajectories are trimmed, as DRO does). :meth:`sample` draws as DRO: trajectories
     without replacement (with replacement when more are asked than held) and one uniform step
     per drawn trajectory.
@@ -444,6 +445,7 @@ class OnlineNegativeBuffer:
         self.refill_every = int(refill_every)
         self.sync_every = int(sync_every)
         self.image_ids: list[str] = []
+        self.prompts: list[str] = []  # the text each trajectory was sampled under
         self.states: torch.Tensor | None = None  # [N, T, C, h, w]
         self.timesteps: torch.Tensor | None = None  # int64 [N, T]
         self.targets: torch.Tensor | None = None  # [N, T, C, h, w]
@@ -477,10 +479,15 @@ class OnlineNegativeBuffer:
         states: torch.Tensor,
         timesteps: torch.Tensor,
         targets: torch.Tensor,
+        prompts: Sequence[str] | None = None,
     ) -> None:
         """Append ``B`` trajectories: ``states`` and ``targets`` ``[B, T, C, h, w]``,
-        ``timesteps`` ``[B, T]`` (or ``[T]``, shared), then keep the ``size`` newest."""
+        ``timesteps`` ``[B, T]`` (or ``[T]``, shared), ``prompts`` (one per trajectory, default
+        ``""``), then keep the ``size`` newest."""
         ids = [str(i) for i in image_ids]
+        texts = [""] * len(ids) if prompts is None else [str(p) for p in prompts]
+        if len(texts) != len(ids):
+            raise ValueError(f"{len(texts)} prompts for {len(ids)} trajectories")
         if states.ndim < 3 or states.shape != targets.shape:
             raise ValueError(
                 f"states {tuple(states.shape)} and targets {tuple(targets.shape)} must be the "
@@ -507,6 +514,7 @@ class OnlineNegativeBuffer:
         if self.states is not None:
             new = [torch.cat([old, part]) for old, part in zip(self._tensors(), new, strict=True)]
         self.image_ids = (self.image_ids + ids)[-self.size :]
+        self.prompts = (self.prompts + texts)[-self.size :]
         self.states, self.timesteps, self.targets = (part[-self.size :] for part in new)
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -515,8 +523,8 @@ class OnlineNegativeBuffer:
     def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         """``batch_size`` (state, timestep, target) triplets, DRO's draw (``buffer.py`` L105-118).
 
-        Returns ``image_ids`` (list of str), ``states [b, C, h, w]``, ``timesteps int64 [b]``,
-        ``targets [b, C, h, w]`` (CPU copies).
+        Returns ``image_ids`` and ``prompts`` (lists of str), ``states [b, C, h, w]``,
+        ``timesteps int64 [b]``, ``targets [b, C, h, w]`` (CPU copies).
         """
         if len(self) == 0:
             raise ValueError("the online-negative buffer is empty: refill it before sampling")
@@ -530,6 +538,7 @@ class OnlineNegativeBuffer:
         columns = torch.randint(0, steps, (batch_size,), generator=generator)
         return {
             "image_ids": [self.image_ids[int(i)] for i in rows],
+            "prompts": [self.prompts[int(i)] for i in rows],
             "states": self.states[rows, columns].clone(),
             "timesteps": self.timesteps[rows, columns].clone(),
             "targets": self.targets[rows, columns].clone(),
@@ -539,9 +548,11 @@ class OnlineNegativeBuffer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything as tensors (``safetensors.torch.save_file`` accepts it as is)."""
         ids = json.dumps(self.image_ids).encode("utf-8")
+        prompts = json.dumps(self.prompts).encode("utf-8")
         state = {
             "config": torch.tensor([self.size, self.refill_every, self.sync_every]),
             "image_ids": torch.tensor(list(ids), dtype=torch.uint8),
+            "prompts": torch.tensor(list(prompts), dtype=torch.uint8),
         }
         if self.states is not None:
             state.update(states=self.states, timesteps=self.timesteps, targets=self.targets)
@@ -552,10 +563,16 @@ class OnlineNegativeBuffer:
         size, refill_every, sync_every = (int(v) for v in state["config"])
         buffer = cls(size, refill_every, sync_every)
         buffer.image_ids = json.loads(bytes(state["image_ids"].tolist()).decode("utf-8"))
+        buffer.prompts = (
+            json.loads(bytes(state["prompts"].tolist()).decode("utf-8"))
+            if "prompts" in state
+            else [""] * len(buffer.image_ids)
+        )
         if buffer.image_ids:
             buffer.states = state["states"].clone()
             buffer.timesteps = state["timesteps"].to(torch.long).clone()
             buffer.targets = state["targets"].clone()
-            if not (len(buffer.image_ids) == len(buffer.states) == len(buffer.timesteps)):
+            if not (len(buffer.image_ids) == len(buffer.prompts) == len(buffer.states)
+                    == len(buffer.timesteps)):  # fmt: skip
                 raise ValueError("online-negative buffer state: entries of different lengths")
         return buffer

@@ -68,7 +68,8 @@ from pipeline.training.step import (
 LOG_COLUMNS = ("step", "loss", *losses.STAT_KEYS, "lr", "grad_norm")
 #: the module of each method loop other than this file's (``contracts.Method.loop``); each has a
 #: ``train(**arguments)`` taking :func:`train`'s keyword arguments
-LOOPS = {"ddpo": "pipeline.training.ddpo", "ea_adam": "pipeline.training.ea_adam"}
+LOOPS = {"ddpo": "pipeline.training.ddpo", "ea_adam": "pipeline.training.ea_adam",
+         "gdpo": "pipeline.training.gdpo", "dro_online": "pipeline.training.dro_online"}
 
 
 def micro_batch_size(config: TrainConfig, processes: int) -> int:

@@ -246,7 +246,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("ties", pa.int64()),
         ("losses", pa.int64()),
         ("win_rate", pa.float64()),
-        ("ci_low", pa.float64()),
+        ("ci_low", pa.float64()),  # Wilson 95%, instances as independent
         ("ci_high", pa.float64()),
         ("effective_n", pa.float64()),  # instances / design effect (images as clusters)
         ("cluster_low", pa.float64()),  # Wilson 95% on effective_n (pipeline.winrates)
@@ -264,6 +264,42 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("approx_kl", pa.float64()),
         ("clipfrac", pa.float64()),
         ("ratio_mean", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+    ),
+    # aligned/{framework}/gdpo*/{objective}/train_log.parquet: GDPO (pipeline.training.gdpo), one
+    # row per step; reward_* of the group-normalised reward over the global batch (instances
+    # weighted by area), scores a JSON object of the raw metric means, the reward weights used,
+    # the loss's advantage-weighted error gap (margin), implicit accuracy and mean errors
+    "gdpo_log": _schema(
+        ("step", pa.int64()),
+        ("loss", pa.float64()),
+        ("reward_mean", pa.float64()),
+        ("reward_std", pa.float64()),
+        ("scores", pa.string()),
+        ("fidelity_weight", pa.float64()),
+        ("detail_weight", pa.float64()),
+        ("margin", pa.float64()),
+        ("implicit_accuracy", pa.float64()),
+        ("err_theta", pa.float64()),
+        ("err_ref", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),
+    ),
+    # aligned/{framework}/dro_online/{objective}/train_log.parquet: Diffusion-DRO's online
+    # negatives (pipeline.training.dro_online), one row per optimizer step: the hinge's mean,
+    # the weighted share of (example, instance) terms where it is active, the implicit rewards
+    # r = err_ref - err_theta of the policy states and of the experts, the trained model's error
+    # on the policy states, the buffer's trajectories after the step and the syncs so far
+    "dro_online_log": _schema(
+        ("step", pa.int64()),
+        ("loss", pa.float64()),
+        ("hinge_active", pa.float64()),
+        ("r_policy", pa.float64()),
+        ("r_expert", pa.float64()),
+        ("err_policy", pa.float64()),
+        ("buffer_size", pa.int64()),
+        ("syncs", pa.int64()),
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),
     ),

@@ -110,6 +110,24 @@ class SRModel(ABC, nn.Module):
         Gradients flow into :meth:`trainable_parameters`.
         """
 
+    def state_error_maps(
+        self,
+        lq: torch.Tensor,
+        states: torch.Tensor,
+        timesteps: torch.Tensor,
+        targets: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Per-pixel squared error ``[B, h, w]`` of the model's prediction at given policy
+        states against given targets (Diffusion-DRO's online negatives, method ``dro_online``).
+
+        Multi-step: ``||ε_θ(x_t, t, lq, prompt) - target||²`` at the states ``x_t``.
+        One-step: ``||z_hat(lq) - target||²`` for a latent target (the state is ``z_L``).
+        Gradients flow into :meth:`trainable_parameters`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no state_error_maps")
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Within this context, forward passes use the frozen reference weights.

@@ -445,6 +445,44 @@ class MultiStepSR(DiffusionParts, SRModel):
         squared = (prediction - target).pow(2).mean(dim=1)
         return squared.view(batch, count, *squared.shape[-2:])
 
+    def state_error_maps(
+        self,
+        lq: torch.Tensor,
+        states: torch.Tensor,
+        timesteps: torch.Tensor,
+        targets: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """``||ε_θ(x_t, t, lq, prompt) - target||²`` mean over latent channels ``[B, h, w]`` at
+        GIVEN noisy states ``x_t`` ``[B, C, h', w']`` (e.g. a policy trajectory's, on the padded
+        grid :meth:`sample_trajectory` records) with their own targets (Diffusion-DRO's online
+        negatives: the sampler's ε-prediction there). The prediction is :meth:`error_maps`'
+        (guided when negative prompts are given and ``error_map_cfg > 1``); the map is cropped
+        to the LQ's latent grid, the grid of :meth:`error_maps`."""
+        batch = states.shape[0]
+        if targets.shape != states.shape or len(prompts) != batch:
+            raise ValueError(
+                f"states {tuple(states.shape)}, targets {tuple(targets.shape)} and "
+                f"{len(prompts)} prompts must match"
+            )
+        lq, padded_lq = self._padded(lq)
+        down = self.codec.downscale
+        if tuple(states.shape[-2:]) != (padded_lq.shape[2] // down, padded_lq.shape[3] // down):
+            raise ValueError(f"states {tuple(states.shape)} are not on the LQ's padded grid")
+        states = states.to(self.device).float()
+        timesteps = torch.as_tensor(timesteps).to(self.device)
+        embeddings = self._text(prompts)
+        if negative_prompts is not None and self.settings.error_map_cfg > 1.0:
+            negative = self._text(self._negatives(negative_prompts, batch))
+            prediction = self.guided_noise(
+                states, timesteps, padded_lq, embeddings, negative, self.settings.error_map_cfg
+            )
+        else:
+            prediction = self.predict_noise(states, timesteps, padded_lq, embeddings)
+        squared = (prediction - targets.to(self.device).float()).pow(2).mean(dim=1)
+        return squared[..., : lq.shape[2] // down, : lq.shape[3] // down]
+
     def pretrain_loss(
         self,
         lq: torch.Tensor,
@@ -644,32 +682,46 @@ class MultiStepSR(DiffusionParts, SRModel):
         cfg: float | None = None,
         eta: float = 1.0,
         generators: Sequence[torch.Generator],
+        timesteps: torch.Tensor | None = None,
     ) -> PolicySample:
         """DDIM sampling with ``eta > 0`` recording every step's log-probability (DDPO's
         trajectory; :func:`pipeline.policy.ddim_step_with_log_prob`): the same inputs, guidance,
         tiling, decoding and colour fix as :meth:`sample`, each image's initial noise and step
-        noise from its own generator. Latents are on the padded grid."""
+        noise from its own generator. Latents are on the padded grid.
+
+        ``timesteps`` (``int64 [B, steps]``, optional) gives each trajectory its own grid, e.g.
+        Diffusion-DRO's perturbed ones (:func:`pipeline.policy.perturbed_timesteps`: the
+        scheduler's spacing plus one offset per trajectory); default the scheduler's grid for
+        every image. ``eta = 0`` is deterministic DDIM: the states and noise predictions are
+        recorded (what DRO's online negatives need), the log-probs are NaN (no density)."""
         steps = steps or self.settings.steps
         cfg = self.settings.cfg if cfg is None else cfg
-        if eta <= 0:
-            raise ValueError(f"a policy sample needs eta > 0 (got {eta}): eta 0 has no density")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
         batch = lq.shape[0]
         lq, padded_lq, latents, prompt_embeddings, negative_embeddings = self._sampling_inputs(
             lq, prompts, negative_prompts, generators
         )
         scheduler = self.policy_scheduler(steps)
+        if timesteps is None:
+            grid = scheduler.timesteps.to(torch.long)[None].expand(batch, -1).clone()
+        else:
+            grid = torch.as_tensor(timesteps).detach().to("cpu", torch.long).clone()
+            if grid.shape != (batch, len(scheduler.timesteps)):
+                raise ValueError(
+                    f"timesteps {tuple(grid.shape)} must be [B, steps] = "
+                    f"{(batch, len(scheduler.timesteps))}"
+                )
         latents = latents * scheduler.init_noise_sigma
         states, log_probs, predictions = [latents], [], []
-        for timestep in scheduler.timesteps:
-            timesteps = torch.full((batch,), int(timestep), dtype=torch.long)
+        for column in range(grid.shape[1]):
             latents, log_prob, prediction = self._policy_step(
-                scheduler, latents, timesteps, padded_lq, prompt_embeddings,
-                negative_embeddings, cfg, eta, generators=generators,
+                scheduler, latents, grid[:, column], padded_lq, prompt_embeddings,
+                negative_embeddings, cfg, eta, generators=None if eta == 0 else generators,
             )  # fmt: skip
             states.append(latents)
             log_probs.append(log_prob)
             predictions.append(prediction)
-        grid = scheduler.timesteps.to(torch.long)[None].expand(batch, -1).clone()
         return PolicySample(
             images=self._decode_sample(latents, padded_lq, lq),
             latents=torch.stack(states, dim=1),

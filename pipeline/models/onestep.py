@@ -726,6 +726,30 @@ class OneStepSR(DiffusionParts, SRModel):
         ).view(batch, count, *z_hat.shape[1:])
         return (z_hat[:, None] - latents).pow(2).mean(dim=2)
 
+    def state_error_maps(
+        self,
+        lq: torch.Tensor,
+        states: torch.Tensor,
+        timesteps: torch.Tensor,
+        targets: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """``||z_hat(lq) - target||²`` mean over latent channels ``[B, h, w]`` for latent
+        ``targets [B, C, h', w']`` (e.g. the one-step Gaussian policy's action, on the padded
+        grid :meth:`sample_policy` records): :meth:`error_maps` with a latent in place of an
+        encoded image. The one-step model's only state is ``z_L`` of the LQ at
+        ``settings.timestep``, recomputed here, so ``states`` and ``timesteps`` are accepted for
+        the interface and unused, as are ``negative_prompts``."""
+        if targets.shape[0] != lq.shape[0] or len(prompts) != lq.shape[0]:
+            raise ValueError(f"{targets.shape[0]} targets and {len(prompts)} prompts for "
+                             f"{lq.shape[0]} LQs")  # fmt: skip
+        lq = lq.to(self.device)
+        z_hat = self.predict_latent(lq, self._text(prompts))
+        height, width = z_hat.shape[-2:]
+        target = targets.to(self.device).float()[..., :height, :width]
+        return (z_hat - target).pow(2).mean(dim=1)
+
     @property
     def _active_names(self) -> list[str]:
         return [a["name"] for a in self.adapters]

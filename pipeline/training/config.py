@@ -40,6 +40,23 @@ class TrainConfig:
     ppo_timestep_fraction: float = _DEFAULTS["ppo_timestep_fraction"]
     stat_tracker_buffer_size: int = _DEFAULTS["stat_tracker_buffer_size"]
     stat_tracker_min_count: int = _DEFAULTS["stat_tracker_min_count"]
+    # dro_online (pipeline.training.dro_online, docs/online_alignment.md "Online DRO")
+    dro_positives: str = _DEFAULTS["dro_positives"]
+    dro_buffer_size: int = _DEFAULTS["dro_buffer_size"]
+    dro_refill_every: int = _DEFAULTS["dro_refill_every"]
+    dro_sync_every: int | None = _DEFAULTS["dro_sync_every"]
+    dro_sampler_steps: int = _DEFAULTS["dro_sampler_steps"]
+    dro_sampler_cfg: float = _DEFAULTS["dro_sampler_cfg"]
+    dro_sampler_eta: float = _DEFAULTS["dro_sampler_eta"]
+    dro_sampler_batch_size: int = _DEFAULTS["dro_sampler_batch_size"]
+    dro_refill_batches: int = _DEFAULTS["dro_refill_batches"]
+    dro_perturb_timesteps: bool = _DEFAULTS["dro_perturb_timesteps"]
+    # gdpo, gdpo_instance (pipeline.training.gdpo, docs/online_alignment.md "GDPO")
+    gdpo_beta: float = _DEFAULTS["gdpo_beta"]
+    gdpo_fidelity_weight: float | None = _DEFAULTS["gdpo_fidelity_weight"]
+    gdpo_detail_weight: float | None = _DEFAULTS["gdpo_detail_weight"]
+    gdpo_fidelity_metrics: tuple[str, ...] = tuple(_DEFAULTS["gdpo_fidelity_metrics"])
+    gdpo_detail_metrics: tuple[str, ...] = tuple(_DEFAULTS["gdpo_detail_metrics"])
     negative_prompts: bool = _DEFAULTS["negative_prompts"]
     uncond_drop_rate: float = _DEFAULTS["uncond_drop_rate"]
     checkpoint_every: int = _DEFAULTS["checkpoint_every"]
@@ -53,6 +70,8 @@ class TrainConfig:
     device: str = _DEFAULTS["device"]
 
     def __post_init__(self) -> None:
+        for key in ("gdpo_fidelity_metrics", "gdpo_detail_metrics"):  # lists from a config
+            object.__setattr__(self, key, tuple(getattr(self, key)))
         # the schema checks these too; a TrainConfig built in code is checked here
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
                     "eval_every", "curve_items"):  # fmt: skip

@@ -32,7 +32,9 @@ class PreferenceItem:
     negative_prompt: str
 
 
-def preference_items(pairs: pd.DataFrame, method_name: str) -> list[PreferenceItem]:
+def preference_items(
+    pairs: pd.DataFrame, method_name: str, pair_level: str | None = None
+) -> list[PreferenceItem]:
     """Group the preference pairs by image into the items ``method_name`` trains on (sorted by
     image), as its entry of :data:`pipeline.contracts.METHODS` says.
 
@@ -40,9 +42,11 @@ def preference_items(pairs: pd.DataFrame, method_name: str) -> list[PreferenceIt
     image-level ones the image pair (``instance_id == WHOLE_IMAGE_ID``) with one full mask;
     ``sft`` only that pair's winner. The image's negative prompt joins its rows' negative prompts
     (:func:`pipeline.guidance.join_prompts`: terms split at commas, repeats dropped).
+    ``pair_level`` ("instance" or "image") overrides the method's (dro_online falls back to the
+    image pair when the table has no instance pairs).
     """
     method = contracts.method(method_name)
-    image_level = method.pair_level == "image"
+    image_level = (pair_level or method.pair_level) == "image"
     whole_image = pairs["instance_id"] == WHOLE_IMAGE_ID
     rows = pairs[whole_image if image_level else ~whole_image]
     if rows.empty:
