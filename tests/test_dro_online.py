@@ -179,6 +179,7 @@ def _pooled(err: torch.Tensor, mask: torch.Tensor) -> float:
     return float((err * mask).sum() / mask.sum())
 
 
+@pytest.mark.slow
 def test_the_loss_of_a_batch_is_the_hinge_of_hand_computed_error_maps(inputs, tmp_path):
     margin = 0.005
     config = {**BASE, "learning_rate": 3e-2, "dro_margin": margin}
@@ -297,6 +298,7 @@ def test_the_snapshot_syncs_once_per_optimizer_step_by_default(inputs, tmp_path)
     assert row["buffer_size"] == 2 and trainer.sampled == 4  # refilled at both micro-steps
 
 
+@pytest.mark.slow
 def test_positives_hq_or_winners_change_what_trains(inputs, tmp_path):
     trainer = prepared(inputs, tmp_path, {**BASE, "dro_positives": "hq"})
     trainer.refill(0, 0)
@@ -323,6 +325,7 @@ def test_positives_hq_or_winners_change_what_trains(inputs, tmp_path):
     assert (log["buffer_size"] == 2).all()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(inputs, tmp_path, monkeypatch):
     # the buffer outlives a refill and the snapshot lags the weights at the checkpoint
     config = {**BASE, "max_steps": 4, "dro_buffer_size": 4, "dro_refill_every": 2,
@@ -384,6 +387,7 @@ def test_each_key_changes_what_training_does(inputs, tmp_path, baseline, change)
     assert not same_weights(weights, trained(out))
 
 
+@pytest.mark.slow
 def test_the_one_step_framework_trains_on_its_gaussian_policy_actions(inputs, tmp_path):
     config = {**BASE, "uncond_drop_rate": 0.0}
     trainer = prepared(inputs, tmp_path, config, framework="onestep")
@@ -476,3 +480,28 @@ def test_sample_trajectory_takes_per_trajectory_grids_and_eta_zero():
     with pytest.raises(ValueError, match="steps"):
         model.sample_trajectory(lq, prompts=["", ""], steps=3, eta=0.0, generators=generators,
                                 timesteps=grids)  # fmt: skip
+
+
+def test_the_train_cli_runs_the_ci_presets_dro_online_job(inputs, tmp_path):
+    import json
+
+    import yaml
+
+    preset = yaml.safe_load(Path("workflow/presets/ci.yaml").read_text())
+    assert "dro_online" in preset["methods"]
+    job = settings.job_settings(preset, "train", method="dro_online", objective="fidelity")
+    assert (job["dro_buffer_size"], job["dro_sampler_steps"]) == (4, 2)
+    job.update(max_steps=1, device="cpu")
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    tiny().save_pretrained(tmp_path / "model")
+    out = tmp_path / "aligned"
+    T.main([
+        "--framework", "multistep", "--method", "dro_online", "--objective", "fidelity",
+        "--pairs", str(inputs["pairs_path"]), "--candidates", str(inputs["candidates_path"]),
+        "--data", str(inputs["data_dir"]), "--masks", str(inputs["masks_path"]),
+        "--model", str(tmp_path / "model"), "--out", str(out),
+        "--config", str(tmp_path / "job.json"), "--prompts", str(inputs["prompts_path"]),
+    ])  # fmt: skip
+    log = read_table(out / "train_log.parquet", "dro_online_log")
+    assert log["buffer_size"].tolist() == [4] and np.isfinite(log["loss"]).all()
+    assert read_metadata(out / "train_log.parquet")["config"]["dro_sampler_batch_size"] == 4

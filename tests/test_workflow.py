@@ -52,11 +52,15 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"), *CI)
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
-    # five methods (ddpo included), one objective, two frameworks; ea_adam once, one-step only
-    assert jobs["train"] == 2 * 5 + 1
+    # six methods (ddpo and dro_online included), one objective, two frameworks; ea_adam once,
+    # one-step only
+    assert jobs["train"] == 2 * 6 + 1
     # bicubic, pretrained, four aligned per framework; multi-step also dspo without M2 sampling
     # ... and one-step's ea_adam fused model and its two members
-    assert jobs["evaluate"] == 2 * (2 + 5) + 1 + 3
+    # ... and dspo's round 2 per framework (rounds: count 2, methods [dspo])
+    assert jobs["evaluate"] == 2 * (2 + 6) + 1 + 3 + 2
+    assert all(jobs[f"rounds_{stage}"] == 2
+               for stage in ("candidates", "caption", "score", "select", "train"))  # fmt: skip
     assert jobs["prompts"] == 2  # the training split and the test set
     assert jobs["winrates"] == 2  # one test set per framework
     assert jobs["annotate_simulate"] == jobs["annotate_winrate"] == 2  # Fig. 3, per framework
@@ -68,12 +72,13 @@ def test_ci_preset_end_to_end(tmp_path):
     snakemake(workdir, *CI, *TWO_AT_A_TIME)
     results = workdir / "results"
     check_artifacts(results)
+    check_rounds(results)
 
     assert planned_jobs(workdir, *CI) == {}
     same_bytes_on_one_core(workdir, tmp_path / "one-core")
 
     rerun = planned_jobs(workdir, *CI, "--forcerun", "score")
-    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 9
+    assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 11
     assert not UPSTREAM_OF_SCORE & set(rerun)
 
     # a rerun gives the same bytes (tables, masks and images were checked per stage)
@@ -93,7 +98,7 @@ def test_ci_preset_end_to_end(tmp_path):
     select_code.write_text(select_code.read_text() + "\n# edited\n")
     jobs = planned_jobs(workdir, *CI)
     # every train job but ddpo (it reads no pairs and imports no stage: pipeline.objectives)
-    assert jobs["select"] == 2 and jobs["train"] == 9
+    assert jobs["select"] == 2 and jobs["train"] == 11
     assert not (UPSTREAM_OF_SCORE | {"score"}) & set(jobs)
 
 
@@ -124,6 +129,36 @@ def _with_setting(workdir: Path, text: str) -> Path:
     path = workdir / "overlay.yaml"
     path.write_text(text)
     return path
+
+
+def check_rounds(results: Path) -> None:
+    """dspo's round 2 (ci: rounds count 2): new candidates from round 1's model that differ,
+    scores, pairs on round 1's masks, training from round 1's weights, the report's Rounds."""
+    for framework in ("onestep", "multistep"):
+        round_one = f"results/aligned/{framework}/dspo/fidelity"
+        run = results / f"rounds/{framework}/dspo/fidelity/r2"
+        table = run / "candidates/candidates.parquet"
+        candidates = read_table(table, "candidates")
+        assert candidates["setting"].nunique() == 4
+        for _, group in candidates.groupby("image_id"):  # select would be a silent no-op
+            assert len({(run / "candidates" / path).read_bytes() for path in group["path"]}) == 4
+        recorded = read_metadata(table)
+        assert recorded["round"]["round"] == 2
+        assert {model["path"] for model in recorded["models"].values()} == {round_one}
+        scores = read_table(run / "scores.parquet", "scores")
+        instances = read_table(results / f"masks/{framework}/instances.parquet", "instances")
+        assert set(scores["instance_id"]) - {-1} <= set(instances["instance_id"])
+        assert len(read_table(run / "pairs/fidelity.parquet", "preference_pairs")) > 0
+        trained = read_metadata(run / "aligned/train_log.parquet")
+        assert trained["model"] == round_one  # round 1's weights: the start and the reference
+        assert trained["pairs"] == f"results/rounds/{framework}/dspo/fidelity/r2/pairs/fidelity.parquet"
+        if framework == "onestep":  # one more adapter on round 1's stack (base + round 1)
+            assert len(trained["model_describe"]["lora_stack"].split(",")) == 3
+        evaluated = results / f"eval/{framework}/synthetic/dspo_fidelity_r2"
+        assert len(read_table(evaluated / "metrics.parquet", "eval_metrics")) > 0
+        report_text = (results / f"eval/{framework}/report.md").read_text()
+        assert "## Rounds" in report_text and "| dspo | fidelity | 2 |" in report_text
+        assert "| dspo | fidelity | 1 |" in report_text
 
 
 def check_artifacts(results: Path) -> None:
@@ -176,8 +211,11 @@ def check_artifacts(results: Path) -> None:
             assert len(list((evaluated / "images").glob("*.png"))) == metrics["image_id"].nunique()
         ddpo = results / f"aligned/{framework}/ddpo/fidelity"
         assert read_metadata(ddpo / "train_log.parquet")["table"] == "ddpo_log"
+        dro = read_metadata(results / f"aligned/{framework}/dro_online/fidelity/train_log.parquet")
+        assert dro["table"] == "dro_online_log" and dro["pair_level"] == "instance"
         summary = read_table(results / f"eval/{framework}/summary.parquet", "eval_summary")
-        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", "ddpo_fidelity"}
+        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", "ddpo_fidelity",
+                                   "dro_online_fidelity"}
         for name in (
             "tables.md",
             "tables.csv",

@@ -6,6 +6,7 @@
 - :mod:`.run`: what a run needs around the steps (trainable parameters, batch slots, learning
   rate, the optimizer and its checked update, the checkpoint fingerprint);
 - :mod:`.curves`: the held-out items and the alignment curves the loop logs;
-- :mod:`.ddpo`, :mod:`.ea_adam`: the loops of the methods with their own
-  (``contracts.Method.loop``; DDPO samples from the policy, EA-Adam trains a population).
+- :mod:`.ddpo`, :mod:`.ea_adam`, :mod:`.dro_online`: the loops of the methods with their own
+  (``contracts.Method.loop``; DDPO samples from the policy, EA-Adam trains a population,
+  dro_online trains offline experts against the policy's own trajectories).
 """

@@ -15,7 +15,7 @@ ROOT = Path(workflow.basedir)
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
-from pipeline import contracts, preflight, settings  # noqa: E402
+from pipeline import contracts, preflight, rounds, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 from pipeline.contracts import artifact  # noqa: E402  (every path of the DAG)
 
@@ -43,6 +43,7 @@ BASE_VARIANT = "base"
 # paper run fails within seconds naming the key and the file (pipeline/preflight.py).
 if workflow.is_main_process:
     preflight.check(config, Path.cwd())
+    rounds.check(config)  # rounds.methods and objectives that can iterate (docs/design.md §14)
 
 
 def code_hash(stage):
@@ -158,7 +159,8 @@ GUIDED_SAMPLING = ("multistep",)
 
 def evaluated_models(framework):
     """Model names in the evaluation: bicubic, the pretrained base, every aligned model and,
-    with dspo and guided sampling, each objective's ``dspo_{objective}_nom2`` ablation."""
+    with dspo and guided sampling, each objective's ``dspo_{objective}_nom2`` ablation; then
+    each later round's model, ``{method}_{objective}_r{round}`` (pipeline.rounds.model_name)."""
     aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES
                if method != EA_ADAM] + ea_adam_models(framework)
     ablations = [
@@ -166,20 +168,29 @@ def evaluated_models(framework):
         for objective in OBJECTIVES
         if "dspo" in METHODS and framework in GUIDED_SAMPLING
     ]
-    return ["bicubic", "pretrained", *aligned, *ablations]
+    later = [rounds.model_name(*run) for run in rounds.runs(config)]
+    return ["bicubic", "pretrained", *aligned, *ablations, *later]
 
 
 def eval_method_objective(name):
     """(method, objective, feedback) of an aligned model's evaluation name; feedback: sampled
-    with the M2 feedback negatives (dspo only, not its _nom2 ablation)."""
+    with the M2 feedback negatives (dspo only, not its _nom2 ablation). A later round's name
+    (``..._r{round}``) is its run's: eval_round gives the round."""
+    name, _ = rounds.split_model_name(name)
     if name.startswith(f"{EA_ADAM}_"):
         return EA_ADAM, contracts.FRONT_OBJECTIVE, False
     if name.startswith("dspo_m1_"):
         return "dspo_m1", name[len("dspo_m1_"):], False
     if name.startswith("dspo_") and name.endswith(NO_M2_SUFFIX):
         return "dspo", name[len("dspo_"):-len(NO_M2_SUFFIX)], False
-    method, objective = name.split("_", 1)
-    return method, objective, method == "dspo"
+    # the longest method the name starts with: method names hold underscores (dro_online)
+    method = max((m for m in contracts.METHODS if name.startswith(f"{m}_")), key=len)
+    return method, name[len(method) + 1:], method == "dspo"
+
+
+def eval_round(name):
+    """The alignment round of an evaluated model (1 but for ``..._r{round}``, docs/design.md §14)."""
+    return rounds.split_model_name(name)[1]
 
 
 def get_eval_model(wildcards):
@@ -189,7 +200,7 @@ def get_eval_model(wildcards):
     if name == "pretrained":
         return artifact("model", framework=wildcards.framework, variant=BASE_VARIANT)
     method, objective, _ = eval_method_objective(name)
-    return artifact("aligned", framework=wildcards.framework, method=method, objective=objective)
+    return contracts.aligned_artifact(wildcards.framework, method, objective, eval_round(name))
 
 
 def get_eval_model_arg(wildcards):
@@ -209,8 +220,8 @@ def get_eval_feedback(wildcards):
     method, objective, feedback = eval_method_objective(wildcards.model)
     if not feedback:
         return []
-    return get_train_pairs(SimpleNamespace(framework=wildcards.framework, method=method,
-                                           objective=objective))
+    return contracts.train_pairs_artifacts(wildcards.framework, objective, method,
+                                           eval_round(wildcards.model))
 
 
 def get_eval_feedback_arg(wildcards):
