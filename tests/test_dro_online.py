@@ -377,6 +377,7 @@ def baseline(inputs, tmp_path_factory):
      {"dro_sync_every": None}, {"dro_sampler_steps": 3}, {"dro_sampler_cfg": 3.0},
      {"dro_sampler_eta": 1.0}, {"dro_sampler_batch_size": 1}, {"dro_refill_batches": 2},
      {"dro_perturb_timesteps": False}, {"dro_margin": 0.05}],
+    ids=lambda change: next(iter(change)),
 )  # fmt: skip
 def test_each_key_changes_what_training_does(inputs, tmp_path, baseline, change):
     out = run(inputs, tmp_path / "changed", {**KEYS_BASE, **change})
@@ -487,7 +488,8 @@ def test_the_train_cli_runs_the_ci_presets_dro_online_job(inputs, tmp_path):
 
     import yaml
 
-    preset = yaml.safe_load(Path("workflow/presets/ci.yaml").read_text())
+    ci = Path(__file__).resolve().parent.parent / "workflow" / "presets" / "ci.yaml"
+    preset = yaml.safe_load(ci.read_text())
     assert "dro_online" in preset["methods"]
     job = settings.job_settings(preset, "train", method="dro_online", objective="fidelity")
     assert (job["dro_buffer_size"], job["dro_sampler_steps"]) == (4, 2)
