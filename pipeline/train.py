@@ -69,7 +69,7 @@ LOG_COLUMNS = ("step", "loss", *losses.STAT_KEYS, "lr", "grad_norm")
 #: the module of each method loop other than this file's (``contracts.Method.loop``); each has a
 #: ``train(**arguments)`` taking :func:`train`'s keyword arguments
 LOOPS = {"ddpo": "pipeline.training.ddpo", "ea_adam": "pipeline.training.ea_adam",
-         "gdpo": "pipeline.training.gdpo", "dro_online": "pipeline.training.dro_online"}
+         "gdpo": "pipeline.training.gdpo", "dro_online": "pipeline.training.dro_online"}  # fmt: skip
 
 
 def micro_batch_size(config: TrainConfig, processes: int) -> int:
