@@ -177,9 +177,11 @@ def test_bench_train_step_memory_and_check(capsys):
     argv += ["--repeats", "1", "--warmup", "0", "--check", "--target", "naive_over_dspo=1e9"]
     argv += ["--target", "dspo_over_scaled_dpo=1e9", "--target", "two_pass_over_one_pass=1e9"]
     argv += ["--target", "two_pass_memory_over_one_candidate=1e9"]  # only the first can fail
+    argv += ["--train-methods"]  # none: the rows through the train stage have their own test
     status, report = run_bench(train_step, argv, capsys)
     assert status == 1 and report["failed"] == ["naive_over_dspo"]
     check_report(report, list(train_step.METHODS), 1)
+    assert "train_step" not in report
     assert set(report["ratios"]) == {
         "naive_over_dspo", "dspo_over_dpo", "dspo_over_scaled_dpo", "two_pass_over_one_pass"
     }  # fmt: skip
@@ -194,6 +196,49 @@ def test_bench_train_step_memory_and_check(capsys):
     assert saved["dro"] == pytest.approx(saved["dspo"], rel=1e-3)
     distinct = report["distinct_mean"]
     assert saved["dspo"] == pytest.approx(distinct / 2 * saved["dpo"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_bench_train_step_times_every_method_through_the_train_stage(capsys):
+    """The online methods' rows at smoke size: one step of each through pipeline.train.train,
+    measured as the difference of a 1-step and a 2-step run, with its ratio to dspo's."""
+    from pipeline import contracts
+    from pipeline.bench import train_step
+
+    methods = ["dspo", "dro_online", "ddpo", "gdpo", "gdpo_instance"]
+    argv = ["--size", "16", "--batch", "2", "--instances", "2", "--candidates", "3"]
+    argv += ["--repeats", "1", "--warmup", "0", "--methods", "dspo", "--train-steps", "1"]
+    argv += ["--policy-steps", "2", "--group-size", "2", "--train-methods", *methods]
+    status, report = run_bench(train_step, argv, capsys)
+    assert status == 0
+    block = report["train_step"]
+    assert block["methods"] == methods
+    calls = [f"{m}@{k}" for m in methods for k in (1, 2)]
+    assert block["order"] == "interleaved: " + " ".join(calls) + " per round"
+    assert set(block["calls_seconds"]) == set(calls)
+    for m in methods:
+        one, two = block["calls_seconds"][f"{m}@1"], block["calls_seconds"][f"{m}@2"]
+        assert block["seconds_per_step"][m]["median"] == pytest.approx(
+            two["median"] - one["median"], abs=2e-5
+        )  # one round: the per-step time is the difference of the two calls
+        assert block["settings"]["loops"][m] == contracts.method(m).loop
+    assert block["over_dspo"]["dspo"]["median"] == 1.0
+    assert set(block["over_dspo"]) == set(methods)
+    # the settings each job ran with: the command line's group size and DDIM steps
+    assert block["settings"]["train"]["ddpo"]["policy_group_size"] == 2
+    assert block["settings"]["train"]["dro_online"]["dro_sampler_steps"] == 2
+    assert block["settings"]["train"]["dspo"]["batch_size"] == 2
+    fidelity = train_step.TRAIN_CONFIG["select"]["objectives"]["fidelity"]
+    assert block["settings"]["reward"]["objectives"] == {"fidelity": fidelity}
+
+
+def test_bench_train_step_refuses_a_method_that_is_not_registered():
+    from pipeline import contracts
+    from pipeline.bench import train_step
+
+    assert set(train_step.TRAIN_METHODS) <= set(contracts.METHODS)  # the default rows all exist
+    with pytest.raises(ValueError, match="not registered.*dspo"):
+        train_step.main(["--train-methods", "dspo", "ppo_typo", "--methods", "dspo"])
 
 
 def test_bench_sample_check(capsys):

@@ -1,8 +1,11 @@
 """Time one preference-training step per method, interleaved, and the memory it saves for backward.
 
 ``python -m pipeline bench train-step [--framework multistep] [--size 64] [--instances 5]
-[--candidates 4] [--batch 4] [--methods dspo naive dpo sft dro] [--repeats 3] [--threads 1]
-[--check]`` prints one JSON object. The methods, on the same seeded LQs and draws:
+[--candidates 4] [--batch 4] [--methods dspo naive dpo sft dro dspo_two_pass] [--train-methods
+dspo dpo sft dro dro_online ddpo gdpo gdpo_instance] [--train-steps 2] [--policy-steps 4]
+[--group-size 4] [--repeats 3] [--threads 1] [--check]`` prints one JSON object. The
+``--methods`` rows time the loss, backward and AdamW step on in-memory batches, on the same
+seeded LQs and draws:
 
 - ``dspo``: forward policy + reference over each LQ's distinct candidates, pooled per instance,
   backward, AdamW step (:func:`pipeline.training.step.batch_loss`);
@@ -27,18 +30,46 @@ Targets (``--check`` exits 1 if one fails), on the per-round ratios' medians, at
 - ``two_pass_memory_over_one_candidate <= 1.1``: the two-pass step's peak saved bytes over
   those of one candidate's forward (one target per LQ of the batch): memory no longer grows
   with the number of candidates.
+
+**One optimizer step of every method through the train stage** (``--train-methods``, default
+:data:`TRAIN_METHODS`: dspo, dpo, sft, dro (offline pairs), dro_online, ddpo, gdpo,
+gdpo_instance; any other name of :data:`pipeline.contracts.METHODS`, e.g. ``ea_adam``, can be
+named, and a name that is not registered is an error): each method runs
+:func:`pipeline.train.train` on the same tiny model and the same synthetic training folder
+(``--batch`` LQs of ``--size`` px HQ, ``--candidates`` candidates and ``--instances`` instance
+pairs each, a label map per LQ; :func:`write_train_inputs`) with the settings the DAG gives its
+job (:func:`pipeline.settings.job_settings` of :data:`TRAIN_CONFIG`: small online settings,
+``--policy-steps`` DDIM steps and ``--group-size`` samples per LQ, reported under
+``train_step.settings``). A method's step time is ``(t(k1 + n) - t(k1)) / n`` with ``t(k)`` the
+wall time of a whole ``train(max_steps=k)`` call (``k1 = 1``, ``n = --train-steps``), so set-up
+(model transfer, metric registries, data, the final save) cancels; the calls are interleaved
+across methods in rounds as above. ``train_step.seconds_per_step`` summarises each method's
+per-round step times, ``train_step.over_dspo`` the per-round ratios to dspo's step. No target
+is checked on these rows (online methods sample, score and back-propagate whole trajectories:
+their cost is a property of their settings, not a regression).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
+from pipeline import contracts, settings
 from pipeline.bench import timing
+from pipeline.io.images import write_png
+from pipeline.io.masks import write_label_maps
+from pipeline.io.tables import SCHEMAS, write_table
 from pipeline.models import build_tiny_model
 from pipeline.models.base import SRModel
 from pipeline.seeding import numpy_rng, torch_generator
@@ -153,6 +184,210 @@ def sft_batch(dpo: Sequence[LoadedItem]) -> list[LoadedItem]:
 
 METHODS = ("dspo", "naive", "dpo", "sft", "dro", "dspo_two_pass")
 
+#: methods timed through the train stage by default (issue 15: every method's step, one run)
+TRAIN_METHODS = ("dspo", "dpo", "sft", "dro", "dro_online", "ddpo", "gdpo", "gdpo_instance")
+
+#: the run configuration the train rows' jobs are resolved from (settings.job_settings, as the
+#: DAG resolves a train job): weight-free metrics, both multi-objective objectives (ea_adam),
+#: and the online methods at a small size (the batch, DDIM steps and group size come from the
+#: command line)
+TRAIN_CONFIG: dict[str, Any] = {
+    "score": {"metrics": ["psnr", "ssim", "gmsd", "piqe"], "device": "cpu"},
+    "select": {"objectives": {"fidelity": {"psnr": 1.0, "ssim": 1.0, "gmsd": 1.0},
+                              "perception": {"piqe": 1.0}}},
+    "train": {
+        "device": "cpu",
+        "learning_rate": 1e-6,
+        "uncond_drop_rate": 0.0,
+        "heldout_fraction": 0.0,  # no alignment curves: every LQ trains
+        "policy_cfg": 1.0,
+        "dro_buffer_size": 4,
+        "gdpo_detail_metrics": ["piqe"],
+        "ea_adam": {"population_size": 2, "neighbourhood_size": 2, "ea_every": 1,
+                    "ea_iterations": 1, "fitness_images": 2, "fitness_crop": 16,
+                    "fitness_steps": 2, "fusion_images": 2, "fusion_steps": 2},
+    },
+}  # fmt: skip
+
+TRAIN_OBJECTIVE = "fidelity"
+
+
+def check_train_methods(names: Sequence[str]) -> list[str]:
+    """``names`` in order without repeats; a name :data:`pipeline.contracts.METHODS` lacks
+    raises (a row asked for is never skipped silently)."""
+    unknown = [name for name in names if name not in contracts.METHODS]
+    if unknown:
+        raise ValueError(
+            f"--train-methods {unknown}: not registered in pipeline.contracts.METHODS "
+            f"({sorted(contracts.METHODS)})"
+        )
+    return list(dict.fromkeys(names))
+
+
+def write_train_inputs(
+    root: Path, n_lq: int, n_candidates: int, n_instances: int, size: int, factor: int, seed: int
+) -> dict[str, Path]:
+    """A synthetic training split on disk, as the stages before train leave it: ``data/train``
+    (LQ ``size / factor`` px, HQ ``size`` px, its pairs table), ``n_candidates`` candidate PNGs
+    per LQ with their table, a label map per LQ (``n_instances`` vertical bands), and one
+    preference table with a pair per instance (random winner/loser) and one image-level pair
+    per LQ. Seeded (``numpy_rng(seed, "bench_train_inputs", n)``)."""
+    data = root / "data" / "train"
+    settings_names = [f"c{k}" for k in range(n_candidates)]
+    candidates, pairs, label_maps, degradations = [], [], {}, []
+    for n in range(n_lq):
+        image_id = f"lq{n}"
+        rng = numpy_rng(seed, "bench_train_inputs", n)
+        hq = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        write_png(data / "hq" / f"{image_id}.png", hq)
+        write_png(data / "lq" / f"{image_id}.png", hq[::factor, ::factor].copy())
+        for name in settings_names:
+            noisy = hq.astype(np.int16) + rng.integers(-40, 41, hq.shape)
+            path = Path(name) / f"{image_id}.png"
+            write_png(root / "candidates" / path, np.clip(noisy, 0, 255).astype(np.uint8))
+            candidates.append({"image_id": image_id, "setting": name, "variant": "base",
+                               "steps": 1, "cfg": 1.0, "seed": seed, "negative_prompt": "",
+                               "path": str(path)})  # fmt: skip
+        labels = np.arange(size)[None, :].repeat(size, 0) * n_instances // size + 1
+        label_maps[image_id] = labels.astype(np.uint16)
+        for instance_id in range(1, n_instances + 1):
+            win, lose = rng.choice(n_candidates, size=2, replace=False)
+            pairs.append({"image_id": image_id, "instance_id": instance_id,
+                          "weight": float((labels == instance_id).mean()),
+                          "winner": settings_names[win], "loser": settings_names[lose],
+                          "margin": 0.5, "negative_prompt": "", "source": "bench"})  # fmt: skip
+        pairs.append({"image_id": image_id, "instance_id": contracts.WHOLE_IMAGE_ID,
+                      "weight": 1.0, "winner": settings_names[0], "loser": settings_names[1],
+                      "margin": 1.0, "negative_prompt": "", "source": "bench"})  # fmt: skip
+        row = dict.fromkeys(SCHEMAS["degradation_pairs"].names)
+        row.update(image_id=image_id, source_id=image_id, split="train",
+                   hq_path=f"hq/{image_id}.png", lq_path=f"lq/{image_id}.png")  # fmt: skip
+        degradations.append(row)
+    write_table(pd.DataFrame(degradations, columns=SCHEMAS["degradation_pairs"].names),
+                data / contracts.DATA_TABLE, "degradation_pairs")  # fmt: skip
+    write_table(pd.DataFrame(candidates), root / "candidates" / "candidates.parquet", "candidates")
+    write_table(pd.DataFrame(pairs), root / "pairs.parquet", "preference_pairs")
+    write_label_maps(root / "masks.zarr", label_maps, {"backend": "bench"})
+    return {
+        "data_dir": data,
+        "candidates_path": root / "candidates" / "candidates.parquet",
+        "pairs_path": root / "pairs.parquet",
+        "masks_path": root / "masks.zarr",
+    }
+
+
+def train_job_settings(method: str, batch: int, policy_steps: int, group_size: int) -> dict:
+    """The train section a DAG job of ``method`` would get from :data:`TRAIN_CONFIG` with the
+    command line's batch, DDIM steps and group size (``max_steps`` is set per call)."""
+    config = {**TRAIN_CONFIG, "train": {
+        **TRAIN_CONFIG["train"], "batch_size": batch, "policy_steps": policy_steps,
+        "policy_group_size": group_size, "stat_tracker_buffer_size": group_size,
+        "stat_tracker_min_count": group_size, "dro_sampler_steps": policy_steps,
+        "dro_sampler_batch_size": batch,
+    }}  # fmt: skip
+    return settings.job_settings(config, "train", method=method, objective=TRAIN_OBJECTIVE)
+
+
+def train_call(
+    method: str,
+    framework: str,
+    inputs: dict[str, Path],
+    section: dict,
+    max_steps: int,
+    build_model: Callable[[], SRModel],
+    scratch: Path,
+    seed: int,
+) -> Callable[[], None]:
+    """A zero-argument ``train(method, max_steps)`` on ``inputs`` with a fresh model, writing to
+    (and then removing) a folder under ``scratch``."""
+    from pipeline.train import train
+
+    pair_level = contracts.method(method).pair_level
+    if pair_level == contracts.NO_PAIRS:
+        pairs: Any = None
+    elif pair_level == "objectives":  # ea_adam: a table per objective (the same one here)
+        pairs = {name: inputs["pairs_path"] for name in ("perception", "fidelity")}
+    else:
+        pairs = inputs["pairs_path"]
+    config = {**section, "max_steps": max_steps, "checkpoint_every": max_steps}
+
+    def run() -> None:
+        out = Path(tempfile.mkdtemp(prefix=f"{method}-{max_steps}-", dir=scratch))
+        try:
+            train(framework=framework, method=method, objective=TRAIN_OBJECTIVE,
+                  pairs_path=pairs, candidates_path=inputs["candidates_path"],
+                  data_dir=inputs["data_dir"], masks_path=inputs["masks_path"],
+                  model_dir="bench tiny model", out_dir=out / "model", config=config,
+                  seed=seed, checkpoint_dir=out / "checkpoints", model=build_model())  # fmt: skip
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    return run
+
+
+def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
+    """The ``train_step`` block of the report: each method's optimizer step through the train
+    stage (module docstring), interleaved in rounds."""
+    first, extra = 1, args.train_steps
+    if extra < 1:
+        raise ValueError(f"--train-steps must be >= 1, got {extra}")
+    sections = {
+        m: train_job_settings(m, args.batch, args.policy_steps, args.group_size) for m in methods
+    }
+    from pipeline.train import LOOPS
+
+    for m in methods:  # imported before timing: no call pays for its loop's first import
+        loop = contracts.method(m).loop
+        if loop in LOOPS:
+            importlib.import_module(LOOPS[loop])
+    with tempfile.TemporaryDirectory(prefix="bench-train-step-") as folder:
+        scratch = Path(folder)
+        factor = build_tiny_model(args.framework, seed=args.seed).codec.downscale
+        inputs = write_train_inputs(scratch / "inputs", args.batch, args.candidates,
+                                    args.instances, args.size, factor, args.seed)  # fmt: skip
+
+        def build_model() -> SRModel:
+            return build_tiny_model(args.framework, seed=args.seed)
+
+        calls = {
+            f"{m}@{k}": train_call(
+                m, args.framework, inputs, sections[m], k, build_model, scratch, args.seed
+            )  # fmt: skip
+            for m in methods
+            for k in (first, first + extra)
+        }
+        times = timing.interleave(calls, args.repeats, args.warmup)
+    per_step = {
+        m: [
+            (b - a) / extra
+            for a, b in zip(times[f"{m}@{first}"], times[f"{m}@{first + extra}"], strict=True)
+        ]  # fmt: skip
+        for m in methods
+    }
+    block: dict[str, Any] = {
+        "methods": list(methods),
+        "measured": f"(t(max_steps={first + extra}) - t(max_steps={first})) / {extra} of "
+        "pipeline.train.train per method and round",
+        "order": "interleaved: " + " ".join(calls) + " per round",
+        "calls_seconds": {name: timing.summarize(values) for name, values in times.items()},
+        "seconds_per_step": {m: timing.summarize(values) for m, values in per_step.items()},
+        "settings": {
+            "objective": TRAIN_OBJECTIVE,
+            "policy_steps": args.policy_steps,
+            "group_size": args.group_size,
+            "train": {
+                m: {k: v for k, v in s.items() if k != "reward"} for m, s in sections.items()
+            },  # fmt: skip
+            "reward": next((s["reward"] for s in sections.values() if "reward" in s), None),
+            "loops": {m: contracts.method(m).loop for m in methods},
+        },
+    }
+    if "dspo" in per_step:
+        block["over_dspo"] = {
+            m: timing.paired_ratio(values, per_step["dspo"]) for m, values in per_step.items()
+        }
+    return block
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -167,8 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="timed, in this order"
     )
+    parser.add_argument(
+        "--train-methods", nargs="*", default=list(TRAIN_METHODS), metavar="METHOD",
+        help="methods timed through the train stage, in this order (any of "
+        "pipeline.contracts.METHODS; none: skip these rows)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--train-steps", type=int, default=2, help="steps whose time is the difference"
+    )
+    parser.add_argument("--policy-steps", type=int, default=4, help="online methods' DDIM steps")
+    parser.add_argument("--group-size", type=int, default=4, help="policy samples per LQ")
     timing.add_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
+    train_methods = check_train_methods(args.train_methods)
     timing.pin_threads(args.threads)
 
     model = build_tiny_model(args.framework, seed=args.seed)
@@ -288,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         result["saved_over_dpo"] = {
             method: round(value / saved["dpo"], 3) for method, value in saved.items()
         }
+    if train_methods:
+        result["train_step"] = time_train_steps(args, train_methods)
     return timing.finish(result, targets, args)
 
 
