@@ -154,7 +154,7 @@ def job_settings(config: Mapping[str, Any], stage: str, **wildcards: str) -> dic
         section["settings"] = candidate_settings(config, wildcards["framework"])
     if stage == "train" and "method" in wildcards:
         section.update(contracts.method(wildcards["method"]).settings)
-        if contracts.method(wildcards["method"]).loop == "ddpo":
+        if contracts.method(wildcards["method"]).loop in ("ddpo", "gdpo"):
             section["reward"] = reward_settings(config, wildcards.get("objective"))
     if stage == "train":
         ea_adam = section.pop("ea_adam", None)  # ea_adam jobs only, with what fitness needs

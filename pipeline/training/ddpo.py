@@ -92,6 +92,19 @@ def quantised_unit(images: torch.Tensor) -> torch.Tensor:
     return levels / 255.0
 
 
+def metric_registry(score: Mapping[str, Any], seed: int) -> MetricRegistry:
+    """The score stage's metric registry from the ``score`` settings a job carries
+    (``reward.score``), built as :mod:`pipeline.score` builds it."""
+    return MetricRegistry(
+        weights_dir=score["weights_dir"],
+        weights=score["weights"],
+        options=score["options"],
+        device=score["device"],
+        min_crop_size=score["min_crop_size"],
+        seed=seed,
+    )
+
+
 class Reward:
     """The objective's score of whole images through the score stage's metric registry."""
 
@@ -111,14 +124,7 @@ class Reward:
                 f"{list(score['metrics'])} does not score"
             )
         self.metrics = [m for m in score["metrics"] if m in self.weights]
-        self.registry = MetricRegistry(
-            weights_dir=score["weights_dir"],
-            weights=score["weights"],
-            options=score["options"],
-            device=score["device"],
-            min_crop_size=score["min_crop_size"],
-            seed=seed,
-        )
+        self.registry = metric_registry(score, seed)
 
     def raw_scores(self, images: torch.Tensor, hq: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{metric: float64 [G]}`` of ``images [G, 3, H, W]`` in [-1, 1] against ``hq [3, H,
