@@ -13,6 +13,12 @@ multi-step CFG), so the cfg 4.5 and 10.5 settings differ by more than their seed
 captions before the table's negative prompt (``load_prompts(..., mode="image")``). Without a
 prompts table (direct calls) prompts are empty and the negative prompt is the feedback text or
 the model's default.
+
+Rounds (docs/design.md §14): a later round's candidates come from the previous round's aligned
+model (``--model`` names it for every variant; it is loaded once). ``--round r`` (r >= 2) adds
+the round to every draw's key; ``--policy-std s`` samples one-step models through their one-step
+Gaussian policy (``sample_policy``) instead of their deterministic one step, so settings that
+share one model still differ. Round 1 without a policy std is this stage as it always was.
 """
 
 from __future__ import annotations
@@ -83,10 +89,16 @@ def generate_candidates(
     seed: int,
     negative_prompts: str | Path | None = None,
     prompts: str | Path | None = None,
+    policy_std: float | None = None,
+    round_number: int = 1,
 ) -> pd.DataFrame:
     """Write ``{out}/{setting}/{image_id}.png`` and ``{out}/candidates.parquet``; ``prompts`` is
-    the training split's prompts table (see the module docstring)."""
+    the training split's prompts table; ``policy_std`` and ``round_number`` (a later round's
+    candidates) as the module docstring says."""
     config = stage_config(config, framework)
+    if policy_std is not None and (framework != "onestep" or policy_std <= 0):
+        raise ValueError(f"policy_std {policy_std}: a positive std, for one-step models only")
+    round_keys = () if round_number == 1 else ("round", int(round_number))
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     images = load_pair_images(data_dir)
     ids_all = [image_id for image_id, _ in images]
@@ -104,13 +116,17 @@ def generate_candidates(
         prompt_record = guidance.no_table_record("feedback text" if negative_prompts else None)
     rows = []
     models: dict[str, SRModel] = {}
+    by_dir: dict[str, SRModel] = {}  # variants naming one folder (a later round) share it
     for setting in config["settings"]:
         variant = setting["variant"]
         if variant not in model_dirs:
             raise KeyError(f"setting {setting['name']!r} needs model variant {variant!r}; "
                            f"given: {sorted(model_dirs)}")  # fmt: skip
         if variant not in models:
-            models[variant] = load_model(model_dirs[variant], device=config["device"]).eval()
+            folder = str(model_dirs[variant])
+            if folder not in by_dir:
+                by_dir[folder] = load_model(folder, device=config["device"]).eval()
+            models[variant] = by_dir[folder]
         model = models[variant]
         steps, cfg = setting_steps_cfg(model, setting)
         by_size: dict[tuple, list] = {}
@@ -122,21 +138,30 @@ def generate_candidates(
             batches, file=sys.stderr, mininterval=1, desc=f"candidates {setting['name']}"
         ):
             ids = [image_id for image_id, _ in batch]
+            generators = [torch_generator(seed, "candidates", i, setting["name"], *round_keys)
+                          for i in ids]  # fmt: skip
             with batch_invariant(model):
-                outputs = model.sample(
-                    torch.stack([lq for _, lq in batch]),
-                    prompts=[texts[i][0] for i in ids],
-                    negative_prompts=[texts[i][1] for i in ids],
-                    steps=steps, cfg=cfg,
-                    generators=[torch_generator(seed, "candidates", i, setting["name"]) for i in ids],
-                )  # fmt: skip
+                if policy_std is not None:  # the one-step Gaussian policy (a later round)
+                    outputs = model.sample_policy(
+                        torch.stack([lq for _, lq in batch]),
+                        prompts=[texts[i][0] for i in ids], std=float(policy_std),
+                        generators=generators,
+                    ).images  # fmt: skip
+                else:
+                    outputs = model.sample(
+                        torch.stack([lq for _, lq in batch]),
+                        prompts=[texts[i][0] for i in ids],
+                        negative_prompts=[texts[i][1] for i in ids],
+                        steps=steps, cfg=cfg, generators=generators,
+                    )  # fmt: skip
             for image_id, output in zip(ids, outputs, strict=True):
                 relative = f"{setting['name']}/{image_id}.png"
                 write_png(out_dir / relative, signed_to_uint8(output.cpu()))
                 rows.append({
                     "image_id": image_id, "setting": setting["name"], "variant": variant,
                     "steps": steps, "cfg": cfg,
-                    "seed": derive_seed(seed, "candidates", image_id, setting["name"]),
+                    "seed": derive_seed(seed, "candidates", image_id, setting["name"],
+                                        *round_keys),
                     "negative_prompt": texts[image_id][1], "path": relative,
                 })  # fmt: skip
     table = pd.DataFrame(rows).sort_values(["image_id", "setting"]).reset_index(drop=True)
@@ -147,6 +172,10 @@ def generate_candidates(
         "prompts": prompt_record,
         "paths": "relative to the folder of this table",
     }  # fmt: skip
+    if round_number != 1 or policy_std is not None:  # round 1's metadata stays as it was
+        metadata["round"] = {"round": int(round_number), "policy_std": policy_std,
+                             "sampling": next(iter(models.values())).POLICY_NAME
+                             if policy_std is not None else "the model's sample"}  # fmt: skip
     write_table(table, out_dir / "candidates.parquet", "candidates", metadata)
     return table
 
@@ -172,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
                              "negative prompts")  # fmt: skip
     parser.add_argument("--config", default="{}", help="the candidates config section (JSON)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round", type=int, default=1,
+                        help="the alignment round (>= 2: a later round; keys every draw)")  # fmt: skip
+    parser.add_argument("--policy-std", type=float, default=None,
+                        help="one-step models: sample the one-step Gaussian policy with this std")  # fmt: skip
     args = parser.parse_args(argv)
     generate_candidates(args.framework, dict(args.model), args.data, args.out,
                         settings.cli_config(args.config), args.seed, args.negative_prompts,
-                        args.prompts)  # fmt: skip
+                        args.prompts, args.policy_std, args.round)  # fmt: skip
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import alignment_report, contracts, settings
+from pipeline import alignment_report, contracts, rounds, settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -585,6 +585,73 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
     return [*files, "front.md"], text
 
 
+# ----------------------------------------------------------------------------- rounds
+
+ROUNDS_COLUMNS = ["testset", "method", "objective", "round", "model"]
+
+
+def rounds_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """The metrics per alignment round (docs/design.md §14): for every run with a later round's
+    model (``{method}_{objective}_r{round}``, :func:`pipeline.rounds.model_name`), one row per
+    round, round 1 being the run's own model; columns :data:`ROUNDS_COLUMNS`, then each
+    metric's mean. Empty without later rounds."""
+    models = list(dict.fromkeys(summary["model"]))
+    later: dict[str, list[tuple[int, str]]] = {}
+    for model in models:
+        base, number = rounds.split_model_name(model)
+        if number > 1:
+            later.setdefault(base, []).append((number, model))
+    rows = []
+    for testset in dict.fromkeys(summary["testset"]):
+        part = summary[summary["testset"] == testset]
+        means = part.pivot(index="model", columns="metric", values="mean")
+        metrics = metric_order(part["metric"])
+        for base, numbered in later.items():
+            method, objective = rounds.method_objective(base) or (base, "")
+            for number, model in [(1, base), *sorted(numbered)]:
+                if model in means.index:
+                    rows.append({"testset": testset, "method": method, "objective": objective,
+                                 "round": number, "model": model,
+                                 **means.loc[model, metrics].to_dict()})  # fmt: skip
+    if not rows:
+        return pd.DataFrame(columns=ROUNDS_COLUMNS)
+    frame = pd.DataFrame(rows)
+    metrics = [c for c in frame.columns if c not in ROUNDS_COLUMNS]
+    return frame[ROUNDS_COLUMNS + metric_order(metrics)]
+
+
+def write_rounds(summary: pd.DataFrame, out_dir: Path) -> tuple[list[str], str]:
+    """``rounds.csv`` and ``rounds.md`` (the "Rounds" section of report.md: per test set, a row
+    per method, objective and round with every metric's mean); nothing without later rounds."""
+    frame = rounds_frame(summary)
+    if frame.empty:
+        return [], ""
+    lower_better = summary.groupby("metric")["lower_better"].first().to_dict()
+    metrics = [c for c in frame.columns if c not in ROUNDS_COLUMNS]
+    lines = ["## Rounds", "", "Iterative alignment (docs/design.md §14): round r + 1 of a run "
+             "samples its candidates from round r's model, re-scores and re-selects them on the "
+             "same masks and trains from round r's weights, round r's model being its reference. "
+             "Round 1 is the run's model, round r its `_r{r}` model; means over the test images.",
+             ""]  # fmt: skip
+    for testset, part in frame.groupby("testset", sort=False):
+        header = ["method", "objective", "round",
+                  *(metric_label(m, lower_better[m]) for m in metrics)]  # fmt: skip
+        lines += [f"### {testset}", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]  # fmt: skip
+        places = {m: decimals(part[m]) for m in metrics}
+        for _, row in part.iterrows():
+            cells = [f"{row[m]:.{places[m]}f}" if math.isfinite(row[m]) else "–" for m in metrics]
+            lines.append("| " + " | ".join([row["method"], row["objective"], str(row["round"]),
+                                             *cells]) + " |")  # fmt: skip
+        lines.append("")
+    text = "\n".join(lines)
+    with atomic_path(out_dir / "rounds.csv") as temporary:
+        frame.to_csv(temporary, index=False, float_format="%.6g")
+    with atomic_path(out_dir / "rounds.md") as temporary:
+        temporary.write_text(text + "\n", encoding="utf-8")
+    return ["rounds.csv", "rounds.md"], text
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -626,12 +693,18 @@ def report(
         artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
     front_files, front_text = write_front(summary, out_dir, framework, config)
     artifacts += front_files
+    rounds_files, rounds_text = write_rounds(summary, out_dir)
+    artifacts += rounds_files
     write_report_markdown(out_dir / "report.md", framework, summary, metadata, provenance,
                           config, artifacts, seed)  # fmt: skip
     if front_text:  # the front follows the report's sections
         text = (out_dir / "report.md").read_text(encoding="utf-8")
         with atomic_path(out_dir / "report.md") as temporary:
             temporary.write_text(text + "\n" + front_text + "\n", encoding="utf-8")
+    if rounds_text:  # the metrics per round follow
+        text = (out_dir / "report.md").read_text(encoding="utf-8")
+        with atomic_path(out_dir / "report.md") as temporary:
+            temporary.write_text(text + "\n" + rounds_text + "\n", encoding="utf-8")
     alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
     return summary
 

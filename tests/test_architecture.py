@@ -41,7 +41,7 @@ def rules_by_file() -> dict[str, set[str]]:
 
 #: rule files that are not stages: their rules run stages (through `python -m pipeline STAGE`)
 #: or tools, and are named after the file (`study`, `study_*`; `annotate_*`: the annotate CLI)
-NON_STAGE_RULE_FILES = ("study.smk", "annotate.smk")
+NON_STAGE_RULE_FILES = ("study.smk", "annotate.smk", "rounds.smk")
 
 
 def test_every_stage_has_a_rule():
