@@ -270,7 +270,8 @@ def test_study_rules_plan_one_train_job_per_arm_method_and_seed(tmp_path):
     # study.in_report false: the study is its own target, not part of rule all ...
     assert "study_train" not in planned_jobs(workdir, "--configfile", "config.yaml", "two.yaml")
     # ... true: rule all runs it (the report reads its section), every arm
-    (workdir / "in.yaml").write_text(yaml.safe_dump({"study": {"in_report": True}}))
+    both = {"study": {"in_report": True, "controls": ["positive", "negative"]}}
+    (workdir / "in.yaml").write_text(yaml.safe_dump(both))
     in_all = planned_jobs(workdir, "--configfile", "config.yaml", "in.yaml")
     assert in_all["study_train"] == 3 * 2 * 3 and in_all["study_report"] == 1
     assert in_all["report"] == 1

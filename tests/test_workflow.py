@@ -43,6 +43,14 @@ def test_demo_plan(tmp_path):
         "winrates": 1,  # the three aligned models against the pretrained one on the test set
         "annotate_simulate": 1,  # simulated votes (human_eval: no votes file) ...
         "annotate_winrate": 1,  # ... and their Fig. 3 win rates for the report
+        # the Figure 1 study (study.in_report): the main arm and the positive control
+        "study_segment": 2,  # the training and the held-out images' HQ
+        "study_prompts": 1,
+        "study_build": 2,
+        "study_select": 2,
+        "study_train": 2 * 2 * 3,  # arms x methods (dspo, dpo) x seeds
+        "study_measure": 1,
+        "study_report": 1,
         "report": 1,
         "all": 1,
     }
