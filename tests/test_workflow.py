@@ -60,13 +60,13 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     jobs = planned_jobs(copy_workflow(tmp_path / "wf"), *CI)
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
-    # six methods (ddpo and dro_online included), one objective, two frameworks; ea_adam once,
-    # one-step only
-    assert jobs["train"] == 2 * 6 + 1
+    # eight methods (ddpo, dro_online, gdpo and gdpo_instance included), one objective, two
+    # frameworks; ea_adam once, one-step only
+    assert jobs["train"] == 2 * 8 + 1
     # bicubic, pretrained, four aligned per framework; multi-step also dspo without M2 sampling
     # ... and one-step's ea_adam fused model and its two members
     # ... and dspo's round 2 per framework (rounds: count 2, methods [dspo])
-    assert jobs["evaluate"] == 2 * (2 + 6) + 1 + 3 + 2
+    assert jobs["evaluate"] == 2 * (2 + 8) + 1 + 3 + 2
     assert all(jobs[f"rounds_{stage}"] == 2
                for stage in ("candidates", "caption", "score", "select", "train"))  # fmt: skip
     assert jobs["prompts"] == 2  # the training split and the test set
@@ -221,9 +221,15 @@ def check_artifacts(results: Path) -> None:
         assert read_metadata(ddpo / "train_log.parquet")["table"] == "ddpo_log"
         dro = read_metadata(results / f"aligned/{framework}/dro_online/fidelity/train_log.parquet")
         assert dro["table"] == "dro_online_log" and dro["pair_level"] == "instance"
+        for method, level in (("gdpo", "image"), ("gdpo_instance", "instance")):
+            gdpo = read_metadata(results / f"aligned/{framework}/{method}/fidelity/train_log.parquet")
+            assert gdpo["table"] == "gdpo_log" and gdpo["level"] == level
+            assert gdpo["policy"]["name"] == {"onestep": "one-step Gaussian policy",
+                                              "multistep": "multi-step DDIM policy"}[framework]
         summary = read_table(results / f"eval/{framework}/summary.parquet", "eval_summary")
         assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", "ddpo_fidelity",
-                                   "dro_online_fidelity"}
+                                   "dro_online_fidelity", "gdpo_fidelity",
+                                   "gdpo_instance_fidelity"}
         for name in (
             "tables.md",
             "tables.csv",
