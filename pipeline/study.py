@@ -676,7 +676,8 @@ def plot(frame: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
 
     arm_names = [a for a in REPORT_ORDER if a in set(frame["arm"])]
     methods = sorted(set(frame["method"]))
-    figure, axes = plt.subplots(len(arm_names), len(SETTINGS), squeeze=False,
+    # one y scale per signature, so the arms compare at a glance
+    figure, axes = plt.subplots(len(arm_names), len(SETTINGS), squeeze=False, sharey="col",
                                 figsize=(4.2 * len(SETTINGS), 3.0 * len(arm_names)))  # fmt: skip
     for row_axes, arm in zip(axes, arm_names, strict=True):
         for axis, name in zip(row_axes, SETTINGS, strict=True):
