@@ -30,6 +30,7 @@ from pipeline.training import gdpo
 from pipeline.training.config import TrainConfig
 from pipeline.training.run import configure_model
 from tests.data_helpers import write_data_table
+from tests.ddp_helpers import run_in_gloo_processes
 
 IMAGES = ("img_a", "img_b", "img_c")
 SIZE = 16
@@ -387,6 +388,37 @@ def test_multistep_gdpo_runs_through_the_stage_and_names_its_policy(data, tmp_pa
     assert meta["policy"] == {"name": "multi-step DDIM policy", "steps": 2, "eta": 1.0,
                               "cfg": 1.0, "samples_from": "current policy"}  # fmt: skip
     assert meta["level"] == "image" and meta["loss"] == "gdpo" and meta["beta"] == 5000.0
+
+
+# -- two gloo processes ---------------------------------------------------------------------------
+
+
+def _run_gdpo_instance(data: Path, out: Path, config: dict, masks_path: Path) -> None:
+    run(data, out, config, method="gdpo_instance", masks_path=masks_path)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_gdpo_update_of_one_process(data, masks, tmp_path):
+    """batch 2: one LQ per process; gradients all-reduced (summed, each LQ's loss carries
+    1 / batch_size), rewards and raw scores gathered, loss statistics averaged: the log and the
+    weights equal one process's. Adam eps 1 keeps summation-order noise small."""
+    config = {**BASE, "max_steps": 2, "checkpoint_every": 10, "adam_epsilon": 1.0,
+              "learning_rate": 1e-2}  # fmt: skip
+    single = run(data, tmp_path / "single", config, method="gdpo_instance", masks_path=masks)
+    run_in_gloo_processes(2, _run_gdpo_instance, data, tmp_path / "ddp", config, masks)
+    assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
+    one = read_table(single / "train_log.parquet", "gdpo_log")
+    two = read_table(tmp_path / "ddp" / "train_log.parquet", "gdpo_log")
+    pd.testing.assert_frame_equal(one.drop(columns="scores"), two.drop(columns="scores"),
+                                  rtol=1e-5)  # fmt: skip
+    for a, b in zip(one["scores"], two["scores"], strict=True):
+        a, b = json.loads(a), json.loads(b)
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+    assert (one["grad_norm"] > 0).all()
+    a, b = trained(single), trained(tmp_path / "ddp")
+    assert all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-7) for n in a)
+    start = dict(tiny().named_parameters())
+    assert not all(torch.equal(a[n], start[n]) for n in a)  # it trained
 
 
 # -- a toy reward ---------------------------------------------------------------------------------
