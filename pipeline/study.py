@@ -187,6 +187,16 @@ def rule_jobs(config: Mapping[str, Any], job_dir: str | Path) -> dict[str, tuple
     return {name: job_file(job_dir, name.replace("_", "-"), job) for name, job in jobs.items()}
 
 
+def report_inputs(study: Mapping[str, Any], framework: str) -> dict[str, str]:
+    """``{"section": ..., "plot": ...}``: the study's files the report of ``framework`` includes
+    when ``study.in_report`` and ``framework`` is ``study.framework`` (the report rule's inputs and
+    its ``--study-section``/``--study-plot`` options), else ``{}``."""
+    if study["in_report"] and framework == study["framework"]:
+        return {"section": contracts.artifact("study_section"),
+                "plot": contracts.artifact("study_plot")}  # fmt: skip
+    return {}
+
+
 def aligned_paths(
     arm_names: Sequence[str], methods: Sequence[str], seeds: Sequence[int]
 ) -> dict[tuple[str, str, int], str]:

@@ -277,6 +277,15 @@ def test_study_rules_plan_one_train_job_per_arm_method_and_seed(tmp_path):
     assert in_all["report"] == 1
 
 
+def test_in_report_puts_the_section_into_the_studys_framework_report_only():
+    on = study.study_settings({"study": {"in_report": True}})
+    assert study.report_inputs(on, "onestep") == {
+        "section": "results/study/section.md", "plot": "results/study/adoption.png",
+    }  # fmt: skip
+    assert study.report_inputs(on, "multistep") == {}
+    assert study.report_inputs(study.study_settings({}), "onestep") == {}
+
+
 def test_study_artifacts_are_contract_paths():
     assert contracts.artifact("study_aligned", arm="main", method="dpo", seed=1) == (
         "results/study/main/aligned/dpo/seed1"

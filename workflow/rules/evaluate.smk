@@ -48,7 +48,7 @@ rule report:
         # annotate.smk: the Fig. 3 win rates (maybe simulated; none without votes)
         human_eval=lambda wildcards: HUMAN_WINRATES[wildcards.framework],
         # study.smk: the Figure 1 study's section and plot when study.in_report (else none)
-        study=lambda wildcards: list(study_in_report(wildcards).values()),
+        study=lambda w: list(study_module.report_inputs(STUDY, w.framework).values()),
     output:
         summary=f"{REPORT_DIR}/summary.parquet",
         tables=report(
@@ -84,7 +84,9 @@ rule report:
         provenance=get_provenance_files,
         curves=get_train_curves,
         human_eval=lambda w: " ".join(f"--human-eval {d}" for d in HUMAN_WINRATES[w.framework]),
-        study=lambda w: " ".join(f"--study-{k} {v}" for k, v in study_in_report(w).items()),
+        study=lambda w: " ".join(
+            f"--study-{k} {v}" for k, v in study_module.report_inputs(STUDY, w.framework).items()
+        ),
         seed=config["seed"],
     shell:
         "python -m pipeline report --evaluations {input.evaluations} --out {params.out_dir} "

@@ -1,5 +1,6 @@
 # The controlled study of the Figure 1 dilemma (docs/study.md): `snakemake --cores all study`,
-# and part of `rule all` (through the report) when study.in_report is true. Thin rules: the logic
+# and part of `rule all` when study.in_report is true (the report rule of study.framework reads
+# study.report_inputs: the section and the plot). Thin rules: the logic
 # is pipeline/study.py; segment, prompts, select and train are the real stages, run with the
 # study's settings (pipeline.study.*_settings). One build, select and set of train jobs per arm
 # (the main arm and the controls of study.controls).
@@ -19,19 +20,6 @@ STUDY_ALIGNED_ARG = " ".join(f"{a}:{m}:{s}={path}" for (a, m, s), path in STUDY_
 STUDY_REGIONS = (
     f"{artifact('study_candidates', arm=study_module.MAIN)}/{study_module.REGIONS_TABLE}"
 )
-
-
-def study_pairs(arm):
-    """An arm's pairs tables (instance and image level), as its select job writes them."""
-    return [artifact("study_pairs", arm=arm, level=level) for level in contracts.PAIR_LEVELS.values()]
-
-
-def study_in_report(wildcards):
-    """{"section": ..., "plot": ...} of the study when study.in_report puts it into this
-    framework's report (the report rule's inputs and --study-* options), else {}."""
-    if STUDY["in_report"] and wildcards.framework == STUDY_FRAMEWORK:
-        return {"section": artifact("study_section"), "plot": artifact("study_plot")}
-    return {}
 
 
 rule study:
@@ -240,7 +228,11 @@ rule study_measure:
 rule study_report:
     input:
         adoption=artifact("study_adoption"),
-        pairs=[path for arm in STUDY_ARMS for path in study_pairs(arm)],
+        pairs=[
+            artifact("study_pairs", arm=arm, level=level)
+            for arm in STUDY_ARMS
+            for level in contracts.PAIR_LEVELS.values()
+        ],
         candidates=[artifact("study_candidates", arm=arm) for arm in STUDY_ARMS],
         scores=[artifact("study_scores", arm=arm) for arm in STUDY_ARMS],
         aligned=list(STUDY_ALIGNED.values()),
