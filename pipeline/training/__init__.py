@@ -6,7 +6,8 @@
 - :mod:`.run`: what a run needs around the steps (trainable parameters, batch slots, learning
   rate, the optimizer and its checked update, the checkpoint fingerprint);
 - :mod:`.curves`: the held-out items and the alignment curves the loop logs;
-- :mod:`.ddpo`, :mod:`.ea_adam`, :mod:`.dro_online`: the loops of the methods with their own
-  (``contracts.Method.loop``; DDPO samples from the policy, EA-Adam trains a population,
-  dro_online trains offline experts against the policy's own trajectories).
+- :mod:`.ddpo`, :mod:`.ea_adam`, :mod:`.dro_online`, :mod:`.gdpo`: the loops of the methods
+  with their own (``contracts.Method.loop``; DDPO samples from the policy, EA-Adam trains a
+  population, dro_online trains offline experts against the policy's own trajectories, GDPO
+  weighs groups of policy samples by group-relative advantages, per instance for gdpo_instance).
 """
