@@ -104,7 +104,8 @@ def sections(curves: pd.DataFrame, rates: pd.DataFrame, curves_png: str | None,
         lines += ["### Alignment curves", "",
                   "Implicit accuracy (share of instance weight whose margin favours the winner), "
                   "mean margin −d = (E_ref(w) − E_θ(w)) − (E_ref(l) − E_θ(l)) and loss, on a fixed "
-                  "set of training LQs and on LQs held out of training (`train.heldout_fraction`), "
+                  "set of training LQs and on the LQs of whole photos held out of training "
+                  "(`train.heldout_fraction` of the photos), "
                   "without gradients every `train.eval_every` steps (pipeline/training/curves.py). "
                   "Rising held-out accuracy and margin: the model learns the preferences; training "
                   "rising while held-out falls: it memorises them.", "",

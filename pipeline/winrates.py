@@ -196,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
     config = json.loads(text)
     frame = win_rates(args.evaluations, args.masks, args.instances, config, args.seed)
+    intervals = {"ci": "Wilson 95% on the instances (statsmodels proportion_confint)",
+                 "cluster": "Wilson 95% on effective_n = instances / design effect (images as "
+                            "clusters; pipeline.winrates.clustered_interval)"}  # fmt: skip
     write_table(frame, args.out, "win_rates", {"stage": "winrates", "config": config,
-                                               "seed": args.seed})  # fmt: skip
+                                               "seed": args.seed, "intervals": intervals})  # fmt: skip
     print(f"winrates: {len(frame)} models in {args.out}", file=sys.stderr)
     return 0
 
