@@ -83,7 +83,7 @@ ARTIFACTS = {
     "test_instances": "results/masks/{framework}/test_{testset}_instances.parquet",
     "win_rates": "results/winrates/{framework}/{testset}.parquet",
     # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test;
-    # arm: the main arm or a control, study.ARMS)
+    # arm: the main arm or a control, pipeline.study.ARM)
     "study_masks": "results/study/masks/{split}.zarr",
     "study_instances": "results/study/masks/{split}_instances.parquet",
     "study_prompts": "results/study/prompts/{split}.parquet",
