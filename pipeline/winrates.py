@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ REGISTRY_KEYS = ("weights_dir", "weights", "options", "device", "min_crop_size")
 def hq_table(evaluation_dir: str | Path, out: str | Path) -> Path:
     """A candidates table (setting ``hq``) of an evaluation's HQ images, for the segment CLI."""
     manifest = contracts.evaluation_images(evaluation_dir)
+    folder = Path(out).parent.resolve()
     frame = pd.DataFrame(
         {
             "image_id": manifest["image_id"].astype(str),
@@ -60,7 +62,8 @@ def hq_table(evaluation_dir: str | Path, out: str | Path) -> Path:
             "cfg": 0.0,
             "seed": 0,
             "negative_prompt": "",
-            "path": [str(Path(p).resolve()) for p in manifest["hq_path"]],
+            # relative to the table (contracts.candidate_files): results can move
+            "path": [os.path.relpath(Path(p).resolve(), folder) for p in manifest["hq_path"]],
         }
     )
     write_table(frame, out, "candidates", {"stage": "winrates", "hq_of": str(evaluation_dir)})

@@ -115,3 +115,32 @@ def test_the_report_gets_the_curves_and_win_rate_sections(tmp_path):
     ) in text
     assert "The plot shows the clustered interval." in text
     assert "| dspo_u | heldout | 10 | 4 | 0.600 |" in text
+
+
+def test_hq_table_paths_are_relative_to_the_table_so_results_can_move(tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline import contracts
+    from pipeline.io.tables import read_table, write_table
+
+    monkeypatch.chdir(tmp_path)
+    hq = tmp_path / "results" / "data" / "test" / "hq" / "a.png"
+    hq.parent.mkdir(parents=True)
+    hq.write_bytes(b"png")
+    evaluation = tmp_path / "results" / "eval" / "pretrained"
+    evaluation.mkdir(parents=True)
+    manifest = pd.DataFrame(
+        {"testset": ["t"], "model": ["pretrained"], "image_id": ["a"], "sr_path": ["images/a.png"],
+         "lq_path": ["results/data/test/lq/a.png"], "hq_path": ["results/data/test/hq/a.png"]}
+    )  # fmt: skip
+    write_table(manifest, evaluation / contracts.EVAL_IMAGES, "eval_images", {})
+    table = tmp_path / "results" / "masks" / "test_t_hq.parquet"
+    table.parent.mkdir(parents=True)
+    winrates.hq_table(evaluation, table)
+    frame = read_table(table, "candidates")
+    assert frame["path"].tolist() == ["../data/test/hq/a.png"]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "results", moved / "results")
+    moved_table = moved / "results" / "masks" / "test_t_hq.parquet"
+    files = contracts.candidate_files(moved_table, read_table(moved_table, "candidates"))
+    assert files[("a", "hq")].resolve() == (moved / "results/data/test/hq/a.png").resolve()
