@@ -134,8 +134,8 @@ def test_gdpo_methods_are_registered_without_pairs_and_carry_the_reward():
     assert T.LOOPS["gdpo"] == "pipeline.training.gdpo"
     defaults = TrainConfig()
     assert defaults.gdpo_beta == 5000.0  # GDPO-SR train_GDPOSR.py: -0.5 * 5000
-    assert defaults.gdpo_fidelity_metrics == ("psnr",)
-    assert defaults.gdpo_detail_metrics == ("maniqa", "musiq")
+    assert defaults.gdpo_fidelity_metrics == ["psnr"]
+    assert defaults.gdpo_detail_metrics == ["maniqa", "musiq"]
     assert defaults.gdpo_fidelity_weight is None and defaults.gdpo_detail_weight is None
     assert defaults.policy_group_size == 6  # GDPO-SR --groupsize=6
 

@@ -221,15 +221,15 @@ def check_artifacts(results: Path) -> None:
         assert read_metadata(ddpo / "train_log.parquet")["table"] == "ddpo_log"
         dro = read_metadata(results / f"aligned/{framework}/dro_online/fidelity/train_log.parquet")
         assert dro["table"] == "dro_online_log" and dro["pair_level"] == "instance"
+        policy = {"onestep": "one-step Gaussian policy", "multistep": "multi-step DDIM policy"}
         for method, level in (("gdpo", "image"), ("gdpo_instance", "instance")):
-            gdpo = read_metadata(results / f"aligned/{framework}/{method}/fidelity/train_log.parquet")
+            log = results / f"aligned/{framework}/{method}/fidelity/train_log.parquet"
+            gdpo = read_metadata(log)
             assert gdpo["table"] == "gdpo_log" and gdpo["level"] == level
-            assert gdpo["policy"]["name"] == {"onestep": "one-step Gaussian policy",
-                                              "multistep": "multi-step DDIM policy"}[framework]
+            assert gdpo["policy"]["name"] == policy[framework]
         summary = read_table(results / f"eval/{framework}/summary.parquet", "eval_summary")
-        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", "ddpo_fidelity",
-                                   "dro_online_fidelity", "gdpo_fidelity",
-                                   "gdpo_instance_fidelity"}
+        online = {"ddpo_fidelity", "dro_online_fidelity", "gdpo_fidelity", "gdpo_instance_fidelity"}
+        assert set(summary["model"]) >= {"bicubic", "pretrained", "sft_fidelity", *online}
         for name in (
             "tables.md",
             "tables.csv",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import settings
@@ -55,8 +55,12 @@ class TrainConfig:
     gdpo_beta: float = _DEFAULTS["gdpo_beta"]
     gdpo_fidelity_weight: float | None = _DEFAULTS["gdpo_fidelity_weight"]
     gdpo_detail_weight: float | None = _DEFAULTS["gdpo_detail_weight"]
-    gdpo_fidelity_metrics: tuple[str, ...] = tuple(_DEFAULTS["gdpo_fidelity_metrics"])
-    gdpo_detail_metrics: tuple[str, ...] = tuple(_DEFAULTS["gdpo_detail_metrics"])
+    gdpo_fidelity_metrics: list[str] = field(
+        default_factory=lambda: list(_DEFAULTS["gdpo_fidelity_metrics"])
+    )
+    gdpo_detail_metrics: list[str] = field(
+        default_factory=lambda: list(_DEFAULTS["gdpo_detail_metrics"])
+    )
     negative_prompts: bool = _DEFAULTS["negative_prompts"]
     uncond_drop_rate: float = _DEFAULTS["uncond_drop_rate"]
     checkpoint_every: int = _DEFAULTS["checkpoint_every"]
@@ -70,8 +74,6 @@ class TrainConfig:
     device: str = _DEFAULTS["device"]
 
     def __post_init__(self) -> None:
-        for key in ("gdpo_fidelity_metrics", "gdpo_detail_metrics"):  # lists from a config
-            object.__setattr__(self, key, tuple(getattr(self, key)))
         # the schema checks these too; a TrainConfig built in code is checked here
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
                     "eval_every", "curve_items"):  # fmt: skip
