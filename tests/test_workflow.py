@@ -159,7 +159,10 @@ def check_rounds(results: Path) -> None:
         assert len(read_table(run / "pairs/fidelity.parquet", "preference_pairs")) > 0
         trained = read_metadata(run / "aligned/train_log.parquet")
         assert trained["model"] == round_one  # round 1's weights: the start and the reference
-        assert trained["pairs"] == f"results/rounds/{framework}/dspo/fidelity/r2/pairs/fidelity.parquet"
+        assert (
+            trained["pairs"]
+            == f"results/rounds/{framework}/dspo/fidelity/r2/pairs/fidelity.parquet"
+        )
         if framework == "onestep":  # one more adapter on round 1's stack (base + round 1)
             assert len(trained["model_describe"]["lora_stack"].split(",")) == 3
         evaluated = results / f"eval/{framework}/synthetic/dspo_fidelity_r2"

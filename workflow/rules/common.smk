@@ -66,18 +66,21 @@ def job_config_file(stage, *names):
     """params: the same settings written to .snakemake/dspo-job-config/STAGE-HASH.json, the
     path the job's command passes as --config."""
 
-    def path(wildcards):
-        text = _job_json(stage, {name: wildcards[name] for name in names})
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-        target = JOB_CONFIG_DIR / f"{stage}-{digest}.json"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_suffix(f".{os.getpid()}.tmp")
-            partial.write_text(text)
-            partial.replace(target)
-        return str(target)
+    return lambda wildcards: write_job_config(
+        stage, _job_json(stage, {name: wildcards[name] for name in names})
+    )
 
-    return path
+
+def write_job_config(stage, text):
+    """Write a job's settings (canonical JSON) to JOB_CONFIG_DIR/STAGE-HASH.json once; its path."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    target = JOB_CONFIG_DIR / f"{stage}-{digest}.json"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(target)
+    return str(target)
 
 
 def candidate_variants(framework):
