@@ -21,7 +21,7 @@ import torch
 from pipeline import checkpoints, contracts, settings
 from pipeline import policy as online
 from pipeline import train as T
-from pipeline.io.images import read_rgb, signed_tensor, unit_tensor, write_png
+from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, unit_tensor, write_png
 from pipeline.io.tables import read_metadata, read_table
 from pipeline.iqa import score_images
 from pipeline.models import build_tiny_model, load_model
@@ -107,17 +107,36 @@ def test_ddpo_is_a_method_without_pairs_and_its_settings_carry_the_reward():
     assert job["policy_group_size"] == 6 and job["ppo_clip_range"] == 1e-4  # paper defaults
 
 
-def test_rewards_are_the_score_registrys_numbers_normalised_as_select():
+def test_rewards_are_the_score_stages_numbers_normalised_as_select(tmp_path):
+    """The raw scores are the score stage's whole-image rows of the PNGs the samples would be
+    written as (pipeline.score.score_image itself), also for a metric whose minimum input
+    exceeds the image (ms_ssim needs 256 px; pyiqa alone refuses 16 px); the rewards are
+    select's objective scores of those numbers."""
+    from pipeline import score
+
     reward = ddpo.Reward(REWARD, "fidelity", seed=0)
     torch.manual_seed(0)
     images = torch.rand(3, 3, SIZE, SIZE) * 2 - 1
-    hq = torch.rand(3, SIZE, SIZE)
+    hq = torch.round(torch.rand(3, SIZE, SIZE) * 255) / 255
+    write_png(tmp_path / "hq.png", signed_to_uint8(hq * 2 - 1))
+    files = {f"c{k}": tmp_path / f"c{k}.png" for k in range(3)}
+    for k, path in enumerate(files.values()):
+        write_png(path, signed_to_uint8(images[k]))
+    metrics = ["psnr", "ssim", "ms_ssim"]
+    labels = np.ones((SIZE, SIZE), dtype=np.uint16)
+    stage = score.score_image(reward.registry, metrics, "x", files, tmp_path / "hq.png", labels,
+                              [1])  # fmt: skip
+    stage = stage[stage["instance_id"] == contracts.WHOLE_IMAGE_ID]
+    reward.metrics = metrics
     scores = reward.raw_scores(images, hq)
-    # what the score stage computes on the PNGs the images would be written as
-    unit = torch.round((images.clamp(-1, 1) + 1) * 127.5) / 255
-    expected = score_images(["psnr", "ssim"], unit, hq[None].expand(3, -1, -1, -1), reward.registry)
-    for name in ("psnr", "ssim"):
-        assert torch.equal(scores[name], expected[name])
+    for name in metrics:
+        expected = stage[stage["metric"] == name].sort_values("candidate")["value"].to_numpy()
+        np.testing.assert_array_equal(scores[name].numpy(), expected)
+    with pytest.raises(RuntimeError):  # what calling pyiqa on the whole image would do
+        score_images(["ms_ssim"], images.add(1).div(2), hq[None].expand(3, -1, -1, -1),
+                     reward.registry)  # fmt: skip
+    reward.metrics = ["psnr", "ssim"]
+    scores = {name: scores[name] for name in reward.metrics}
     rewards = reward.objective("x", scores)
     rows = [("x", -1, f"c{k}", m, float(scores[m][k]), False) for m in scores for k in range(3)]
     frame = pd.DataFrame(

@@ -15,9 +15,11 @@ are not read). Per optimizer step (docs/online_alignment.md §4):
    (:meth:`pipeline.models.onestep.OneStepSR.sample_policy`), ONE action: a bandit policy
    gradient, not DDPO's multi-step MDP; metadata and the saved model name it so.
 2. **Reward.** The images are quantised to 8 bits (what the score stage reads from PNG) and the
-   whole image is scored against the HQ by the score stage's metric registry
-   (:class:`pipeline.iqa.MetricRegistry` + :func:`pipeline.iqa.score_images`, configured from the
-   ``score`` section, which the job's settings carry as ``reward.score``); the reward of a sample
+   whole image is scored against the HQ as the score stage scores an image's whole-image row
+   (:class:`pipeline.iqa.MetricRegistry` + :func:`pipeline.iqa.score_instances` with the
+   full-image mask: pyiqa's numbers, an image smaller than a metric's minimum upscaled as the
+   score stage upscales it; configured from the ``score`` section, which the job's settings
+   carry as ``reward.score``); the reward of a sample
    is its objective score as select computes it (:func:`pipeline.objectives.objective_scores`: per
    LQ, each metric min-max normalised over the group, flipped where lower is better, weighted by
    ``reward.objectives[objective]``).
@@ -58,7 +60,7 @@ from pipeline.distributed import make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, signed_tensor, unit_tensor
 from pipeline.io.tables import write_table
-from pipeline.iqa import MetricRegistry, score_images
+from pipeline.iqa import MetricRegistry, score_instances
 from pipeline.models.base import PolicySample, SRModel, upsample_lq
 from pipeline.objectives import objective_scores
 from pipeline.seeding import torch_generator
@@ -128,9 +130,13 @@ class Reward:
 
     def raw_scores(self, images: torch.Tensor, hq: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{metric: float64 [G]}`` of ``images [G, 3, H, W]`` in [-1, 1] against ``hq [3, H,
-        W]`` in [0, 1] (pyiqa's numbers, as the score stage computes them)."""
+        W]`` in [0, 1]: the score stage's whole-image scores (:func:`pipeline.iqa.score_instances`
+        with the full-image mask, so that a metric with a minimum input size, e.g. NIQE on a
+        small crop, is computed as the score stage computes it, not refused by pyiqa)."""
         sr = quantised_unit(images)
-        return score_images(self.metrics, sr, hq[None].expand_as(sr).contiguous(), self.registry)
+        whole = torch.ones((1, *sr.shape[-2:]), dtype=torch.bool)
+        scores = score_instances(self.registry, self.metrics, sr, hq, whole)
+        return {name: values[:, 0] for name, values in scores.items()}
 
     def objective(self, image_id: str, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
         """Rewards ``float64 [G]``: select's objective score of each sample within its group."""
