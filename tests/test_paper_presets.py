@@ -71,6 +71,12 @@ OVERRIDDEN = (
     "train.batch_size",
     "train.methods.*.max_steps",
     "train.methods.*.batch_size",
+    "train.policy_steps",  # ddpo's DDIM steps and group size (step counts, sizes)
+    "train.policy_group_size",
+    "train.methods.*.policy_steps",
+    "train.methods.*.policy_group_size",
+    "train.methods.*.reward.score.metrics",  # ddpo's reward: METRIC_SWAPS, as score.metrics
+    "train.methods.*.reward.objectives.*",  # METRIC_SWAPS, the same weights
     "evaluate.metrics",  # METRIC_SWAPS
     "evaluate.steps",
     "evaluate.batch_size",
@@ -94,7 +100,8 @@ def sizes_and_steps(framework: str, test_ids: list[str]) -> dict[str, Any]:
         "degrade": {"crop_size": 32, "test_ids": test_ids},
         "pretrain": {framework: {"steps": 2, "batch_size": 2, "crop_size": 32}},
         "candidates": {"batch_size": 2},
-        "train": {"max_steps": 2, "batch_size": 2},
+        # ddpo: 2 DDIM steps (multi-step) and 2 samples per LQ instead of 50 and 6
+        "train": {"max_steps": 2, "batch_size": 2, "policy_steps": 2, "policy_group_size": 2},
         "evaluate": {"max_images": 2, "batch_size": 2, "steps": 2},
         "report": {"grid_crop": 32},
     }
@@ -331,11 +338,21 @@ def check_training(
         # negative prompts)
         assert (log["method"], log["objective"], log["framework"]) == (method, objective, framework)
         assert log["loss"] == contracts.method(method).loss
-        expected = effective["train"]["methods"][method]
+        expected = dict(effective["train"]["methods"][method])
         assert expected["negative_prompts"] is (method != "dspo_m1")
+        if "reward" in expected:  # ddpo: `pipeline config` lists every objective's reward
+            reward = expected.pop("reward")
+            assert log["config"]["reward"] == {
+                "score": reward["score"],
+                "objectives": {objective: reward["objectives"][objective]},
+            }
         assert_recorded(log["config"], expected, f"aligned/{framework}/{method}/{objective}")
         assert expected["beta"] == 8000.0 and expected["learning_rate"] == 5.0e-5
-        steps = read_table(folder / "train_log.parquet", "train_log")["step"]
+        if method == "ddpo":  # the policy is named; the one-step arm is never called DDPO
+            policy = {"onestep": "one-step Gaussian policy",
+                      "multistep": "DDPO (multi-step DDIM policy)"}[framework]  # fmt: skip
+            assert log["policy"]["name"] == policy and log["table"] == "ddpo_log"
+        steps = read_table(folder / "train_log.parquet", log["table"])["step"]
         assert list(steps) == list(range(1, expected["max_steps"] + 1))
         model = json.loads((folder / "dspo_model.json").read_text())
         assert model["framework"] == framework
