@@ -419,6 +419,12 @@ def test_the_one_step_framework_trains_on_its_gaussian_policy_actions(inputs, tm
     assert "one-step Gaussian policy" in meta["negatives"]["name"]
     assert "NOT Diffusion-DRO" in meta["negatives"]["name"]
     assert "dro_sampler_steps" in meta["negatives"]["unused"]
+    # the report's weights column names it too (the saved model's description)
+    from pipeline.models import load_model
+
+    assert (
+        "dro_online (one-step Gaussian policy negatives)" in load_model(out).describe()["weights"]
+    )
     log = read_table(out / "train_log.parquet", "dro_online_log")
     # step 1: the policy is the reference (a fresh adapter), so r = 0; then it moves
     assert np.isfinite(log["loss"]).all() and log["r_policy"].tolist()[0] == 0.0

@@ -740,6 +740,11 @@ def train(
             "device": str(accelerator.device),
             "resumed_from": str(resumed_from) if resumed_from else None,
         }  # fmt: skip
+        # the saved model's description names how it was aligned (the report's weights column),
+        # as ddpo's and gdpo's do: the one-step arm's negatives are the one-step Gaussian policy's
+        negatives = ("one-step Gaussian policy negatives" if model.framework == "onestep"
+                     else "DDIM trajectory negatives")  # fmt: skip
+        model.settings.weights = f"{model.settings.weights} + {method} ({negatives})"
         with atomic_path(out_dir) as folder:
             model.save_pretrained(folder)
             write_table(
