@@ -21,6 +21,15 @@ def make_accelerator(device: str, mixed_precision: str = "no"):
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
+def gather_objects(accelerator, values: list) -> list:
+    """``values`` (picklable) of every process, in process order (as is on one process)."""
+    if accelerator.num_processes == 1:
+        return list(values)
+    gathered: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, list(values))
+    return [value for part in gathered for value in part]
+
+
 def finite_everywhere(accelerator, value: torch.Tensor) -> bool:
     """Whether ``value`` is finite on every process (so all processes stop together)."""
     flag = torch.tensor([float(torch.isfinite(value).all())], device=accelerator.device)

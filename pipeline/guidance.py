@@ -237,6 +237,16 @@ def stage_prompts(
     return chosen, record
 
 
+def optional_stage_prompts(
+    path: str | os.PathLike | None, image_ids: Iterable[str], *, where: str
+) -> tuple[dict[str, tuple[str, str]] | None, dict[str, Any]]:
+    """:func:`stage_prompts` of a stage whose prompts table is optional (the train loops):
+    ``(None, no_table_record(None))`` without one (the models' default prompts)."""
+    if path is None:
+        return None, no_table_record(None)
+    return stage_prompts(path, image_ids, where=where)
+
+
 def no_table_record(negative: str | None) -> dict[str, Any]:
     """The metadata record of a stage run without a prompts table (the models' defaults)."""
     return {"table": None, "source": None, "model": None, "feedback": None,

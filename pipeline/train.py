@@ -36,7 +36,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts, guidance, losses, settings
 from pipeline.distributed import make_accelerator
@@ -52,6 +51,7 @@ from pipeline.training.run import (
     learning_rate,
     make_optimizer,
     run_fingerprint,
+    run_steps,
     step_slots,
     trainable_names,
 )
@@ -104,9 +104,7 @@ def read_inputs(
         Path(masks_path),
     )
     loader.check(items)
-    if prompts_path is None:
-        return Inputs(items, loader, None, guidance.no_table_record(None))
-    texts, record = guidance.stage_prompts(
+    texts, record = guidance.optional_stage_prompts(
         prompts_path, [item.image_id for item in items], where=f"train {method}"
     )
     return Inputs(items, loader, texts, record)
@@ -289,26 +287,15 @@ def train(
         accelerator.unwrap_model(policy).model, optimizer, trainable, resumed_from,
     )  # fmt: skip
 
-    progress = tqdm(
-        total=config.max_steps, initial=start, desc=f"train {method}", file=sys.stderr,
-        mininterval=1, disable=not accelerator.is_main_process,
+    run_steps(
+        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
+        postfix=lambda row: {"loss": f"{row['loss']:.4f}",
+                             "acc": f"{row['implicit_accuracy']:.2f}"},
+        save=lambda done: checkpoints.save(
+            checkpoint_dir, done, named, optimizer, log, fingerprint, config.keep_checkpoints,
+        ),
+        curve_rows=lambda done: curve.rows(trainer, done),  # alignment curves, when due
     )  # fmt: skip
-    for step in range(start, config.max_steps):
-        row = trainer.update(step)
-        row.update(curve.rows(trainer, step + 1))  # alignment curves, when due
-        log.append(row)
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{row['loss']:.4f}", acc=f"{row['implicit_accuracy']:.2f}", refresh=False
-        )
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            if accelerator.is_main_process:
-                trainer.last_good = checkpoints.save(
-                    checkpoint_dir, step + 1, named, optimizer, log, fingerprint,
-                    config.keep_checkpoints,
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-    progress.close()
 
     if accelerator.is_main_process:
         metadata = {

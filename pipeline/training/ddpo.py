@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -52,11 +51,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts, guidance, settings
 from pipeline import policy as online
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import gather_objects, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, signed_tensor, unit_tensor
 from pipeline.io.tables import write_table
@@ -71,6 +69,7 @@ from pipeline.training.run import (
     configure_model,
     learning_rate,
     make_optimizer,
+    run_steps,
     step_slots,
     trainable_names,
 )
@@ -212,15 +211,6 @@ class Group:
     rewards: np.ndarray
 
 
-def _gather(accelerator, values: list) -> list:
-    """``values`` of every process, in process order (as is on one process)."""
-    if accelerator.num_processes == 1:
-        return list(values)
-    gathered: list = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(gathered, list(values))
-    return [value for part in gathered for value in part]
-
-
 @dataclasses.dataclass
 class Trainer:
     config: TrainConfig
@@ -288,13 +278,15 @@ class Trainer:
             group["lr"] = lr
         slots = step_slots(len(self.image_ids), step, config.batch_size, self.seed)
         groups = [self.sample_group(step, p, self.image_ids[slots[p]]) for p in self.my_positions()]
-        ids = _gather(accelerator, [g.image_id for g in groups for _ in g.rewards])
-        rewards = np.asarray(_gather(accelerator, [float(r) for g in groups for r in g.rewards]))
+        ids = gather_objects(accelerator, [g.image_id for g in groups for _ in g.rewards])
+        rewards = np.asarray(
+            gather_objects(accelerator, [float(r) for g in groups for r in g.rewards])
+        )
         advantages_all = self.tracker.update(ids, rewards)
         first = sum(len(g.rewards) for g in groups) * accelerator.process_index
         mine = advantages_all[first : first + sum(len(g.rewards) for g in groups)]
         raw = {
-            metric: float(np.mean(_gather(accelerator, [
+            metric: float(np.mean(gather_objects(accelerator, [
                 float(v) for g in groups for v in g.scores[metric].tolist()
             ])))
             for metric in self.reward.metrics
@@ -337,7 +329,7 @@ class Trainer:
                 for parameter in self.trainable:
                     if parameter.grad is not None:
                         torch.distributed.all_reduce(parameter.grad)
-            losses.append(float(np.sum(_gather(accelerator, [epoch_loss]))))
+            losses.append(float(np.sum(gather_objects(accelerator, [epoch_loss]))))
             norms.append(
                 clipped_update(
                     accelerator,
@@ -409,12 +401,9 @@ def train(
     lq_paths = contracts.data_images(data_dir, "lq")
     hq_paths = contracts.data_images(data_dir, "hq")
     image_ids = sorted(lq_paths)
-    if prompts_path is None:
-        texts, prompt_record = None, guidance.no_table_record(None)
-    else:
-        texts, prompt_record = guidance.stage_prompts(
-            prompts_path, image_ids, where=f"train {method}"
-        )
+    texts, prompt_record = guidance.optional_stage_prompts(
+        prompts_path, image_ids, where=f"train {method}"
+    )
     reward = Reward(reward_config, objective, seed)
     if model is None:
         from pipeline.models import load_model
@@ -449,24 +438,15 @@ def train(
         config, seed, model, accelerator, optimizer, trainable, reward, tracker, image_ids,
         lq_paths, hq_paths, texts, resumed_from,
     )  # fmt: skip
-    progress = tqdm(
-        total=config.max_steps, initial=start, desc=f"train {method}", file=sys.stderr,
-        mininterval=1, disable=not accelerator.is_main_process,
+    run_steps(
+        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
+        postfix=lambda row: {"reward": f"{row['reward_mean']:.3f}",
+                             "kl": f"{row['approx_kl']:.2e}"},
+        save=lambda done: checkpoints.save(
+            checkpoint_dir, done, named, optimizer, log, fingerprint, config.keep_checkpoints,
+            extra={"tracker": trainer.tracker.state_dict()},
+        ),
     )  # fmt: skip
-    for step in range(start, config.max_steps):
-        row = trainer.update(step)
-        log.append(row)
-        progress.update(1)
-        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['approx_kl']:.2e}",
-                             refresh=False)  # fmt: skip
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            if accelerator.is_main_process:
-                trainer.last_good = checkpoints.save(
-                    checkpoint_dir, step + 1, named, optimizer, log, fingerprint,
-                    config.keep_checkpoints, extra={"tracker": trainer.tracker.state_dict()},
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-    progress.close()
 
     if accelerator.is_main_process:
         policy = policy_record(model, config)

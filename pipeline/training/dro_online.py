@@ -69,7 +69,6 @@ import dataclasses
 import functools
 import logging
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,11 +76,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts, guidance, losses
 from pipeline import policy as online
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import gather_objects, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, signed_tensor
 from pipeline.io.tables import read_table, write_table
@@ -95,6 +93,7 @@ from pipeline.training.run import (
     learning_rate,
     make_optimizer,
     run_fingerprint,
+    run_steps,
     trainable_names,
 )
 from pipeline.training.step import STAGE, Conditions, error_maps_batched
@@ -247,15 +246,6 @@ class Example:
     conditions: Conditions
     state: torch.Tensor  # [C, h', w']
     target: torch.Tensor  # [C, h', w']
-
-
-def _gather(accelerator, values: list) -> list:
-    """``values`` of every process, in process order (as is on one process)."""
-    if accelerator.num_processes == 1:
-        return list(values)
-    gathered: list = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(gathered, list(values))
-    return [value for part in gathered for value in part]
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -417,7 +407,9 @@ class Trainer:
             positions = list(range(self.sampled, self.sampled + size))
             self.sampled += size
             mine = self.sample_positions(step, micro, positions[rank::world])
-            trajectories = sorted(_gather(self.accelerator, mine), key=lambda t: t["position"])
+            trajectories = sorted(
+                gather_objects(self.accelerator, mine), key=lambda t: t["position"]
+            )
             self.buffer.add(
                 [t["image_id"] for t in trajectories],
                 torch.stack([t["states"] for t in trajectories]),
@@ -606,12 +598,9 @@ def prepare(
         absent = [i.image_id for i in items if i.image_id not in hq_paths]
         if absent:
             raise KeyError(f"{Path(data_dir) / contracts.DATA_TABLE} has no HQ for {absent[:5]}")
-    if prompts_path is None:
-        texts, prompt_record = None, guidance.no_table_record(None)
-    else:
-        texts, prompt_record = guidance.stage_prompts(
-            prompts_path, [item.image_id for item in items], where=f"train {method}"
-        )
+    texts, prompt_record = guidance.optional_stage_prompts(
+        prompts_path, [item.image_id for item in items], where=f"train {method}"
+    )
     if model is None:
         from pipeline.models import load_model
 
@@ -680,25 +669,20 @@ def train(
     )  # fmt: skip
     trainer.per_micro()  # fails early on a bad layout
     accelerator, model = trainer.accelerator, trainer.model
-    progress = tqdm(
-        total=config.max_steps, initial=start, desc=f"train {method}", file=sys.stderr,
-        mininterval=1, disable=not accelerator.is_main_process,
+
+    def save(done: int) -> Path:
+        extra, tensors = trainer.checkpoint_state()
+        return checkpoints.save(
+            checkpoint_dir, done, trainer.named, trainer.optimizer, log, fingerprint,
+            config.keep_checkpoints, extra=extra, extra_tensors=tensors,
+        )  # fmt: skip
+
+    run_steps(
+        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
+        postfix=lambda row: {"loss": f"{row['loss']:.2e}",
+                             "active": f"{row['hinge_active']:.2f}"},
+        save=save,
     )  # fmt: skip
-    for step in range(start, config.max_steps):
-        row = trainer.update(step)
-        log.append(row)
-        progress.update(1)
-        progress.set_postfix(loss=f"{row['loss']:.2e}", active=f"{row['hinge_active']:.2f}",
-                             refresh=False)  # fmt: skip
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            if accelerator.is_main_process:
-                extra, tensors = trainer.checkpoint_state()
-                trainer.last_good = checkpoints.save(
-                    checkpoint_dir, step + 1, trainer.named, trainer.optimizer, log, fingerprint,
-                    config.keep_checkpoints, extra=extra, extra_tensors=tensors,
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-    progress.close()
 
     if accelerator.is_main_process:
         metadata = {

@@ -50,7 +50,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,9 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts, guidance, losses, settings
-from pipeline.distributed import make_accelerator
+from pipeline.distributed import gather_objects, make_accelerator
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, signed_tensor, unit_tensor
 from pipeline.io.masks import read_label_map
@@ -72,7 +70,6 @@ from pipeline.models.base import PolicySample, SRModel, upsample_lq
 from pipeline.seeding import torch_generator
 from pipeline.training.config import TrainConfig
 from pipeline.training.ddpo import (
-    _gather,
     _split_reward,
     metric_registry,
     quantised_unit,
@@ -84,6 +81,7 @@ from pipeline.training.run import (
     configure_model,
     learning_rate,
     make_optimizer,
+    run_steps,
     step_slots,
     trainable_names,
 )
@@ -527,15 +525,17 @@ class Trainer:
             accelerator, self.optimizer, self.trainable, config.max_grad_norm, step,
             self.stopped(),
         )  # fmt: skip
-        rewards_all = np.asarray(_gather(accelerator, rewards))
+        rewards_all = np.asarray(gather_objects(accelerator, rewards))
         means = checkpoints.reduce_mean(
             accelerator, [float(np.mean(stats[k])) for k in LOSS_STATS] + [
                 float(np.mean(fidelity)), float(np.mean(detail))]
         )  # fmt: skip
-        scores = {m: float(np.mean(_gather(accelerator, raw[m]))) for m in self.reward.metrics}
+        scores = {
+            m: float(np.mean(gather_objects(accelerator, raw[m]))) for m in self.reward.metrics
+        }
         return {
             "step": step + 1,
-            "loss": float(np.sum(_gather(accelerator, [total]))),
+            "loss": float(np.sum(gather_objects(accelerator, [total]))),
             "reward_mean": float(np.mean(rewards_all)),
             "reward_std": float(np.std(rewards_all)),
             "scores": json.dumps(scores, sort_keys=True),
@@ -585,12 +585,9 @@ def train(
     lq_paths = contracts.data_images(data_dir, "lq")
     hq_paths = contracts.data_images(data_dir, "hq")
     image_ids = sorted(lq_paths)
-    if prompts_path is None:
-        texts, prompt_record = None, guidance.no_table_record(None)
-    else:
-        texts, prompt_record = guidance.stage_prompts(
-            prompts_path, image_ids, where=f"train {method}"
-        )
+    texts, prompt_record = guidance.optional_stage_prompts(
+        prompts_path, image_ids, where=f"train {method}"
+    )
     reward = GroupReward(reward_config, config, seed)
     if model is None:
         from pipeline.models import load_model
@@ -624,24 +621,15 @@ def train(
         config, seed, level, model, accelerator, optimizer, trainable, reward, image_ids,
         lq_paths, hq_paths, texts, Path(masks_path) if masks_path else None, resumed_from,
     )  # fmt: skip
-    progress = tqdm(
-        total=config.max_steps, initial=start, desc=f"train {method}", file=sys.stderr,
-        mininterval=1, disable=not accelerator.is_main_process,
+    run_steps(
+        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
+        postfix=lambda row: {"loss": f"{row['loss']:.4f}",
+                             "reward": f"{row['reward_mean']:.3f}"},
+        save=lambda done: checkpoints.save(
+            checkpoint_dir, done, named, optimizer, log, fingerprint, config.keep_checkpoints,
+            extra={"gdpo": {"level": level}},
+        ),
     )  # fmt: skip
-    for step in range(start, config.max_steps):
-        row = trainer.update(step)
-        log.append(row)
-        progress.update(1)
-        progress.set_postfix(loss=f"{row['loss']:.4f}", reward=f"{row['reward_mean']:.3f}",
-                             refresh=False)  # fmt: skip
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            if accelerator.is_main_process:
-                trainer.last_good = checkpoints.save(
-                    checkpoint_dir, step + 1, named, optimizer, log, fingerprint,
-                    config.keep_checkpoints, extra={"gdpo": {"level": level}},
-                )  # fmt: skip
-            accelerator.wait_for_everyone()
-    progress.close()
 
     if accelerator.is_main_process:
         policy = policy_record(model, config)

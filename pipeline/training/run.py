@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from pipeline import checkpoints, contracts
 from pipeline.models.base import SRModel
@@ -143,3 +146,38 @@ def run_fingerprint(
         processes=processes,
         device=device,
     )
+
+
+def run_steps(
+    trainer,
+    config: TrainConfig,
+    accelerator,
+    *,
+    start: int,
+    log: list[dict],
+    desc: str,
+    postfix: Callable[[dict], dict[str, str]],
+    save: Callable[[int], Path],
+    curve_rows: Callable[[int], dict] | None = None,
+) -> None:
+    """Every train loop's steps from ``start`` to ``max_steps``: ``trainer.update(step)`` gives
+    the log row, appended to ``log``; every ``checkpoint_every`` steps and at the end the main
+    process writes a checkpoint (``save(steps_done)`` returns its folder, kept as
+    ``trainer.last_good``) and all processes wait for it; a progress bar on the main process.
+    ``curve_rows(steps_done)`` adds the alignment curves' columns to a row (the offline loop)."""
+    progress = tqdm(
+        total=config.max_steps, initial=start, desc=desc, file=sys.stderr,
+        mininterval=1, disable=not accelerator.is_main_process,
+    )  # fmt: skip
+    for step in range(start, config.max_steps):
+        row = trainer.update(step)
+        if curve_rows is not None:
+            row.update(curve_rows(step + 1))
+        log.append(row)
+        progress.update(1)
+        progress.set_postfix(postfix(row), refresh=False)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
+            if accelerator.is_main_process:
+                trainer.last_good = save(step + 1)
+            accelerator.wait_for_everyone()
+    progress.close()
