@@ -12,7 +12,7 @@ import sys
 from pipeline import contracts
 
 #: commands besides the stages (pipeline.contracts.STAGES)
-TOOLS = ("config", "replicas", "run_gpu", "annotate", "study")
+TOOLS = ("config", "replicas", "run_gpu", "annotate", "study", "gather", "plan")
 STAGES = (*contracts.STAGES, *TOOLS)
 
 

@@ -19,6 +19,11 @@ model (``--model`` names it for every variant; it is loaded once). ``--round r``
 the round to every draw's key; ``--policy-std s`` samples one-step models through their one-step
 Gaussian policy (``sample_policy``) instead of their deterministic one step, so settings that
 share one model still differ. Round 1 without a policy std is this stage as it always was.
+
+Shards (docs/design.md §15): a shard job gets its shard's data folder and prompts table and
+processes every image of them. LQs are read per batch (never all at once); each batch runs
+every setting, then each of its images is marked complete in the job's :class:`ShardWork`, so a
+killed job's rerun skips the images already done and ends with the same bytes.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import contracts, guidance, settings
-from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, write_png
+from pipeline import contracts, guidance, settings, shards
+from pipeline.io.images import image_size, read_rgb, signed_tensor, signed_to_uint8, write_png
 from pipeline.io.tables import write_table
 from pipeline.models import load_model
 from pipeline.models.base import SRModel, batch_invariant, upsample_lq
@@ -56,18 +61,39 @@ def stage_config(config: Mapping[str, Any] | None, framework: str) -> dict[str, 
     return resolved
 
 
-def load_pair_images(data_dir: Path) -> list[tuple[str, torch.Tensor]]:
-    """(image_id, LQ bicubic-upsampled to the HQ size) for every pair, sorted by image id."""
+#: the candidates table's columns, in the order the stage writes them
+COLUMNS = ["image_id", "setting", "variant", "steps", "cfg", "seed", "negative_prompt", "path"]
+
+
+def pair_images(data_dir: Path) -> list[tuple[str, Path, tuple[int, int]]]:
+    """(image_id, LQ path, HQ size (H, W)) of every pair, sorted by image id; the HQ size from
+    its header only, so listing a large split decodes no pixels."""
     hq_paths, lq_paths = (
         contracts.data_images(data_dir, "hq"),
         contracts.data_images(data_dir, "lq"),
     )
-    images = []
+    pairs = []
     for image_id in sorted(hq_paths):
-        hq_shape = read_rgb(hq_paths[image_id]).shape
-        lq = signed_tensor(read_rgb(lq_paths[image_id]))[None]
-        images.append((image_id, upsample_lq(lq, hq_shape[:2])[0]))
-    return images
+        width, height = image_size(hq_paths[image_id])
+        pairs.append((image_id, lq_paths[image_id], (height, width)))
+    return pairs
+
+
+def load_lq(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """One LQ, signed and bicubic-upsampled to its HQ size ``(H, W)``: ``[3, H, W]``."""
+    return upsample_lq(signed_tensor(read_rgb(path))[None], size)[0]
+
+
+def size_batches(
+    pairs: list[tuple[str, Path, tuple[int, int]]], batch_size: int
+) -> list[list[tuple[str, Path, tuple[int, int]]]]:
+    """Batches of at most ``batch_size`` pairs of one HQ size: sizes in the order they first
+    appear, pairs in their given (image-id) order."""
+    by_size: dict[tuple[int, int], list] = {}
+    for pair in pairs:
+        by_size.setdefault(pair[2], []).append(pair)
+    return [group[i : i + batch_size] for group in by_size.values()
+            for i in range(0, len(group), batch_size)]  # fmt: skip
 
 
 def setting_steps_cfg(model: SRModel, setting: dict[str, Any]) -> tuple[int, float]:
@@ -100,8 +126,8 @@ def generate_candidates(
         raise ValueError(f"policy_std {policy_std}: a positive std, for one-step models only")
     round_keys = () if round_number == 1 else ("round", int(round_number))
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    images = load_pair_images(data_dir)
-    ids_all = [image_id for image_id, _ in images]
+    pairs = pair_images(data_dir)
+    ids_all = [image_id for image_id, _, _ in pairs]
     if prompts is not None:
         texts, prompt_record = guidance.stage_prompts(
             prompts, ids_all, feedback=negative_prompts, mode="image", where="candidates"
@@ -114,57 +140,66 @@ def generate_candidates(
         )
         texts = {i: ("", guidance.join_prompts(feedback.get(i, []))) for i in ids_all}
         prompt_record = guidance.no_table_record("feedback text" if negative_prompts else None)
-    rows = []
-    models: dict[str, SRModel] = {}
-    by_dir: dict[str, SRModel] = {}  # variants naming one folder (a later round) share it
     for setting in config["settings"]:
-        variant = setting["variant"]
-        if variant not in model_dirs:
-            raise KeyError(f"setting {setting['name']!r} needs model variant {variant!r}; "
-                           f"given: {sorted(model_dirs)}")  # fmt: skip
-        if variant not in models:
-            folder = str(model_dirs[variant])
-            if folder not in by_dir:
-                by_dir[folder] = load_model(folder, device=config["device"]).eval()
-            models[variant] = by_dir[folder]
-        model = models[variant]
-        steps, cfg = setting_steps_cfg(model, setting)
-        by_size: dict[tuple, list] = {}
-        for image_id, lq in images:
-            by_size.setdefault(tuple(lq.shape), []).append((image_id, lq))
-        batches = [group[i : i + config["batch_size"]] for group in by_size.values()
-                   for i in range(0, len(group), config["batch_size"])]  # fmt: skip
-        for batch in tqdm(
-            batches, file=sys.stderr, mininterval=1, desc=f"candidates {setting['name']}"
-        ):
-            ids = [image_id for image_id, _ in batch]
+        if setting["variant"] not in model_dirs:
+            raise KeyError(f"setting {setting['name']!r} needs model variant "
+                           f"{setting['variant']!r}; given: {sorted(model_dirs)}")  # fmt: skip
+    used = {s["variant"]: str(model_dirs[s["variant"]]) for s in config["settings"]}
+    work = shards.ShardWork(
+        out_dir,
+        shards.fingerprint(
+            "candidates", inputs=[data_dir, prompts, negative_prompts, *sorted(set(used.values()))],
+            framework=framework, config=config, seed=seed, models=used,
+            policy_std=policy_std, round=int(round_number),
+        ),
+        stage="candidates",
+    )  # fmt: skip
+    todo = set(work.todo(ids_all))
+    # every model once, before any batch (variants naming one folder, a later round, share it)
+    models: dict[str, SRModel] = {}
+    by_dir: dict[str, SRModel] = {}
+    for variant, folder in used.items():
+        if folder not in by_dir:
+            by_dir[folder] = load_model(folder, device=config["device"]).eval()
+        models[variant] = by_dir[folder]
+    steps_cfg = {s["name"]: setting_steps_cfg(models[s["variant"]], s) for s in config["settings"]}
+    batches = size_batches([pair for pair in pairs if pair[0] in todo], config["batch_size"])
+    for batch in tqdm(batches, file=sys.stderr, mininterval=1, desc="candidates"):
+        ids = [image_id for image_id, _, _ in batch]
+        lqs = [load_lq(path, size) for _, path, size in batch]  # this batch's LQs only
+        image_rows: dict[str, list[dict[str, Any]]] = {image_id: [] for image_id in ids}
+        for setting in config["settings"]:
+            variant, model = setting["variant"], models[setting["variant"]]
+            steps, cfg = steps_cfg[setting["name"]]
             generators = [torch_generator(seed, "candidates", i, setting["name"], *round_keys)
                           for i in ids]  # fmt: skip
             with batch_invariant(model):
                 if policy_std is not None:  # the one-step Gaussian policy (a later round)
                     outputs = model.sample_policy(
-                        torch.stack([lq for _, lq in batch]),
-                        prompts=[texts[i][0] for i in ids], std=float(policy_std),
-                        generators=generators,
+                        torch.stack(lqs), prompts=[texts[i][0] for i in ids],
+                        std=float(policy_std), generators=generators,
                     ).images  # fmt: skip
                 else:
                     outputs = model.sample(
-                        torch.stack([lq for _, lq in batch]),
+                        torch.stack(lqs),
                         prompts=[texts[i][0] for i in ids],
                         negative_prompts=[texts[i][1] for i in ids],
                         steps=steps, cfg=cfg, generators=generators,
                     )  # fmt: skip
             for image_id, output in zip(ids, outputs, strict=True):
                 relative = f"{setting['name']}/{image_id}.png"
-                write_png(out_dir / relative, signed_to_uint8(output.cpu()))
-                rows.append({
+                write_png(work.files / relative, signed_to_uint8(output.cpu()))
+                image_rows[image_id].append({
                     "image_id": image_id, "setting": setting["name"], "variant": variant,
                     "steps": steps, "cfg": cfg,
                     "seed": derive_seed(seed, "candidates", image_id, setting["name"],
                                         *round_keys),
                     "negative_prompt": texts[image_id][1], "path": relative,
                 })  # fmt: skip
-    table = pd.DataFrame(rows).sort_values(["image_id", "setting"]).reset_index(drop=True)
+        # an image is complete once every setting's PNG is in place (docs/design.md §15)
+        for image_id in ids:
+            work.finish(image_id, sorted(image_rows[image_id], key=lambda row: row["setting"]))
+    table = work.rows(ids_all, COLUMNS)  # sorted by image_id, then setting
     metadata = {
         "framework": framework, "seed": seed, "config": config,
         "models": {v: {"path": str(model_dirs[v]), **m.describe()} for v, m in models.items()},
@@ -176,7 +211,8 @@ def generate_candidates(
         metadata["round"] = {"round": int(round_number), "policy_std": policy_std,
                              "sampling": next(iter(models.values())).POLICY_NAME
                              if policy_std is not None else "the model's sample"}  # fmt: skip
-    write_table(table, out_dir / "candidates.parquet", "candidates", metadata)
+    write_table(table, work.files / contracts.CANDIDATES_TABLE, "candidates", metadata)
+    work.commit_folder()
     return table
 
 

@@ -19,6 +19,12 @@ Steps, as in the paper:
 Without a configured captioner the stage writes an empty ``captions`` table whose metadata
 says ``{"skipped": true, "reason": ...}``. Decoding draws no random numbers; ``--seed`` is
 recorded in the metadata for provenance only.
+
+Shards (docs/design.md §15): a shard job gets its shard's data folder, candidates, masks and
+instances and captions every image of them, one image at a time (its HQ, its candidates, its
+label map). Each image's rows are scored on their own (the captions of one image are embedded
+together) and marked complete in the job's :class:`ShardWork`, so a killed job's rerun skips
+the images already done, and an image's rows do not depend on which other images share the job.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import contracts, settings
+from pipeline import contracts, settings, shards
 from pipeline.captioner import BlipCaptioner
 from pipeline.contracts import HQ_CANDIDATE
 from pipeline.devices import resolve_device
@@ -196,16 +202,36 @@ def caption_instances(
     ]
 
 
+def stage_fingerprint(
+    data_dir: Path,
+    candidates_table: Path,
+    masks_zarr: Path,
+    instances_table: Path,
+    config: Mapping[str, Any],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What a caption job's work folder must match to be resumed (docs/design.md §15)."""
+    return shards.fingerprint(
+        "caption",
+        inputs=[data_dir, candidates_table, masks_zarr, instances_table],
+        config=resolve_config(config),
+        seed=seed,
+    )
+
+
 def run_caption_stage(
     data_dir: Path,
     candidates_table: Path,
     masks_zarr: Path,
     instances_table: Path,
     config: Mapping[str, Any],
+    work: shards.ShardWork | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The whole stage: the ``captions`` rows and the metadata to store with them. HQ images
     come from the data folder's table, candidate files are relative to the candidates table's
-    folder (:mod:`pipeline.contracts`)."""
+    folder (:mod:`pipeline.contracts`). With ``work`` each image's rows are kept there as it
+    completes and images an earlier attempt completed are skipped; the caller writes the table
+    and then discards ``work``."""
     config = resolve_config(config)
     if not config["captioner"]:
         reason = "no captioner configured (caption.captioner is null)"
@@ -224,20 +250,24 @@ def run_caption_stage(
     candidates = read_table(candidates_table, "candidates")
     hq_paths = contracts.data_images(data_dir, "hq")
     candidate_paths = contracts.candidate_files(candidates_table, candidates)
-    rows: list[dict[str, Any]] = []
-    for image_id, image_instances in tqdm(
-        instances.groupby("image_id", sort=True), desc="caption", file=sys.stderr, mininterval=1
-    ):
-        if image_id not in hq_paths:
-            raise FileNotFoundError(
-                f"image {image_id!r}: no HQ image in the data folder {data_dir} "
-                f"(not in its {contracts.DATA_TABLE})"
-            )
-        images = {HQ: read_rgb(hq_paths[image_id])}
-        for row in (
-            candidates[candidates["image_id"] == image_id].sort_values("setting").itertuples()
-        ):
-            images[row.setting] = read_rgb(candidate_paths[(str(image_id), str(row.setting))])
+    settings_of = {
+        str(image_id): sorted(map(str, group["setting"]))
+        for image_id, group in candidates.groupby("image_id", sort=False)
+    }
+    by_image = dict(list(instances.groupby("image_id", sort=True)))
+    ids = list(by_image)
+    missing = [image_id for image_id in ids if image_id not in hq_paths]
+    if missing:
+        raise FileNotFoundError(
+            f"image {missing[0]!r}: no HQ image in the data folder {data_dir} "
+            f"(not in its {contracts.DATA_TABLE})"
+        )
+    todo = work.todo(ids) if work is not None else ids
+    rows: list[pd.DataFrame] = []
+    for image_id in tqdm(todo, desc="caption", file=sys.stderr, mininterval=1):
+        images = {HQ: read_rgb(hq_paths[image_id])}  # this image's pixels only
+        for setting in settings_of.get(str(image_id), []):
+            images[setting] = read_rgb(candidate_paths[(str(image_id), setting)])
         label_map = read_label_map(masks_zarr, image_id)
         for candidate, image in images.items():
             if image.shape[:2] != label_map.shape:
@@ -246,11 +276,24 @@ def run_caption_stage(
                     f"label map {label_map.shape} in {masks_zarr}"
                 )
         image_rows = caption_instances(
-            images, label_map, image_instances, captioner, config["crop_fill"]
+            images, label_map, by_image[image_id], captioner, config["crop_fill"]
         )
-        rows.extend({"image_id": image_id, **row} for row in image_rows)
-    captions = pd.DataFrame(rows, columns=["image_id", "instance_id", "candidate", "caption"])
-    captions = score_captions(captions, embedder, float(config["threshold"]))[CAPTION_COLUMNS]
+        captions = pd.DataFrame(
+            [{"image_id": image_id, **row} for row in image_rows],
+            columns=["image_id", "instance_id", "candidate", "caption"],
+        )
+        # scored per image: an image's rows never depend on the others in the job
+        scored = score_captions(captions, embedder, float(config["threshold"]))[CAPTION_COLUMNS]
+        if work is not None:
+            work.finish(image_id, scored)
+        else:
+            rows.append(scored)
+    if work is not None:
+        captions = work.rows(ids, CAPTION_COLUMNS)
+    elif rows:
+        captions = pd.concat(rows, ignore_index=True)
+    else:
+        captions = pd.DataFrame(columns=CAPTION_COLUMNS)
     metadata = {
         "skipped": False,
         "captioner": str(Path(captioner.path).resolve())
@@ -284,14 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
     args = parser.parse_args(argv)
 
-    captions, metadata = run_caption_stage(
-        args.data,
-        args.candidates,
-        args.masks_zarr,
-        args.instances,
-        settings.cli_config(args.config),
-    )
+    config = resolve_config(settings.cli_config(args.config))
+    inputs = (args.data, args.candidates, args.masks_zarr, args.instances)
+    work = None
+    if config["captioner"]:  # a skipped stage has nothing to resume
+        fingerprint = stage_fingerprint(*inputs, config, args.seed)
+        work = shards.ShardWork(args.out, fingerprint, stage="caption")
+    captions, metadata = run_caption_stage(*inputs, config, work=work)
     write_table(captions, args.out, "captions", {**metadata, "seed": args.seed})
+    if work is not None:
+        work.discard()
     print(
         f"caption: {len(captions)} captions, metadata {json.dumps(metadata)[:200]}", file=sys.stderr
     )

@@ -82,6 +82,9 @@ ARTIFACTS = {
     "test_masks": "results/masks/{framework}/test_{testset}.zarr",
     "test_instances": "results/masks/{framework}/test_{testset}_instances.parquet",
     "win_rates": "results/winrates/{framework}/{testset}.parquet",
+    # a winrates shard's per-instance scores of every compared model (table win_instances);
+    # only shards of it are written: the gather computes win_rates from them
+    "win_instances": "results/winrates/{framework}/{testset}_instances.parquet",
     # the Figure 1 study (pipeline/study.py, workflow/rules/study.smk; split: train or test;
     # arm: the main arm or a control, pipeline.study.ARM)
     "study_masks": "results/study/masks/{split}.zarr",
@@ -123,16 +126,43 @@ class _KeepMissing(dict):
         return "{" + key + "}"
 
 
+def wildcards_of(name: str) -> set[str]:
+    """The wildcards in artifact ``name``'s path."""
+    if name not in ARTIFACTS:
+        raise KeyError(f"unknown artifact {name!r}; known: {sorted(ARTIFACTS)}")
+    return {f for _, f, _, _ in string.Formatter().parse(ARTIFACTS[name]) if f}
+
+
 def artifact(name: str, **fields: Any) -> str:
     """The path of artifact ``name`` with the given wildcards filled in; the others stay as
     ``{wildcard}`` (for Snakemake rules). ``artifact("model", variant="base")`` ->
     ``results/models/{framework}/base``."""
     if name not in ARTIFACTS:
         raise KeyError(f"unknown artifact {name!r}; known: {sorted(ARTIFACTS)}")
-    unknown = set(fields) - {f for _, f, _, _ in string.Formatter().parse(ARTIFACTS[name]) if f}
+    unknown = set(fields) - wildcards_of(name)
     if unknown:
         raise KeyError(f"artifact {name!r} has no wildcard {sorted(unknown)}")
     return ARTIFACTS[name].format_map(_KeepMissing(fields))
+
+
+#: where shard outputs live (docs/design.md §15): artifact ``results/X/Y[.ext]`` has its shard
+#: ``{scatteritem}`` (Snakemake's scatter item, ``I-of-K``) at ``results/shards/X/Y/{scatteritem}[.ext]``
+SHARDS_ROOT = "results/shards"
+#: extensions of file artifacts (and Zarr stores) kept on their shards' names
+_SHARD_SUFFIXES = (".parquet", ".zarr")
+
+
+def shard_artifact(name: str, **fields: Any) -> str:
+    """The path of shard ``{scatteritem}`` of artifact ``name`` (a folder, table or store of
+    the same layout holding that shard's images), other wildcards as :func:`artifact` fills
+    them. ``shard_artifact("scores", framework="onestep", scatteritem="1-of-2")`` ->
+    ``results/shards/scores/onestep/1-of-2.parquet``."""
+    path = artifact(name, **{k: v for k, v in fields.items() if k != "scatteritem"})
+    relative = path.removeprefix("results/")
+    suffix = next((s for s in _SHARD_SUFFIXES if relative.endswith(s)), "")
+    stem = relative[: len(relative) - len(suffix)]
+    item = fields.get("scatteritem", "{scatteritem}")
+    return f"{SHARDS_ROOT}/{stem}/{item}{suffix}"
 
 
 def pairs_artifact(

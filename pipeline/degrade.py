@@ -14,14 +14,19 @@ uses it. The steps, each a function below:
 
 All randomness of a pair comes from ``numpy_rng(seed, "degrade", source_id, crop_index)``, so a
 rerun, or a run with a different number of workers, writes the same bytes.
+
+Shards (docs/design.md §15): ``--shard I-of-K`` keeps the split's source images whose id hashes
+to I (:func:`pipeline.shards.shard_of`), so every crop of a photo is in one shard and the K
+shards gathered equal the whole split; each pair is marked complete in the shard's work folder
+as it finishes, and a killed job resumes from there.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -38,7 +43,6 @@ from pipeline.degradations import (
     recorded_params,
     sample_degradation_params,
 )
-from pipeline.io.atomic import atomic_path
 from pipeline.io.images import (
     ImageError,
     demo_root,
@@ -46,11 +50,13 @@ from pipeline.io.images import (
     list_images,
     list_problems,
     read_rgb,
+    source_image_id,
     source_manifest,
     write_png,
 )
 from pipeline.io.tables import read_metadata, schema_for, write_table
 from pipeline.seeding import derive_seed, numpy_rng
+from pipeline.shards import Shard, ShardWork, fingerprint
 
 SPLITS = ("train", "test")
 SMALL_IMAGE_ACTIONS = ("pad", "error", "skip")
@@ -95,9 +101,9 @@ class SourceImage:
 
 
 def image_id_for(relative_path: str | Path) -> str:
-    """Relative path without extension, folders joined by ``__``, other unsafe characters ``_``."""
-    stem = Path(relative_path).with_suffix("")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.parts))
+    """Relative path without extension, folders joined by ``__``, other unsafe characters ``_``
+    (:func:`pipeline.io.images.source_image_id`: a shard's source manifest picks by it)."""
+    return source_image_id(relative_path)
 
 
 def find_source_images(source: str, demo_images: list[str] | tuple[str, ...] = DEMO_IMAGES):
@@ -318,62 +324,134 @@ def _degrade_or_problem(task: PairTask) -> tuple[dict[str, Any] | None, str | No
         return None, str(error)
 
 
-def _run_tasks(tasks: list[PairTask], workers: int) -> list[dict[str, Any] | None]:
-    """Every task's row (``None``: skipped); files that fail to decode are all named at once."""
-    progress = {"total": len(tasks), "desc": "degrade", "file": sys.stderr, "mininterval": 1}
+def _run_tasks(tasks: list[PairTask], workers: int, work: ShardWork, done: int = 0) -> None:
+    """Run ``tasks``, marking each pair complete in ``work`` as it finishes (its row, or no
+    row when its image was skipped as small); files that fail to decode are all named at once,
+    in task order, after every other pair is done (a rerun retries only them).
+
+    With several workers the pairs finish in any order; each is marked by this process when its
+    worker returns (its PNGs are then written), at most ``4 * workers`` tasks in flight.
+    ``done`` pairs were complete before (the progress bar starts there)."""
+    problems: dict[int, str] = {}
+    progress = tqdm(total=len(tasks) + done, initial=done, desc="degrade", file=sys.stderr,
+                    mininterval=1)  # fmt: skip
+
+    def record(index: int, result: tuple[dict[str, Any] | None, str | None]) -> None:
+        row, problem = result
+        if problem is not None:
+            problems[index] = problem
+        else:
+            work.finish(tasks[index].pair_id, [] if row is None else [row])
+        progress.update()
+
     if workers == 1:
-        results = [_degrade_or_problem(task) for task in tqdm(tasks, **progress)]
+        for index, task in enumerate(tasks):
+            record(index, _degrade_or_problem(task))
     else:
         # spawn, not fork: torch's thread pools do not survive a fork reliably
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            results = list(tqdm(pool.map(_degrade_or_problem, tasks, chunksize=1), **progress))
+            pending: dict[Future, int] = {}
+            for index, task in enumerate(tasks):
+                pending[pool.submit(_degrade_or_problem, task)] = index
+                while len(pending) >= 4 * workers or (pending and index == len(tasks) - 1):
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        record(pending.pop(future), future.result())
+    progress.close()
     # several crops of one broken file give one message
-    problems = list(dict.fromkeys(problem for _, problem in results if problem is not None))
-    if problems:
+    messages = list(dict.fromkeys(problems[index] for index in sorted(problems)))
+    if messages:
         raise ImageError(
-            f"{len(problems)} source images cannot be decoded:\n" + list_problems(problems)
+            f"{len(messages)} source images cannot be decoded:\n" + list_problems(messages)
         )
-    return [row for row, _ in results]
+
+
+def _usable_image(images: list[SourceImage], config: dict[str, Any]) -> bool:
+    """Whether one of ``images`` is large enough for a crop (headers only, stops at the first):
+    a shard whose images are all skipped as small fails only when the whole split would."""
+    for image in images:
+        try:
+            width, height = image_size(image.path)
+        except (ImageError, OSError):
+            continue  # its own shard names it
+        if min(width, height) >= config["crop_size"]:
+            return True
+    return False
+
+
+def _drop_partial_writes(folder: Path) -> None:
+    """Remove the temporaries of writes a kill interrupted (hidden names, ``atomic_path``) from
+    a resumed work folder, so they never reach the output."""
+    for sub in (folder, folder / "hq", folder / "lq"):
+        if sub.is_dir():
+            for entry in os.scandir(sub):
+                if entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                    os.unlink(entry.path)
 
 
 def degrade_split(
-    split: str, out: str | Path, config: dict[str, Any] | None, seed: int
+    split: str,
+    out: str | Path,
+    config: dict[str, Any] | None,
+    seed: int,
+    shard: Shard | str | None = None,
 ) -> pd.DataFrame:
-    """Write ``{out}/hq``, ``{out}/lq`` and ``{out}/pairs.parquet`` for ``split`` (atomically)."""
+    """Write ``{out}/hq``, ``{out}/lq`` and ``{out}/pairs.parquet`` for ``split`` (atomically).
+
+    ``shard`` (``"I-of-K"``; None: the whole split) keeps the split's source images whose id
+    lies in that shard (docs/design.md §15): the split is decided on every image first, so
+    it is the same for any K, and every crop of one photo lands in one shard. The shard is
+    written through a :class:`pipeline.shards.ShardWork` folder, pair by pair, so a killed
+    run resumes where it stopped and ends with the same bytes. A shard with no image of the
+    split writes an empty table.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
     config = stage_config(config)
     images = find_source_images(config["source"], config["demo_images"])
     chosen = select_split(images, split, config)
-    check_source_images(chosen, config)
-    manifest = source_manifest(config["source"], config["demo_images"])
+    held = [image for image in chosen if shard.holds(image.image_id)]
+    check_source_images(held, config)
+    manifest = source_manifest(config["source"], config["demo_images"], shard, fresh=True)
+    # workers changes speed, not bytes: leave it out so the output is the same either way
+    recorded = {key: value for key, value in config.items() if key != "workers"}
     out = Path(out)
-    with atomic_path(out) as temporary:
-        (temporary / "hq").mkdir(parents=True)
-        (temporary / "lq").mkdir()
-        tasks = plan_pairs(chosen, split, temporary, config, seed)
-        results = _run_tasks(tasks, config["workers"])
-        rows = [row for row in results if row is not None]
-        skipped = [
-            str(task.image.path) for task, row in zip(tasks, results, strict=True) if row is None
-        ]
-        if not rows:
+    inputs = [image.path for image in held]
+    stamp = fingerprint(
+        "degrade", inputs=inputs, config=recorded, seed=seed, split=split, shard=shard.item
+    )
+    work = ShardWork(out, stamp, stage="degrade")
+    if work.resumed:
+        _drop_partial_writes(work.files)
+    (work.files / "hq").mkdir(exist_ok=True)
+    (work.files / "lq").mkdir(exist_ok=True)
+    tasks = plan_pairs(held, split, work.files, config, seed)
+    todo = [task for task in tasks if not work.done(task.pair_id)]
+    work.report(len(tasks))
+    _run_tasks(todo, config["workers"], work, done=len(tasks) - len(todo))
+    columns = schema_for("degradation_pairs").names
+    frame = work.rows([task.pair_id for task in tasks], columns)
+    produced = set(frame["image_id"])
+    skipped = [str(task.image.path) for task in tasks if task.pair_id not in produced]
+    if tasks and not len(frame):
+        others = [image for image in chosen if not shard.holds(image.image_id)]
+        if not _usable_image(others, config):
             raise ValueError(f"split {split!r}: every image was skipped as smaller than the crop")
-        frame = pd.DataFrame(rows, columns=schema_for("degradation_pairs").names, dtype=object)
-        metadata = {
-            "stage": "degrade",
-            "split": split,
-            "seed": seed,
-            # workers changes speed, not bytes: leave it out so the file is the same either way
-            "config": {key: value for key, value in config.items() if key != "workers"},
-            "source_root": str(
-                demo_root() if config["source"] == "demo" else Path(config["source"])
-            ),
-            "source_manifest": manifest,
-            "skipped_small_images": skipped,
-            "jpeg": "Pillow baseline JPEG, integer quality, 4:2:0 (reference: DiffJPEG)",
-        }
-        write_table(frame, temporary / "pairs.parquet", "degradation_pairs", metadata)
+    frame = pd.DataFrame(frame, columns=columns, dtype=object)
+    metadata = {
+        "stage": "degrade",
+        "split": split,
+        "seed": seed,
+        "config": recorded,
+        "source_root": str(demo_root() if config["source"] == "demo" else Path(config["source"])),
+        "source_manifest": manifest,
+        "skipped_small_images": skipped,
+        "jpeg": "Pillow baseline JPEG, integer quality, 4:2:0 (reference: DiffJPEG)",
+        "shard": shard.record(),
+    }
+    write_table(frame, work.files / "pairs.parquet", "degradation_pairs", metadata)
+    work.commit_folder()
     return frame
 
 
@@ -401,10 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the degrade config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed")
     parser.add_argument("--workers", type=int, help="worker processes (overrides the config)")
+    parser.add_argument("--shard", default=None,
+                        help="I-of-K: only the source images of shard I of K (docs/design.md "
+                             "§15; default: the whole split)")  # fmt: skip
     args = parser.parse_args(argv)
     config = settings.cli_config(args.config)
     if args.workers is not None:
         config["workers"] = args.workers
-    frame = degrade_split(args.split, args.out, config, args.seed)
-    print(f"degrade: {len(frame)} {args.split} pairs in {args.out}", file=sys.stderr)
+    shard = Shard.parse(args.shard)
+    frame = degrade_split(args.split, args.out, config, args.seed, shard)
+    where = "" if shard.count == 1 else f" (shard {shard.item})"
+    print(f"degrade: {len(frame)} {args.split} pairs{where} in {args.out}", file=sys.stderr)
     return 0

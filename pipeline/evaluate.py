@@ -30,12 +30,24 @@ The steps, each a function below:
    ``bicubic`` pseudo-model returns the upsampled LQ itself (the classical baseline of the
    tables);
 3. :func:`measure` — every metric on the saved 8-bit SR image against the HQ, as pyiqa
-   computes it (:func:`pipeline.iqa.score_images`, weights offline, never downloaded).
+   computes it (:func:`pipeline.iqa.score_images`, weights offline, never downloaded), one
+   image at a time: some metrics (GMSD, VIF) give other last bits in a batch of another size
+   on the CPU, and an image's numbers must not depend on its batch neighbours (its shard, a
+   resumed run, ``batch_size``).
 
-Outputs (written together, atomically): ``{out}/images/{image_id}.png`` and
-``{out}/metrics.parquet`` (table ``eval_metrics``, one row per image and metric), whose
-metadata records the model's ``describe()``, the metrics with their pyiqa ids, the weights used
-and the stand-ins (metrics other than the paper's eight, tiny or random model weights).
+Outputs (the folder appears complete, atomically): ``{out}/images/{image_id}.png``,
+``{out}/metrics.parquet`` (table ``eval_metrics``, one row per image and metric, image by image
+in image-id order), whose metadata records the model's ``describe()``, the metrics with their
+pyiqa ids, the weights used and the stand-ins (metrics other than the paper's eight, tiny or
+random model weights), and ``{out}/images.parquet`` (table ``eval_images``, the manifest: one
+row per image, in image-id order).
+
+Shards (docs/design.md §15): ``--shard I-of-K`` evaluates the test images whose id
+:func:`pipeline.shards.shard_of` puts in shard ``I`` (after ``max_images``), with the prompts
+table of that shard (a table holding only the shard's images is enough). The folder keeps its
+layout, so ``python -m pipeline gather evaluation`` joins the K shard folders into the one a
+single job writes. Each image's PNG and metric rows go through a
+:class:`~pipeline.shards.ShardWork`, so a killed job's rerun skips the images already done.
 """
 
 from __future__ import annotations
@@ -54,8 +66,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import contracts, guidance, settings
-from pipeline.io.atomic import atomic_path
+from pipeline import contracts, guidance, settings, shards
 from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, unit_tensor, write_png
 from pipeline.io.tables import write_table
 from pipeline.io.testsets import TESTSET_KINDS, TestImage, load_testset
@@ -64,6 +75,10 @@ from pipeline.models.base import batch_invariant, upsample_lq
 from pipeline.seeding import torch_generator
 
 BICUBIC = "bicubic"
+#: the eval_metrics table's columns, in the order the stage writes them
+COLUMNS = ["testset", "model", "image_id", "metric", "value", "lower_better"]
+#: the eval_images manifest's columns
+MANIFEST_COLUMNS = ["testset", "model", "image_id", "sr_path", "lq_path", "hq_path"]
 
 
 def stage_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -235,18 +250,24 @@ def evaluate(
     registry: MetricRegistry | None = None,
     prompts: str | Path | None = None,
     feedback: str | Path | None = None,
+    shard: shards.Shard | str | None = None,
 ) -> pd.DataFrame:
-    """Evaluate one model on one test set; writes ``out_dir`` and returns the metrics table.
+    """Evaluate one model on one test set (or its shard ``shard``, "I-of-K"); writes
+    ``out_dir`` and returns the metrics table.
 
-    ``prompts``: the test set's prompts table; ``feedback``: the preference pairs a ``dspo``
-    model was trained on, whose hallucination vocabulary joins the negative prompts (M2)."""
+    ``prompts``: the test set's prompts table (of the shard's images at least); ``feedback``:
+    the preference pairs a ``dspo`` model was trained on, whose hallucination vocabulary joins
+    the negative prompts (M2)."""
     config = stage_config(config)
-    images = load_testset(
+    shard = shard if isinstance(shard, shards.Shard) else shards.Shard.parse(shard)
+    every = load_testset(
         testset_kind, testset_path, config["name_suffix_pattern"], int(config["max_images"])
     )
+    images = [image for image in every if shard.holds(image.image_id)]
+    ids = [image.image_id for image in images]
     if prompts is not None:
         texts, prompt_record = guidance.stage_prompts(
-            prompts, [image.image_id for image in images], feedback=feedback,
+            prompts, ids, feedback=feedback,
             mode="vocabulary", where=f"evaluate {model_name} on {testset}",
         )  # fmt: skip
     elif feedback is not None:
@@ -263,53 +284,63 @@ def evaluate(
         seed=seed,
     )
     lower_better = {name: registry.info(name).lower_better for name in metric_names}
-    rows = []
-    progress = tqdm(
-        total=len(images), desc=f"evaluate {model_name} on {testset}", unit="img",
-        file=sys.stderr, mininterval=1,
+    work = shards.ShardWork(
+        out_dir,
+        shards.fingerprint(
+            "evaluate", inputs=[None if model_path == BICUBIC else model_path, testset_path,
+                                prompts, feedback],
+            config=config, seed=seed, model=model_name, model_path=str(model_path),
+            testset=testset, testset_kind=testset_kind, shard=shard.item,
+        ),
+        stage="evaluate",
     )  # fmt: skip
-    with atomic_path(out_dir) as folder:
-        (folder / "images").mkdir(parents=True)
-        for batch in batches(images, int(config["batch_size"])):
-            sr_images = super_resolve(model, batch, testset, config, seed, texts)
-            for pair, sr in zip(batch, sr_images, strict=True):
-                write_png(
-                    folder / "images" / f"{pair.image.image_id}.png", sr
-                )  # the manifest's sr_path
-            scores = measure(registry, metric_names, sr_images, [pair.hq for pair in batch])
-            for index, pair in enumerate(batch):
-                for name in metric_names:
-                    value = float(scores[name][index])
-                    rows.append((testset, model_name, pair.image.image_id, name, value,
-                                 lower_better[name]))  # fmt: skip
-            progress.update(len(batch))
-        progress.close()
-        table = pd.DataFrame(
-            rows, columns=["testset", "model", "image_id", "metric", "value", "lower_better"]
-        )
-        description = model.describe()
-        metadata = {
-            "model": model_name,
-            "model_path": str(model_path),
-            "model_describe": description,
-            "testset": testset,
-            "testset_kind": testset_kind,
-            "testset_path": str(testset_path),
-            "n_images": len(images),
-            "seed": seed,
-            "config": config,
-            "prompts": prompt_record,
-            **metrics_metadata(registry, metric_names),
-            "stand_ins": stand_ins(description, metric_names),
-        }
-        write_table(table, folder / contracts.EVAL_METRICS, "eval_metrics", metadata)
-        manifest = pd.DataFrame(
-            [(testset, model_name, image.image_id, f"images/{image.image_id}.png", str(image.lq),
-              str(image.hq)) for image in images],
-            columns=["testset", "model", "image_id", "sr_path", "lq_path", "hq_path"],
-        )  # fmt: skip
-        write_table(manifest, folder / contracts.EVAL_IMAGES, "eval_images",
-                    {"model": model_name, "testset": testset})  # fmt: skip
+    todo = set(work.todo(ids))
+    (work.files / "images").mkdir(exist_ok=True)
+    progress = tqdm(
+        total=len(images), initial=len(images) - len(todo), unit="img", file=sys.stderr,
+        desc=f"evaluate {model_name} on {testset}", mininterval=1,
+    )  # fmt: skip
+    remaining = [image for image in images if image.image_id in todo]
+    for batch in batches(remaining, int(config["batch_size"])):
+        sr_images = super_resolve(model, batch, testset, config, seed, texts)
+        for pair, sr in zip(batch, sr_images, strict=True):
+            image_id = pair.image.image_id
+            write_png(work.files / "images" / f"{image_id}.png", sr)  # the manifest's sr_path
+            scores = measure(registry, metric_names, [sr], [pair.hq])
+            rows = [(testset, model_name, image_id, name, float(scores[name][0]),
+                     lower_better[name]) for name in metric_names]  # fmt: skip
+            # the image is complete once its PNG is in place (docs/design.md §15)
+            work.finish(image_id, pd.DataFrame(rows, columns=COLUMNS))
+        progress.update(len(batch))
+    progress.close()
+    table = work.rows(ids, COLUMNS)
+    description = model.describe()
+    metadata = {
+        "model": model_name,
+        "model_path": str(model_path),
+        "model_describe": description,
+        "testset": testset,
+        "testset_kind": testset_kind,
+        "testset_path": str(testset_path),
+        # the test set's images (every shard's), what the report lists; the shard's own below
+        "n_images": len(every),
+        "shard_images": len(images),
+        "shard": shard.record(),
+        "seed": seed,
+        "config": config,
+        "prompts": prompt_record,
+        **metrics_metadata(registry, metric_names),
+        "stand_ins": stand_ins(description, metric_names),
+    }
+    write_table(table, work.files / contracts.EVAL_METRICS, "eval_metrics", metadata)
+    manifest = pd.DataFrame(
+        [(testset, model_name, image.image_id, f"images/{image.image_id}.png", str(image.lq),
+          str(image.hq)) for image in images],
+        columns=MANIFEST_COLUMNS,
+    )  # fmt: skip
+    write_table(manifest, work.files / contracts.EVAL_IMAGES, "eval_images",
+                {"model": model_name, "testset": testset, "shard": shard.record()})  # fmt: skip
+    work.commit_folder()
     return table
 
 
@@ -330,11 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback", type=Path, default=None,
                         help="M2: the pairs table the model was trained on; its hallucination "
                              "vocabulary joins the negative prompts")  # fmt: skip
+    parser.add_argument("--shard", default=None,
+                        help="I-of-K: only the test images of shard I of K (docs/design.md §15)")  # fmt: skip
     args = parser.parse_args(argv)
     table = evaluate(
         args.model, args.model_name, args.testset, args.testset_kind, args.testset_path,
         args.out, settings.cli_config(args.config), args.seed,
-        prompts=args.prompts, feedback=args.feedback,
+        prompts=args.prompts, feedback=args.feedback, shard=args.shard,
     )  # fmt: skip
     means = table.groupby("metric", sort=False)["value"].mean()
     summary = ", ".join(f"{name} {value:.4g}" for name, value in means.items())

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import random
 import re
@@ -254,12 +255,43 @@ def lease(
             f"(devices {','.join(devices)}); lower the rule's resources.gpu or widen the pool"
         )
     held = _acquire(resolve_lock_dir(lock_dir), devices, n_gpus, timeout)
+    leased = [device for device, _ in held]
     try:
-        leased = [device for device, _ in held]
+        _record("acquire", leased)
         with _cuda_visible_devices(",".join(leased)):
             yield Lease(leased, [fd for _, fd in held], "lease")
     finally:
+        _record("release", leased)  # before the locks go: the record never over-counts
         _release(held)
+
+
+#: a file that every lease appends its acquire and release to (one JSON line each, in the order
+#: they happened: O_APPEND writes of one line are atomic), for checking how many devices a run
+#: keeps busy (tests/test_gpu_lease.py); unset, nothing is recorded
+RECORD_ENV = "DSPO_GPU_LEASE_RECORD"
+
+
+def _record(event: str, devices: list[str]) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    line = json.dumps({"event": event, "devices": devices, "pid": os.getpid(),
+                       "time": time.time()}) + "\n"  # fmt: skip
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def most_held_at_once(records: str | os.PathLike) -> int:
+    """The most devices held at one moment, from a :data:`RECORD_ENV` file (events in order)."""
+    held = most = 0
+    for line in Path(records).read_text().splitlines():
+        event = json.loads(line)
+        held += len(event["devices"]) * (1 if event["event"] == "acquire" else -1)
+        most = max(most, held)
+    return most
 
 
 def _acquire(

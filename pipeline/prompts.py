@@ -29,6 +29,11 @@ the base negative prompt (:func:`image_negative_prompt`); a test image, which ha
 gets the training set's most frequent hallucination captions (:func:`feedback_vocabulary`)
 followed by the base negative prompt (:func:`vocabulary_negative_prompt`). ``--feedback`` applies
 either to a prompts table.
+
+Shards (docs/design.md §15): ``--shard I-of-K`` keeps the listed images whose id hashes to I (a
+test set's shard); the training split's shard job lists its data shard folder instead. Each
+image's row is marked complete in the job's work folder as soon as it is described, so a killed
+job resumes there; a shard with no image writes an empty table.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from pipeline import contracts, settings
 from pipeline.devices import resolve_device
 from pipeline.guidance import PromptsError, apply_feedback, check_guidance, join_prompts
 from pipeline.io.images import read_rgb
-from pipeline.io.tables import write_table
+from pipeline.io.tables import read_metadata, write_table
+from pipeline.shards import Shard, ShardWork, fingerprint
 
 SOURCES = ("fixed", "captioner", "tagger")
 KINDS = ("train", "synthetic", "paired")
@@ -110,7 +116,7 @@ def list_lq_images(
         missing = [str(image.path) for image in listed if not image.path.is_file()]
         if missing:
             raise FileNotFoundError(f"{folder}: LQ images in pairs.parquet are missing: {missing}")
-        if not listed:
+        if not listed and not _is_shard(folder / contracts.DATA_TABLE):
             raise PromptsError(f"{folder}/pairs.parquet lists no images")
         return listed
     if kind not in KINDS:
@@ -119,6 +125,12 @@ def list_lq_images(
 
     testset = load_testset(kind, folder, suffix_pattern or DEFAULT_SUFFIX_PATTERN)
     return [LQImage(image.image_id, image.lq) for image in testset]
+
+
+def _is_shard(table: Path) -> bool:
+    """Whether a data table is one shard of several (docs/design.md §15): such a shard may
+    hold no image, and its prompts table is then empty."""
+    return read_metadata(table).get("shard", {}).get("count", 1) > 1
 
 
 # -- 2. sources --------------------------------------------------------------------------------
@@ -260,27 +272,45 @@ def build_source(config: Mapping[str, Any]):
 
 
 def make_prompts(
-    images: Sequence[LQImage], config: Mapping[str, Any] | None, chunk: int = 64
+    images: Sequence[LQImage],
+    config: Mapping[str, Any] | None,
+    chunk: int = 64,
+    work: ShardWork | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The ``prompts`` rows of ``images`` and the metadata to store with them."""
+    """The ``prompts`` rows of ``images`` and the metadata to store with them.
+
+    The LQs are read and described ``chunk`` at a time (the source batches inside a chunk),
+    never all at once. With ``work`` (a shard job, docs/design.md §15) each image's row is
+    marked complete as soon as it is described, images an earlier attempt completed are
+    skipped, and the rows come back from ``work`` in the order of ``images``.
+    """
     config = resolve_config(config)
     source = build_source(config)
-    rows = []
-    for start in range(0, len(images), chunk):
-        part = images[start : start + chunk]
+    rows: list[dict[str, Any]] = []
+    pending = list(images)
+    if work is not None:
+        pending = [image for image in images if not work.done(image.image_id)]
+        work.report(len(images))
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
         pixels = [read_rgb(image.path) for image in part]
         texts = source.describe(pixels)
-        rows.extend(
-            {
+        for image, text in zip(part, texts, strict=True):
+            row = {
                 "image_id": image.image_id,
                 "prompt": join_prompts(text, config["added_prompt"]),
                 "negative_prompt": join_prompts(config["negative_prompt"]),
                 "source": source.name,
                 "model": source.model,
             }
-            for image, text in zip(part, texts, strict=True)
-        )
-    frame = pd.DataFrame(rows, columns=PROMPT_COLUMNS)
+            if work is None:
+                rows.append(row)
+            else:
+                work.finish(image.image_id, [row])
+    if work is None:
+        frame = pd.DataFrame(rows, columns=PROMPT_COLUMNS)
+    else:
+        frame = work.rows([image.image_id for image in images], PROMPT_COLUMNS)
     check_guidance(frame)
     metadata = {
         "source": source.name,
@@ -294,16 +324,69 @@ def make_prompts(
     return frame, metadata
 
 
+def shard_images(listed: Sequence[LQImage], shard: Shard) -> list[LQImage]:
+    """The listed images whose id lies in ``shard``, in listed (id) order."""
+    return [image for image in listed if shard.holds(image.image_id)]
+
+
 def run_prompts_stage(
     images: str | os.PathLike,
     kind: str,
     config: Mapping[str, Any] | None,
     suffix_pattern: str | None = None,
+    shard: Shard | str | None = None,
+    work: ShardWork | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The whole stage for one split: list its LQs, describe them, the rows and metadata."""
-    listed = list_lq_images(kind, images, suffix_pattern)
-    frame, metadata = make_prompts(listed, config)
-    return frame, {"kind": kind, "images": str(images), **metadata}
+    """The whole stage for one split: list its LQs, describe them, the rows and metadata.
+
+    ``shard`` (``"I-of-K"``; None: every listed image) keeps the images whose id lies in that
+    shard (docs/design.md §15: a test set's shard; the training split's shard is its data
+    shard folder). ``work``: resume inside the shard (:func:`make_prompts`).
+    """
+    shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
+    listed = shard_images(list_lq_images(kind, images, suffix_pattern), shard)
+    frame, metadata = make_prompts(listed, config, work=work)
+    return frame, {"kind": kind, "images": str(images), **metadata, "shard": shard.record()}
+
+
+def write_prompts(
+    images: str | os.PathLike,
+    kind: str,
+    out: str | os.PathLike,
+    config: Mapping[str, Any] | None,
+    seed: int = 0,
+    suffix_pattern: str | None = None,
+    shard: Shard | str | None = None,
+    feedback: str | os.PathLike | None = None,
+    feedback_mode: str | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The stage as the CLI runs it: the prompts table of a split (or of one shard of it) at
+    ``out``, written through a :class:`pipeline.shards.ShardWork` folder beside it, so a
+    killed run resumes image by image; ``feedback`` (M2) is applied to the assembled rows.
+    Returns the rows and the metadata written with them."""
+    shard = shard if isinstance(shard, Shard) else Shard.parse(shard)
+    resolved = resolve_config(config)
+    listed = shard_images(list_lq_images(kind, images, suffix_pattern), shard)
+    mode = None
+    if feedback is not None:
+        mode = feedback_mode or ("image" if kind == "train" else "vocabulary")
+    # the listing's folder (a data folder: its pairs.parquet), every LQ read, the feedback
+    inputs = [images, *(image.path for image in listed), feedback]
+    stamp = fingerprint(
+        "prompts", inputs=inputs, config=resolved, seed=seed, kind=kind,
+        suffix_pattern=suffix_pattern, shard=shard.item, feedback_mode=mode,
+    )  # fmt: skip
+    work = ShardWork(out, stamp, stage="prompts")
+    frame, metadata = make_prompts(listed, config, work=work)
+    metadata = {"kind": kind, "images": str(images), **metadata, "shard": shard.record()}
+    if feedback is not None:
+        frame = apply_feedback(frame, pd.read_parquet(feedback), mode,
+                               resolved["feedback_max_terms"], resolved["feedback_min_images"])  # fmt: skip
+        metadata["feedback"] = {"table": str(feedback), "mode": mode}
+    metadata["seed"] = seed
+    write_table(frame, out, "prompts", metadata)
+    work.discard()
+    return frame, metadata
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,17 +408,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-mode", choices=("image", "vocabulary"), default=None,
                         help="image: each image's own feedback (default for train); vocabulary: "
                              "the training vocabulary (default for test sets)")  # fmt: skip
+    parser.add_argument("--shard", default=None,
+                        help="I-of-K: only the listed images whose id lies in shard I of K "
+                             "(docs/design.md §15: test sets; the training split reads its data "
+                             "shard instead; default: every image)")  # fmt: skip
     args = parser.parse_args(argv)
 
     config = settings.cli_config(args.config)
-    frame, metadata = run_prompts_stage(args.images, args.kind, config, args.name_suffix_pattern)
-    if args.feedback is not None:
-        mode = args.feedback_mode or ("image" if args.kind == "train" else "vocabulary")
-        resolved = metadata["config"]
-        frame = apply_feedback(frame, pd.read_parquet(args.feedback), mode,
-                               resolved["feedback_max_terms"], resolved["feedback_min_images"])  # fmt: skip
-        metadata["feedback"] = {"table": str(args.feedback), "mode": mode}
-    write_table(frame, args.out, "prompts", {**metadata, "seed": args.seed})
+    frame, metadata = write_prompts(
+        args.images, args.kind, args.out, config, seed=args.seed,
+        suffix_pattern=args.name_suffix_pattern, shard=args.shard, feedback=args.feedback,
+        feedback_mode=args.feedback_mode,
+    )  # fmt: skip
     print(f"prompts: {len(frame)} images, source {metadata['source']}, model {metadata['model']}",
           file=sys.stderr)  # fmt: skip
     return 0

@@ -22,12 +22,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import contracts, settings
+from pipeline import contracts, settings, shards
 from pipeline.contracts import WHOLE_IMAGE_ID
 from pipeline.io.images import read_rgb, unit_tensor
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_table, write_table
 from pipeline.iqa import DSPO_METRICS, MetricRegistry, score_instances, uses_pooled_map
+
+#: the ``scores`` table's columns, in order
+SCORE_COLUMNS = ["image_id", "instance_id", "candidate", "metric", "value", "lower_better"]
 
 
 def load_unit(path: Path) -> torch.Tensor:
@@ -83,9 +86,7 @@ def score_image(
                 rows.append(
                     (image_id, instance_id, setting, name, float(scores[name][c, m]), lower_better)
                 )
-    return pd.DataFrame(
-        rows, columns=["image_id", "instance_id", "candidate", "metric", "value", "lower_better"]
-    )
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
 def score_candidates(
@@ -96,15 +97,21 @@ def score_candidates(
     registry: MetricRegistry,
     metric_names: Sequence[str],
     candidates_table: Path,
+    work: shards.ShardWork | None = None,
 ) -> pd.DataFrame:
-    """The ``scores`` table of every image in the candidates table: HQ images from the data
-    folder's table, candidate files relative to the candidates table's folder
-    (:mod:`pipeline.contracts`)."""
+    """The ``scores`` table of every image in the candidates table, image by image in image-id
+    order (one image's candidates in memory at a time): HQ images from the data folder's table,
+    candidate files relative to the candidates table's folder (:mod:`pipeline.contracts`).
+
+    With ``work`` (the shard job's :class:`pipeline.shards.ShardWork`) each image's rows mark it
+    complete, an image a killed earlier attempt completed is skipped, and the table is the
+    images' rows in image-id order: the same as a run never killed (docs/design.md §15)."""
     hq_files = contracts.data_images(data_dir, "hq")
     candidate_files = contracts.candidate_files(candidates_table, candidates)
+    ids = [str(image_id) for image_id in sorted(candidates["image_id"].unique())]
     frames = []
     for image_id in tqdm(
-        sorted(candidates["image_id"].unique()), desc="score", file=sys.stderr, mininterval=1
+        ids if work is None else work.todo(ids), desc="score", file=sys.stderr, mininterval=1
     ):
         rows = candidates[candidates["image_id"] == image_id]
         duplicated = rows["setting"][rows["setting"].duplicated()].tolist()
@@ -117,32 +124,41 @@ def score_candidates(
         )
         if not instance_ids:
             raise ValueError(f"image {image_id!r} has no row in the instances table")
-        if str(image_id) not in hq_files:
+        if image_id not in hq_files:
             raise FileNotFoundError(
                 f"image {image_id!r}: no HQ image in the data folder {data_dir} "
                 f"(not in its {contracts.DATA_TABLE})"
             )
         files = {
-            str(row.setting): candidate_files[(str(image_id), str(row.setting))]
+            str(row.setting): candidate_files[(image_id, str(row.setting))]
             for row in rows.itertuples()
         }
-        frames.append(
-            score_image(
-                registry,
-                metric_names,
-                str(image_id),
-                files,
-                hq_files[str(image_id)],
-                read_label_map(masks_store, str(image_id)),
-                instance_ids,
-            )
+        frame = score_image(
+            registry,
+            metric_names,
+            image_id,
+            files,
+            hq_files[image_id],
+            read_label_map(masks_store, image_id),
+            instance_ids,
         )
-    columns = ["image_id", "instance_id", "candidate", "metric", "value", "lower_better"]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        if work is None:
+            frames.append(frame)
+        else:
+            work.finish(image_id, frame)
+    if work is not None:
+        return work.rows(ids, SCORE_COLUMNS)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SCORE_COLUMNS)
 
 
 def scores_metadata(registry: MetricRegistry, metric_names: Sequence[str]) -> dict[str, Any]:
-    """What was used: pyiqa ids and options, pooling method, weights, stand-ins."""
+    """What was used: pyiqa ids and options, pooling method, weights, stand-ins.
+
+    Every metric is created first, in ``metric_names`` order (the order scoring creates them
+    in), so the record is the same whether this run scored an image or found every image
+    complete (a resumed or empty shard, docs/design.md §15)."""
+    for name in metric_names:
+        registry.model(name)
     metrics = {}
     for name in metric_names:
         info = registry.info(name)
@@ -197,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         min_crop_size=config["min_crop_size"],
         seed=args.seed,
     )
+    # each image's rows are kept in the shard's work folder as they are scored; a rerun
+    # after a kill skips the images already done (docs/design.md §15)
+    work = shards.ShardWork(
+        args.out,
+        shards.fingerprint(
+            "score",
+            inputs=[args.candidates, args.data, args.masks, args.instances],
+            config=config,
+            seed=args.seed,
+        ),
+        stage="score",
+    )
     scores = score_candidates(
         read_table(args.candidates, "candidates"),
         read_table(args.instances, "instances"),
@@ -205,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         registry,
         metric_names,
         args.candidates,
+        work=work,
     )
     write_table(scores, args.out, "scores", metadata=scores_metadata(registry, metric_names))
+    work.discard()
     return 0
 
 

@@ -11,9 +11,11 @@ Steps, as in the paper's section:
    ``S = {s_m}, Σ_m s_m = 1`` the loss needs (docs/design.md §2) and computes the instance
    weights of Eq. (3), ``w_m = |s_m| / Σ_m |s_m|``.
 3. :func:`segment_images` does both for every image of the shared frame (the data folder's HQ
-   images, or the candidates of one setting, found through :mod:`pipeline.contracts`);
-   :func:`main` writes the label maps to ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`)
-   and the ``instances`` table.
+   images, or the candidates of one setting, found through :mod:`pipeline.contracts`) in
+   image-id order, writing each label map into the store as it is computed;
+   :func:`main` builds ``masks/{framework}.zarr`` (:mod:`pipeline.io.masks`) in its shard's
+   work folder, resumable after a kill (:class:`pipeline.shards.ShardWork`, docs/design.md
+   §15), writes the ``instances`` table and renames the store into place.
 
 Segmentation draws no random numbers (SAM's point grid and the classical segmenters are
 deterministic); ``--seed`` is recorded in the metadata for provenance only.
@@ -36,10 +38,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import contracts, settings
+from pipeline import contracts, settings, shards
 from pipeline.devices import resolve_device
 from pipeline.io.images import read_rgb
-from pipeline.io.masks import write_label_maps
+from pipeline.io.masks import open_label_store, write_label_map
 from pipeline.io.tables import read_table, write_table
 
 MaskRecord = dict[str, Any]
@@ -368,32 +370,57 @@ def _instance_row(
 # -- 3. the stage ---------------------------------------------------------------------------
 
 
+#: the ``instances`` table's columns, in order
+INSTANCE_COLUMNS = ["image_id", "instance_id", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
+INSTANCE_COLUMNS += ["weight", "score", "is_remainder"]
+
+
+def named_images(images: Mapping[str, Path] | Sequence[Path]) -> dict[str, Path]:
+    """``{image_id: path}`` as given, or from paths whose stems are the ids (unique)."""
+    if isinstance(images, Mapping):
+        return {str(image_id): Path(path) for image_id, path in images.items()}
+    named: dict[str, Path] = {}
+    for path in images:
+        if Path(path).stem in named:
+            raise ValueError(f"two images share the id {Path(path).stem!r} (second: {path})")
+        named[Path(path).stem] = Path(path)
+    return named
+
+
 def segment_images(
     images: Mapping[str, Path] | Sequence[Path],
     config: Mapping[str, Any],
     segmenter: Segmenter | None = None,
-) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Segment every image (``{image_id: path}``, or paths whose stems are the ids), in path
-    order: label maps, the ``instances`` rows, per-map attrs, segmenter info."""
+    *,
+    store: str | os.PathLike,
+    attrs: Mapping[str, Any] | None = None,
+    work: shards.ShardWork | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Segment every image (``{image_id: path}``, or paths whose stems are the ids) in image-id
+    order, writing each label map into the Zarr store ``store`` as soon as it is computed, so
+    one label map is in memory at a time (docs/design.md §15): the ``instances`` table (rows
+    in image-id order) and the segmenter info.
+
+    ``attrs`` (default: the segmenter info) become the store's root attributes; label maps
+    already in ``store`` stay (give a new folder, or the work folder of the shard). With ``work``
+    (the shard job's :class:`pipeline.shards.ShardWork`, whose ``files`` folder is ``store``),
+    an image a killed earlier attempt completed is skipped, and each image's rows, written
+    after its label map, mark it complete.
+    """
     config = resolve_config(config)
     segmenter = segmenter or build_segmenter(config)
-    if not isinstance(images, Mapping):
-        named: dict[str, Path] = {}
-        for path in images:
-            if Path(path).stem in named:
-                raise ValueError(f"two images share the id {Path(path).stem!r} (second: {path})")
-            named[Path(path).stem] = Path(path)
-        images = named
-    label_maps: dict[str, np.ndarray] = {}
-    map_attrs: dict[str, dict[str, Any]] = {}
+    images = named_images(images)
+    ids = sorted(images)
+    open_label_store(store, segmenter.info if attrs is None else attrs)
     rows: list[dict[str, Any]] = []
-    ordered = sorted(images.items(), key=lambda item: (Path(item[1]), item[0]))
-    for image_id, path in tqdm(ordered, desc="segment", file=sys.stderr, mininterval=1):
+    for image_id in tqdm(
+        ids if work is None else work.todo(ids), desc="segment", file=sys.stderr, mininterval=1
+    ):
+        path = images[image_id]
         image = read_rgb(path)
         records = generate_mask_records(image, segmenter)
         partition = masks_to_partition(records, image.shape[:2], config["top_k"])
-        label_maps[image_id] = partition.label_map
-        map_attrs[image_id] = {
+        map_attrs = {
             "instance_ids": [row["instance_id"] for row in partition.instances],
             "areas": [row["area"] for row in partition.instances],
             "weights": [row["weight"] for row in partition.instances],
@@ -401,10 +428,15 @@ def segment_images(
             "source_image": str(path),
             "n_masks_generated": len(records),
         }
-        rows.extend({"image_id": image_id, **row} for row in partition.instances)
-    columns = ["image_id", "instance_id", "area", "bbox_x", "bbox_y", "bbox_w", "bbox_h"]
-    columns += ["weight", "score", "is_remainder"]
-    return label_maps, pd.DataFrame(rows, columns=columns), map_attrs, segmenter.info
+        write_label_map(store, image_id, partition.label_map, map_attrs)
+        these = [{"image_id": image_id, **row} for row in partition.instances]
+        if work is None:
+            rows.extend(these)
+        else:
+            work.finish(image_id, pd.DataFrame(these, columns=INSTANCE_COLUMNS))
+    if work is not None:
+        return work.rows(ids, INSTANCE_COLUMNS), segmenter.info
+    return pd.DataFrame(rows, columns=INSTANCE_COLUMNS), segmenter.info
 
 
 def frame_images(
@@ -418,7 +450,7 @@ def frame_images(
         assert candidates is not None and setting is not None
         table = read_table(candidates, "candidates")
         chosen = table[table["setting"] == setting]
-        if chosen.empty:
+        if chosen.empty and not table.empty:  # an empty table is an empty shard (§15)
             raise ValueError(
                 f"{candidates}: no candidate of setting {setting!r}; "
                 f"settings: {sorted(set(table['setting']))}"
@@ -474,18 +506,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"segment: SAM NOT USED — {segmenter.info['note']}", file=sys.stderr)
     started = time.perf_counter()
-    label_maps, instances, map_attrs, info = segment_images(images, config, segmenter)
     metadata = {
-        **info,
+        **segmenter.info,
         "source": config["source"],
         "images": images_folder(paths, args.data or args.candidates.parent),
         "top_k": config["top_k"],
         "seed": args.seed,
     }
-    write_label_maps(args.out_zarr, label_maps, metadata, map_attrs)
+    # the store is built in the shard's work folder, one label map at a time, and renamed onto
+    # --out-zarr when complete; a rerun after a kill skips the images already done (§15)
+    work = shards.ShardWork(
+        args.out_zarr,
+        shards.fingerprint(
+            "segment",
+            inputs=[args.data if args.data is not None else args.candidates],
+            config=config,
+            seed=args.seed,
+            setting=args.setting,
+        ),
+        stage="segment",
+    )
+    instances, info = segment_images(
+        images, config, segmenter, store=work.files, attrs=metadata, work=work
+    )
     write_table(instances, args.out_table, "instances", metadata)
+    work.commit_folder()
     print(
-        f"segment: {len(label_maps)} images, {len(instances)} instances "
+        f"segment: {len(images)} images, {len(instances)} instances "
         f"in {time.perf_counter() - started:.1f} s (backend {info['backend']})",
         file=sys.stderr,
     )

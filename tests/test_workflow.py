@@ -9,6 +9,7 @@ exactly the stages that depend on it.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import zarr
 
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_metadata, read_table
-from tests.workflow_helpers import copy_workflow, planned_jobs, snakemake
+from tests.workflow_helpers import ROOT, copy_workflow, planned_jobs, snakemake
 
 CI = ("--configfile", "workflow/presets/ci.yaml")
 # On CI's 2 cores the tiny jobs are dominated by start-up (imports), so run two at a time with
@@ -27,25 +28,31 @@ TWO_AT_A_TIME = ("--resources", "gpu=0", "--set-threads", *(f"{rule}=1" for rule
 UPSTREAM_OF_SCORE = {"degrade", "pretrain", "candidates", "segment", "caption"}
 
 
-def test_demo_plan(tmp_path):
-    jobs = planned_jobs(copy_workflow(tmp_path / "wf"))
+@pytest.mark.parametrize("shards", [1, 3])
+def test_demo_plan(tmp_path, shards):
+    # every data stage: `shards` jobs and one gather (docs/design.md §15)
+    jobs = planned_jobs(copy_workflow(tmp_path / "wf"), "--config", f"shards={shards}")
     assert jobs == {
-        "degrade": 2,  # train and test splits
-        "prompts": 2,  # the training split and the test set
+        "degrade": 2 * shards,  # train and test splits
+        "degrade_gather": 2,
+        "prompts": 2 * shards,  # the training split and the test set
+        "prompts_gather": 1,  # the training split's (evaluate reads the test set's shards)
         "pretrain": 5,  # one-step base and the four DSPO variants
-        "candidates": 1,
-        "segment": 1,
-        "caption": 1,
-        "score": 1,
+        **{stage: shards for stage in ("candidates", "segment", "caption", "score")},
+        **{f"{stage}_gather": 1 for stage in ("candidates", "segment", "caption", "score")},
         "select": 1,
         "train": 3,  # dspo, dpo, sft on the fidelity objective
-        "evaluate": 5,  # bicubic, pretrained and the three aligned models
-        "winrates": 1,  # the three aligned models against the pretrained one on the test set
+        "evaluate": 5 * shards,  # bicubic, pretrained and the three aligned models
+        "evaluate_gather": 5,
+        "winrates": shards,  # the three aligned models against the pretrained one, test set
+        "winrates_gather": 1,
         "annotate_simulate": 1,  # simulated votes (human_eval: no votes file) ...
         "annotate_winrate": 1,  # ... and their Fig. 3 win rates for the report
         # the Figure 1 study (study.in_report): the main arm and the positive control
-        "study_segment": 2,  # the training and the held-out images' HQ
-        "study_prompts": 1,
+        "study_segment": 2 * shards,  # the training and the held-out images' HQ
+        "study_segment_gather": 2,
+        "study_prompts": shards,
+        "study_prompts_gather": 1,
         "study_build": 2,
         "study_select": 2,
         "study_train": 2 * 2 * 3,  # arms x methods (dspo, dpo) x seeds
@@ -57,7 +64,14 @@ def test_demo_plan(tmp_path):
 
 
 def test_ci_plan_covers_both_frameworks(tmp_path):
-    jobs = planned_jobs(copy_workflow(tmp_path / "wf"), *CI)
+    workdir = copy_workflow(tmp_path / "wf")
+    jobs = planned_jobs(workdir, *CI)
+    # the rounds' copies of the stages are the base rules, sharded as they are
+    sharded = planned_jobs(workdir, *CI, "--set-scatter", "shard=3")
+    for stage in ("candidates", "caption", "score"):
+        assert sharded[stage] == sharded[f"rounds_{stage}"] == 3 * 2
+        assert sharded[f"{stage}_gather"] == sharded[f"rounds_{stage}_gather"] == 2
+    assert sharded["evaluate"] == 3 * jobs["evaluate"]
     assert jobs["pretrain"] == 5 + 1  # one-step base + four variants; multi-step base
     assert jobs["candidates"] == jobs["segment"] == jobs["score"] == jobs["report"] == 2
     # eight methods (ddpo, dro_online, gdpo and gdpo_instance included), one objective, two
@@ -68,9 +82,11 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     # ... and dspo's round 2 per framework (rounds: count 2, methods [dspo])
     assert jobs["evaluate"] == 2 * (2 + 8) + 1 + 3 + 2
     assert all(jobs[f"rounds_{stage}"] == 2
-               for stage in ("candidates", "caption", "score", "select", "train"))  # fmt: skip
+               for stage in ("candidates", "candidates_gather", "caption", "caption_gather",
+                             "score", "score_gather", "select", "train"))  # fmt: skip
     assert jobs["prompts"] == 2  # the training split and the test set
-    assert jobs["winrates"] == 2  # one test set per framework
+    assert jobs["winrates"] == jobs["winrates_gather"] == 2  # one test set per framework
+    assert all(jobs[f"{stage}_gather"] == jobs[stage] for stage in ("candidates", "evaluate"))
     assert jobs["annotate_simulate"] == jobs["annotate_winrate"] == 2  # Fig. 3, per framework
 
 
@@ -83,7 +99,9 @@ def test_ci_preset_end_to_end(tmp_path):
     check_rounds(results)
 
     assert planned_jobs(workdir, *CI) == {}
-    same_bytes_on_one_core(workdir, tmp_path / "one-core")
+    # K = 2 on one core and K = 3 on two: the same bytes as K = 1 (docs/design.md §15)
+    same_bytes_sharded(workdir, tmp_path / "two-shards", shards=2, cores=1)
+    same_bytes_sharded(workdir, tmp_path / "three-shards", shards=3, cores=2)
 
     rerun = planned_jobs(workdir, *CI, "--forcerun", "score")
     assert rerun["score"] == 2 and rerun["select"] == 2 and rerun["train"] == 11
@@ -110,27 +128,56 @@ def test_ci_preset_end_to_end(tmp_path):
     assert not (UPSTREAM_OF_SCORE | {"score"}) & set(jobs)
 
 
-def same_bytes_on_one_core(two_cores: Path, destination: Path) -> None:
-    """The one-step half of the ci preset up to `select`, run again with --cores 1 (one job at
-    a time), writes byte-identical files: results do not depend on --cores (the config's
-    `threads` fixes every job's intra-op thread count, and each table records it)."""
+#: the results up to select, compared across shard counts and --cores
+UNTIL_SELECT = (
+    "data/train",
+    "prompts/train.parquet",
+    "candidates",
+    *(
+        f"masks/{framework}{part}"
+        for framework in ("onestep", "multistep")
+        for part in (".zarr", "/instances.parquet")
+    ),
+    "captions",
+    "scores",
+    "pairs",
+)
+
+
+def _compare_results():
+    spec = importlib.util.spec_from_file_location(
+        "compare_results", ROOT / "scripts/compare_results.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def same_bytes_sharded(reference: Path, destination: Path, shards: int, cores: int) -> None:
+    """The ci preset up to ``select``, run again with ``shards`` shards per data stage and
+    ``cores`` cores, writes the same tables (rows; metadata, which records the shard count and
+    paths, aside), label maps and images as the one-shard run: results depend neither on the
+    shard count nor on --cores (the config's `threads` fixes every job's intra-op threads, and
+    each table records it)."""
     # the same code as the first run (a copy of its working directory, without its outputs)
     skip = shutil.ignore_patterns("results", "logs", "benchmarks", ".snakemake", "__pycache__")
-    one_core = Path(shutil.copytree(two_cores, destination, ignore=skip))
-    snakemake(one_core, *CI, "--config", "frameworks=[onestep]", "--resources", "gpu=0",
-              "--until", "select", cores=1)  # fmt: skip
-    produced = sorted(
-        path.relative_to(one_core)
-        for path in (one_core / "results").rglob("*")
-        if path.is_file() and "checkpoints" not in path.parts
-    )
-    assert len(produced) > 50
-    differ = [
-        str(p) for p in produced if (one_core / p).read_bytes() != (two_cores / p).read_bytes()
-    ]
-    assert differ == []
-    scores = read_metadata(one_core / "results/scores/onestep.parquet")
-    assert scores["runtime"]["torch_threads"] == 1
+    copy = Path(shutil.copytree(reference, destination, ignore=skip))
+    snakemake(copy, *CI, "--config", f"shards={shards}", "--resources", "gpu=0",
+              "--until", "select", "candidates_gather", cores=cores)  # fmt: skip
+    compare = _compare_results()
+    for part in UNTIL_SELECT:
+        a, b = reference / "results" / part, copy / "results" / part
+        assert a.exists() and b.exists(), part
+        if a.is_file():
+            assert compare.same(a, b), part
+        else:
+            assert compare.main([str(a), str(b)]) == 0, part
+    shard_tables = sorted((copy / "results/shards/scores").rglob("*.parquet"))
+    assert len(shard_tables) == 2 * shards  # two frameworks
+    assert read_metadata(copy / "results/scores/onestep.parquet")["shards"] == shards
+    if cores == 1:
+        scores = read_metadata(copy / "results/scores/onestep.parquet")
+        assert scores["runtime"]["torch_threads"] == 1
 
 
 def _with_setting(workdir: Path, text: str) -> Path:

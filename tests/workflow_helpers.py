@@ -37,12 +37,18 @@ def copy_workflow(destination: Path) -> Path:
 
 
 def snakemake(
-    workdir: Path, *args: str, check: bool = True, cores: int = 2
+    workdir: Path,
+    *args: str,
+    check: bool = True,
+    cores: int = 2,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``snakemake --cores CORES ARGS`` in ``workdir`` with this interpreter (so rules use it)."""
+    """``snakemake --cores CORES ARGS`` in ``workdir`` with this interpreter (so rules use it);
+    ``env`` adds to the environment."""
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), *args]
     # the rules call `python`: make it this interpreter, as an activated venv would
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, **(env or {}), "PATH": path}
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env)
     if check and result.returncode != 0:
         raise AssertionError(

@@ -18,9 +18,11 @@ loading of truncated files is switched off here) and files holding several frame
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +34,8 @@ from pipeline.io.atomic import atomic_path
 
 if TYPE_CHECKING:  # torch is imported where used: Snakemake imports this module at parse time
     import torch
+
+    from pipeline.shards import Shard
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -196,7 +200,73 @@ def demo_root() -> Path:
     return Path(data.data_dir)
 
 
-def source_manifest(source: str, demo_images: Sequence[str]) -> str:
+def source_image_id(relative_path: str | os.PathLike) -> str:
+    """The id of a source image (degrade): its path relative to the source root without the
+    extension, folders joined by ``__``, other unsafe characters ``_``. Here, beside
+    :func:`source_manifest`, because a shard's manifest picks its images by this id."""
+    stem = Path(relative_path).with_suffix("")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.parts))
+
+
+#: one entry of a source listing: (image id, the manifest line of the image)
+_Entry = tuple[str, str]
+
+
+@functools.lru_cache(maxsize=4)
+def _source_listing(
+    source: str, demo_images: tuple[str, ...]
+) -> tuple[str | None, tuple[_Entry, ...]]:
+    """The manifest's first line and one entry per image of ``source``, in manifest order.
+
+    Cached per process: the degrade rule asks for the manifest of each of its K shards, and
+    85k files are listed and stat'ed once, not K times (:func:`source_manifest`, ``fresh``).
+    A folder that does not exist gives ``(None, ())``.
+    """
+    if source == "demo":
+        from importlib.metadata import version
+
+        header = f"demo\0scikit-image {version('scikit-image')}\n"
+        root = demo_root()
+        paths = [root / name for name in demo_images]
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            return None, ()
+        header = ""
+        paths = list_images(root)
+    entries = []
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        try:
+            stat = path.stat()
+            entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        except OSError:
+            entry = f"{relative}\0missing"
+        entries.append((source_image_id(relative), entry))
+    return header, tuple(entries)
+
+
+@functools.lru_cache(maxsize=16)
+def _shard_entries(
+    source: str, demo_images: tuple[str, ...], count: int
+) -> dict[int, tuple[_Entry, ...]]:
+    """The listing's entries of each of ``count`` shards (1..count), in manifest order: each
+    id is hashed once per count, however many shards ask."""
+    from pipeline.shards import shard_of
+
+    grouped: dict[int, list[_Entry]] = {index: [] for index in range(1, count + 1)}
+    for entry in _source_listing(source, demo_images)[1]:
+        grouped[shard_of(entry[0], count)].append(entry)
+    return {index: tuple(entries) for index, entries in grouped.items()}
+
+
+def source_manifest(
+    source: str,
+    demo_images: Sequence[str],
+    shard: str | Shard | None = None,
+    *,
+    fresh: bool = False,
+) -> str:
     """A fingerprint of a source of images: it changes when one is added, removed or changed.
 
     ``source`` is a folder (its :func:`list_images`) or ``demo`` (``demo_images`` in
@@ -205,28 +275,32 @@ def source_manifest(source: str, demo_images: Sequence[str]) -> str:
     caching). It hashes the sorted (relative path, size, mtime in ns) of the images, not their
     bytes, so 85k files cost a second or so. A folder that does not exist gives a fixed value:
     a dry run plans without the data and the run itself names the missing folder.
-    """
-    digest = hashlib.sha256()
-    if source == "demo":
-        from importlib.metadata import version
 
-        digest.update(f"demo\0scikit-image {version('scikit-image')}\n".encode())
-        root = demo_root()
-        paths = [root / name for name in demo_images]
-    else:
-        root = Path(source)
-        if not root.is_dir():
-            return f"missing folder {root}"
-        paths = list_images(root)
-    for path in paths:
-        relative = path.relative_to(root).as_posix()
-        try:
-            stat = path.stat()
-            entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}"
-        except OSError:
-            entry = f"{relative}\0missing"
+    ``shard`` (a scatter item ``"I-of-K"`` or a :class:`pipeline.shards.Shard`; None: every
+    image) hashes only the images whose :func:`source_image_id` lies in that shard, so degrade's
+    shard I reruns only when one of its own images changes (docs/design.md §15); shard ``1-of-1``
+    gives the same value as None. The folder is listed once per process and cached, so K calls
+    cost one listing; ``fresh=True`` lists it again (the degrade stage records what it reads).
+    """
+    demo_images = tuple(demo_images)
+    if fresh:
+        _source_listing.cache_clear()
+        _shard_entries.cache_clear()
+    header, entries = _source_listing(source, demo_images)
+    if header is None:
+        return f"missing folder {Path(source)}"
+    label = ""
+    if shard is not None:
+        from pipeline.shards import Shard
+
+        shard = shard if isinstance(shard, Shard) else Shard.parse(str(shard))
+        if shard.count > 1:
+            entries = _shard_entries(source, demo_images, shard.count)[shard.index]
+            label = f" of shard {shard.item}"
+    digest = hashlib.sha256(header.encode())
+    for _, entry in entries:
         digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
-    return f"{len(paths)} images, sha256 {digest.hexdigest()}"
+    return f"{len(entries)} images{label}, sha256 {digest.hexdigest()}"
 
 
 def unit_tensor(array: np.ndarray) -> torch.Tensor:

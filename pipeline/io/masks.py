@@ -10,13 +10,20 @@ Layout of ``masks/{framework}.zarr`` (Zarr format 3, defined here and nowhere el
   in tiles of at most 256 x 256. Each pixel holds exactly one instance id (a partition,
   docs/design.md §2). Array attributes: ``instance_ids``, ``areas``, ``weights``,
   ``remainder_id`` (``None`` when the masks cover the image) and any extra keys given.
+
+A store is written whole (:func:`write_label_maps`) or one label map at a time
+(:func:`open_label_store`, then :func:`write_label_map` per image: the segment stage, which
+holds one label map in memory and resumes a killed shard, docs/design.md §15); both give the
+same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,43 @@ def label_map_attrs(label_map: np.ndarray, remainder_id: int | None) -> dict[str
     }
 
 
+def _prepared(
+    image_id: str, label_map: np.ndarray, array_attrs: Mapping[str, Any] | None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """One label map checked and cast to uint16, with its attributes completed by
+    :func:`label_map_attrs` when they lack ``instance_ids``."""
+    _check_image_id(image_id)
+    label_map = np.asarray(label_map)
+    if label_map.ndim != 2:
+        raise ValueError(f"label map {image_id!r}: expected [H, W], got {label_map.shape}")
+    if label_map.dtype != np.uint16:
+        if label_map.size and (label_map.min() < 0 or label_map.max() > 65535):
+            raise ValueError(f"label map {image_id!r}: labels outside uint16 range")
+        label_map = label_map.astype(np.uint16)
+    these_attrs = dict(array_attrs or {})
+    if "instance_ids" not in these_attrs:
+        these_attrs = {**label_map_attrs(label_map, these_attrs.get("remainder_id")), **these_attrs}
+    return label_map, these_attrs
+
+
+def _array_settings(label_map: np.ndarray, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """How every label map is stored (the module docstring's layout), in one place, so an
+    array written alone (:func:`write_label_map`) has the bytes of one written with its store
+    (:func:`write_label_maps`)."""
+    return {
+        "shape": label_map.shape,
+        "dtype": "uint16",
+        "chunks": tuple(min(CHUNK_EDGE, max(1, edge)) for edge in label_map.shape),
+        "compressors": ZstdCodec(level=3),
+        "fill_value": 0,
+        "attributes": _json_ready(attrs),
+    }
+
+
+def _root_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return _json_ready({"format": STORE_FORMAT, **attrs})
+
+
 def write_label_maps(
     store_path: str | os.PathLike,
     label_maps: Mapping[str, np.ndarray],
@@ -78,33 +122,63 @@ def write_label_maps(
     array_attrs = array_attrs or {}
     with atomic_path(store_path) as temporary:
         root = zarr.open_group(temporary, mode="w", zarr_format=3)
-        root.attrs.update(_json_ready({"format": STORE_FORMAT, **attrs}))
+        root.attrs.update(_root_attrs(attrs))
         for image_id, label_map in label_maps.items():
-            _check_image_id(image_id)
-            label_map = np.asarray(label_map)
-            if label_map.ndim != 2:
-                raise ValueError(f"label map {image_id!r}: expected [H, W], got {label_map.shape}")
-            if label_map.dtype != np.uint16:
-                if label_map.size and (label_map.min() < 0 or label_map.max() > 65535):
-                    raise ValueError(f"label map {image_id!r}: labels outside uint16 range")
-                label_map = label_map.astype(np.uint16)
-            these_attrs = dict(array_attrs.get(image_id, {}))
-            if "instance_ids" not in these_attrs:
-                these_attrs = {
-                    **label_map_attrs(label_map, these_attrs.get("remainder_id")),
-                    **these_attrs,
-                }
-            chunks = tuple(min(CHUNK_EDGE, max(1, edge)) for edge in label_map.shape)
-            array = root.create_array(
-                image_id,
-                shape=label_map.shape,
-                dtype="uint16",
-                chunks=chunks,
-                compressors=ZstdCodec(level=3),
-                fill_value=0,
-                attributes=_json_ready(these_attrs),
-            )
+            label_map, these_attrs = _prepared(image_id, label_map, array_attrs.get(image_id))
+            array = root.create_array(image_id, **_array_settings(label_map, these_attrs))
             array[...] = label_map
+
+
+@contextlib.contextmanager
+def _scratch(store_path: Path, what: str) -> Iterator[Path]:
+    """A temporary folder beside the store (never inside it, where a leftover of a killed
+    job would look like a label map), removed afterwards."""
+    scratch = store_path.with_name(f".{store_path.name}.{what}.tmp-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def open_label_store(store_path: str | os.PathLike, attrs: Mapping[str, Any]) -> Path:
+    """Create the store at ``store_path`` with root attributes ``attrs`` (as
+    :func:`write_label_maps` writes them), or give a store an earlier, killed attempt began
+    these attributes again, keeping its label maps: the start of a store written one label
+    map at a time (:func:`write_label_map`; docs/design.md §15). The root's ``zarr.json`` is
+    built beside the store and renamed in, so it is never half written."""
+    path = Path(store_path)
+    path.mkdir(parents=True, exist_ok=True)
+    with _scratch(path, "root") as scratch:
+        zarr.open_group(scratch, mode="w", zarr_format=3).attrs.update(_root_attrs(attrs))
+        os.replace(scratch / "zarr.json", path / "zarr.json")
+    return path
+
+
+def write_label_map(
+    store_path: str | os.PathLike,
+    image_id: str,
+    label_map: np.ndarray,
+    array_attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Add one image's label map to a store :func:`open_label_store` began, replacing one of
+    the same id: the array :func:`write_label_maps` would write (same layout, codec, chunks
+    and attributes, so the same bytes). The array is built beside the store and renamed in,
+    so the store holds each label map whole or not at all, and a stage holds one label map
+    in memory at a time."""
+    path = Path(store_path)
+    if not (path / "zarr.json").is_file():
+        raise FileNotFoundError(f"mask store not found: {path} (open_label_store first)")
+    label_map, these_attrs = _prepared(image_id, label_map, array_attrs)
+    with _scratch(path, "array") as scratch:
+        array = zarr.create_array(
+            store=str(scratch), zarr_format=3, **_array_settings(label_map, these_attrs)
+        )
+        array[...] = label_map
+        final = path / image_id
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(scratch, final)
 
 
 def _open_store(store_path: str | os.PathLike) -> zarr.Group:

@@ -252,6 +252,20 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("cluster_low", pa.float64()),  # Wilson 95% on effective_n (pipeline.winrates)
         ("cluster_high", pa.float64()),
     ),
+    # a winrates shard's per-instance scores (pipeline.winrates.shard_instances; docs/design.md
+    # §15): per test image, each aligned model's and the pretrained model's score on each
+    # instance for every metric of the model's objective; the gather computes win_rates from them
+    "win_instances": _schema(
+        ("testset", pa.string()),
+        ("model", pa.string()),
+        ("objective", pa.string()),
+        ("image_id", pa.string()),
+        ("instance_id", pa.int64()),
+        ("candidate", pa.string()),  # "pretrained" or "aligned"
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("lower_better", pa.bool_()),
+    ),
     # aligned/{framework}/ddpo/{objective}/train_log.parquet: DDPO (pipeline.training.ddpo), one row
     # per step; reward_* of the normalised objective over the global batch, scores a JSON object
     # of the raw metric means, PPO's stats averaged over inner epochs and timesteps

@@ -1,18 +1,19 @@
 # With no captioner configured the stage writes an empty table marked {"skipped": true}.
+# Shard i: the candidates, masks and instances of shard i (docs/design.md §15).
 rule caption:
     input:
-        data=artifact("data", split="train"),
-        candidates=artifact("candidates"),
-        masks=artifact("masks"),
-        instances=artifact("instances"),
+        data=shard_input("data", split="train"),
+        candidates=shard_input("candidates"),
+        masks=shard_input("masks"),
+        instances=shard_input("instances"),
     output:
-        artifact("captions"),
+        shard_artifact("captions"),
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/caption/{framework}.log",
+        "logs/caption/{framework}/{scatteritem}.log",
     benchmark:
-        "benchmarks/caption/{framework}.tsv"
+        "benchmarks/caption/{framework}/{scatteritem}.tsv"
     params:
         code=code_hash("caption"),
         table=contracts.CANDIDATES_TABLE,
@@ -29,3 +30,14 @@ rule caption:
         "--candidates {input.candidates}/{params.table} --masks-zarr {input.masks} "
         "--instances {input.instances} --out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
+
+
+use rule degrade_gather as caption_gather with:
+    input:
+        shards_of("captions"),
+    output:
+        artifact("captions"),
+    log:
+        "logs/caption/{framework}/gather.log",
+    params:
+        artifact="captions",

@@ -17,7 +17,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 sys.path.insert(0, str(ROOT))
 from pipeline import contracts, preflight, rounds, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
-from pipeline.contracts import artifact  # noqa: E402  (every path of the DAG)
+from pipeline.contracts import artifact, shard_artifact  # noqa: E402  (every path of the DAG)
 
 # Intra-op threads of every job process: the config's number, passed to each job explicitly
 # (Snakemake would scale {threads} down to --cores, and results would depend on --cores).
@@ -38,6 +38,12 @@ SELECT_OBJECTIVES = list(config["select"]["objectives"]) + (
 )
 # the model each framework aligns and evaluates as "pretrained"
 BASE_VARIANT = "base"
+
+# Every data stage runs as K shard jobs and one gather (docs/design.md §15); one scatter for all
+# stages (--set-scatter shard=K), so shard i of a stage reads shard i of the stage before it.
+scattergather:
+    shard=config["shards"],
+
 
 # Every weight path, metric, objective, test set and candidate setting is checked now, so a
 # paper run fails within seconds naming the key and the file (pipeline/preflight.py).
@@ -83,6 +89,21 @@ def write_job_config(stage, text):
     return str(target)
 
 
+def shards_of(name, **fields):
+    """An input function: every shard of artifact ``name``, the job's wildcards and ``fields``
+    filled in (the input of a gather rule, in shard order)."""
+    return lambda wildcards: gather.shard(shard_artifact(name, **fields), **dict(wildcards))
+
+
+def shard_input(name, **fields):
+    """An input function: the job's own shard of artifact ``name``: the job's wildcards that
+    the artifact's path has, then ``fields``."""
+    names = contracts.wildcards_of(name) | {"scatteritem"}
+    return lambda wildcards: shard_artifact(
+        name, **{**{k: v for k, v in dict(wildcards).items() if k in names}, **fields}
+    )
+
+
 def candidate_variants(framework):
     """The pretrained variants the candidate settings sample from."""
     return sorted({s["variant"] for s in settings.candidate_settings(config, framework)})
@@ -99,19 +120,27 @@ def get_candidate_model_args(wildcards):
     return " ".join(f"{v}={p}" for v, p in get_candidate_models(wildcards).items())
 
 
+def get_prompt_images(wildcards):
+    """A prompts shard's images: the data's shard (training split), or the test set."""
+    if wildcards.split == "train":
+        return shard_artifact("data", split="train", scatteritem=wildcards.scatteritem)
+    return TESTSETS[wildcards.split]["path"]
+
+
 def get_segment_images(wildcards):
-    """The shared frame's images: the training split's HQ, or one candidate setting's images."""
+    """The shared frame's images of the job's shard: the training split's HQ, or one candidate
+    setting's images."""
     if config["segment"]["source"] == "hq":
-        return artifact("data", split="train")
-    return artifact("candidates", framework=wildcards.framework)
+        return shard_artifact("data", split="train", scatteritem=wildcards.scatteritem)
+    return shard_artifact("candidates", framework=wildcards.framework,
+                          scatteritem=wildcards.scatteritem)  # fmt: skip
 
 
-def get_segment_images_arg(wildcards):
+def get_segment_images_arg(wildcards, input):
     source = config["segment"]["source"]
     if source == "hq":
-        return f"--data {artifact('data', split='train')}"
-    table = f"{artifact('candidates', framework=wildcards.framework)}/{contracts.CANDIDATES_TABLE}"
-    return f"--candidates {table} --setting {source}"
+        return f"--data {input.images}"
+    return f"--candidates {input.images}/{contracts.CANDIDATES_TABLE} --setting {source}"
 
 
 def get_annotations(wildcards):

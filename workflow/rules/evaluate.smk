@@ -1,18 +1,20 @@
+# Shard i of a (model, test set): the test images whose id hashes to i (docs/design.md §15),
+# with the test set's prompts of shard i.
 rule evaluate:
     input:
         model=get_eval_model,
         testset=get_testset_path,
-        prompts=artifact("prompts", split="{testset}"),
+        prompts=lambda w: shard_artifact("prompts", split=w.testset, scatteritem=w.scatteritem),
         # M2 in sampling: a dspo model's training pairs give the feedback vocabulary
         feedback=get_eval_feedback,
     output:
-        directory(artifact("evaluation")),
+        directory(shard_artifact("evaluation")),
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/evaluate/{framework}/{testset}/{model}.log",
+        "logs/evaluate/{framework}/{testset}/{model}/{scatteritem}.log",
     benchmark:
-        "benchmarks/evaluate/{framework}/{testset}/{model}.tsv"
+        "benchmarks/evaluate/{framework}/{testset}/{model}/{scatteritem}.tsv"
     params:
         code=code_hash("evaluate"),
         config=job_config("evaluate"),
@@ -30,8 +32,19 @@ rule evaluate:
         "python -m pipeline evaluate --model {params.model} --model-name {wildcards.model} "
         "--testset {wildcards.testset} --testset-kind {params.kind} "
         "--testset-path {input.testset} --prompts {input.prompts} {params.feedback} "
-        "--out {output} --config {params.config_file} "
+        "--shard {wildcards.scatteritem} --out {output} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"
+
+
+use rule degrade_gather as evaluate_gather with:
+    input:
+        shards_of("evaluation"),
+    output:
+        directory(artifact("evaluation")),
+    log:
+        "logs/evaluate/{framework}/{testset}/{model}/gather.log",
+    params:
+        artifact="evaluation",
 
 
 # the report's folder, with {framework} left as a wildcard (escaped once more inside expand)

@@ -36,9 +36,12 @@ def get_round_model_args(wildcards):
     return " ".join(f"{v}={p}" for v, p in get_round_models(wildcards).items())
 
 
-def get_round_policy_arg(wildcards):
+def get_round_candidates_args(wildcards):
+    """The candidates CLI's round arguments: the round (it keys every draw) and, for one-step
+    models, the one-step Gaussian policy's std."""
     std = rounds.policy_std(config, wildcards.framework)
-    return "" if std is None else f"--policy-std {std!r}"
+    policy = "" if std is None else f" --policy-std {std!r}"
+    return f"--round {wildcards.round}{policy}"
 
 
 def get_previous_aligned(wildcards):

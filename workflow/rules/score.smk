@@ -1,17 +1,18 @@
+# Shard i: the candidates of shard i scored on the masks of shard i (docs/design.md §15).
 rule score:
     input:
-        data=artifact("data", split="train"),
-        candidates=artifact("candidates"),
-        masks=artifact("masks"),
-        instances=artifact("instances"),
+        data=shard_input("data", split="train"),
+        candidates=shard_input("candidates"),
+        masks=shard_input("masks"),
+        instances=shard_input("instances"),
     output:
-        artifact("scores"),
+        shard_artifact("scores"),
     conda:
         "../../envs/pipeline.yaml"
     log:
-        "logs/score/{framework}.log",
+        "logs/score/{framework}/{scatteritem}.log",
     benchmark:
-        "benchmarks/score/{framework}.tsv"
+        "benchmarks/score/{framework}/{scatteritem}.tsv"
     params:
         code=code_hash("score"),
         table=contracts.CANDIDATES_TABLE,
@@ -27,3 +28,14 @@ rule score:
         "python -m pipeline score --candidates {input.candidates}/{params.table} "
         "--data {input.data} --masks {input.masks} --instances {input.instances} "
         "--out {output} --config {params.config_file} --seed {params.seed} > {log} 2>&1"
+
+
+use rule degrade_gather as score_gather with:
+    input:
+        shards_of("scores"),
+    output:
+        artifact("scores"),
+    log:
+        "logs/score/{framework}/gather.log",
+    params:
+        artifact="scores",

@@ -21,9 +21,11 @@ rule select:
         config_file=job_config_file("select"),
         threads=STAGE_THREADS,
         annotations=get_annotations_arg,
+        # the study's copy selects without captions (study.smk)
+        captions=lambda w, input: f"--captions {input.captions}",
         seed=config["seed"],
     shell:
         "python -m pipeline select --scores {input.scores} --instances {input.instances} "
-        "--captions {input.captions} {params.annotations} "
+        "{params.captions} {params.annotations} "
         "--out-dir {params.out_dir} --config {params.config_file} "
         "--seed {params.seed} > {log} 2>&1"

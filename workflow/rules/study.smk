@@ -30,64 +30,63 @@ rule study:
         artifact("study_section"),
 
 
-rule study_segment:
+# The study's copies of the real stages reuse their rules (sharded as they are, docs/design.md
+# §15) with the study's inputs, outputs and settings.
+use rule segment as study_segment with:
     input:
-        artifact("data"),
+        images=shard_input("data"),
+    output:
+        masks=directory(shard_artifact("study_masks")),
+        instances=shard_artifact("study_instances"),
+    wildcard_constraints:
+        split="train|test",
+    log:
+        "logs/study/segment_{split}/{scatteritem}.log",
+    benchmark:
+        "benchmarks/study/segment_{split}/{scatteritem}.tsv"
+    params:
+        config=STUDY_JOBS["segment"][0],
+        config_file=STUDY_JOBS["segment"][1],
+        images=lambda w, input: f"--data {input.images}",
+
+
+use rule segment_gather as study_segment_gather with:
+    input:
+        masks=shards_of("study_masks"),
+        instances=shards_of("study_instances"),
     output:
         masks=directory(artifact("study_masks")),
         instances=artifact("study_instances"),
     wildcard_constraints:
         split="train|test",
-    conda:
-        "../../envs/pipeline.yaml"
     log:
-        "logs/study/segment_{split}.log",
-    benchmark:
-        "benchmarks/study/segment_{split}.tsv"
-    params:
-        code=code_hash("segment"),
-        config=STUDY_JOBS["segment"][0],
-        config_file=STUDY_JOBS["segment"][1],
-        threads=STAGE_THREADS,
-        seed=config["seed"],
-    threads: STAGE_THREADS
-    resources:
-        gpu=config["gpus"]["segment"],
-    shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
-        "python -m pipeline segment --data {input} --out-zarr {output.masks} "
-        "--out-table {output.instances} --config {params.config_file} --seed {params.seed} "
-        "> {log} 2>&1"
+        "logs/study/segment_{split}/gather.log",
 
 
-rule study_prompts:
+# the held-out images' prompts: shard i of the test split's data
+use rule prompts as study_prompts with:
     input:
-        artifact("data", split="test"),
+        images=shard_input("data", split="test"),
     output:
-        artifact("study_prompts", split="test"),
-    conda:
-        "../../envs/pipeline.yaml"
+        shard_artifact("study_prompts", split="test"),
     log:
-        "logs/study/prompts_test.log",
+        "logs/study/prompts_test/{scatteritem}.log",
     benchmark:
-        "benchmarks/study/prompts_test.tsv"
+        "benchmarks/study/prompts_test/{scatteritem}.tsv"
     params:
-        code=code_hash("prompts"),
         config=STUDY_JOBS["prompts"][0],
         config_file=STUDY_JOBS["prompts"][1],
-        threads=STAGE_THREADS,
-        suffix=settings.job_settings(config, "evaluate")["name_suffix_pattern"],
-        seed=config["seed"],
-    threads: STAGE_THREADS
-    resources:
-        gpu=0
-        if settings.job_settings(config, "prompts")["source"] == "fixed"
-        else config["gpus"]["prompts"],
-    shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} -- "
-        "python -m pipeline prompts --images {input} --kind synthetic --out {output} "
-        "--config {params.config_file} --name-suffix-pattern {params.suffix:q} "
-        "--seed {params.seed} > {log} 2>&1"
+        kind="synthetic",
+        shard="",
+
+
+use rule prompts_gather as study_prompts_gather with:
+    input:
+        shards_of("study_prompts", split="test"),
+    output:
+        artifact("study_prompts", split="test"),
+    log:
+        "logs/study/prompts_test/gather.log",
 
 
 rule study_build:
@@ -122,7 +121,7 @@ rule study_build:
         "--seed {params.seed} > {log} 2>&1"
 
 
-rule study_select:
+use rule select as study_select with:
     input:
         scores=artifact("study_scores"),
         instances=artifact("study_instances", split="train"),
@@ -130,25 +129,19 @@ rule study_select:
         [artifact("study_pairs", level=level) for level in contracts.PAIR_LEVELS.values()],
     wildcard_constraints:
         arm="|".join(study_module.ARM),
-    conda:
-        "../../envs/pipeline.yaml"
     log:
         "logs/study/select_{arm}.log",
     benchmark:
         "benchmarks/study/select_{arm}.tsv"
     params:
-        code=code_hash("select"),
         out_dir=lambda w: artifact("study_pairs_dir", arm=w.arm),
         config=lambda w: STUDY_JOBS[f"select_{w.arm}"][0],
         config_file=lambda w: STUDY_JOBS[f"select_{w.arm}"][1],
-        seed=config["seed"],
-    shell:
-        "python -m pipeline select --scores {input.scores} --instances {input.instances} "
-        "--out-dir {params.out_dir} --config {params.config_file} --seed {params.seed} "
-        "> {log} 2>&1"
+        annotations="",
+        captions="",
 
 
-rule study_train:
+use rule train as study_train with:
     input:
         pairs=lambda w: artifact(
             "study_pairs",
@@ -166,32 +159,20 @@ rule study_train:
         arm="|".join(study_module.ARM),
         method="|".join(STUDY_METHODS),
         seed=r"\d+",
-    conda:
-        "../../envs/pipeline.yaml"
     log:
         "logs/study/train_{arm}_{method}_seed{seed}.log",
     benchmark:
         "benchmarks/study/train_{arm}_{method}_seed{seed}.tsv"
     params:
-        code=code_hash("train"),
         config=lambda w: STUDY_JOBS[f"train_{w.method}"][0],
         config_file=lambda w: STUDY_JOBS[f"train_{w.method}"][1],
-        threads=STAGE_THREADS,
+        pairs=lambda w, input: f"--pairs {input.pairs}",
         checkpoints=artifact("study_train_checkpoints"),
-        table=contracts.CANDIDATES_TABLE,
         framework=STUDY_FRAMEWORK,
         objective=study_module.OBJECTIVE,
-    threads: STAGE_THREADS
+        seed=lambda w: w.seed,
     resources:
         gpu=STUDY["gpus"],
-    shell:
-        "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
-        "python -m pipeline train --framework {params.framework} --method {wildcards.method} "
-        "--objective {params.objective} --pairs {input.pairs} "
-        "--candidates {input.candidates}/{params.table} --data {input.data} "
-        "--prompts {input.prompts} --masks {input.masks} --model {input.model} --out {output} "
-        "--checkpoints {params.checkpoints} --config {params.config_file} --seed {wildcards.seed} "
-        "> {log} 2>&1"
 
 
 rule study_measure:

@@ -23,13 +23,17 @@ rule train:
         seed=config["seed"],
         checkpoints=artifact("train_checkpoints"),
         table=contracts.CANDIDATES_TABLE,
+        # wildcards here; the study's copy has none for them (study.smk)
+        framework=lambda w: w.framework,
+        method=lambda w: w.method,
+        objective=lambda w: w.objective,
     threads: STAGE_THREADS
     resources:
         gpu=config["gpus"]["train"],
     shell:
         "python -m pipeline run-gpu --gpus {resources.gpu} --threads {params.threads} --accelerate -- "
-        "python -m pipeline train --framework {wildcards.framework} --method {wildcards.method} "
-        "--objective {wildcards.objective} {params.pairs} "
+        "python -m pipeline train --framework {params.framework} --method {params.method} "
+        "--objective {params.objective} {params.pairs} "
         "--candidates {input.candidates}/{params.table} --data {input.data} "
         "--prompts {input.prompts} "
         "--masks {input.masks} --model {input.model} --out {output} "

@@ -13,11 +13,14 @@ def winrate_models(framework):
     return models
 
 
-def get_winrate_evaluations(wildcards):
+def get_winrate_evaluation_shards(wildcards):
+    """The evaluations' shards of the job's shard: the pretrained model's first, then every
+    aligned model's."""
     return [
-        artifact("evaluation", framework=wildcards.framework, testset=wildcards.testset, model=m)
-        for m in ["pretrained", *winrate_models(wildcards.framework)]
-    ]
+        shard_artifact("evaluation", framework=wildcards.framework, testset=wildcards.testset,
+                       model=model, scatteritem=wildcards.scatteritem)
+        for model in ["pretrained", *winrate_models(wildcards.framework)]
+    ]  # fmt: skip
 
 
 def winrate_config_file(wildcards):
@@ -28,14 +31,7 @@ def winrate_config_file(wildcards):
         "score": {k: score[k] for k in ("weights_dir", "weights", "options", "device", "min_crop_size")},
         "tie_tolerance": settings.resolve("select", config.get("select"))["tie_tolerance"],
     }
-    text = json.dumps(job, sort_keys=True, separators=(",", ":"))
-    target = JOB_CONFIG_DIR / f"winrates-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(text)
-        partial.replace(target)
-    return str(target)
+    return write_job_config("winrates", json.dumps(job, sort_keys=True, separators=(",", ":")))
 
 
 def get_win_rates(wildcards):
