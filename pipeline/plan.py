@@ -428,6 +428,10 @@ def critical_path(rows: Sequence[Mapping[str, Any]]) -> tuple[float, list[str]]:
     return max(best.values(), key=lambda b: b[0], default=(0.0, []))
 
 
+#: the settings of :func:`measured_with` given per framework
+PER_FRAMEWORK = ("candidates", "pretrain")
+
+
 def measured_with(config: Mapping[str, Any], frameworks: Sequence[str]) -> dict[str, Any]:
     """The settings a stage's cost depends on beyond its images and pixels: candidate settings,
     prompt source, segmenter, captioner, metrics, sampler steps, batch sizes. The bench records
@@ -455,12 +459,18 @@ def mismatches(costs: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]
     measured = costs.get("measured_with") or {}
     if not measured:
         return ["the costs file records no settings: cannot check them against the config"]
-    here = measured_with(config, list(measured.get("candidates", {}) or config["frameworks"]))
+    here = measured_with(config, config["frameworks"])
     lines = []
     for key, value in measured.items():
-        if key in here and here[key] != value:
+        if key not in here:
+            continue
+        ours = here[key]
+        if key in PER_FRAMEWORK:  # only the config's frameworks the file measured
+            value = {fw: v for fw, v in value.items() if fw in ours}
+            ours = {fw: v for fw, v in ours.items() if fw in value}
+        if ours != value:
             lines.append(f"{key}: measured with {json.dumps(value)}; this config has "
-                         f"{json.dumps(here[key])}")  # fmt: skip
+                         f"{json.dumps(ours)}")  # fmt: skip
     return lines
 
 
@@ -531,9 +541,8 @@ def render(result: Mapping[str, Any]) -> str:
         f"costs: {costs['label']} ({where.get('date', '?')}, threads {where.get('threads', '?')})",
     ]
     if where.get("device", "cpu") == "cpu" or costs["caveat"]:
-        lines.append("NOTE: " + (costs["caveat"] or "measured on a CPU") + ". Hours below are "
-                     "those costs applied to this DAG, not a forecast for other models or "
-                     "devices.")  # fmt: skip
+        lines.append("NOTE: " + (costs["caveat"] or "measured on a CPU") + ". The hours below "
+                     "apply those costs to this DAG.")  # fmt: skip
     lines.append("test sets: " + "; ".join(
         f"{n} {t['images']} x {t['px']} px ({t['from']})" for n, t in counts["testsets"].items()))  # fmt: skip
     header = (f"{'stage':<17} {'jobs':>6} {'gath':>4} {'gpu/j':>5} {'per job':>15} "

@@ -35,6 +35,8 @@ from pipeline.io.atomic import atomic_path
 
 #: the name of the workflow's scattergather (``--set-scatter shard=K``)
 SCATTER = "shard"
+#: the stages that run as shards, each followed by its rule ``{stage}_gather``
+STAGES = ("degrade", "prompts", "candidates", "segment", "caption", "score", "evaluate", "winrates")
 _ITEM = re.compile(r"^(\d+)-of-(\d+)$")
 
 

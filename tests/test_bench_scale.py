@@ -113,7 +113,7 @@ def test_job_processes_are_the_writers_of_its_outputs_and_their_children():
     job = {"output": ["results/pairs/onestep/fidelity.parquet"]}
     py = ["python", "-m", "pipeline"]
     records = [
-        _record(10, 1, [*py, "select", "--scores", "s.parquet", "--out-dir", "results/pairs/onestep"], 2048),
+        _record(10, 1, [*py, "select", "--out-dir", "results/pairs/onestep"], 2048),
         _record(11, 10, ["python", "-c", "from multiprocessing.spawn import spawn_main"], 4096),
         # reads the output: not the job's
         _record(12, 1, [*py, "train", "--pairs", "results/pairs/onestep/fidelity.parquet"], 9999),
@@ -184,14 +184,12 @@ def test_sources_are_seeded_small_photos_and_the_overlay_validates(tmp_path):
     ids = scale.write_sources(tmp_path / "a", 5)
     again = scale.write_sources(tmp_path / "b", 5)
     assert ids == again == [f"img{i:05d}" for i in range(5)]
-    shapes = set()
     for name in ids:
         first = read_rgb(tmp_path / "a" / f"{name}.png")
         assert np.array_equal(first, read_rgb(tmp_path / "b" / f"{name}.png"))
         assert first.shape[2] == 3 and 48 <= first.shape[0] == first.shape[1] <= 64
-        shapes.add(first.shape)
-    path = scale.write_overlay(tmp_path / "overlay.yaml",
-                               scale.overlay(tmp_path / "a", ids[:2], shards=3, threads=1))  # fmt: skip
+    settings_overlay = scale.overlay(tmp_path / "a", ids[:2], shards=3, threads=1)
+    path = scale.write_overlay(tmp_path / "overlay.yaml", settings_overlay)
     merged = config_cli.load_config([str(scale.ROOT / scale.PRESET), str(path)], [])
     effective = settings.effective_config(merged)
     run = effective["run"]
@@ -216,17 +214,20 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
     assert status == 1 and report["failed"] == ["dag_seconds"]
     assert not (tmp_path / "s").exists()  # removed without --keep
     stages = report["scale"]["stages"]
-    assert set(stages) == {"degrade", "degrade_gather", "segment", "segment_gather"}
+    # segment reads the data's shards: the data's gather is not upstream of segment_gather
+    assert set(stages) == {"degrade", "segment", "segment_gather"}
     for rule, entry in stages.items():
         for n in ("4", "8"):
             assert entry[n]["jobs"] == (1 if rule.endswith("_gather") else 2)
             assert entry[n]["seconds"] > 0 and entry[n]["peak_rss_mb"] > 0
         assert entry["rss_ratio"] > 0 and entry["seconds_ratio"] > 0
         assert entry["startup_probe_s"] > 0 and set(entry["per_image_s"]) == {"4", "8"}
-    for rule in ("degrade_gather", "segment_gather"):
-        bound = stages[rule]["bound"]
-        assert bound["rss_small_mb"] > 0 and bound["output_table_mb"] > 0
-        assert report["targets"][f"rss_{rule}"]["value"] == pytest.approx(bound["value"], abs=1e-3)
+    bound = stages["segment_gather"]["bound"]
+    assert bound["rss_small_mb"] > 0 and bound["output_table_mb"] > 0
+    assert report["targets"]["rss_segment_gather"]["value"] == pytest.approx(
+        bound["value"], abs=1e-3
+    )
+    assert set(report["targets"]) == {"rss_segment_gather", "dag_seconds"}
     # the hook found each job's own process (the stage, not a reader of its output)
     jobs = report["scale"]["jobs"]["8"]
     assert all(job["hook_peak_rss_mb"] and job["processes"] >= 1 for job in jobs)

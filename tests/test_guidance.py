@@ -221,14 +221,19 @@ def test_workflow_samples_dspo_with_its_pairs_and_the_ablation_without(tmp_path)
     assert "--feedback" not in nom2 and "--model results/aligned/multistep/dspo/fidelity " in nom2
     for model in ("dspo_m1_fidelity", "dpo_fidelity", "pretrained"):
         assert "--feedback" not in command(model)
-        assert "--prompts results/prompts/synthetic.parquet" in command(model)
+        # the test set's prompts of the job's own shard (docs/design.md §15)
+        assert "--prompts results/shards/prompts/synthetic/1-of-1.parquet" in command(model)
     # one-step sampling has no guidance: no ablation there (it would repeat dspo's images)
     assert not any("--model-name dspo_fidelity_nom2" in c and "/onestep/" in c
                    for c in (result.stdout + result.stderr).splitlines())  # fmt: skip
     text = result.stdout + result.stderr
-    for stage in ("pretrain", "candidates", "train"):
+    for stage, prompts in (
+        ("pretrain", "results/prompts/train.parquet"),
+        ("candidates", "results/shards/prompts/train/1-of-1.parquet"),  # the shard's own
+        ("train", "results/prompts/train.parquet"),
+    ):
         lines = [c for c in text.splitlines() if f"python -m pipeline {stage} " in c]
-        assert lines and all("--prompts results/prompts/train.parquet" in c for c in lines), stage
+        assert lines and all(f"--prompts {prompts}" in c for c in lines), stage
     assert re.search(r"^prompts\s+2$", text, re.M)
 
 

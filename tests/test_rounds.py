@@ -266,7 +266,8 @@ def plans(tmp_path_factory):
     }
 
 
-ROUND_RULES = ("rounds_candidates", "rounds_caption", "rounds_score", "rounds_select",
+ROUND_RULES = ("rounds_candidates", "rounds_candidates_gather", "rounds_caption",
+               "rounds_caption_gather", "rounds_score", "rounds_score_gather", "rounds_select",
                "rounds_train")  # fmt: skip
 
 
@@ -277,14 +278,15 @@ def test_one_round_is_the_dag_without_rounds(plans):
     # count 2 adds the round jobs and the round models' evaluations, and changes no other job
     added = [j for j in two if j["rule"] in ROUND_RULES]
     assert sorted(j["rule"] for j in added) == sorted(ROUND_RULES * 2)  # per framework
-    round_evaluations = [j for j in two if j["rule"] == "evaluate" and "_r2" in j["output"]]
-    assert len(round_evaluations) == 2
+    round_evaluations = [j for j in two if j["rule"] in ("evaluate", "evaluate_gather")
+                         and "_r2" in j["output"]]  # fmt: skip
+    assert len(round_evaluations) == 2 * 2  # one shard and its gather per framework
     unchanged = [j for j in two if j not in added and j not in round_evaluations]
     assert _signature(unchanged) == _signature(one)
     # the same commands, but the win rates and the report also read the round models
     commands = {(j["rule"], j["output"]): j["shell"] for j in one}
     differ = {j["rule"] for j in unchanged if commands[(j["rule"], j["output"])] != j["shell"]}
-    assert differ == {"winrates", "report"}
+    assert differ == {"winrates", "winrates_gather", "report"}
 
 
 @pytest.mark.slow
@@ -302,24 +304,27 @@ def test_round_two_reads_its_pairs_and_round_one_model(plans):
             f"results/aligned/{run}",  # round 1's weights: start and reference
         ]
         assert f"--model results/aligned/{run} " in train["shell"]
+        # the base candidates rule with round 1's model, on the data's and prompts' own shard
         candidates = _only(plans["ci"], "rounds_candidates", framework)
         assert set(candidates["input"].split(", ")) == {
             f"results/aligned/{run}",
-            "results/data/train",
-            "results/prompts/train.parquet",
+            "results/shards/data/train/1-of-1",
+            "results/shards/prompts/train/1-of-1.parquet",
         }
-        policy = "--policy-std 0.1 " if framework == "onestep" else ""
-        assert f"--round 2 {policy}" in candidates["shell"]
-        for rule in ("rounds_score", "rounds_caption"):
+        assert candidates["output"] == f"results/shards/rounds/{run}/r2/candidates/1-of-1"
+        policy = " --policy-std 0.1" if framework == "onestep" else ""
+        assert f"--round 2{policy} --out" in candidates["shell"]
+        for rule in ("rounds_score", "rounds_caption"):  # round 1's masks, shard by shard
             job = _only(plans["ci"], rule, framework)
-            assert f"results/masks/{framework}/instances.parquet" in job["input"].split(", ")
+            instances = f"results/shards/masks/{framework}/instances/1-of-1.parquet"
+            assert instances in job["input"].split(", ")
         select = _only(plans["ci"], "rounds_select", framework)
         assert select["output"].split(", ") == [
             f"results/rounds/{run}/r2/pairs/fidelity.parquet",
             f"results/rounds/{run}/r2/pairs/fidelity_image.parquet",
         ]
         evaluation = [j for j in plans["ci"] if j["rule"] == "evaluate"
-                      and j["output"] == f"results/eval/{framework}/synthetic/dspo_fidelity_r2"]  # fmt: skip
+                      and j["output"] == f"results/shards/eval/{framework}/synthetic/dspo_fidelity_r2/1-of-1"]  # fmt: skip
         assert len(evaluation) == 1
         assert evaluation[0]["input"].startswith(f"results/rounds/{run}/r2/aligned")
         report = _only(plans["ci"], "report", framework)
@@ -352,7 +357,7 @@ def test_rounds_settings_change_what_runs(plans):
     onestep = [j["shell"] for j in three if j["rule"] == "rounds_candidates"
                and "framework=onestep" in j["wildcards"]]  # fmt: skip
     assert len(onestep) == 4 and all("--policy-std 0.25 " in s for s in onestep)
-    evaluated = {j["output"].rsplit("/", 1)[1] for j in three if j["rule"] == "evaluate"}
+    evaluated = {j["output"].rsplit("/", 1)[1] for j in three if j["rule"] == "evaluate_gather"}
     assert {
         "dspo_fidelity_r2",
         "dspo_fidelity_r3",

@@ -1,11 +1,11 @@
 """Cost model of the data stages: start-up per job and cost per image, from the stage CLIs.
 
-``python -m pipeline bench stages [--sizes 32 64] [--counts 4 12] [--frameworks onestep
-multistep] [--train-methods dspo] [--repeats 1] [--warmup 1] [--threads 1]
-[--configfile workflow/presets/ci.yaml] [--code-root DIR] [--out FILE] [--check]`` prints one
-JSON object and writes the costs file that ``python -m pipeline plan`` reads
-(docs/design.md §15: every data stage runs as K shard jobs, so a job's fixed cost, imports and
-model load, is paid K times).
+``python -m pipeline bench stages [--sizes 32 96] [--counts 4 32] [--frameworks onestep
+multistep] [--train-methods dspo] [--repeats 1] [--warmup 1] [--threads 1] [--basis wall|cpu]
+[--configfile workflow/presets/ci.yaml] [--workdir DIR] [--pretrain-steps 4] [--code-root DIR]
+[--out pipeline/bench/costs_cpu.json] [--check]`` prints one JSON object and writes the costs
+file that ``python -m pipeline plan`` reads (docs/design.md §15: every data stage runs as K
+shard jobs, so a job's fixed cost, imports and model load, is paid K times).
 
 **What runs.** For every image size S (``--sizes``, the HQ crop edge in pixels) and image count
 N (``--counts``), a fresh chain of the stage CLIs, each started as its own process exactly as
@@ -16,15 +16,21 @@ degrade (N synthetic S x S source photos, one crop each, all in the training spl
 -> candidates -> segment -> caption -> score -> select, then per framework evaluate (the
 pretrained model on the degraded set as a synthetic test set, twice: as ``pretrained`` and as
 an aligned model's name) -> winrates (its rule's three commands: the HQ table, segment of the
-test HQ, the win rates). The models come from the pretrain CLI (the preset's tiny settings),
-once, before the chains; the training stages are timed separately (below). Settings are the
-``--configfile`` preset's (default: the ci preset, tiny models, weight-free metrics).
+test HQ, the win rates); bicubic is evaluated too (``evaluate/bicubic``: no network). The
+models come from the pretrain CLI at ``--pretrain-steps``, once, before the chains (one-step
+variants then get a seeded nudge of their output layer, :func:`distinguish_variants`, or the
+tiny variants would give identical candidates and select no pair); the training stages are
+timed separately (below). Settings are the ``--configfile`` preset's (default: the ci preset,
+tiny models, weight-free metrics); a preset with real weights runs with ``--workdir`` where
+its relative paths resolve. ``--code-root`` runs another checkout's stages (``PYTHONPATH``,
+e.g. a baseline copy).
 
 **What is measured.** Wall seconds of each job (the stage process and its children), its CPU
 seconds and its peak resident memory (``ru_maxrss`` of the job's process tree from
 ``os.wait4``: the largest RSS of the stage process or of any child it waited for). Rounds: one
-``--warmup`` chain at the smallest point (untimed: file cache, byte-code), then ``--repeats``
-rounds, each running every (S, N) point once (interleaved, :mod:`pipeline.bench.timing`).
+``--warmup`` chain of one image at the smallest size (untimed: file cache, byte code), then
+``--repeats`` rounds, each running every (S, N) point once (interleaved,
+:mod:`pipeline.bench.timing`).
 
 **The fit.** Per stage, non-negative least squares over every timed job:
 ``seconds = startup_s + images x (per_image_s + per_megapixel_s x MP)`` with MP the HQ crop's
@@ -33,11 +39,15 @@ the per-image from the per-megapixel cost. The *start-up share* of a shard job o
 ``startup_s / (startup_s + n x per-image cost)`` (reported for ``--shard-images``, at the
 largest measured size). Training is not per image: ``pretrain`` and ``train`` (each method of
 ``--train-methods``) run at two step counts each, fitting ``startup_s + steps x per_step_s``.
+Each fit is made twice, on wall seconds and on CPU seconds; ``--basis`` picks the one the costs
+file's top-level figures give (``cpu`` on a loaded shared machine, where wall time measures the
+neighbours; it undercounts time a GPU job waits on its device).
 
 **Honesty.** The costs file says where it was measured (CPU model or GPU name, threads, date,
 the preset): CPU figures with tiny models say nothing about the paper's real models on a GPU
 (run the same bench on a GPU machine for a GPU costs file). A stage whose CLI fails is listed
-under ``failed`` with its log's tail, and left out of the costs.
+under ``failed`` with its log's tail (what needs its output is skipped in that chain), and
+only its successful runs are fitted.
 
 Targets (``--check`` exits 1 if one fails): ``fit_residual_share <= 0.5``, the largest share
 of a stage's seconds the fit leaves unexplained (root-mean-square residual over mean seconds):
@@ -76,8 +86,6 @@ DATA_STAGES = (
     "degrade", "prompts", "candidates", "segment", "caption", "score", "select", "evaluate",
     "winrates",
 )  # fmt: skip
-#: stages whose cost depends on the framework's model: costs keyed ``STAGE/FRAMEWORK``
-FRAMEWORK_STAGES = ("candidates", "evaluate")
 #: the name the second evaluation of the pretrained model takes (winrates needs an aligned one)
 ALIGNED_NAME = "dspo_fidelity"
 
@@ -456,9 +464,11 @@ def build_models(
     frameworks: Sequence[str],
     size: int,
     count: int,
+    max_steps: int = 4,
 ) -> dict[str, dict[str, Path]]:
-    """Every pretrained variant the chains need, by the pretrain CLI at the preset's steps; the
-    base variant also at half the steps, so the fit separates start-up from the per-step cost."""
+    """Every pretrained variant the chains need, by the pretrain CLI at the preset's steps (at
+    most ``max_steps``: a paper preset's 100000 are not a bench); the base variant also at half
+    the steps, so the fit separates start-up from the per-step cost."""
     source = write_sources(folder / "source", count, size)
     data, prompts, logs = folder / "data", folder / "prompts.parquet", folder / "logs"
     chain.degrade(source, size, data, logs / "degrade.log")
@@ -466,6 +476,7 @@ def build_models(
     models: dict[str, dict[str, Path]] = {}
     for fw in frameworks:
         steps = int(settings.job_settings(chain.config, "pretrain", framework=fw)["steps"])
+        steps = max(2, min(steps, max_steps))
         models[fw] = {}
         runs = [(v, steps) for v in chain.variants(fw)] + [("base", max(1, steps // 2))]
         for variant, n in runs:
@@ -714,10 +725,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sizes",
         type=int,
         nargs="+",
-        default=[32, 64],
-        help="HQ crop edges in pixels (multiples of the degradation scale)",
+        default=[32, 96],
+        help="HQ crop edges in pixels (multiples of the degradation scale; far apart, so the "
+        "per-megapixel cost stands out of the noise)",
     )
-    parser.add_argument("--counts", type=int, nargs="+", default=[4, 12], help="images per job")
+    parser.add_argument(
+        "--counts",
+        type=int,
+        nargs="+",
+        default=[4, 32],
+        help="images per job (far apart, so the per-image cost stands out of the start-up's noise)",
+    )
     parser.add_argument(
         "--frameworks", nargs="+", default=None, help="default: the preset's frameworks"
     )
@@ -748,6 +766,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scratch", default=None, help="work folder (default: a temporary one, removed afterwards)"
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="where the jobs run, so a preset's relative paths (models/..., data/...) resolve "
+        "(default: the scratch folder)",
+    )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=4,
+        help="pretrain steps of the models the chains use (at most the preset's; also half)",
     )
     parser.add_argument("--out", default=str(DEFAULT_COSTS), help="the costs file to write")
     parser.add_argument(
@@ -783,15 +813,17 @@ def main(argv: list[str] | None = None) -> int:
         "PYTHONUNBUFFERED": "1",
     }  # fmt: skip
     own_scratch = args.scratch is None
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-stages-"))
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-stages-")).resolve()
     if not os.access(Path(args.code_root) / "pipeline", os.W_OK):  # a read-only baseline
         env["PYTHONPYCACHEPREFIX"] = str(scratch / "pycache")
     started = time.perf_counter()
     try:
-        chain = Chain(config, scratch, env, scratch)
+        chain = Chain(config, scratch, env, Path(args.workdir or scratch).resolve())
         recorder = Recorder()
         smallest = (min(args.sizes), min(args.counts))
-        models = build_models(chain, recorder, scratch / "setup", frameworks, *smallest)
+        models = build_models(
+            chain, recorder, scratch / "setup", frameworks, *smallest, args.pretrain_steps
+        )
         points = [(size, count) for size in args.sizes for count in args.counts]
         recorder.timed = False
         for index in range(args.warmup):  # one image: imports, byte code, file cache
