@@ -1,5 +1,5 @@
 """``python -m pipeline plan --configfile PRESET [--configfile MORE] --images N --gpus G
-[--shards K] [--costs FILE] [--cores C] [--testset NAME=COUNT[@PX]] [--json]``
+[--shards K] [--costs FILE [FILE ...]] [--cores C] [--testset NAME=COUNT[@PX]] [--json]``
 
 What a run of the workflow costs before it starts: per stage, the jobs the configuration's DAG
 gives (shard jobs times frameworks, models, test sets, methods; computed from the config with
@@ -26,8 +26,9 @@ the larger of it and the GPU-hours over G (branches that overlap share the GPUs)
 (``pipeline/bench/costs_cpu.json``) was measured on a CPU with the ci preset's tiny models, so
 its hours say nothing about the paper's real models on GPUs: it shows the shape of a plan (job
 counts, the start-up share of small shards, which stage dominates), not its size. Measure a
-costs file on the GPUs with the same bench for hours that mean something. A stage or training
-method the file has no cost for is printed as *not modelled* and left out of the totals;
+costs file on the GPUs with the same bench for hours that mean something. Several files merge:
+a stage's cost comes from the last file that has it, and the table names that file. A stage or
+training method no file has a cost for is printed as *not modelled* and left out of the totals;
 settings the costs were measured with that differ from the config's (sampler steps, metrics,
 segmenter, captioner, batch sizes) are listed.
 """
@@ -325,12 +326,33 @@ def not_modelled_jobs(config: Mapping[str, Any]) -> dict[str, int]:
 # -- costs and scheduling -------------------------------------------------------------------------
 
 
-def load_costs(path: str | Path) -> dict[str, Any]:
-    costs = json.loads(Path(path).read_text())
-    if "stages" not in costs:
-        raise SystemExit(f"plan: {path} is not a costs file (no 'stages'; write one with "
-                         "`python -m pipeline bench stages`)")  # fmt: skip
-    return costs
+def load_costs(paths: Sequence[str | Path]) -> dict[str, Any]:
+    """The costs files, merged (:func:`merge_costs`)."""
+    files = []
+    for path in paths:
+        costs = json.loads(Path(path).read_text())
+        if "stages" not in costs:
+            raise SystemExit(f"plan: {path} is not a costs file (no 'stages'; write one with "
+                             "`python -m pipeline bench stages`)")  # fmt: skip
+        files.append({**costs, "path": str(path)})
+    return merge_costs(files)
+
+
+def merge_costs(files: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several costs files as one: a stage's cost comes from the last file that has it (e.g. a
+    GPU file for the GPU stages after the CPU one), each entry remembering its file."""
+    merged: dict[str, Any] = {"stages": {}, "files": []}
+    for index, costs in enumerate(files):
+        merged["files"].append({
+            "path": costs.get("path"),
+            "label": costs.get("label", "unlabelled"),
+            "measured_on": costs.get("measured_on", {}),
+            "caveat": costs.get("caveat", ""),
+            "measured_with": costs.get("measured_with") or {},
+        })  # fmt: skip
+        for key, entry in costs["stages"].items():
+            merged["stages"][key] = {**entry, "source": index}
+    return merged
 
 
 def cost_keys(keys: Sequence[str], job: Job) -> list[str]:
@@ -386,7 +408,7 @@ def price(stages: Sequence[Stage], costs: Mapping[str, Any], gpus: int, cpu_slot
                 missing[wanted] = missing.get(wanted, 0) + 1
                 continue
             key, entry = found
-            keys_used.add(key)
+            keys_used.add(key if len(costs["files"]) == 1 else f"{key}[{entry['source'] + 1}]")
             priced.append((job, entry, job_seconds(entry, job)))
         gpu_jobs = [(s, j.gpus) for j, _, s in priced if j.gpus > 0]
         cpu_jobs = [(s, threads) for j, _, s in priced if j.gpus == 0]
@@ -455,29 +477,38 @@ def measured_with(config: Mapping[str, Any], frameworks: Sequence[str]) -> dict[
 
 
 def mismatches(costs: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
-    """Settings the costs were measured with that the config changes (costs not rescaled)."""
-    measured = costs.get("measured_with") or {}
-    if not measured:
-        return ["the costs file records no settings: cannot check them against the config"]
+    """Settings the costs were measured with that the config changes (costs not rescaled),
+    for the stages each file prices."""
     here = measured_with(config, config["frameworks"])
     lines = []
-    for key, value in measured.items():
-        if key not in here:
+    for index, file in enumerate(costs["files"]):
+        tag = f"[{index + 1}] " if len(costs["files"]) > 1 else ""
+        used = {k.split("/")[0] for k, e in costs["stages"].items() if e["source"] == index}
+        measured = file["measured_with"]
+        if not measured:
+            if used:
+                lines.append(f"{tag}the costs file records no settings: cannot check them")
             continue
-        ours = here[key]
-        if key in PER_FRAMEWORK:  # only the config's frameworks the file measured
-            value = {fw: v for fw, v in value.items() if fw in ours}
-            ours = {fw: v for fw, v in ours.items() if fw in value}
-        if ours != value:
-            lines.append(f"{key}: measured with {json.dumps(value)}; this config has "
-                         f"{json.dumps(ours)}")  # fmt: skip
+        for key, value in measured.items():
+            if key not in here or key not in used:
+                continue
+            ours = here[key]
+            if key in PER_FRAMEWORK:  # only the config's frameworks the file measured
+                value = {fw: v for fw, v in value.items() if fw in ours}
+                ours = {fw: v for fw, v in ours.items() if fw in value}
+            if ours != value:
+                lines.append(f"{tag}{key}: measured with {json.dumps(value)}; this config has "
+                             f"{json.dumps(ours)}")  # fmt: skip
     return lines
 
 
 def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
          costs: Mapping[str, Any], cores: int, testsets: Mapping[str, tuple[int, int]],
          root: Path = Path(".")) -> dict[str, Any]:  # fmt: skip
-    """The whole plan as a dict (``--json`` prints it)."""
+    """The whole plan as a dict (``--json`` prints it); ``costs``: one costs file's content,
+    or several merged by :func:`merge_costs`."""
+    if "files" not in costs:
+        costs = merge_costs([costs])
     resolved = settings.resolve("", config)
     shards = shards or int(resolved.get("shards", 1))
     stages, counts = build_stages(config, images, shards, testsets, root)
@@ -493,11 +524,9 @@ def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
         "cores": cores,
         "threads": threads,
         "counts": counts,
-        "costs": {
-            "label": costs.get("label", "unlabelled"),
-            "measured_on": costs.get("measured_on", {}),
-            "caveat": costs.get("caveat", ""),
-        },
+        "costs": [
+            {k: f[k] for k in ("path", "label", "measured_on", "caveat")} for f in costs["files"]
+        ],  # fmt: skip
         "stages": rows,
         "totals": {
             "jobs": sum(r["jobs"] for r in rows),
@@ -530,19 +559,22 @@ def _missing(keys: Mapping[str, int]) -> str:
 
 
 def render(result: Mapping[str, Any]) -> str:
-    costs = result["costs"]
-    where = costs["measured_on"]
     counts = result["counts"]
     lines = [
         f"plan: {result['images']} source images -> {counts['train_images']} training and "
         f"{counts['test_images']} test crops of {counts['crop_px']} px; "
         f"{result['gpus']} GPUs, {result['shards']} shard(s) per data stage, "
         f"{result['cores']} cores ({result['threads']} thread(s) a job)",
-        f"costs: {costs['label']} ({where.get('date', '?')}, threads {where.get('threads', '?')})",
     ]
-    if where.get("device", "cpu") == "cpu" or costs["caveat"]:
-        lines.append("NOTE: " + (costs["caveat"] or "measured on a CPU") + ". The hours below "
-                     "apply those costs to this DAG.")  # fmt: skip
+    several = len(result["costs"]) > 1
+    for index, costs in enumerate(result["costs"]):
+        where = costs["measured_on"]
+        tag = f" [{index + 1}]" if several else ""
+        lines.append(f"costs{tag}: {costs['label']} ({where.get('date', '?')}, threads "
+                     f"{where.get('threads', '?')})")  # fmt: skip
+        if where.get("device", "cpu") == "cpu" or costs["caveat"]:
+            lines.append("  NOTE: " + (costs["caveat"] or "measured on a CPU") + ". The hours "
+                         "below apply those costs to this DAG.")  # fmt: skip
     lines.append("test sets: " + "; ".join(
         f"{n} {t['images']} x {t['px']} px ({t['from']})" for n, t in counts["testsets"].items()))  # fmt: skip
     header = (f"{'stage':<17} {'jobs':>6} {'gath':>4} {'gpu/j':>5} {'per job':>15} "
@@ -617,8 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--costs",
-        default=str(DEFAULT_COSTS),
-        help="a costs file of `python -m pipeline bench stages`",
+        nargs="+",
+        default=[str(DEFAULT_COSTS)],
+        help="costs file(s) of `python -m pipeline bench stages`; a stage's cost comes from the "
+        "last file that has it",
     )
     parser.add_argument("--cores", type=int, default=32, help="CPU cores for the CPU jobs")
     parser.add_argument(

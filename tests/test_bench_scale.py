@@ -95,18 +95,21 @@ def test_add_benchmarks_gives_logged_rules_without_one_a_benchmark(tmp_path):
 
 def test_read_benchmark_gives_seconds_rss_and_times(tmp_path):
     path = tmp_path / "job.tsv"
-    path.write_text("s\th:m:s\tmax_rss\tmax_vms\n12.5\t0:00:12\t301.25\t900\n")
+    path.write_text("s\th:m:s\tmax_rss\tcpu_time\n12.5\t0:00:12\t301.25\t9.5\n")
     os.utime(path, (1000.0, 1000.0))
     record = scale.read_benchmark(path)
-    assert record == {"seconds": 12.5, "max_rss_mb": 301.25, "start": 987.5, "end": 1000.0}
+    assert record == {
+        "seconds": 12.5, "max_rss_mb": 301.25, "cpu_time": 9.5, "start": 987.5, "end": 1000.0
+    }  # fmt: skip
     path.write_text("s\th:m:s\tmax_rss\tmax_vms\n0.3\t0:00:00\tNA\tNA\n")
     assert scale.read_benchmark(path)["max_rss_mb"] is None
     assert scale.read_benchmark(tmp_path / "missing.tsv") is None
 
 
-def _record(pid, ppid, argv, rss_kb, start=100.0, children_kb=0):
+def _record(pid, ppid, argv, rss_kb, start=100.0, children_kb=0, cpu=1.0, children_cpu=0.0):
     return {"pid": pid, "ppid": ppid, "argv": argv, "start": start, "end": start + 1,
-            "maxrss_kb": rss_kb, "children_maxrss_kb": children_kb}  # fmt: skip
+            "maxrss_kb": rss_kb, "children_maxrss_kb": children_kb, "cpu_s": cpu,
+            "children_cpu_s": children_cpu}  # fmt: skip
 
 
 def test_job_processes_are_the_writers_of_its_outputs_and_their_children():
@@ -129,15 +132,18 @@ def test_job_processes_are_the_writers_of_its_outputs_and_their_children():
 def test_measure_jobs_joins_benchmark_and_hook_peaks(tmp_path):
     bench = tmp_path / "benchmarks" / "select"
     bench.mkdir(parents=True)
-    (bench / "onestep.tsv").write_text("s\tmax_rss\n2.0\t150.0\n")
+    (bench / "onestep.tsv").write_text("s\tmax_rss\tcpu_time\n2.0\t150.0\t1.0\n")
     records = [
         _record(10, 1, ["python", "-m", "pipeline", "select", "--out-dir", "results/pairs/onestep"],
-                200 * 1024, children_kb=300 * 1024),
+                200 * 1024, children_kb=300 * 1024, cpu=1.5, children_cpu=2.0),
+        # a waited-for child: its CPU is in its parent's children_cpu_s already
+        _record(11, 10, ["python", "-c", "pass"], 100, cpu=2.0),
     ]  # fmt: skip
     jobs = scale.measure_jobs(tmp_path, SNAKEMAKE_OUTPUT, records)
     segment, select = jobs
     assert select["seconds"] == 2.0 and select["benchmark_max_rss_mb"] == 150.0
     assert select["hook_peak_rss_mb"] == 300.0 and select["peak_rss_mb"] == 300.0
+    assert select["cpu_s"] == 3.5 and select["processes"] == 2
     assert segment["seconds"] is None and segment["peak_rss_mb"] is None  # no file, no record
 
 
@@ -171,11 +177,15 @@ def test_targets_and_check_exit_status(capsys):
 
 def test_stage_timing_spans_from_first_start_to_last_end():
     jobs = [
-        {"rule": "score", "seconds": 10.0, "start": 100.0, "end": 110.0},
-        {"rule": "score", "seconds": 8.0, "start": 101.0, "end": 109.0},
-        {"rule": "score_gather", "seconds": 1.0, "start": 110.0, "end": 111.0},
+        {"rule": "score", "seconds": 10.0, "start": 100.0, "end": 110.0, "cpu_s": 6.0},
+        {"rule": "score", "seconds": 8.0, "start": 101.0, "end": 109.0, "cpu_s": 7.0},
+        {"rule": "score_gather", "seconds": 1.0, "start": 110.0, "end": 111.0, "cpu_s": 1.0},
     ]
-    assert scale.stage_timing(jobs, "score") == {"jobs": 2, "span_s": 10.0, "job_seconds": 18.0}
+    assert scale.stage_timing(jobs, "score") == {
+        "jobs": 2, "span_s": 10.0, "job_seconds": 18.0, "cpu_s": 13.0, "max_job_cpu_s": 7.0
+    }  # fmt: skip
+    jobs[0]["cpu_s"] = None
+    assert scale.stage_timing(jobs, "score")["cpu_s"] is None
     with pytest.raises(RuntimeError):
         scale.stage_timing(jobs, "segment")
 
@@ -220,8 +230,10 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
         for n in ("4", "8"):
             assert entry[n]["jobs"] == (1 if rule.endswith("_gather") else 2)
             assert entry[n]["seconds"] > 0 and entry[n]["peak_rss_mb"] > 0
-        assert entry["rss_ratio"] > 0 and entry["seconds_ratio"] > 0
-        assert entry["startup_probe_s"] > 0 and set(entry["per_image_s"]) == {"4", "8"}
+            assert entry[n]["cpu_s"] > 0
+        assert entry["rss_ratio"] > 0 and entry["seconds_ratio"] > 0 and entry["cpu_ratio"] > 0
+        assert entry["startup_probe"]["wall_s"] > 0 and entry["startup_probe"]["cpu_s"] > 0
+        assert set(entry["per_image_s"]) == set(entry["per_image_cpu_s"]) == {"4", "8"}
     bound = stages["segment_gather"]["bound"]
     assert bound["rss_small_mb"] > 0 and bound["output_table_mb"] > 0
     assert report["targets"]["rss_segment_gather"]["value"] == pytest.approx(
@@ -232,5 +244,6 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
     jobs = report["scale"]["jobs"]["8"]
     assert all(job["hook_peak_rss_mb"] and job["processes"] >= 1 for job in jobs)
     assert report["dag"]["seconds"] > 0 and report["dag"]["jobs"] > 0
+    assert report["dag"]["cpu_s_summary"]["median"] > 0
     assert report["scale"]["runs"]["8"]["wall_s"] > 0
     assert len(report["load_start"]) == 3

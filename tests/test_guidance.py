@@ -227,13 +227,13 @@ def test_workflow_samples_dspo_with_its_pairs_and_the_ablation_without(tmp_path)
     assert not any("--model-name dspo_fidelity_nom2" in c and "/onestep/" in c
                    for c in (result.stdout + result.stderr).splitlines())  # fmt: skip
     text = result.stdout + result.stderr
-    for stage, prompts in (
+    for stage, table in (
         ("pretrain", "results/prompts/train.parquet"),
         ("candidates", "results/shards/prompts/train/1-of-1.parquet"),  # the shard's own
         ("train", "results/prompts/train.parquet"),
     ):
         lines = [c for c in text.splitlines() if f"python -m pipeline {stage} " in c]
-        assert lines and all(f"--prompts {prompts}" in c for c in lines), stage
+        assert lines and all(f"--prompts {table}" in c for c in lines), stage
     assert re.search(r"^prompts\s+2$", text, re.M)
 
 

@@ -237,6 +237,35 @@ def test_cli_prints_the_table_and_the_costs_label(tmp_path, capsys):
         planner.main([*argv[:-6], "--gpus", "0"])
 
 
+def test_several_costs_files_merge_the_last_one_wins(tmp_path, capsys):
+    gpu = {
+        "label": "measured on GPU test card",
+        "measured_on": {"device": "gpu", "gpu": "test card", "date": "2026-01-02", "threads": 8},
+        "caveat": "",
+        "stages": {"candidates/multistep": {"startup_s": 1.0, "per_image_s": 0.5,
+                                            "per_megapixel_s": 0.0}},
+    }  # fmt: skip
+    files = []
+    for name, costs in (("cpu.json", HAND_COSTS), ("gpu.json", gpu)):
+        files.append(tmp_path / name)
+        files[-1].write_text(json.dumps(costs))
+    merged = planner.load_costs(files)
+    assert merged["stages"]["candidates/multistep"]["source"] == 1
+    assert merged["stages"]["score"]["source"] == 0
+    result = make_plan("paper_multistep", 2000, 8, 1, tmp_path, merged)
+    stage = rows(result)
+    # 1980 training crops (test_fraction 0.01) on the GPU file's candidates cost
+    assert stage["candidates"]["gpu_hours"] == pytest.approx((1 + 0.5 * 1980) / 3600)
+    assert stage["candidates"]["cost_keys"] == ["candidates/multistep[2]"]
+    assert stage["score"]["cost_keys"] == ["score[1]"]
+    assert [c["label"] for c in result["costs"]] == [HAND_COSTS["label"], gpu["label"]]
+    argv = ["--configfile", str(PRESETS / "paper_multistep.yaml"), "--images", "2000", "--gpus",
+            "8", "--costs", *map(str, files), "--root", str(tmp_path)]  # fmt: skip
+    assert planner.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "costs [1]: hand-made for tests" in text and "costs [2]: measured on GPU" in text
+
+
 def test_shipped_costs_file_is_labelled_with_where_it_was_measured():
     costs = json.loads(planner.DEFAULT_COSTS.read_text())
     assert costs["format"] == bench.FORMAT
@@ -285,10 +314,16 @@ def test_fit_separates_startup_per_image_and_per_megapixel():
 
 
 def test_run_job_reports_seconds_and_the_peak_rss_of_its_children(tmp_path):
-    # a child that allocates ~200 MB: its own RSS is counted, not the bench's
+    # a child that allocates ~200 MB reports it; one that allocates nothing reports its own
+    # ~10 MB, not the RSS of this process (torch imported, hundreds of MB), which Linux would
+    # carry over exec into a child forked from here
     code = "import numpy as np; a = np.ones(25_000_000); print(a.sum())"
     result = bench.run_job([sys.executable, "-c", code], {}, tmp_path, tmp_path / "log")
     assert result["peak_rss_bytes"] > 200e6 and result["seconds"] > 0
+    import torch  # noqa: F401  (this process is large now, whatever ran before)
+
+    small = bench.run_job([sys.executable, "-c", "pass"], {}, tmp_path, tmp_path / "log")
+    assert small["peak_rss_bytes"] < 60e6 and small["cpu_seconds"] < 5
     with pytest.raises(bench.JobFailed, match="exit 3"):
         bench.run_job([sys.executable, "-c", "raise SystemExit(3)"], {}, tmp_path, tmp_path / "l")
     both = bench.combine([result, {**result, "peak_rss_bytes": 1}])

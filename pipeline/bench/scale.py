@@ -20,21 +20,28 @@ two photos in the test split). Every run is ``--resources gpu=0``, the scale run
    job's process tree, sampled every 0.5 s for 15 s, then every 30 s, so it can miss a peak)
    and ``peak_rss_mb``, the kernel's high-water mark (``ru_maxrss``) of the job's largest
    process, written at exit by a ``sitecustomize`` hook on the jobs' ``PYTHONPATH``; the
-   verdicts use ``peak_rss_mb`` (the benchmark's where the hook recorded nothing). Time:
-   ``seconds`` at each N; the start-up per job (``startup_probe_s``: the job's command up to
-   the stage's argument parsing, ``python -m pipeline [run-gpu ... --] STAGE --help``, imports
-   and interpreter start, measured once); ``per_image_s`` = (seconds - jobs x start-up) / N at
-   each N and its ratio (1 when the stage is linear); ``two_point_fit``: the start-up per job
-   and the per-image seconds that the two sizes alone imply (a negative start-up means growth
-   faster than linear).
+   verdicts use ``peak_rss_mb`` (the benchmark's where the hook recorded nothing). Time: wall
+   ``seconds`` and ``cpu_s`` (the hook's CPU seconds of the job's processes and the children
+   they waited for: on a loaded machine a job waits for a core, and only its CPU seconds say
+   how its work grows) at each N; the start-up per job (``startup_probe``, wall and CPU: the
+   job's command up to the stage's argument parsing, ``python -m pipeline [run-gpu ... --]
+   STAGE --help``, imports and interpreter start, measured once); ``per_image_s`` and
+   ``per_image_cpu_s`` = (seconds - jobs x start-up) / N at each N and their ratios (1 when
+   the stage is linear); ``two_point_fit[_cpu]``: the start-up per job and the per-image
+   seconds that the two sizes alone imply (a negative start-up means growth faster than
+   linear).
 2. *DAG*: ``snakemake -n --config shards=DAG_SHARDS`` (default target) in the copy of the
-   largest N, its wall seconds and job count, and the same at the scale runs' K, to compare
-   (in turn, ``--repeats`` rounds after ``--warmup`` ones).
+   largest N, its wall and CPU seconds (the Snakemake process's: about its wall on an idle
+   core) and job count, and the same at the scale runs' K, to compare (in turn, ``--repeats``
+   rounds after ``--warmup`` ones).
 3. *Speed-up*: candidates, segment and score with K = 1 and K = 2 (``--speedup-images``
    photos, two copies, each run to select once untimed: degrade and pretrain are not timed),
    then per round each stage in turn forced to rerun alone (``--forcerun S --until S``) at
    K = 1 then K = 2. ``span_s``: first job start to last job end (benchmark file mtime minus
-   its seconds); ``job_seconds``: the jobs' summed wall. Ratios K1 / K2 per round. With a
+   its seconds); ``job_seconds``: the jobs' summed wall; ``cpu_s``, ``max_job_cpu_s``: their
+   CPU seconds. Ratios K1 / K2 per round; ``idle_estimate_k1_over_k2``: the K = 1 CPU seconds
+   over the larger K = 2 job's, summed over the stages, what two idle cores would give if the
+   jobs are CPU-bound (on a loaded machine the measured span ratio says little). With a
    start-up of s seconds per job and W seconds of per-image work at K = 1, two idle cores give
    (s + W) / (s + W / 2), at least 1.7 only when W >= 4.7 x s: hence the default 200 photos.
 
@@ -54,6 +61,7 @@ import csv
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,8 +103,8 @@ SPEEDUP_BOUND = 1.7
 HOOK_VARIABLE = "DSPO_SCALE_RSS_DIR"
 
 #: written as ``sitecustomize.py`` on the jobs' PYTHONPATH: each Python process records its
-#: kernel peak RSS (and that of the children it waited for) when it exits
-HOOK = '''"""Bench hook (pipeline/bench/scale.py): record this process's peak RSS at exit."""
+#: kernel peak RSS and CPU seconds (and those of the children it waited for) when it exits
+HOOK = '''"""Bench hook (pipeline/bench/scale.py): record this process's peak RSS and CPU at exit."""
 import os as _os
 
 if _os.environ.get("HOOK_VARIABLE"):
@@ -120,6 +128,8 @@ if _os.environ.get("HOOK_VARIABLE"):
                 "end": _time.time(),
                 "maxrss_kb": own.ru_maxrss,
                 "children_maxrss_kb": children.ru_maxrss,
+                "cpu_s": own.ru_utime + own.ru_stime,
+                "children_cpu_s": children.ru_utime + children.ru_stime,
             }
             folder = _os.environ["HOOK_VARIABLE"]
             name = f"{_os.getpid()}-{int(_START * 1e6)}"
@@ -332,8 +342,9 @@ def parse_jobs(output: str) -> list[dict[str, Any]]:
 
 
 def read_benchmark(path: Path) -> dict[str, float] | None:
-    """Seconds, max RSS (MB, None when Snakemake sampled none) and the end time (the file's
-    mtime, written as the job ends) of one benchmark file."""
+    """Seconds, max RSS (MB, None when Snakemake sampled none), CPU seconds (sampled too),
+    the start and the end time (the file's mtime, written as the job ends) of one benchmark
+    file."""
     if not path.is_file():
         return None
     with open(path) as source:
@@ -342,18 +353,26 @@ def read_benchmark(path: Path) -> dict[str, float] | None:
         rss = float(row["max_rss"])
     except (TypeError, ValueError):
         rss = None
+    try:
+        cpu = float(row["cpu_time"])
+    except (KeyError, TypeError, ValueError):
+        cpu = None
     seconds = float(row["s"])
     end = path.stat().st_mtime
-    return {"seconds": seconds, "max_rss_mb": rss, "start": end - seconds, "end": end}
+    return {"seconds": seconds, "max_rss_mb": rss, "cpu_time": cpu, "start": end - seconds,
+            "end": end}  # fmt: skip
 
 
-def read_records(folder: Path) -> list[dict[str, Any]]:
+def read_records(folder: Path, since: float = 0.0) -> list[dict[str, Any]]:
+    """The hook records in ``folder`` of processes started at ``since`` (a time) or later."""
     records = []
     for path in sorted(folder.glob("*.json")):
         try:
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if record["start"] >= since:
+            records.append(record)
     return records
 
 
@@ -427,6 +446,13 @@ def measure_jobs(
         peak_kb = max(
             (max(p["maxrss_kb"], p["children_maxrss_kb"]) for p in processes), default=None
         )
+        pids = {p["pid"] for p in processes}
+        # the roots' own CPU and that of every descendant they waited for (no double count)
+        cpu = sum(
+            p.get("cpu_s", 0) + p.get("children_cpu_s", 0)
+            for p in processes
+            if p["ppid"] not in pids
+        )
         entry = {
             "rule": job["rule"],
             "wildcards": job["wildcards"],
@@ -436,6 +462,7 @@ def measure_jobs(
             "end": bench["end"] if bench else None,
             "benchmark_max_rss_mb": bench["max_rss_mb"] if bench else None,
             "hook_peak_rss_mb": round(peak_kb / 1024, 1) if peak_kb else None,
+            "cpu_s": round(cpu, 3) if processes else (bench["cpu_time"] if bench else None),
             "processes": len(processes),
         }
         entry["peak_rss_mb"] = entry["hook_peak_rss_mb"] or entry["benchmark_max_rss_mb"]
@@ -443,9 +470,11 @@ def measure_jobs(
     return measured
 
 
-def startup_probe(workdir: Path, rule: str, env: Mapping[str, str], threads: int) -> float:
-    """Seconds of a job's command up to the stage's argument parsing (``--help``): interpreter
-    start and imports, the start-up every job of ``rule`` pays."""
+def startup_probe(
+    workdir: Path, rule: str, env: Mapping[str, str], threads: int
+) -> dict[str, float]:
+    """Wall and CPU seconds of a job's command up to the stage's argument parsing
+    (``--help``): interpreter start and imports, the start-up every job of ``rule`` pays."""
     stage = {"select": "select"}.get(
         rule, stage_of(rule) if not rule.endswith("_gather") else "gather"
     )
@@ -456,9 +485,14 @@ def startup_probe(workdir: Path, rule: str, env: Mapping[str, str], threads: int
         command = [*prefix, "python", "-m", "pipeline", stage, "--help"]
     probe_env = {k: v for k, v in env.items() if k != HOOK_VARIABLE}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=workdir, env=probe_env, capture_output=True)
+    process = subprocess.Popen(command, cwd=workdir, env=probe_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    return round(seconds, 3) if result.returncode == 0 else float("nan")
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"wall_s": float("nan"), "cpu_s": float("nan")}
+    # wait4 counts the command's process and every child it waited for (run-gpu's stage)
+    return {"wall_s": round(seconds, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3)}
 
 
 # -- the three parts ------------------------------------------------------------------------------
@@ -493,11 +527,13 @@ class Workspace:
 
 def summarize_stage(jobs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     timed = [job["seconds"] for job in jobs if job["seconds"] is not None]
+    cpu = [job["cpu_s"] for job in jobs if job.get("cpu_s") is not None]
     peaks = [job["peak_rss_mb"] for job in jobs if job["peak_rss_mb"] is not None]
     sampled = [job["benchmark_max_rss_mb"] for job in jobs if job["benchmark_max_rss_mb"]]
     return {
         "jobs": len(jobs),
         "seconds": round(sum(timed), 3) if timed else None,
+        "cpu_s": round(sum(cpu), 3) if cpu else None,
         "peak_rss_mb": max(peaks) if peaks else None,
         "benchmark_max_rss_mb": max(sampled) if sampled else None,
     }
@@ -539,24 +575,10 @@ def scale_part(args: argparse.Namespace, root: Path) -> tuple[dict[str, Any], Wo
         a, b = per_n[small], per_n[large]
         if a["peak_rss_mb"] and b["peak_rss_mb"]:
             entry["rss_ratio"] = round(b["peak_rss_mb"] / a["peak_rss_mb"], 3)
-        if a["seconds"] and b["seconds"]:
-            entry["seconds_ratio"] = round(b["seconds"] / a["seconds"], 3)
-            if rule in probes:
-                startup = probes[rule]
-                entry["startup_probe_s"] = startup
-                net = {
-                    n: (per_n[n]["seconds"] - per_n[n]["jobs"] * startup) / n
-                    for n in (small, large)
-                }
-                entry["per_image_s"] = {str(n): round(v, 5) for n, v in net.items()}
-                if net[small] > 0:
-                    entry["per_image_ratio"] = round(net[large] / net[small], 3)
-            if a["jobs"] == b["jobs"] and large > small:
-                slope = (b["seconds"] - a["seconds"]) / (large - small)
-                entry["two_point_fit"] = {
-                    "startup_per_job_s": round((a["seconds"] - slope * small) / a["jobs"], 3),
-                    "per_image_s": round(slope, 5),
-                }
+        for key, suffix in (("seconds", ""), ("cpu_s", "_cpu")):
+            entry.update(growth(per_n, small, large, key, probes.get(rule), suffix))
+        if rule in probes:
+            entry["startup_probe"] = probes[rule]
         if rule.endswith("_gather") or rule == "select":
             entry["bound"] = rss_bound(rule, runs[small]["jobs"], runs[large]["jobs"])
         stages[rule] = entry
@@ -576,6 +598,38 @@ def scale_part(args: argparse.Namespace, root: Path) -> tuple[dict[str, Any], Wo
         },
     }
     return result, workspace
+
+
+def growth(
+    per_n: Mapping[int, Mapping[str, Any]],
+    small: int,
+    large: int,
+    key: str,
+    probe: Mapping[str, float] | None,
+    suffix: str,
+) -> dict[str, Any]:
+    """How ``key`` (wall ``seconds`` or ``cpu_s``, summed over a rule's jobs) grows from
+    ``small`` to ``large`` images: the ratio; per image net of the measured start-up of each
+    job (``probe``) at both sizes and their ratio (1 when linear); the start-up per job and
+    per-image cost the two sizes alone imply."""
+    a, b = per_n[small], per_n[large]
+    if not a.get(key) or not b.get(key):
+        return {}
+    name = "seconds" if key == "seconds" else "cpu"
+    out: dict[str, Any] = {f"{name}_ratio": round(b[key] / a[key], 3)}
+    if probe is not None:
+        startup = probe["wall_s" if key == "seconds" else "cpu_s"]
+        net = {n: (per_n[n][key] - per_n[n]["jobs"] * startup) / n for n in (small, large)}
+        out[f"per_image{suffix}_s"] = {str(n): round(v, 5) for n, v in net.items()}
+        if net[small] > 0:
+            out[f"per_image{suffix}_ratio"] = round(net[large] / net[small], 3)
+    if a["jobs"] == b["jobs"]:
+        slope = (b[key] - a[key]) / (large - small)
+        out[f"two_point_fit{suffix}"] = {
+            "startup_per_job_s": round((a[key] - slope * small) / a["jobs"], 3),
+            "per_image_s": round(slope, 5),
+        }
+    return out
 
 
 def rule_order(rule: str) -> tuple[int, str]:
@@ -615,14 +669,19 @@ def rss_bound(
 
 
 def dry_run(workspace: Workspace, shards: int, cores: int) -> dict[str, Any]:
-    """A dry run of the default target at ``shards`` shards: wall seconds, jobs, load."""
+    """A dry run of the default target at ``shards`` shards: wall and CPU seconds (of the
+    Snakemake process: what it would take on an idle core), jobs, load."""
     before = load()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds, output = workspace.run("-n", "--config", f"shards={shards}", cores=cores)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     total = re.search(r"^total\s+(\d+)$", output, re.M)
     return {
         "shards": shards,
         "images": workspace.images,
         "seconds": round(seconds, 2),
+        "cpu_s": round(cpu, 2),
         "jobs": int(total.group(1)) if total else None,
         "load_before": before,
         "load_after": load(),
@@ -648,6 +707,10 @@ def dag_part(args: argparse.Namespace, workspace: Workspace | None, root: Path) 
         name: timing.summarize([entry[name]["seconds"] for entry in rounds])
         for name in ("dag_shards", "scale_shards")
     }
+    cpu = {
+        name: timing.summarize([entry[name]["cpu_s"] for entry in rounds])
+        for name in ("dag_shards", "scale_shards")
+    }
     return {
         "shards": args.dag_shards,
         "images": workspace.images,
@@ -655,23 +718,31 @@ def dag_part(args: argparse.Namespace, workspace: Workspace | None, root: Path) 
         "jobs": rounds[0]["dag_shards"]["jobs"],
         "seconds": seconds["dag_shards"]["median"],
         "seconds_summary": seconds["dag_shards"],
+        "cpu_s_summary": cpu["dag_shards"],
         "at_scale_shards": {
             "shards": args.shards,
             "jobs": rounds[0]["scale_shards"]["jobs"],
             "seconds_summary": seconds["scale_shards"],
+            "cpu_s_summary": cpu["scale_shards"],
         },
         "rounds": rounds,
     }
 
 
 def stage_timing(jobs: Sequence[Mapping[str, Any]], stage: str) -> dict[str, float]:
+    """The jobs of ``stage``: first start to last end, summed wall, summed and largest CPU
+    seconds (None where a job has no CPU figure)."""
     mine = [job for job in jobs if job["rule"] == stage and job["seconds"] is not None]
     if not mine:
         raise RuntimeError(f"no benchmarked {stage} job in the rerun")
+    cpu = [job.get("cpu_s") for job in mine]
+    known = None not in cpu
     return {
         "jobs": len(mine),
         "span_s": round(max(j["end"] for j in mine) - min(j["start"] for j in mine), 3),
         "job_seconds": round(sum(j["seconds"] for j in mine), 3),
+        "cpu_s": round(sum(cpu), 3) if known else None,
+        "max_job_cpu_s": round(max(cpu), 3) if known else None,
     }
 
 
@@ -690,9 +761,9 @@ def speedup_part(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for stage in SPEEDUP_STAGES:
             for k, space in spaces.items():
-                before = load()
+                before, since = load(), time.time()
                 _, output = space.run("--forcerun", stage, "--until", stage, cores=args.cores)
-                jobs = measure_jobs(space.dir, output, [])
+                jobs = measure_jobs(space.dir, output, read_records(space.records, since))
                 entry[f"{stage}_k{k}"] = {**stage_timing(jobs, stage), "load_before": before}
         if round_number >= args.warmup:
             rounds.append(entry)
@@ -707,6 +778,10 @@ def speedup_part(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         )
         for stage in SPEEDUP_STAGES
     }
+    # on idle cores the K = 2 jobs run side by side: the span is about the larger job's CPU
+    cpu = {k: [sum(r[f"{s}_k{k}"]["cpu_s"] or 0 for s in SPEEDUP_STAGES) for r in rounds]
+           for k in (1, 2)}  # fmt: skip
+    largest = [sum(r[f"{s}_k2"]["max_job_cpu_s"] or 0 for s in SPEEDUP_STAGES) for r in rounds]
     return {
         "images": args.speedup_images,
         "cores": args.cores,
@@ -716,6 +791,8 @@ def speedup_part(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "span_ratio_k1_over_k2": timing.paired_ratio(span[1], span[2]),
         "job_seconds_ratio_k1_over_k2": timing.paired_ratio(work[1], work[2]),
         "span_ratio_per_stage": per_stage,
+        "cpu_s": {f"k{k}": timing.summarize(values) for k, values in cpu.items()},
+        "idle_estimate_k1_over_k2": timing.paired_ratio(cpu[1], largest) if all(largest) else None,
         "load_after": load(),
     }
 

@@ -27,7 +27,9 @@ e.g. a baseline copy).
 
 **What is measured.** Wall seconds of each job (the stage process and its children), its CPU
 seconds and its peak resident memory (``ru_maxrss`` of the job's process tree from
-``os.wait4``: the largest RSS of the stage process or of any child it waited for). Rounds: one
+``os.wait4``: the largest RSS of the stage process or of any child it waited for), taken by a
+small helper process the job is forked from (:data:`MEASURE`: a process forked from the bench
+itself would inherit the bench's peak RSS). Rounds: one
 ``--warmup`` chain of one image at the smallest size (untimed: file cache, byte code), then
 ``--repeats`` rounds, each running every (S, N) point once (interleaved,
 :mod:`pipeline.bench.timing`).
@@ -97,31 +99,47 @@ class JobFailed(RuntimeError):
     """A stage CLI exited non-zero; the message holds the command and its log's tail."""
 
 
-def run_job(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> dict[str, float]:
-    """Run one job (its output into ``log``); its wall seconds, CPU seconds and peak RSS bytes.
+#: the small process every job starts from (``python -c MEASURE RESULT ARGV...``): it runs the
+#: job, waits for it with ``os.wait4`` and writes the job's seconds, CPU seconds and peak RSS to
+#: RESULT. Linux carries a process's peak RSS over ``exec`` from the process it was forked from,
+#: so a job forked by the bench directly would report at least the bench's own RSS; forked by
+#: this ~10 MB process it reports its own (and that of every child it waited for).
+MEASURE = """
+import json, os, subprocess, sys, time
+result, argv = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+process = subprocess.Popen(argv)
+_, status, usage = os.wait4(process.pid, 0)
+seconds = time.perf_counter() - start
+code = os.waitstatus_to_exitcode(status)
+with open(result, "w") as sink:
+    json.dump({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+               "peak_rss_bytes": usage.ru_maxrss * 1024, "returncode": code}, sink)
+sys.exit(code if code >= 0 else 1)
+"""
 
-    ``os.wait4`` gives the job's own resource usage, which includes every child it waited for
-    (run-gpu's stage process, degrade's workers), so the RSS is the largest of that tree."""
+
+def run_job(argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> dict[str, float]:
+    """Run one job (its output into ``log``); its wall seconds, CPU seconds and peak RSS bytes
+    (``ru_maxrss``, kilobytes on Linux, of the job and every child it waited for: run-gpu's
+    stage process, degrade's workers), measured by :data:`MEASURE`."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    result = log.with_name(f".{log.name}.{os.getpid()}.{time.monotonic_ns()}.json")
     with open(log, "ab") as sink:
         sink.write(("$ " + " ".join(map(str, argv)) + "\n").encode())
         sink.flush()
-        start = time.perf_counter()
-        process = subprocess.Popen(list(map(str, argv)), env=dict(env), cwd=cwd, stdout=sink,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+        command = [sys.executable, "-c", MEASURE, str(result), *map(str, argv)]
+        code = subprocess.call(
+            command, env=dict(env), cwd=cwd, stdout=sink, stderr=subprocess.STDOUT
+        )
+    measured = json.loads(result.read_text()) if result.exists() else {"returncode": code}
+    result.unlink(missing_ok=True)
+    if code != 0 or measured["returncode"] != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise JobFailed(
-            f"exit {process.returncode}: {' '.join(map(str, argv))}\n" + "\n".join(tail)
+            f"exit {measured['returncode']}: {' '.join(map(str, argv))}\n" + "\n".join(tail)
         )
-    return {
-        "seconds": seconds,
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_rss_bytes": int(usage.ru_maxrss) * 1024,  # kilobytes on Linux
-    }
+    return {k: measured[k] for k in ("seconds", "cpu_seconds", "peak_rss_bytes")}
 
 
 def combine(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -677,34 +695,52 @@ def build_costs(recorder: Recorder, args: argparse.Namespace, config: Mapping[st
                 frameworks: Sequence[str], wall: float) -> dict[str, Any]:  # fmt: skip
     device = device_description()
     where = device["gpu"] or device["cpu_model"]
+    preset = Path(args.configfile[0]).name
+    tiny = not any(
+        settings.job_settings(config, "pretrain", framework=fw)["weights"] for fw in frameworks
+    )
     label = (
         f"measured on {'GPU ' + where if device['gpu'] else 'CPU (' + where + ')'}, "
-        f"{args.threads} thread(s), preset {Path(args.configfile[0]).name}"
-        + (" (tiny models)" if Path(args.configfile[0]).name == "ci.yaml" else "")
+        f"{args.threads} thread(s), preset {preset}" + (" (tiny models)" if tiny else "")
     )
+    measured_on = {
+        **device,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "threads": args.threads,
+        "preset": [str(Path(c).name) for c in args.configfile],
+        "code_root": str(Path(args.code_root).resolve()),
+        "python": platform.python_version(),
+        "load_average_1min": timing.load_average(),
+    }
     stages: dict[str, Any] = {}
     for key, jobs in sorted(recorder.jobs.items()):
         if key.split("/")[0] in ("pretrain", "train"):
             stages[key] = step_costs(jobs, args.basis)
         else:
             stages[key] = stage_costs(jobs, args.shard_images, args.basis)
+        stages[key]["measured_on"] = {
+            "label": label,
+            **{k: measured_on[k] for k in ("device", "gpu", "cpu_model", "date", "threads")},
+        }
+    caveat = "; ".join(
+        [
+            *(
+                ["tiny models: the figures say nothing about the paper's real models"]
+                if tiny
+                else []
+            ),
+            *(["measured on a CPU: GPU jobs take other times"] if not device["gpu"] else []),
+            "other settings (see measured_with) or devices are not rescaled",
+        ]
+    )
     return {
         "format": FORMAT,
         "label": label,
-        "measured_on": {
-            **device,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "threads": args.threads,
-            "preset": [str(Path(c).name) for c in args.configfile],
-            "code_root": str(Path(args.code_root).resolve()),
-            "python": platform.python_version(),
-            "load_average_1min": timing.load_average(),
-        },
+        "measured_on": measured_on,
         "basis": args.basis,
         "model": "seconds of a job = startup_s + images x (per_image_s + per_megapixel_s x MP), "
         "MP = the HQ crop's megapixels; training: startup_s + steps x per_step_s",
-        "caveat": "tiny models and this device: the figures do not scale to the paper's real "
-        "models or to another device; measure those with this bench where they run",
+        "caveat": caveat,
         "measured_with": measured_with(config, frameworks),
         "sizes": list(args.sizes),
         "counts": list(args.counts),
@@ -854,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "order": "interleaved: every (size, count) point's chain per round",
         "costs": {
-            key: {k: v for k, v in entry.items() if k not in ("points", "fits")}
+            key: {k: v for k, v in entry.items() if k not in ("points", "fits", "measured_on")}
             for key, entry in costs["stages"].items()
         },
         "failed": recorder.failed,
