@@ -192,3 +192,21 @@ def test_gather_errors_name_the_problem(tmp_path):
         gather.gather("model", [tmp_path], tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="shard outputs missing"):
         gather.gather("scores", [tmp_path / "nope.parquet"], tmp_path / "x.parquet")
+
+
+def test_reading_one_label_map_never_lists_the_store(tmp_path, monkeypatch):
+    # a gathered store holds every training image: listing it on each read made score and
+    # training slower per image as the image count grew (docs/design.md §15)
+    import zarr
+
+    maps = {f"im{i}": np.full((3, 4), i, dtype=np.uint16) for i in range(5)}
+    write_label_maps(tmp_path / "s.zarr", maps, {"backend": "x"})
+
+    def listed(self):
+        raise AssertionError("the store was listed")
+
+    monkeypatch.setattr(zarr.Group, "array_keys", listed)
+    np.testing.assert_array_equal(read_label_map(tmp_path / "s.zarr", "im3"), maps["im3"])
+    for missing in ("im9", "../im1", ""):
+        with pytest.raises(KeyError, match="has no label map for image"):
+            read_label_map(tmp_path / "s.zarr", missing)

@@ -188,20 +188,27 @@ def _open_store(store_path: str | os.PathLike) -> zarr.Group:
     return zarr.open_group(store_path, mode="r")
 
 
+def _label_array(store_path: str | os.PathLike, image_id: str) -> zarr.Array:
+    """One image's array, opened by its key: never a listing of the store, whose cost grows
+    with the number of images in it (a gathered store holds every training image)."""
+    root = _open_store(store_path)
+    try:
+        array = root[image_id] if image_id and "/" not in image_id else None
+    except (KeyError, ValueError):  # absent, or not a key (zarr refuses '..' segments)
+        array = None
+    if not isinstance(array, zarr.Array):
+        raise KeyError(f"mask store {store_path} has no label map for image {image_id!r}")
+    return array
+
+
 def read_label_map(store_path: str | os.PathLike, image_id: str) -> np.ndarray:
     """The uint16 ``[H, W]`` label map of one image (KeyError naming store and image)."""
-    root = _open_store(store_path)
-    if image_id not in root.array_keys():
-        raise KeyError(f"mask store {store_path} has no label map for image {image_id!r}")
-    return np.asarray(root[image_id][...])
+    return np.asarray(_label_array(store_path, image_id)[...])
 
 
 def read_label_map_attrs(store_path: str | os.PathLike, image_id: str) -> dict[str, Any]:
     """The attributes of one image's label map."""
-    root = _open_store(store_path)
-    if image_id not in root.array_keys():
-        raise KeyError(f"mask store {store_path} has no label map for image {image_id!r}")
-    return dict(root[image_id].attrs)
+    return dict(_label_array(store_path, image_id).attrs)
 
 
 def read_store_attrs(store_path: str | os.PathLike) -> dict[str, Any]:

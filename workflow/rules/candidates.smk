@@ -39,5 +39,7 @@ use rule degrade_gather as candidates_gather with:
         directory(artifact("candidates")),
     log:
         "logs/candidates/{framework}/gather.log",
+    benchmark:
+        "benchmarks/candidates/{framework}/gather.tsv"
     params:
         artifact="candidates",

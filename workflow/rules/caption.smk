@@ -39,5 +39,7 @@ use rule degrade_gather as caption_gather with:
         artifact("captions"),
     log:
         "logs/caption/{framework}/gather.log",
+    benchmark:
+        "benchmarks/caption/{framework}/gather.tsv"
     params:
         artifact="captions",

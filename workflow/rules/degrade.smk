@@ -43,6 +43,8 @@ rule degrade_gather:
         "../../envs/pipeline.yaml"
     log:
         "logs/degrade/{split}/gather.log",
+    benchmark:
+        "benchmarks/degrade/{split}/gather.tsv"
     wildcard_constraints:
         split="train|test",
     localrule: True

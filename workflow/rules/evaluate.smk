@@ -43,6 +43,8 @@ use rule degrade_gather as evaluate_gather with:
         directory(artifact("evaluation")),
     log:
         "logs/evaluate/{framework}/{testset}/{model}/gather.log",
+    benchmark:
+        "benchmarks/evaluate/{framework}/{testset}/{model}/gather.tsv"
     params:
         artifact="evaluation",
 

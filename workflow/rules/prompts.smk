@@ -49,6 +49,8 @@ use rule degrade_gather as prompts_gather with:
         artifact("prompts"),
     log:
         "logs/prompts/{split}/gather.log",
+    benchmark:
+        "benchmarks/prompts/{split}/gather.tsv"
     wildcard_constraints:
         split="|".join(["train", *TESTSETS]),
     params:

@@ -34,6 +34,8 @@ use rule candidates_gather as rounds_candidates_gather with:
         round=rounds.ROUND_WILDCARD,
     log:
         f"logs/rounds/{ROUND_DIR}/candidates/gather.log",
+    benchmark:
+        f"benchmarks/rounds/{ROUND_DIR}/candidates/gather.tsv"
 
 
 use rule caption as rounds_caption with:
@@ -64,6 +66,8 @@ use rule caption_gather as rounds_caption_gather with:
         round=rounds.ROUND_WILDCARD,
     log:
         f"logs/rounds/{ROUND_DIR}/caption/gather.log",
+    benchmark:
+        f"benchmarks/rounds/{ROUND_DIR}/caption/gather.tsv"
 
 
 use rule score as rounds_score with:
@@ -94,6 +98,8 @@ use rule score_gather as rounds_score_gather with:
         round=rounds.ROUND_WILDCARD,
     log:
         f"logs/rounds/{ROUND_DIR}/score/gather.log",
+    benchmark:
+        f"benchmarks/rounds/{ROUND_DIR}/score/gather.tsv"
 
 
 use rule select as rounds_select with:
@@ -112,6 +118,8 @@ use rule select as rounds_select with:
         round=rounds.ROUND_WILDCARD,
     log:
         f"logs/rounds/{ROUND_DIR}/select.log",
+    benchmark:
+        f"benchmarks/rounds/{ROUND_DIR}/select.tsv"
     params:
         out_dir=round_artifact("round_pairs_dir"),
         config=round_job_config("select"),

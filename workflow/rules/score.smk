@@ -37,5 +37,7 @@ use rule degrade_gather as score_gather with:
         artifact("scores"),
     log:
         "logs/score/{framework}/gather.log",
+    benchmark:
+        "benchmarks/score/{framework}/gather.tsv"
     params:
         artifact="scores",

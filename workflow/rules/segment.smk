@@ -40,6 +40,8 @@ rule segment_gather:
         "../../envs/pipeline.yaml"
     log:
         "logs/segment/{framework}/gather.log",
+    benchmark:
+        "benchmarks/segment/{framework}/gather.tsv"
     localrule: True
     params:
         code=code_hash("gather"),

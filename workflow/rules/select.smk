@@ -14,6 +14,8 @@ rule select:
         "../../envs/pipeline.yaml"
     log:
         "logs/select/{framework}.log",
+    benchmark:
+        "benchmarks/select/{framework}.tsv"
     params:
         code=code_hash("select"),
         out_dir=lambda w: artifact("pairs_dir", framework=w.framework),

@@ -61,6 +61,8 @@ use rule segment_gather as study_segment_gather with:
         split="train|test",
     log:
         "logs/study/segment_{split}/gather.log",
+    benchmark:
+        "benchmarks/study/segment_{split}/gather.tsv"
 
 
 # the held-out images' prompts: shard i of the test split's data
@@ -87,6 +89,8 @@ use rule prompts_gather as study_prompts_gather with:
         artifact("study_prompts", split="test"),
     log:
         "logs/study/prompts_test/gather.log",
+    benchmark:
+        "benchmarks/study/prompts_test/gather.tsv"
 
 
 rule study_build:

@@ -57,6 +57,8 @@ rule winrates_gather:
         "../../envs/pipeline.yaml"
     log:
         "logs/winrates/{framework}/{testset}/gather.log",
+    benchmark:
+        "benchmarks/winrates/{framework}/{testset}/gather.tsv"
     localrule: True
     params:
         code=code_hash("winrates"),
