@@ -2,7 +2,8 @@
 
 ``python -m pipeline bench stages [--sizes 32 96] [--counts 4 32] [--frameworks onestep
 multistep] [--train-methods dspo] [--repeats 1] [--warmup 1] [--threads 1] [--basis wall|cpu]
-[--configfile workflow/presets/ci.yaml] [--workdir DIR] [--pretrain-steps 4] [--code-root DIR]
+[--configfile workflow/presets/ci.yaml] [--workdir DIR] [--pretrain-steps 16] [--train-steps 1 6]
+[--code-root DIR]
 [--out pipeline/bench/costs_cpu.json] [--check]`` prints one JSON object and writes the costs
 file that ``python -m pipeline plan`` reads (docs/design.md §15: every data stage runs as K
 shard jobs, so a job's fixed cost, imports and model load, is paid K times).
@@ -40,7 +41,8 @@ megapixels (S^2 / 1e6). Two counts separate the start-up from the per-image cost
 the per-image from the per-megapixel cost. The *start-up share* of a shard job of n images is
 ``startup_s / (startup_s + n x per-image cost)`` (reported for ``--shard-images``, at the
 largest measured size). Training is not per image: ``pretrain`` and ``train`` (each method of
-``--train-methods``) run at two step counts each, fitting ``startup_s + steps x per_step_s``.
+``--train-methods``, at ``--train-steps``) run at two step counts each, fitting
+``startup_s + steps x per_step_s``.
 Each fit is made twice, on wall seconds and on CPU seconds; ``--basis`` picks the one the costs
 file's top-level figures give (``cpu`` on a loaded shared machine, where wall time measures the
 neighbours; it undercounts time a GPU job waits on its device).
@@ -482,21 +484,19 @@ def build_models(
     frameworks: Sequence[str],
     size: int,
     count: int,
-    max_steps: int = 4,
+    steps: int = 16,
 ) -> dict[str, dict[str, Path]]:
-    """Every pretrained variant the chains need, by the pretrain CLI at the preset's steps (at
-    most ``max_steps``: a paper preset's 100000 are not a bench); the base variant also at half
-    the steps, so the fit separates start-up from the per-step cost."""
+    """Every pretrained variant the chains need, by the pretrain CLI at ``steps`` steps (not the
+    preset's: a paper preset's 100000 are not a bench); the base variant also at a quarter of
+    them, so the fit separates the start-up from the per-step cost."""
     source = write_sources(folder / "source", count, size)
     data, prompts, logs = folder / "data", folder / "prompts.parquet", folder / "logs"
     chain.degrade(source, size, data, logs / "degrade.log")
     chain.prompts(data, "train", prompts, logs / "prompts.log")
     models: dict[str, dict[str, Path]] = {}
     for fw in frameworks:
-        steps = int(settings.job_settings(chain.config, "pretrain", framework=fw)["steps"])
-        steps = max(2, min(steps, max_steps))
         models[fw] = {}
-        runs = [(v, steps) for v in chain.variants(fw)] + [("base", max(1, steps // 2))]
+        runs = [(v, steps) for v in chain.variants(fw)] + [("base", max(1, steps // 4))]
         for variant, n in runs:
             out = folder / "models" / fw / (variant if n == steps else f"{variant}-{n}")
             recorder.record(f"pretrain/{fw}", {"steps": n}, chain.pretrain, fw, variant, data,
@@ -542,9 +542,10 @@ def measure_training(
     folder: Path,
     frameworks: Sequence[str],
     methods: Sequence[str],
+    step_counts: Sequence[int] = (1, 6),
 ) -> None:
-    """Each method of ``methods`` through the train CLI at 1 and 2 steps, on the pairs of the
-    chain in ``folder`` (the first timed point)."""
+    """Each method of ``methods`` through the train CLI at each of ``step_counts``, on the
+    pairs of the chain in ``folder`` (the first timed point)."""
     objectives = list(settings.resolve("select", chain.config.get("select"))["objectives"])
     objective = next((o for o in chain.root["objectives"] if o in objectives), objectives[0])
     shared = folder / "masks.zarr"
@@ -552,7 +553,7 @@ def measure_training(
         out = folder / fw
         masks = shared if shared.exists() else out / "masks.zarr"
         for method in methods:
-            for steps in (1, 2):
+            for steps in step_counts:
                 recorder.record(
                     f"train/{fw}/{method}", {"steps": steps}, chain.train, fw, method, objective,
                     out / "pairs", out / "candidates", folder / "data",
@@ -779,7 +780,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--train-methods",
         nargs="*",
         default=["dspo"],
-        help="methods whose train CLI is timed at 1 and 2 steps (none: skip)",
+        help="methods whose train CLI is timed at --train-steps (none: skip)",
     )
     parser.add_argument(
         "--shard-images",
@@ -812,8 +813,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pretrain-steps",
         type=int,
-        default=4,
-        help="pretrain steps of the models the chains use (at most the preset's; also half)",
+        default=16,
+        help="pretrain steps of the models the chains use (the base variant also at a quarter: "
+        "far enough apart that the per-step cost stands out of the start-up's noise)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        nargs=2,
+        default=[1, 6],
+        metavar=("FEW", "MORE"),
+        help="the two max_steps each --train-methods method is timed at",
     )
     parser.add_argument("--out", default=str(DEFAULT_COSTS), help="the costs file to write")
     parser.add_argument(
@@ -874,7 +884,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_chain(chain, recorder, models, size, count, folder, frameworks)
                 first = first or folder
         if args.train_methods and first is not None:
-            measure_training(chain, recorder, models, first, frameworks, args.train_methods)
+            measure_training(
+                chain, recorder, models, first, frameworks, args.train_methods, args.train_steps
+            )
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
