@@ -349,6 +349,7 @@ def merge_costs(files: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "measured_on": costs.get("measured_on", {}),
             "caveat": costs.get("caveat", ""),
             "measured_with": costs.get("measured_with") or {},
+            "sizes": costs.get("sizes") or [],
         })  # fmt: skip
         for key, entry in costs["stages"].items():
             merged["stages"][key] = {**entry, "source": index}
@@ -502,6 +503,21 @@ def mismatches(costs: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]
     return lines
 
 
+def extrapolation(costs: Mapping[str, Any], counts: Mapping[str, Any]) -> list[str]:
+    """A line per costs file whose image sizes lie far below this plan's: its per-megapixel
+    terms are extrapolated (a coefficient fitted at a few thousand pixels, times 100000s)."""
+    largest = max([counts["crop_px"], *(t["px"] for t in counts["testsets"].values())])
+    lines = []
+    for index, file in enumerate(costs["files"]):
+        measured = max(file["sizes"], default=0)
+        if measured and largest > 2 * measured:
+            tag = f"[{index + 1}] " if len(costs["files"]) > 1 else ""
+            lines.append(f"{tag}per-megapixel costs measured up to {measured} px, applied at "
+                         f"{largest} px ({(largest / measured) ** 2:.0f}x the pixels): "
+                         "extrapolated")  # fmt: skip
+    return lines
+
+
 def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
          costs: Mapping[str, Any], cores: int, testsets: Mapping[str, tuple[int, int]],
          root: Path = Path(".")) -> dict[str, Any]:  # fmt: skip
@@ -540,6 +556,7 @@ def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
             "not_modelled": {r["stage"]: r["not_modelled"] for r in rows if r["not_modelled"]},
         },
         "mismatched_settings": mismatches(costs, resolved),
+        "extrapolated": extrapolation(costs, counts),
     }
 
 
@@ -611,6 +628,7 @@ def render(result: Mapping[str, Any]) -> str:
     lines.append("not modelled (not priced): " + ", ".join(
         f"{name} {n if n >= 0 else ''}".rstrip() for name, n in others.items())
         + "; gather jobs; EA-Adam phases and online sampling beyond the per-step cost")  # fmt: skip
+    lines += [f"NOTE: {line}" for line in result["extrapolated"]]
     if result["mismatched_settings"]:
         lines.append("costs measured with other settings (not rescaled):")
         lines += [f"  {line}" for line in result["mismatched_settings"]]

@@ -217,8 +217,15 @@ def test_testset_sizes_from_the_command_line_and_settings_mismatch(tmp_path):
     mismatched = "\n".join(result["mismatched_settings"])
     assert "evaluate" in mismatched and "50" in mismatched  # ci samples 3 steps, the paper 50
     assert "segment" in mismatched and "sam" in mismatched
-    same = {**HAND_COSTS, "measured_with": planner.measured_with(config, ["onestep"])}
-    assert planner.plan(config, 500, 8, 2, same, 32, {}, tmp_path)["mismatched_settings"] == []
+    assert result["extrapolated"] == []  # the hand-made file records no sizes
+    same = {**HAND_COSTS, "measured_with": planner.measured_with(config, ["onestep"]),
+            "sizes": [32, 96]}  # fmt: skip
+    result = planner.plan(config, 500, 8, 2, same, 32, {}, tmp_path)
+    assert result["mismatched_settings"] == []
+    # measured up to 96 px, planned at 512 px crops (paper_onestep): (512 / 96)^2 = 28x
+    assert result["extrapolated"] == [
+        "per-megapixel costs measured up to 96 px, applied at 512 px (28x the pixels): extrapolated"
+    ]
 
 
 def test_cli_prints_the_table_and_the_costs_label(tmp_path, capsys):
@@ -370,7 +377,8 @@ def test_bench_stages_smoke(tmp_path):
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     printed = json.loads(result.stdout)
-    assert printed["benchmark"] == "stages" and printed["failed"] == {}
+    assert printed["benchmark"] == "stages" and printed["failed_stages"] == {}
+    assert printed["verdict"] == "pass" and printed["failed"] == []
     assert printed["not_measured"] == []
     costs = json.loads(out.read_text())
     for key in ("degrade", "prompts", "candidates/multistep", "segment", "caption", "score",

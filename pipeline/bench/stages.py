@@ -905,7 +905,8 @@ def main(argv: list[str] | None = None) -> int:
             key: {k: v for k, v in entry.items() if k not in ("points", "fits", "measured_on")}
             for key, entry in costs["stages"].items()
         },
-        "failed": recorder.failed,
+        # not "failed": timing.finish writes the failed targets there
+        "failed_stages": recorder.failed,
         "not_measured": [s for s in DATA_STAGES
                          if not any(k.split("/")[0] == s for k in costs["stages"])],
     }  # fmt: skip
