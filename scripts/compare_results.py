@@ -1,7 +1,7 @@
 """Compare two results folders file by file, metadata aside (issue 13, point 7).
 
 ``python scripts/compare_results.py A B`` prints one line per file that differs or exists on one
-side only, and a count. Parquet tables are compared by their rows (the ``dspo`` metadata
+side only, and a count; A and B may also be two tables, stores or files. Parquet tables are compared by their rows (the ``dspo`` metadata
 document, which records paths, times and settings, is left out); Zarr stores by their arrays
 (attributes left out); safetensors by their tensors; every other file by its bytes. Exit status
 1 when a file differs.
@@ -60,6 +60,10 @@ def same(a: Path, b: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     a_root, b_root = (Path(p) for p in (argv or sys.argv[1:]))
+    if a_root.is_file() or a_root.suffix == ".zarr":  # one table, store or file: compare it
+        equal = same(a_root, b_root)
+        print(f"{'same' if equal else 'differs'}: {a_root.name}")
+        return 0 if equal else 1
     a, b = files(a_root), files(b_root)
     differing = 0
     for name in sorted(a.keys() | b.keys()):

@@ -279,9 +279,16 @@ def check_prompts(
     with the preset's prompt settings (source, added and negative prompts)."""
     section = effective["prompts"]
     assert section == paper["prompts"]
-    for kind in ["train", *effective["run"]["testsets"]]:
-        metadata = read_metadata(results / f"prompts/{kind}.parquet")
-        assert_recorded(metadata["config"], section, f"prompts/{kind}")
+    # the train split's table is gathered; a test set's prompts stay in their shards, which
+    # evaluate reads shard by shard (docs/design.md §15)
+    tables = [results / "prompts/train.parquet"]
+    for testset in effective["run"]["testsets"]:
+        shards = sorted((results / "shards/prompts" / testset).glob("*.parquet"))
+        assert shards, testset
+        tables += shards
+    for path in tables:
+        metadata = read_metadata(path)
+        assert_recorded(metadata["config"], section, str(path))
         assert metadata["source"] == section["source"]
         assert metadata["negative_prompt"] == section["negative_prompt"]
     readers = [
