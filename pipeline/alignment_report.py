@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import contracts
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tables import read_metadata, read_table
 
@@ -151,15 +152,16 @@ def append_to_report(report_md: str | Path, curve_paths: Sequence[str | Path],
     written = []
     curves_png = rates_png = None
     if not curves.empty:
-        curves_png = f"curves_{framework}.png"
+        curves_png = contracts.report_file("curves", framework=framework)
         plot_curves(curves, out_dir / curves_png, f"{framework}: alignment curves")
         written.append(curves_png)
     if not rates.empty:
-        rates_png = f"win_rates_{framework}.png"
+        rates_png = contracts.report_file("win_rates", framework=framework)
         plot_win_rates(rates, out_dir / rates_png, f"{framework}: per-instance win rates")
-        with atomic_path(out_dir / "win_rates.csv") as temporary:
+        rates_csv = contracts.report_file("win_rates_csv")
+        with atomic_path(out_dir / rates_csv) as temporary:
             rates.to_csv(temporary, index=False, float_format="%.6g")
-        written += [rates_png, "win_rates.csv"]
+        written += [rates_png, rates_csv]
     if written:
         text = Path(report_md).read_text(encoding="utf-8")
         with atomic_path(report_md) as temporary:

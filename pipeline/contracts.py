@@ -101,13 +101,62 @@ ARTIFACTS = {
     "study_plot": "results/study/adoption.png",
     "study_section": "results/study/section.md",  # the study's section of the demo's report
 }
-#: files inside the folder artifacts
+#: files inside the folder artifacts: no other module spells them (docs/design.md §12)
 DATA_TABLE = "pairs.parquet"  # data/{split}: table degradation_pairs
 CANDIDATES_TABLE = "candidates.parquet"  # candidates/{framework}: table candidates
 EVAL_METRICS = "metrics.parquet"  # evaluation: table eval_metrics
 EVAL_IMAGES = "images.parquet"  # evaluation: table eval_images (the manifest report reads)
+#: a trained model's folder (model, aligned, round_aligned, study_aligned): its log, table
+#: pretrain_log (pretrain), train_log or the method's own log table
+TRAIN_LOG = "train_log.parquet"
+TRAIN_CURVES = "train_curves.parquet"  # aligned: table train_curves (the alignment curves)
+STUDY_REGIONS = "regions.parquet"  # study_candidates: table study_regions
+#: report_dir: every file the report writes, by kind (:func:`report_file` fills the fields)
+REPORT_FILES = {
+    "summary": "summary.parquet",  # table eval_summary
+    "tables_md": "tables.md",
+    "tables_csv": "tables.csv",
+    "report": "report.md",
+    "radar": "radar_{testset}.png",
+    "grid": "grid_{testset}.png",
+    "front": "front_{testset}.png",  # EA-Adam's front
+    "front_md": "front.md",
+    "rounds_csv": "rounds.csv",
+    "rounds_md": "rounds.md",
+    "curves": "curves_{framework}.png",  # alignment curves
+    "win_rates": "win_rates_{framework}.png",
+    "win_rates_csv": "win_rates.csv",
+    "study_plot": "study_adoption.png",  # the Figure 1 study's plot, copied
+    "human_plot": "human_winrates.png",  # the human win rates' plot, copied
+}
+#: annotations/{framework}/ (``annotate export``): tables annotations and votes
+ANNOTATIONS_TABLE = "annotations.parquet"
+VOTES_TABLE = "votes.parquet"
+#: human_winrates: the files of one human win-rate folder, the summary among them
+HUMAN_WINRATES_CSV = "winrates.csv"
+HUMAN_BRADLEY_TERRY = "bradley_terry.csv"
+HUMAN_WINRATES_MD = "winrates.md"
+HUMAN_WINRATES_PLOT = "winrates.png"
+HUMAN_WINRATE_SUMMARY = "summary.json"
+HUMAN_WINRATE_FILES = (
+    HUMAN_WINRATES_CSV,
+    HUMAN_BRADLEY_TERRY,
+    HUMAN_WINRATES_MD,
+    HUMAN_WINRATES_PLOT,
+    HUMAN_WINRATE_SUMMARY,
+)
 #: the pairs file of each pair level: ``pairs/{framework}/{objective}{suffix}.parquet``
 PAIR_LEVELS = {"instance": "", "image": "_image"}
+
+
+def pairs_file(objective: str, level: str = "instance") -> str:
+    """The name of ``objective``'s pairs table of pair ``level`` in a pairs folder:
+    ``pairs_file("fidelity", "image")`` -> ``fidelity_image.parquet``."""
+    if level not in PAIR_LEVELS:
+        raise KeyError(f"unknown pair level {level!r}; known: {sorted(PAIR_LEVELS)}")
+    return f"{objective}{PAIR_LEVELS[level]}.parquet"
+
+
 #: the pair level of an online method (ddpo): it samples its own outputs and reads no pairs
 NO_PAIRS = "none"
 #: a method of pair level "objectives" reads the instance pairs of each of these objectives, in
@@ -143,6 +192,21 @@ def artifact(name: str, **fields: Any) -> str:
     if unknown:
         raise KeyError(f"artifact {name!r} has no wildcard {sorted(unknown)}")
     return ARTIFACTS[name].format_map(_KeepMissing(fields))
+
+
+def report_file(kind: str, **fields: Any) -> str:
+    """The name of a report file (:data:`REPORT_FILES`): ``report_file("radar", testset="x")``
+    -> ``radar_x.png``."""
+    if kind not in REPORT_FILES:
+        raise KeyError(f"unknown report file {kind!r}; known: {sorted(REPORT_FILES)}")
+    return REPORT_FILES[kind].format(**fields)
+
+
+def artifact_in(results: str | Path, name: str, **fields: Any) -> Path:
+    """Artifact ``name`` under a results folder other than the working directory's
+    ``results/`` (the annotation tools and tests take one): ``artifact_in("/r", "masks",
+    framework="onestep")`` -> ``/r/masks/onestep.zarr``."""
+    return Path(results) / artifact(name, **fields).removeprefix("results/")
 
 
 #: where shard outputs live (docs/design.md §15): artifact ``results/X/Y[.ext]`` has its shard
@@ -270,8 +334,8 @@ class Method:
     loss: str  # the loss the train stage assembles (pipeline.losses, pipeline.training.step)
     pair_level: str  # a key of PAIR_LEVELS, or "objectives" (MULTI_OBJECTIVES' instance pairs)
     needs_reference: bool = True  # whether the loss compares against the frozen reference
-    # the training loop: "offline" (pipeline.train's loop over selected pairs) or the name of a
-    # module in pipeline.training with its own loop (train.py's ONLINE_LOOPS)
+    # the method's module, pipeline.training.<loop> (pipeline.training.session.method_module):
+    # "offline" (the loop over selected pairs) or a method with its own loop
     loop: str = "offline"
     # overrides of the train section: e.g. the prompt rule (negative_prompts) of an ablation
     settings: dict[str, Any] = field(default_factory=dict)
@@ -307,6 +371,13 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise KeyError(f"unknown training method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def method_module(name: str) -> str:
+    """The module of method ``name``: ``pipeline.training.<Method.loop>`` (its ``RUN``, for the
+    training session). Built from this package's name: a literal module name here would put
+    every method into every stage's code hash (pipeline.codehash reads names in strings)."""
+    return ".".join((__package__, "training", method(name).loop))
 
 
 def _join_unique(texts: Sequence[str]) -> str:

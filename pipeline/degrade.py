@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.degradations import (
     apply_degradation,
     degradation_config,
@@ -413,7 +413,9 @@ def degrade_split(
     chosen = select_split(images, split, config)
     held = [image for image in chosen if shard.holds(image.image_id)]
     check_source_images(held, config)
-    manifest = source_manifest(config["source"], config["demo_images"], shard, fresh=True)
+    manifest = source_manifest(
+        config["source"], config["demo_images"], shard, fresh=True, manifest=config["manifest"]
+    )
     # workers changes speed, not bytes: leave it out so the output is the same either way
     recorded = {key: value for key, value in config.items() if key != "workers"}
     out = Path(out)
@@ -450,7 +452,7 @@ def degrade_split(
         "jpeg": "Pillow baseline JPEG, integer quality, 4:2:0 (reference: DiffJPEG)",
         "shard": shard.record(),
     }
-    write_table(frame, work.files / "pairs.parquet", "degradation_pairs", metadata)
+    write_table(frame, work.files / contracts.DATA_TABLE, "degradation_pairs", metadata)
     work.commit_folder()
     return frame
 
@@ -463,7 +465,7 @@ def rebuild_lq(folder: str | Path, row: Any, metadata: dict[str, Any] | None = N
     """
     folder = Path(folder)
     if metadata is None:
-        metadata = read_metadata(folder / "pairs.parquet")
+        metadata = read_metadata(folder / contracts.DATA_TABLE)
     degradation = metadata["config"]["degradation"]
     params = recorded_params(dict(row))
     hq = read_rgb(folder / params["hq_path"]).astype(np.float32) / 255.0

@@ -44,16 +44,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import contracts, rounds, settings
+from pipeline import contracts, model_names, rounds, settings
 
 DEFAULT_COSTS = Path(__file__).resolve().parent / "bench" / "costs_cpu.json"
 #: test sets whose images are not on disk: their images and HQ edge, as the paper evaluates them
 #: (StableSR's test crops: RealSR 100 and DRealSR 93 LR/HR pairs of 128/512 px)
 KNOWN_TESTSETS = {"RealSR": (100, 512), "DRealSR": (93, 512)}
-BASE_VARIANT = "base"
-NO_M2_SUFFIX = "_nom2"
-GUIDED_SAMPLING = ("multistep",)
-EA_ADAM = "ea_adam"
 
 
 @dataclass
@@ -95,52 +91,13 @@ def candidate_variants(config: Mapping[str, Any], framework: str) -> list[str]:
     return sorted({s["variant"] for s in settings.candidate_settings(config, framework)})
 
 
-def ea_adam_models(config: Mapping[str, Any], framework: str) -> list[str]:
-    """common.smk ``ea_adam_models``: the fused model and every member, where ea_adam runs."""
-    ea = settings.ea_adam_settings(config, (config.get("train") or {}).get(EA_ADAM))
-    chosen = ea["frameworks"]
-    if EA_ADAM not in config["methods"] or (chosen is not None and framework not in chosen):
-        return []
-    front = f"{EA_ADAM}_{contracts.FRONT_OBJECTIVE}"
-    return [front, *(f"{EA_ADAM}_member{i}" for i in range(ea["population_size"]))]
-
-
-def evaluated_models(config: Mapping[str, Any], framework: str) -> list[str]:
-    """common.smk ``evaluated_models``: bicubic, pretrained, every aligned model, the dspo
-    no-M2 ablations (guided sampling only) and every later round's model."""
-    aligned = [f"{m}_{o}" for m in config["methods"] for o in config["objectives"]
-               if m != EA_ADAM] + ea_adam_models(config, framework)  # fmt: skip
-    ablations = [f"dspo_{o}{NO_M2_SUFFIX}" for o in config["objectives"]
-                 if "dspo" in config["methods"] and framework in GUIDED_SAMPLING]  # fmt: skip
-    later = [rounds.model_name(*run) for run in rounds.runs(config)]
-    return ["bicubic", "pretrained", *aligned, *ablations, *later]
-
-
-def winrate_models(config: Mapping[str, Any], framework: str) -> list[str]:
-    """winrates_inputs.smk ``winrate_models``: aligned models with an automatic objective."""
-    automatic = settings.resolve("select", config.get("select"))["objectives"]
-    models = []
-    for name in evaluated_models(config, framework):
-        if name in ("bicubic", "pretrained") or name.endswith(NO_M2_SUFFIX):
-            continue
-        base, _ = rounds.split_model_name(name)
-        if base.startswith(f"{EA_ADAM}_"):
-            objective = contracts.FRONT_OBJECTIVE
-        else:
-            method = max((m for m in contracts.METHODS if base.startswith(f"{m}_")), key=len)
-            objective = base[len(method) + 1 :]
-        if objective in automatic:
-            models.append(name)
-    return models
-
-
 def train_runs(config: Mapping[str, Any], framework: str) -> list[tuple[str, str]]:
     """(method, objective) of every round-1 train job of ``framework`` (ea_adam: one run on
     the front objective, where it runs)."""
     runs = []
     for method in config["methods"]:
-        if method == EA_ADAM:
-            if ea_adam_models(config, framework):
+        if method == model_names.EA_ADAM:
+            if model_names.ea_adam_models(config, framework):
                 runs.append((method, contracts.FRONT_OBJECTIVE))
             continue
         runs.extend((method, objective) for objective in config["objectives"])
@@ -224,7 +181,7 @@ def build_stages(config: Mapping[str, Any], images: int, shards: int,
     pretrain_jobs = []
     for fw in frameworks:
         steps = int(settings.job_settings(config, "pretrain", framework=fw)["steps"])
-        for variant in sorted({*candidate_variants(config, fw), BASE_VARIANT}):
+        for variant in sorted({*candidate_variants(config, fw), model_names.BASE_VARIANT}):
             pretrain_jobs.append(Job(f"{fw}/{variant}", gpus["pretrain"], steps=steps))
     stages.append(Stage("pretrain", "steps", pretrain_jobs, ["pretrain/{fw}"], ["prompts.train"],
                         note="one job per variant; DDP scaling of a step not modelled"))  # fmt: skip
@@ -278,9 +235,9 @@ def build_stages(config: Mapping[str, Any], images: int, shards: int,
     eval_jobs, eval_instances = [], 0
     for fw in frameworks:
         for name, (count, px, _) in testsets.items():
-            for model in evaluated_models(config, fw):
+            for model in model_names.evaluated_models(config, fw):
                 eval_instances += 1
-                eval_jobs += sharded(f"{fw}/{name}/{model}", count, px * px / 1e6,
+                eval_jobs += sharded(f"{fw}/{name}/{model.name}", count, px * px / 1e6,
                                      gpus["evaluate"])  # fmt: skip
     stages.append(Stage("evaluate", "images", eval_jobs,
                         ["evaluate/{model}", "evaluate/{fw}", "evaluate"],
@@ -288,7 +245,7 @@ def build_stages(config: Mapping[str, Any], images: int, shards: int,
                         note="one model x test set per shard set"))  # fmt: skip
     win_jobs, win_instances = [], 0
     for fw in frameworks:
-        if not winrate_models(config, fw):
+        if not model_names.winrate_models(config, fw):
             continue
         for name, (count, px, _) in testsets.items():
             win_instances += 1

@@ -2,7 +2,9 @@
 
 A paper run that names a missing SAM checkpoint would otherwise fail in the segment stage,
 hours after pretraining started; an objective over a metric nobody scores would fail in select.
-:func:`check` looks at the whole config (after Snakemake's schema validation) and raises one
+:func:`check_schema` runs first, before Snakemake's own validation: every value the schema
+refuses, an unknown key with the nearest valid names and the file that has it (Snakemake's
+error would print the schema). :func:`check` looks at the whole config and raises one
 :class:`PreflightError` listing every problem as ``key: problem``. It is fast: no torch, no
 model construction; metric names come from pyiqa's registry file read on its own (importing
 pyiqa costs seconds) and the score stage's aliases (``pipeline.iqa.DSPO_METRICS``, read from
@@ -16,10 +18,12 @@ What is checked (relative paths are read from ``root``, the run's working direct
   folder); ``perceptual: lpips`` without ``perceptual_weights``; ``segment.checkpoint`` (a
   file); ``caption.captioner`` and ``caption.text_encoder`` (a path or, with downloads, a hub
   id); ``score``/``evaluate`` ``weights_dir`` (a folder) and ``weights`` (a file per metric that
-  the section scores);
-- metrics: ``score.metrics``, ``evaluate.metrics`` known to pyiqa (or the score stage's
-  aliases); every metric of ``select.objectives`` scored by ``score.metrics``; no empty
-  objective; every name in ``objectives`` a select objective ('human' needs ``annotations``);
+  the section scores); the prompts source's model (``prompts.captioner`` / ``tagger``);
+- metrics: every key of :data:`METRIC_KEYS` (each config key that names IQA metrics) names
+  metrics known to pyiqa (or the score stage's aliases), with the nearest names when not, and
+  among the metrics it reads (``select.objectives`` among ``score.metrics``, the report's among
+  ``evaluate.metrics``, ...); no empty objective; every name in ``objectives`` a select
+  objective ('human' needs ``annotations``);
 - data: ``degrade.source`` ('demo' or a folder), test set paths outside ``results/``
   (``results/...`` folders are made by the degrade rule), the ``annotations`` file;
 - models and candidates, per framework in ``frameworks``: a ``base`` variant; every candidate
@@ -29,7 +33,16 @@ What is checked (relative paths are read from ``root``, the run's working direct
   (``train_base`` / ``train_unet``), else a random frozen base would be fine-tuned;
 - GPUs: batch sizes divisible by the processes ``gpus`` starts (pretrain: ``gpus.pretrain``;
   train: ``gpus.train`` x ``gradient_accumulation_steps``), which the stages check only when
-  their job starts.
+  their job starts;
+- what the stages check when their job starts (:meth:`_Checker.stage_checks`): ``degrade``'s
+  crop a multiple of its scale; a fixed prompt that differs from its negative prompt once
+  joined as the prompts stage joins them (docs/design.md §9); gdpo's two metric lists disjoint,
+  scored, full-reference and no-reference; ddpo's tracker count within its buffer; ea_adam's
+  perception and fidelity objectives. (Single values, such as ``report.radar_floor`` below 1,
+  are the schema's.)
+
+:func:`lock_hint` names ``snakemake --unlock`` when Snakemake's lock files are present (a
+killed run leaves them; whether one is stale cannot be told from here, see there).
 
 Candidate settings that cannot differ are refused (issue 12; docs/design.md §9, "a guidance
 setting that cannot change the output is a configuration error"):
@@ -47,15 +60,18 @@ setting that cannot change the output is a configuration error"):
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import importlib.util
 import itertools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import settings
+import yaml
+
+from pipeline import contracts, settings
 
 BASE_VARIANT = "base"
 #: one-step model keys that only act through the VSD regulariser (inert when lambda_vsd is 0)
@@ -63,6 +79,29 @@ VSD_ONLY_KEYS = ("cfg_vsd", "lambda_vsd_lora", "vsd_timestep_min", "vsd_timestep
                  "negative_prompt")  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as pipeline.hub.is_hub_id
 _IQA_SOURCE = Path(__file__).resolve().parent / "iqa.py"
+#: Snakemake's lock folder, relative to the working directory
+LOCKS = Path(".snakemake") / "locks"
+
+#: Every config key that names IQA metrics (docs/design.md §10): how its names are read
+#: ("list", "keys" of a map, one "value", or "objectives": {name: {metric: weight}}), the key
+#: whose metrics they must be among (None: any the registry knows) and when that is read
+#: ("always", "gdpo": a gdpo method runs, "simulate": human_eval.simulate.enabled). Every name
+#: is checked against the registry whether or not the key is read.
+METRIC_KEYS = (
+    ("score.metrics", "list", None, "always"),
+    ("evaluate.metrics", "list", None, "always"),
+    ("score.weights", "keys", "score.metrics", "always"),
+    ("score.options", "keys", None, "always"),
+    ("evaluate.weights", "keys", "evaluate.metrics", "always"),
+    ("evaluate.options", "keys", None, "always"),
+    ("select.objectives", "objectives", "score.metrics", "always"),
+    ("train.gdpo_fidelity_metrics", "list", "score.metrics", "gdpo"),
+    ("train.gdpo_detail_metrics", "list", "score.metrics", "gdpo"),
+    ("train.ea_adam.objectives", "objectives", None, "always"),
+    ("report.radar_metrics", "list", "evaluate.metrics", "always"),
+    ("report.front_objectives", "objectives", "evaluate.metrics", "always"),
+    ("human_eval.simulate.metric", "value", "evaluate.metrics", "simulate"),
+)
 
 
 class PreflightError(ValueError):
@@ -85,7 +124,11 @@ def check(config: Mapping[str, Any], root: Path) -> None:
 
 
 def find_problems(config: Mapping[str, Any], root: Path) -> list[tuple[str, str]]:
-    """Every problem of ``config`` as ``(key, problem)``, in config order; [] when it can run."""
+    """Every problem of ``config`` as ``(key, problem)``, in config order; [] when it can run.
+    Values the schema refuses come alone (nothing else can be read then)."""
+    refused = schema_problems(config)
+    if refused:
+        return refused
     config = settings.resolve("", config)  # defaults filled (a no-op after Snakemake's)
     checker = _Checker(config, Path(root))
     checker.weights()
@@ -94,7 +137,106 @@ def find_problems(config: Mapping[str, Any], root: Path) -> list[tuple[str, str]
     checker.candidates()
     checker.tiny_models()
     checker.gpus()
+    checker.stage_checks()
     return checker.problems
+
+
+# --- the schema ---------------------------------------------------------------------------------
+
+
+def check_schema(config: Mapping[str, Any], configfiles: Sequence[str | Path] = ()) -> None:
+    """Raise :class:`PreflightError` naming every value the schema refuses; an unknown key
+    with the nearest valid names and the file that has it. The workflow calls this before
+    Snakemake's own validation, whose error prints the schema (5,000 lines at the top level)."""
+    problems = schema_problems(config, configfiles)
+    if problems:
+        raise PreflightError(problems)
+
+
+def schema_problems(
+    config: Mapping[str, Any], configfiles: Sequence[str | Path] = ()
+) -> list[tuple[str, str]]:
+    """``(key, problem)`` for every value the schema refuses (``configfiles``: where to say an
+    unknown key is written)."""
+    files = [(Path(name), _load_yaml(name)) for name in configfiles]
+    problems = []
+    for error in settings.schema_errors("", config):
+        where = [str(part) for part in error.absolute_path]
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            known = sorted(error.schema.get("properties", {}))
+            for key in sorted(set(error.instance) - set(known)):
+                problems.append(_unknown_key(where, key, known, files))
+        else:
+            problems.append((_dotted(where) or "<config>", _short(error.message)))
+    return problems
+
+
+def _unknown_key(where: list[str], key: str, known: list[str], files) -> tuple[str, str]:
+    place = f"in {_dotted(where)}" if where else "at the top level"
+    if files:
+        holding = [_shown(path) for path, loaded in files if _has(loaded, [*where, key])]
+        place += f" (in {', '.join(holding)})" if holding else " (given with --config)"
+    nearest = difflib.get_close_matches(key, known, n=3)
+    hint = f"did you mean: {', '.join(nearest)}?" if nearest else f"valid: {', '.join(known)}"
+    return _dotted([*where, key]), f"unknown key {place}; {hint}"
+
+
+def _dotted(parts: Sequence[str]) -> str:
+    return ".".join(parts)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_yaml(name: str | Path) -> Any:
+    try:
+        return yaml.safe_load(Path(name).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _has(loaded: Any, parts: Sequence[str]) -> bool:
+    """Whether a loaded config file holds the key at ``parts`` (list items by index)."""
+    for part in parts:
+        if isinstance(loaded, list) and part.isdigit() and int(part) < len(loaded):
+            loaded = loaded[int(part)]
+        elif isinstance(loaded, Mapping) and part in loaded:
+            loaded = loaded[part]
+        else:
+            return False
+    return True
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+# --- after a kill: Snakemake's locks ------------------------------------------------------------
+
+
+def lock_hint(root: Path) -> str | None:
+    """A hint naming ``snakemake --unlock`` when ``root`` holds Snakemake lock files, else None.
+
+    Whether a lock is stale cannot be told reliably from here: the files name the locked paths,
+    not a process, and the Snakemake holding them may run on another machine sharing the
+    folder (a cluster's login node); so this says what the files mean and the command, and
+    Snakemake itself decides whether they conflict (docs/design.md §10).
+    """
+    folder = Path(root) / LOCKS
+    names = sorted(p.name for p in folder.glob("*.lock")) if folder.is_dir() else []
+    if not names:
+        return None
+    return (
+        f"note: {LOCKS}/ holds {len(names)} lock file(s) ({', '.join(names[:4])}). If no other "
+        "Snakemake runs in this directory, a killed run (kill -9, a lost node) left them and "
+        "Snakemake will stop with a LockException: run `snakemake --unlock` with the same "
+        "options once, then start the run again."
+    )
 
 
 # --- metric names -------------------------------------------------------------------------------
@@ -115,8 +257,8 @@ def score_aliases() -> dict[str, str]:
 
 
 @functools.cache
-def pyiqa_metric_ids() -> frozenset[str] | None:
-    """pyiqa's registry (``DEFAULT_CONFIGS`` keys) without importing pyiqa; None if absent."""
+def pyiqa_configs() -> dict[str, Any] | None:
+    """pyiqa's registry (``DEFAULT_CONFIGS``) without importing pyiqa; None if absent."""
     spec = importlib.util.find_spec("pyiqa")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -126,7 +268,13 @@ def pyiqa_metric_ids() -> frozenset[str] | None:
         return None
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)  # it imports collections only
-    return frozenset(module.DEFAULT_CONFIGS)
+    return dict(module.DEFAULT_CONFIGS)
+
+
+def pyiqa_metric_ids() -> frozenset[str] | None:
+    """pyiqa's metric ids (``DEFAULT_CONFIGS`` keys); None if pyiqa is absent."""
+    configs = pyiqa_configs()
+    return None if configs is None else frozenset(configs)
 
 
 def known_metric(name: str) -> bool:
@@ -136,11 +284,51 @@ def known_metric(name: str) -> bool:
     return ids is None or pyiqa_id in ids
 
 
+def full_reference(name: str) -> bool | None:
+    """Whether ``name`` compares with the HQ (``pipeline.iqa.MetricInfo.full_reference``);
+    None when the registry does not know it."""
+    configs = pyiqa_configs() or {}
+    config = configs.get(score_aliases().get(name, name))
+    return None if config is None else config.get("metric_mode") == "FR"
+
+
+def unknown_metrics_message(unknown: Sequence[str]) -> str:
+    """What to say of metric names the registry does not know: the nearest known names."""
+    choices = sorted(set(pyiqa_metric_ids() or ()) | set(score_aliases()))
+    nearest = [m for name in unknown for m in difflib.get_close_matches(name, choices, n=2)]
+    hint = f" (did you mean: {', '.join(dict.fromkeys(nearest))}?)" if nearest else ""
+    return (
+        f"unknown IQA metric(s) {_names(unknown)}{hint}: neither a pyiqa metric id nor one of "
+        f"the score stage's names {_names(sorted(score_aliases()))}"
+    )
+
+
 # --- the checks ---------------------------------------------------------------------------------
 
 
 def _names(values: Iterable[Any]) -> str:
     return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key; None where a section is missing or null."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _metric_names(value: Any, reader: str, key: str) -> list[tuple[str, list[str]]]:
+    """``(key, metric names)`` of one :data:`METRIC_KEYS` value (per objective for
+    "objectives"); none for a null value."""
+    if value is None:
+        return []
+    if reader == "objectives":
+        return [(f"{key}.{name}", [str(m) for m in (weights or {})])
+                for name, weights in value.items()]  # fmt: skip
+    if reader == "value":
+        return [(key, [str(value)])]
+    return [(key, [str(m) for m in value])]  # a list, or the keys of a map
 
 
 class _Checker:
@@ -237,39 +425,50 @@ class _Checker:
             )
             for metric, path in (section["weights"] or {}).items():
                 key = f"{stage}.weights.{metric}"
-                if metric not in section["metrics"]:
-                    self.problem(key, f"{metric!r} is not in {stage}.metrics")
                 self.local(key, str(path), "file", f"weights file of IQA metric {metric!r}")
 
     def metrics(self) -> None:
-        config = self.config
-        for stage in ("score", "evaluate"):
-            unknown = [m for m in config[stage]["metrics"] if not known_metric(m)]
-            if unknown:
-                self.problem(
-                    f"{stage}.metrics",
-                    f"unknown IQA metric(s) {_names(unknown)} (neither a pyiqa metric id nor "
-                    f"one of the score stage's names {_names(sorted(score_aliases()))})",
-                )
-        scored = list(config["score"]["metrics"])
-        objectives = config["select"]["objectives"]
-        for objective, weights in objectives.items():
-            key = f"select.objectives.{objective}"
+        """Every key of :data:`METRIC_KEYS`: names the registry knows, among the metrics of
+        the key they read when it is read; no empty objective; every objective selectable."""
+        for key, reader, within, when in METRIC_KEYS:
+            for where, names in _metric_names(_get(self.config, key), reader, key):
+                self.metric_names(where, names, within if self.reads(when) else None)
+        for objective, weights in self.config["select"]["objectives"].items():
             if not weights:
-                self.problem(key, "has no metrics (it could never choose a winner)")
-            missing = [m for m in weights if m not in scored]
-            if missing:
                 self.problem(
-                    key, f"metric(s) {_names(missing)} are not in score.metrics {_names(scored)}"
+                    f"select.objectives.{objective}",
+                    "has no metrics (it could never choose a winner)",
                 )
-        selectable = list(objectives) + (["human"] if config["annotations"] else [])
-        for objective in config["objectives"]:
+        selectable = list(self.config["select"]["objectives"])
+        selectable += ["human"] if self.config["annotations"] else []
+        for objective in self.config["objectives"]:
             if objective not in selectable:
                 self.problem(
                     "objectives",
                     f"{objective!r} is not a select objective (select.objectives: "
                     f"{_names(sorted(selectable))}; 'human' needs 'annotations')",
                 )
+
+    def metric_names(self, key: str, names: list[str], within: str | None) -> None:
+        unknown = [name for name in names if not known_metric(name)]
+        if unknown:
+            self.problem(key, unknown_metrics_message(unknown))
+        allowed = _get(self.config, within) if within else None
+        missing = [n for n in names if n not in unknown and n not in (allowed or [])]
+        if within and missing:
+            self.problem(key, f"metric(s) {_names(missing)} are not in {within} "
+                         f"{_names(allowed or [])}")  # fmt: skip
+
+    def reads(self, when: str) -> bool:
+        """Whether the run reads a key of :data:`METRIC_KEYS` ("always", "gdpo", "simulate")."""
+        if when == "gdpo":
+            return bool(self.methods_with_loop("gdpo"))
+        if when == "simulate":
+            return bool(self.config["human_eval"]["simulate"]["enabled"])
+        return True
+
+    def methods_with_loop(self, loop: str) -> list[str]:
+        return [m for m in self.config["methods"] if contracts.method(m).loop == loop]
 
     def data(self) -> None:
         config = self.config
@@ -290,10 +489,6 @@ class _Checker:
         for framework, votes in (human_eval["votes"] or {}).items():
             self.local(f"human_eval.votes.{framework}", votes, "file",
                        "votes table of `annotate export`")  # fmt: skip
-        metric = human_eval["simulate"]["metric"]
-        if human_eval["simulate"]["enabled"] and metric not in config["evaluate"]["metrics"]:
-            self.problem("human_eval.simulate.metric",
-                         f"{metric!r} is not in evaluate.metrics {_names(config['evaluate']['metrics'])}")  # fmt: skip
 
     def candidates(self) -> None:
         config = self.config
@@ -418,6 +613,99 @@ class _Checker:
                 f"({gpus.get('train', 1)}) x train.gradient_accumulation_steps "
                 f"({train['gradient_accumulation_steps']})",
             )
+
+    # what the stages check when their job starts, checked now (docs/design.md §10)
+
+    def stage_checks(self) -> None:
+        self.degrade_crop()
+        self.prompts()
+        if self.methods_with_loop("gdpo"):
+            self.gdpo_metrics()
+        if self.methods_with_loop("ddpo") or self.methods_with_loop("gdpo"):
+            self.stat_tracker()
+        if "ea_adam" in self.config["methods"]:
+            self.ea_adam_objectives()
+
+    def degrade_crop(self) -> None:
+        """As ``pipeline.degrade.stage_config``: the LQ is the crop downscaled by the scale."""
+        degrade = self.config["degrade"]
+        crop, scale = degrade["crop_size"], degrade["degradation"]["scale"]
+        if crop < scale or crop % scale:
+            self.problem("degrade.crop_size", f"{crop} is not a multiple of "
+                         f"degrade.degradation.scale ({scale}): the LQ is the crop downscaled by it")  # fmt: skip
+
+    def prompts(self) -> None:
+        """As the prompts stage: its source's model, and a fixed prompt that differs from its
+        negative prompt once joined as the stage joins them (docs/design.md §9)."""
+        prompts = self.config["prompts"]
+        source = prompts["source"]
+        if source == "fixed":
+            self.fixed_prompt(prompts)
+        models = {"captioner": ("captioner", "a BLIP folder"),
+                  "tagger": ("tagger", "a RAM checkpoint")}  # fmt: skip
+        if source in models:
+            key, what = models[source]
+            if not prompts[key]:
+                self.problem(f"prompts.{key}", f"source {source!r} needs {what} (it is null)")
+            self.weight_path(f"prompts.{key}", prompts[key], f"prompts source {source!r}")
+        if source == "tagger":
+            self.local("prompts.tagger_condition", prompts["tagger_condition"], "path",
+                       "DAPE condition checkpoint")  # fmt: skip
+            if importlib.util.find_spec("ram") is None:
+                self.problem("prompts.source", "'tagger' needs the Python package 'ram' "
+                             "(recognize-anything), which is not installed")  # fmt: skip
+
+    def fixed_prompt(self, prompts: Mapping[str, Any]) -> None:
+        from pipeline.guidance import join_prompts  # the prompts stage's join (pandas only)
+
+        prompt = join_prompts(prompts["prompt"], prompts["added_prompt"])
+        if prompt.strip() == join_prompts(prompts["negative_prompt"]).strip():
+            self.problem(
+                "prompts.negative_prompt",
+                f"equals the prompt {prompt!r} (prompts.prompt + added_prompt, as the prompts "
+                "stage joins them): guidance would change nothing (docs/design.md §9)",
+            )
+
+    def gdpo_metrics(self) -> None:
+        """As ``pipeline.training.gdpo.GroupReward``: two disjoint lists, fidelity metrics
+        full-reference, detail metrics no-reference (their names: :meth:`metrics`)."""
+        train = self.config["train"]
+        fidelity, detail = train["gdpo_fidelity_metrics"], train["gdpo_detail_metrics"]
+        shared = [m for m in detail if m in fidelity]
+        if shared:
+            self.problem("train.gdpo_detail_metrics",
+                         f"shares {_names(shared)} with train.gdpo_fidelity_metrics")  # fmt: skip
+        for key, names, wanted, kind, term in (
+            ("train.gdpo_fidelity_metrics", fidelity, True, "full-reference", "fidelity"),
+            ("train.gdpo_detail_metrics", detail, False, "no-reference", "detail"),
+        ):
+            wrong = [m for m in names if full_reference(m) is (not wanted)]
+            if wrong:
+                self.problem(key, f"{_names(wrong)} are not {kind} (gdpo's {term} term)")
+
+    def stat_tracker(self) -> None:
+        """As ``pipeline.training.ddpo``: the tracker needs its count within its buffer."""
+        train = self.config["train"]
+        count, size = train["stat_tracker_min_count"], train["stat_tracker_buffer_size"]
+        if count > size:
+            self.problem("train.stat_tracker_min_count", f"{count} exceeds "
+                         f"train.stat_tracker_buffer_size ({size}): ddpo's tracker could never "
+                         "use an LQ's own statistics")  # fmt: skip
+
+    def ea_adam_objectives(self) -> None:
+        """ea_adam trains on the pairs of both multi-objectives (select makes them) and scores
+        fitness by their metric weights (``train.ea_adam.objectives``, else select's)."""
+        wanted = contracts.MULTI_OBJECTIVES
+        missing = [o for o in wanted if o not in self.config["select"]["objectives"]]
+        if missing:
+            self.problem("select.objectives", f"methods has 'ea_adam', which trains on the "
+                         f"pairs of objectives {_names(wanted)}; select.objectives has no "
+                         f"{_names(missing)}")  # fmt: skip
+        fitness = _get(self.config, "train.ea_adam.objectives")
+        lacking = [o for o in wanted if not (fitness or {}).get(o)]
+        if fitness is not None and lacking:
+            self.problem("train.ea_adam.objectives", f"ea_adam's fitness needs metric weights "
+                         f"of {_names(wanted)}; it has no {_names(lacking)}")  # fmt: skip
 
     # helpers
 

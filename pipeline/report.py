@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import alignment_report, contracts, rounds, settings
+from pipeline import alignment_report, contracts, model_names, settings
 from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table, write_table
@@ -83,28 +83,24 @@ def read_evaluations(
     return pd.concat(frames, ignore_index=True), metadata, manifests
 
 
-#: Table 2's ablation rows: the evaluation name of each ablation of ``dspo_<objective>``
+#: Table 2's ablation rows: what each ablation of a dspo model is (its dspo_m1 model and its
+#: sampling without M2, :meth:`pipeline.model_names.ModelSpec.ablations`)
 ABLATIONS = {
-    "dspo_m1_{objective}": "DSPO trained without the feedback negatives (M1 only)",
-    "dspo_{objective}_nom2": "DSPO sampled without the feedback negatives (no M2 in sampling)",
+    model_names.M1_ONLY: "DSPO trained without the feedback negatives (M1 only)",
+    model_names.NO_M2: "DSPO sampled without the feedback negatives (no M2 in sampling)",
 }
 
 
 def ablations_of(model: str) -> list[str]:
-    """The ablation names of a ``dspo_<objective>`` model (Table 2), [] for other models."""
-    if not model.startswith("dspo_") or model.startswith("dspo_m1_") or model.endswith("_nom2"):
-        return []
-    objective = model[len("dspo_") :]
-    return [name.format(objective=objective) for name in ABLATIONS]
+    """The names of a dspo model's ablations (Table 2), [] for other models."""
+    spec = model_names.parse_or_none(model)
+    return [ablation.name for ablation in spec.ablations()] if spec else []
 
 
 def ablation_label(model: str) -> str | None:
     """What an ablation row is (for the legend), None for other models."""
-    if model.startswith("dspo_m1_"):
-        return ABLATIONS["dspo_m1_{objective}"]
-    if model.startswith("dspo_") and model.endswith("_nom2"):
-        return ABLATIONS["dspo_{objective}_nom2"]
-    return None
+    spec = model_names.parse_or_none(model)
+    return ABLATIONS[spec.ablation] if spec and spec.is_ablation else None
 
 
 def model_order(models: Iterable[str], config: dict[str, Any]) -> list[str]:
@@ -492,8 +488,11 @@ def write_report_markdown(
 
 # ----------------------------------------------------------------------------- EA-Adam front
 
-#: evaluation names of ea_adam's models (workflow/rules/common.smk): the fused model, member i
-EA_ADAM_FUSED, EA_ADAM_MEMBER = "ea_adam_front", "ea_adam_member"
+
+def member_index(model: str) -> int | None:
+    """The population index of an ea_adam member's model, None for other models."""
+    spec = model_names.parse_or_none(model)
+    return spec.member if spec is not None and spec.kind == model_names.MEMBER else None
 
 
 def front_points(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> pd.DataFrame:
@@ -503,16 +502,21 @@ def front_points(summary: pd.DataFrame, testset: str, config: dict[str, Any]) ->
     and weighted; ``non_dominated`` marks the members on the front (among members). Empty
     without members."""
     part = summary[summary["testset"] == testset]
-    members = sorted({m for m in part["model"] if m.startswith(EA_ADAM_MEMBER)},
-                     key=lambda m: int(m[len(EA_ADAM_MEMBER):]))  # fmt: skip
+    specs = {m: model_names.parse_or_none(m) for m in set(part["model"])}
+    members = sorted((m for m in specs if member_index(m) is not None), key=member_index)
     objectives = config.get("front_objectives") or {}
     if not members or any(o not in objectives for o in contracts.MULTI_OBJECTIVES):
         return pd.DataFrame()
     singles = sorted(
-        m for m in set(part["model"]) if m.startswith("dspo_") and not ablation_label(m)
+        m
+        for m, spec in specs.items()
+        if spec is not None
+        and spec.kind == model_names.ALIGNED
+        and spec.method == model_names.DSPO
+        and not spec.is_ablation
     )
-    models = [*members, *([EA_ADAM_FUSED] if EA_ADAM_FUSED in set(part["model"]) else []),
-              *singles, *(["pretrained"] if "pretrained" in set(part["model"]) else [])]  # fmt: skip
+    fused, pretrained = model_names.ModelSpec.ea_adam_front().name, model_names.PRETRAINED
+    models = [m for m in (*members, fused, *singles, pretrained) if m in specs]
     means = part.pivot_table(index="model", columns="metric", values="mean").reindex(models)
     flip = part.groupby("metric")["lower_better"].first()
     frame = pd.DataFrame(index=pd.Index(models, name="model"))
@@ -551,7 +555,7 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
         if frame.empty:
             continue
         figure, axes = plt.subplots(figsize=(5, 4))
-        member = frame["model"].str.startswith(EA_ADAM_MEMBER)
+        member = frame["model"].map(lambda m: member_index(m) is not None).astype(bool)
         front = frame[member & frame["non_dominated"].eq(True)]
         axes.plot(frame.loc[member, "perception"], frame.loc[member, "fidelity"], "o-",
                   color="tab:blue", label="EA-Adam members")  # fmt: skip
@@ -560,15 +564,17 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
         for _, row in frame[~member].iterrows():
             axes.scatter(row["perception"], row["fidelity"], marker="s", label=row["model"])
         for _, row in frame.iterrows():
-            axes.annotate(row["model"].replace(EA_ADAM_MEMBER, "m"),
-                          (row["perception"], row["fidelity"]), fontsize="x-small")  # fmt: skip
+            index = member_index(row["model"])
+            label = row["model"] if index is None else f"m{index}"
+            axes.annotate(label, (row["perception"], row["fidelity"]), fontsize="x-small")
         axes.set_xlabel("perception score (normalised, higher = better)")
         axes.set_ylabel("fidelity score (normalised, higher = better)")
         axes.set_title(f"{framework}: {testset}, EA-Adam front")
         axes.legend(fontsize="x-small")
-        _save_figure(figure, out_dir / f"front_{testset}.png")
-        files.append(f"front_{testset}.png")
-        lines += [f"### {testset}", "", f"![front](front_{testset}.png)", "",
+        plot = contracts.report_file("front", testset=testset)
+        _save_figure(figure, out_dir / plot)
+        files.append(plot)
+        lines += [f"### {testset}", "", f"![front]({plot})", "",
                   "| model | perception | fidelity | non-dominated |", "|---|---|---|---|"]  # fmt: skip
         for _, row in frame.iterrows():
             mark = "" if row["non_dominated"] is None else ("yes" if row["non_dominated"] else "no")
@@ -580,9 +586,9 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
     text = "\n".join(["## EA-Adam front", "", "Scores: each metric of `front_objectives` min-max "
                       "normalised over the plotted models, flipped where lower is better, "
                       "weighted.", "", *lines])  # fmt: skip
-    with atomic_path(out_dir / "front.md") as temporary:
+    with atomic_path(out_dir / contracts.report_file("front_md")) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")
-    return [*files, "front.md"], text
+    return [*files, contracts.report_file("front_md")], text
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -592,23 +598,22 @@ ROUNDS_COLUMNS = ["testset", "method", "objective", "round", "model"]
 
 def rounds_frame(summary: pd.DataFrame) -> pd.DataFrame:
     """The metrics per alignment round (docs/design.md §14): for every run with a later round's
-    model (``{method}_{objective}_r{round}``, :func:`pipeline.rounds.model_name`), one row per
-    round, round 1 being the run's own model; columns :data:`ROUNDS_COLUMNS`, then each
-    metric's mean. Empty without later rounds."""
-    models = list(dict.fromkeys(summary["model"]))
-    later: dict[str, list[tuple[int, str]]] = {}
-    for model in models:
-        base, number = rounds.split_model_name(model)
-        if number > 1:
-            later.setdefault(base, []).append((number, model))
+    model (:class:`pipeline.model_names.ModelSpec` of round r >= 2), one row per round, round 1
+    being the run's own model; columns :data:`ROUNDS_COLUMNS`, then each metric's mean. Empty
+    without later rounds."""
+    later: dict[model_names.ModelSpec, list[tuple[int, str]]] = {}
+    for model in dict.fromkeys(summary["model"]):
+        spec = model_names.parse_or_none(model)
+        if spec is not None and spec.round > 1:
+            later.setdefault(spec.base, []).append((spec.round, model))
     rows = []
     for testset in dict.fromkeys(summary["testset"]):
         part = summary[summary["testset"] == testset]
         means = part.pivot(index="model", columns="metric", values="mean")
         metrics = metric_order(part["metric"])
         for base, numbered in later.items():
-            method, objective = rounds.method_objective(base) or (base, "")
-            for number, model in [(1, base), *sorted(numbered)]:
+            method, objective = base.method, base.objective
+            for number, model in [(1, base.name), *sorted(numbered)]:
                 if model in means.index:
                     rows.append({"testset": testset, "method": method, "objective": objective,
                                  "round": number, "model": model,
@@ -645,11 +650,12 @@ def write_rounds(summary: pd.DataFrame, out_dir: Path) -> tuple[list[str], str]:
                                              *cells]) + " |")  # fmt: skip
         lines.append("")
     text = "\n".join(lines)
-    with atomic_path(out_dir / "rounds.csv") as temporary:
+    csv, markdown = contracts.report_file("rounds_csv"), contracts.report_file("rounds_md")
+    with atomic_path(out_dir / csv) as temporary:
         frame.to_csv(temporary, index=False, float_format="%.6g")
-    with atomic_path(out_dir / "rounds.md") as temporary:
+    with atomic_path(out_dir / markdown) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")
-    return ["rounds.csv", "rounds.md"], text
+    return [csv, markdown], text
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -674,43 +680,52 @@ def report(
     summary = summarise(metrics, config, seed)
     summary_metadata = {"framework": framework, "config": config, "seed": seed,
                         "inputs": [str(p) for p in evaluations]}  # fmt: skip
-    write_table(summary, out_dir / "summary.parquet", "eval_summary", summary_metadata)
+    write_table(
+        summary, out_dir / contracts.report_file("summary"), "eval_summary", summary_metadata
+    )
     markdown, table = format_tables(summary, config)
-    with atomic_path(out_dir / "tables.md") as temporary:
+    with atomic_path(out_dir / contracts.report_file("tables_md")) as temporary:
         temporary.write_text(markdown, encoding="utf-8")
-    with atomic_path(out_dir / "tables.csv") as temporary:
+    with atomic_path(out_dir / contracts.report_file("tables_csv")) as temporary:
         table.to_csv(temporary, index=False, float_format="%.6g")
-    artifacts = ["summary.parquet", "tables.md", "tables.csv"]
+    artifacts = [
+        contracts.report_file("summary"),
+        contracts.report_file("tables_md"),
+        contracts.report_file("tables_csv"),
+    ]
     lower_better = summary.groupby("metric")["lower_better"].first().to_dict()
     for testset in dict.fromkeys(summary["testset"]):
         values = radar_values(summary, testset, config)
         values.attrs["lower_better"] = lower_better
-        plot_radar(values, out_dir / f"radar_{testset}.png", f"{framework}: {testset}")
+        radar, grid = (contracts.report_file(k, testset=testset) for k in ("radar", "grid"))
+        plot_radar(values, out_dir / radar, f"{framework}: {testset}")
         models = model_order(metrics.loc[metrics["testset"] == testset, "model"], config)
         panels = grid_panels(testset, models, manifests, config)
-        plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / f"grid_{testset}.png",
+        plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / grid,
                        f"{framework}: {testset}")  # fmt: skip
-        artifacts += [f"radar_{testset}.png", f"grid_{testset}.png"]
+        artifacts += [radar, grid]
     front_files, front_text = write_front(summary, out_dir, framework, config)
     artifacts += front_files
     rounds_files, rounds_text = write_rounds(summary, out_dir)
     artifacts += rounds_files
-    write_report_markdown(out_dir / "report.md", framework, summary, metadata, provenance,
+    write_report_markdown(out_dir / contracts.report_file("report"), framework, summary, metadata, provenance,
                           config, artifacts, seed)  # fmt: skip
     if front_text:  # the front follows the report's sections
-        text = (out_dir / "report.md").read_text(encoding="utf-8")
-        with atomic_path(out_dir / "report.md") as temporary:
+        text = (out_dir / contracts.report_file("report")).read_text(encoding="utf-8")
+        with atomic_path(out_dir / contracts.report_file("report")) as temporary:
             temporary.write_text(text + "\n" + front_text + "\n", encoding="utf-8")
     if rounds_text:  # the metrics per round follow
-        text = (out_dir / "report.md").read_text(encoding="utf-8")
-        with atomic_path(out_dir / "report.md") as temporary:
+        text = (out_dir / contracts.report_file("report")).read_text(encoding="utf-8")
+        with atomic_path(out_dir / contracts.report_file("report")) as temporary:
             temporary.write_text(text + "\n" + rounds_text + "\n", encoding="utf-8")
-    alignment_report.append_to_report(out_dir / "report.md", curves, win_rates, framework)
+    alignment_report.append_to_report(
+        out_dir / contracts.report_file("report"), curves, win_rates, framework
+    )
     return summary
 
 
 #: the study's plot, copied beside report.md
-STUDY_PLOT = "study_adoption.png"
+STUDY_PLOT = contracts.report_file("study_plot")
 
 
 def append_study_section(report_md: str | Path, section: str | Path, plot: str | Path) -> str:
@@ -757,11 +772,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.study_section is not None:  # the controlled study, before the human evaluation
         if args.study_plot is None:
             parser.error("--study-section needs --study-plot")
-        append_study_section(args.out / "report.md", args.study_section, args.study_plot)
+        append_study_section(
+            args.out / contracts.report_file("report"), args.study_section, args.study_plot
+        )
     if args.human_eval is not None:  # the human evaluation (maybe SIMULATED) closes the report
         from pipeline.annotate.report_section import append_to_report
 
-        append_to_report(args.out / "report.md", args.human_eval)
+        append_to_report(args.out / contracts.report_file("report"), args.human_eval)
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0
 

@@ -16,16 +16,16 @@ rounds (``candidates`` ... ``train``, today's paths). For R >= 2, round r + 1 of
 Only methods that train on selected pairs iterate (offline loop, pair level instance or image);
 online methods (ddpo) sample their own outputs and multi-objective ones (ea_adam) read several
 objectives' pairs, so both are refused. Only automatic objectives iterate: human pairs rate
-round 1's candidates. Round r >= 2 of ``{method}_{objective}`` is evaluated as
-``{method}_{objective}_r{r}`` (:func:`model_name`).
+round 1's candidates. Round r >= 2 of a run's model is evaluated as its own model
+(:class:`pipeline.model_names.ModelSpec`, round r).
 
 This module is shared (no stage): the workflow (``workflow/rules/rounds.smk``, ``common.smk``)
-and the report read it; it imports no stage.
+and :mod:`pipeline.model_names` (the models a configuration evaluates) read it; it imports no
+stage.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +33,6 @@ from pipeline import contracts, settings
 
 #: Snakemake's constraint of the ``round`` wildcard: 2, 3, ..., 10, ... (round 1 has none)
 ROUND_WILDCARD = "[2-9]|[1-9][0-9]+"
-_NAME = re.compile(r"^(?P<base>.+)_r(?P<round>[1-9][0-9]*)$")
 
 
 def rounds_settings(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,33 +107,6 @@ def check(config: Mapping[str, Any]) -> None:
             f"config rounds.count {rounds_settings(config)['count']}: no run iterates (methods "
             f"{iterating_methods(config)}, automatic objectives {iterating_objectives(config)})"
         )
-
-
-def model_name(method: str, objective: str, round_number: int = 1) -> str:
-    """The evaluation name of a run's model after round ``round_number``:
-    ``{method}_{objective}`` for round 1, ``{method}_{objective}_r{round}`` later."""
-    base = f"{method}_{objective}"
-    return base if round_number == 1 else f"{base}_r{round_number}"
-
-
-def split_model_name(name: str) -> tuple[str, int]:
-    """(round 1's name, round) of an evaluation name: ``dspo_fidelity_r2`` ->
-    ``("dspo_fidelity", 2)``; a name without a round suffix is round 1."""
-    match = _NAME.match(name)
-    if match is None or int(match["round"]) < 2:
-        return name, 1
-    return match["base"], int(match["round"])
-
-
-def method_objective(base_name: str) -> tuple[str, str] | None:
-    """(method, objective) of a round-1 model name ``{method}_{objective}``: the longest method
-    of :data:`pipeline.contracts.METHODS` it starts with (``dspo_m1_x`` is dspo_m1's); None for
-    a name that names no method (bicubic, pretrained)."""
-    matches = [m for m in contracts.METHODS if base_name.startswith(f"{m}_")]
-    if not matches:
-        return None
-    method = max(matches, key=len)
-    return method, base_name[len(method) + 1 :]
 
 
 def job_settings(config: Mapping[str, Any], stage: str, **wildcards: str) -> dict[str, Any]:

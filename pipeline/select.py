@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import settings
+from pipeline import contracts, settings
 from pipeline.contracts import WHOLE_IMAGE_ID, image_negative_prompts
-from pipeline.io.tables import read_table, to_arrow, write_table
+from pipeline.io.tables import read_table, schema_for, to_arrow, write_table
 from pipeline.objectives import KEYS, objective_scores  # noqa: F401  (select's public API)
 
 PAIR_COLUMNS = [
@@ -172,8 +172,9 @@ def finish_pairs(
 def read_annotations(path: Path) -> pd.DataFrame:
     """Annotations from CSV (UTF-8) or Parquet, checked against the ``annotations`` table.
 
-    An empty file, a CSV that is not UTF-8 or does not parse, and a file without any annotation
-    row raise :class:`AnnotationError` naming the file.
+    An empty file, a CSV that is not UTF-8 or does not parse, one without a required column (all
+    missing ones are named) and a file without any annotation row raise :class:`AnnotationError`
+    naming the file.
     """
     if path.suffix.lower() == ".csv":
         if path.is_file() and path.stat().st_size == 0:
@@ -189,11 +190,14 @@ def read_annotations(path: Path) -> pd.DataFrame:
             raise AnnotationError(f"{path}: the annotations file has no CSV header") from error
         except pd.errors.ParserError as error:
             raise AnnotationError(f"{path}: not a valid CSV file: {error}") from error
+        missing = [name for name in schema_for("annotations").names if name not in frame]
+        if missing:
+            raise AnnotationError(f"{path}: missing columns {missing} (header: {list(frame)})")
         if frame.empty:
             raise AnnotationError(f"{path}: the annotations file has a header but no rows")
         try:
             frame["instance_id"] = frame["instance_id"].astype(int)
-        except (KeyError, ValueError) as error:
+        except ValueError as error:
             raise AnnotationError(f"{path}: instance_id must be integers: {error}") from error
         return to_arrow(frame, "annotations", str(path)).to_pandas()
     return read_table(path, "annotations")
@@ -320,20 +324,13 @@ def split_levels(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def write_pairs(
     pairs: pd.DataFrame, out_dir: Path, name: str, metadata: dict[str, Any]
 ) -> dict[str, int]:
-    instance_pairs, image_pairs = split_levels(pairs)
-    write_table(
-        instance_pairs,
-        out_dir / f"{name}.parquet",
-        "preference_pairs",
-        {**metadata, "level": "instance"},
-    )
-    write_table(
-        image_pairs,
-        out_dir / f"{name}_image.parquet",
-        "preference_pairs",
-        {**metadata, "level": "image"},
-    )
-    return {"instance": len(instance_pairs), "image": len(image_pairs)}
+    """Write objective ``name``'s pairs of each level to its file (contracts.pairs_file);
+    returns the pair count per level."""
+    levels = dict(zip(("instance", "image"), split_levels(pairs), strict=True))
+    for level, table in levels.items():
+        path = out_dir / contracts.pairs_file(name, level)
+        write_table(table, path, "preference_pairs", {**metadata, "level": level})
+    return {level: len(table) for level, table in levels.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

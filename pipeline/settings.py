@@ -99,6 +99,16 @@ def _validate(node: Mapping[str, Any], value: Any, path: str) -> None:
         raise ConfigError("\n".join(lines))
 
 
+def schema_errors(path: str, value: Any) -> list[Any]:
+    """The schema's errors (``jsonschema.ValidationError``) of the section at ``path`` with the
+    schema's defaults filled in first, as Snakemake's validation fills them; sorted by key."""
+    from jsonschema import Draft202012Validator
+
+    node = schema_node(path)
+    errors = Draft202012Validator(node).iter_errors(_complete(node, value))
+    return sorted(errors, key=lambda e: list(map(str, e.absolute_path)))
+
+
 def defaults(path: str) -> Any:
     """The schema's defaults of the section at ``path`` (a fresh copy)."""
     node = schema_node(path)

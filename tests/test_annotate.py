@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -26,7 +27,13 @@ from pipeline.annotate.cli import main as annotate
 from pipeline.annotate.store import Store, db_path
 from pipeline.annotate.synthetic import write_synthetic_results
 from pipeline.io.tables import SCHEMAS, read_table, write_table
-from pipeline.select import finish_pairs, human_flagged_prompts, read_annotations, vote
+from pipeline.select import (
+    AnnotationError,
+    finish_pairs,
+    human_flagged_prompts,
+    read_annotations,
+    vote,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORK = "onestep"
@@ -169,6 +176,30 @@ class Server:
         return status, json.loads(raw) if is_json else raw
 
 
+def raw_exchange(url: str, head: str, parts=(), timeout: float = 10) -> tuple[int, dict, bytes]:
+    """Send ``head`` (request line and headers) and each of ``parts`` as written, stop sending,
+    and read one response: (status, headers with lower-case names, body). A server that waits
+    for more body than was sent runs into the timeout."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n")
+        for part in parts:
+            try:
+                sock.sendall(part)
+            except OSError:  # the server answered and closed before reading it all
+                break
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536) or b"\r\n\r\n"
+        top, _, body = raw.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        pairs = [line.split(": ", 1) for line in lines[1:] if ": " in line]
+        headers = {name.lower(): value for name, value in pairs}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536) or b"x" * int(headers["content-length"])
+        return int(lines[0].split()[1]), headers, body
+
+
 def raw_get(url: str, path: str, token: str) -> int:
     """Status of a GET whose path is sent exactly as written (no client normalisation)."""
     host, port = url.removeprefix("http://").split(":")
@@ -234,6 +265,144 @@ def test_sigkilled_server_loses_no_acknowledged_vote_and_resumes(results):
     assert votes["shown_at"].notna().all() and (votes["answered_at"] >= votes["shown_at"]).all()
 
 
+@pytest.mark.slow
+def test_server_refuses_big_bodies_before_reading_them_and_names_bad_utf8(results):
+    token = Store(db_path(results, FRAMEWORK)).add_annotator("alice")
+    server = Server(results).start()
+    head = (f"POST /api/instances/0 HTTP/1.1\r\nHost: x\r\nX-Annotator-Token: {token}\r\n"
+            "Content-Type: application/json\r\n")  # fmt: skip
+    try:
+        # 400 MiB announced, nothing sent: refused by Content-Length, the body never read
+        started = time.monotonic()
+        status, _, body = raw_exchange(server.url, head + f"Content-Length: {400 << 20}\r\n")
+        assert status == 413 and b"8192" in body and time.monotonic() - started < 5
+        # chunked: 12 chunks of 1 KiB and no last chunk; 413 once 8 KiB are passed
+        chunk = b"400\r\n" + b" " * 1024 + b"\r\n"
+        status, _, _ = raw_exchange(
+            server.url, head + "Transfer-Encoding: chunked\r\n", [chunk] * 12
+        )
+        assert status == 413
+        # invalid UTF-8 in the JSON: 400 naming it (it was a 500 with a traceback)
+        status, reply = server.request("/api/instances/0", token, b'{"description": "\xff"}')
+        assert status == 400 and "UTF-8" in reply["error"], reply
+        # a small chunked body is still read and answered
+        small = json.dumps({"skip": True}).encode()
+        parts = [f"{len(small):x}\r\n".encode() + small + b"\r\n0\r\n\r\n"]
+        status, _, body = raw_exchange(server.url, head + "Transfer-Encoding: chunked\r\n", parts)
+        assert status == 200 and json.loads(body)["stored"]
+    finally:
+        server.kill()
+
+
+SECURITY_HEADERS = {"x-frame-options": "DENY", "x-content-type-options": "nosniff"}
+
+
+@pytest.mark.slow
+def test_every_response_forbids_framing_and_sniffing(results):
+    token = Store(db_path(results, FRAMEWORK)).add_annotator("alice")
+    server = Server(results).start()
+    try:
+        cases = [("GET", "/", None, 200), ("GET", "/static/app.js", None, 200),
+                 ("GET", "/static/nope.js", None, 404), ("GET", "/api/me", None, 401),
+                 ("GET", "/api/me", token, 200), ("GET", "/api/images/instance/0/lq", token, 200),
+                 ("GET", "/api/images/instance/0/9", token, 404),
+                 ("GET", "/api/instances/0", token, 405)]  # fmt: skip
+        for method, path, who, expected in cases:
+            auth = f"X-Annotator-Token: {who}\r\n" if who else ""
+            status, headers, _ = raw_exchange(
+                server.url, f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n"
+            )
+            assert status == expected, path
+            assert {k: headers.get(k) for k in SECURITY_HEADERS} == SECURITY_HEADERS, path
+            policy = [rule.strip() for rule in headers["content-security-policy"].split(";")]
+            assert "frame-ancestors 'none'" in policy and "default-src 'self'" in policy, path
+            assert not any("unsafe" in rule for rule in policy), policy
+    finally:
+        server.kill()
+    # the policy allows no inline code: the page has none (no <style>, style=, on...=, inline
+    # <script>)
+    page = (ROOT / "pipeline/annotate/static/index.html").read_text()
+    assert not re.search(r"<style|\sstyle=|\son[a-z]+=", page)
+    assert re.findall(r"<script[^>]*>", page) == ['<script src="/static/app.js">']
+
+
+def test_vote_database_and_its_wal_files_are_private(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        store = Store(tmp_path / "new.sqlite")
+        store.add_annotator("alice")
+        files = [tmp_path / name for name in ("new.sqlite", "new.sqlite-wal", "new.sqlite-shm")]
+        assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
+            f.name: "0o600" for f in files
+        }
+        store.close()
+        old = tmp_path / "old.sqlite"  # made by an earlier version, readable by everyone
+        sqlite3.connect(old).close()
+        old.chmod(0o644)
+        Store(old).add_annotator("bob")
+        assert oct(old.stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(old_umask)
+
+
+def serve_argv(results: Path, host: str, port: int, *extra: str) -> list[str]:
+    return ["serve", "--results", str(results), "--framework", FRAMEWORK, "--no-compare",
+            "--host", host, "--port", str(port), *extra]  # fmt: skip
+
+
+def test_serving_beyond_loopback_needs_allow_remote_and_warns(results, monkeypatch, capsys):
+    import threading
+
+    import uvicorn
+
+    from pipeline.annotate import cli
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert cli.is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org", ""):
+        assert not cli.is_loopback(host), host
+    # refused before anything binds (uvicorn.run is replaced: no test binds 0.0.0.0)
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    with pytest.raises(SystemExit, match="--allow-remote"):
+        annotate(serve_argv(results, "0.0.0.0", free_port()))
+    assert ran == []
+    monkeypatch.undo()
+    # with the flag it serves and warns: bound for real on a second loopback address, which
+    # the test has the check treat as remote
+    monkeypatch.setattr(cli, "is_loopback", lambda host: host == "127.0.0.1")
+    servers = []
+    startup = uvicorn.Server.startup
+
+    async def recorded(self, *args, **kwargs):
+        servers.append(self)
+        return await startup(self, *args, **kwargs)
+
+    monkeypatch.setattr(uvicorn.Server, "startup", recorded)
+    port = free_port()
+    with pytest.raises(SystemExit, match="--allow-remote"):
+        annotate(serve_argv(results, "127.0.0.2", port))
+    argv = serve_argv(results, "127.0.0.2", port, "--allow-remote")
+    thread = threading.Thread(target=annotate, args=(argv,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.2:{port}/", timeout=1) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline and thread.is_alive()
+                time.sleep(0.1)
+    finally:
+        for server in servers:
+            server.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive()
+    assert "warning: listening on 127.0.0.2" in capsys.readouterr().err
+
+
 def test_a_round_cannot_change_its_settings(results):
     store = Store(db_path(results, FRAMEWORK))
     store.round_settings(1, settings(results, repeat_fraction=0.5).to_json())
@@ -268,6 +437,21 @@ def test_descriptions_become_negative_prompts_of_human_pairs(results, tmp_path):
     old = tmp_path / "old.csv"
     old.write_text("annotator,image_id,instance_id,best,worst,flagged\na,train0,2,rank16,grad4,\n")
     assert read_annotations(old)["description"].tolist() == [""]
+
+
+def test_annotation_csv_names_every_missing_column_and_the_file(tmp_path):
+    path = tmp_path / "no_ids.csv"
+    path.write_text("annotator,image_id,worst,flagged\na,train0,grad4,\n")
+    with pytest.raises(AnnotationError) as error:
+        read_annotations(path)
+    message = str(error.value)
+    assert str(path) in message and "must be integers" not in message
+    assert "missing columns" in message and "'instance_id'" in message and "'best'" in message
+    assert "'description'" not in message  # optional: older files lack it
+    bad = tmp_path / "bad_ids.csv"
+    bad.write_text("annotator,image_id,instance_id,best,worst,flagged\na,train0,two,r,g,\n")
+    with pytest.raises(AnnotationError, match=r"bad_ids\.csv: instance_id must be integers"):
+        read_annotations(bad)
 
 
 # ---------------------------------------------------------------- statistics

@@ -1,7 +1,9 @@
 """The annotation app in headless Chromium (Debian's package, driven by Playwright for Python):
 log in, three instances by mouse and keys (one flagged with a description), SIGKILL the server,
-resume at the fourth, answer a compare round by keys, check export and win rates by hand count.
-Screenshots land in the test's tmp folder (``instances.png``, ``compare.png``)."""
+resume at the fourth, answer a compare round by keys, check export and win rates by hand count;
+on the way, the synchronised magnifier (``z``) of both tasks, and no Content-Security-Policy
+refusal. Screenshots land in the test's tmp folder (``instances.png``, ``compare.png``,
+``instances_zoom.png``, ``compare_zoom.png``)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,51 @@ def ready(page, what: str) -> None:
     page.wait_for_selector(f'body[data-ready="{what}"]', timeout=10_000)
 
 
+#: computed ``transform`` of an image at each zoom of the synchronised magnifier
+SCALES = {1: "none", 2: "matrix(2, 0, 0, 2, 0, 0)", 4: "matrix(4, 0, 0, 4, 0, 0)"}
+
+
+def point_at(page, selector: str, fraction: tuple[float, float]) -> None:
+    """Move the mouse to ``fraction`` (x, y) of the box of the element ``selector`` names."""
+    box = page.locator(selector).bounding_box()
+    page.mouse.move(box["x"] + fraction[0] * box["width"], box["y"] + fraction[1] * box["height"])
+
+
+def magnified(page, images: str) -> list[tuple[str, float, float]]:
+    """Each visible image's (transform, origin x, origin y), the origin as a fraction of its box."""
+    return page.evaluate(
+        """(selector) => [...document.querySelectorAll(selector)]
+             .filter((img) => img.offsetParent !== null).map((img) => {
+               const style = getComputedStyle(img);
+               const [x, y] = style.transformOrigin.split(" ").map(parseFloat);
+               return [style.transform, x / img.clientWidth, y / img.clientHeight];
+             })""",
+        images,
+    )
+
+
+def check_zoom(page, images: str, label: str, hovered: str, fraction, tmp_path, name) -> None:
+    """``z`` cycles 1x -> 2x -> 4x -> 1x; every image of the task magnifies the point under
+    the mouse on ``hovered`` (the same fraction of each image's box)."""
+    for zoom in (2, 4, 1):
+        page.keyboard.press("z")
+        expect_text(page, label, f"Zoom {zoom}× (z)")
+        point_at(page, hovered, fraction)
+        views = magnified(page, images)
+        assert len(views) >= 3, views
+        for transform, x, y in views:
+            assert transform == SCALES[zoom], views
+            assert (x, y) == pytest.approx(fraction, abs=0.02), views
+        if zoom == 4:
+            shot(page, tmp_path, name)
+
+
+def expect_text(page, selector: str, text: str) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_have_text(text)
+
+
 def test_browser_annotation_session_survives_a_killed_server(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -83,6 +130,8 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
+        refused = []  # the page must work under the server's Content-Security-Policy
+        page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else 0)
         try:
             page.goto(server.url + "/")
             page.fill("#token", "wrong-token")
@@ -94,12 +143,17 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
             # 1: mouse only, flagged with a description
             cards = page.locator("#inst-grid .card[data-index]")
             expect(cards).to_have_count(4)
+            ready(page, "instances:0")
+            check_zoom(page, "#inst-grid .zoom img", "#inst-zoom",
+                       "#inst-grid .card[data-index='1'] .zoom", (0.25, 0.7), tmp_path,
+                       "instances_zoom.png")  # fmt: skip
             cards.nth(0).locator(".pick-best").click()
             cards.nth(1).locator(".pick-worst").click()
             cards.nth(2).locator(".pick-flag").click()
             page.fill("#inst-description", "fake text on the wall")
             page.keyboard.press("Escape")
             page.evaluate("document.activeElement.blur()")
+            expect(page.locator("#inst-hq-card")).to_be_hidden()  # `hidden` beats the CSS
             page.keyboard.press("h")  # show the HQ for the screenshot
             expect(page.locator("#inst-hq-card")).to_be_visible()
             shot(page, tmp_path, "instances.png")
@@ -133,12 +187,15 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
             total = int(page.locator("#cmp-progress").inner_text().split("/")[1].split()[0])
             expect(page.locator("#cmp-left")).to_have_attribute("src", re.compile("^blob:"))
             shot(page, tmp_path, "compare.png")
+            check_zoom(page, "#cmp-row .zoom img", "#cmp-zoom", "#cmp-right >> xpath=..",
+                       (0.7, 0.3), tmp_path, "compare_zoom.png")  # fmt: skip
             keys = ["1", "ArrowRight", "t", "b", "ArrowLeft", "2"]
             for i in range(total):
                 expect(page.locator("#cmp-progress")).to_have_text(f"{i} / {total} done")
                 ready(page, f"compare:{i}")
                 page.keyboard.press(keys[i % len(keys)])
             expect(page.locator("#cmp-done")).to_be_visible()
+            assert refused == []
         finally:
             browser.close()
             if server.process.poll() is None:

@@ -119,3 +119,72 @@ def test_artifact_fills_the_given_wildcards_and_keeps_the_others():
         contracts.artifact("scores", split="train")
     with pytest.raises(KeyError, match="unknown artifact"):
         contracts.artifact("score")
+
+
+# ------------------------------------------------------------------ file names decided once
+
+#: the endings of the files result folders hold
+_FILE_ENDINGS = (".parquet", ".zarr", ".safetensors", ".json", ".md", ".csv", ".png")
+
+
+def contracts_file_names() -> set[str]:
+    """Every file name the contracts decide: the names of file constants (``DATA_TABLE``,
+    ``TRAIN_LOG``, ...) and the last part of each artifact's path."""
+    names = {Path(path).name for path in contracts.ARTIFACTS.values()}
+    for value in vars(contracts).values():
+        value = tuple(value.values()) if isinstance(value, dict) else value
+        values = value if isinstance(value, tuple) else (value,)
+        names.update(Path(v).name for v in values if isinstance(v, str))
+    return {n for n in names if n.endswith(_FILE_ENDINGS) and "{" not in n and n[0] != "."}
+
+
+def spelled_file_names(path: Path, names: set[str]) -> list[tuple[int, str]]:
+    """(line, text) of each string in ``path``'s code, docstrings and ``help=`` texts aside,
+    that is one of ``names`` or a path ending in one."""
+    tree = ast.parse(path.read_text())
+    prose = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    } | {
+        id(keyword.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        for keyword in node.keywords
+        if keyword.arg == "help"
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in prose or not isinstance(node, ast.Constant):
+            continue
+        if isinstance(node.value, str) and node.value.rsplit("/", 1)[-1] in names:
+            found.append((node.lineno, node.value))
+    return found
+
+
+#: modules that keep their own file layouts: benchmarks build scratch folders of their own
+_OWN_LAYOUTS = ("bench",)
+
+
+def test_only_the_contracts_spell_the_file_names_of_result_folders():
+    names = contracts_file_names()
+    assert {"train_log.parquet", "pairs.parquet", "instances.parquet", "report.md"} <= names
+    spelled = {
+        path.relative_to(PACKAGE).as_posix(): found
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "contracts.py" and path.relative_to(PACKAGE).parts[0] not in _OWN_LAYOUTS
+        if (found := spelled_file_names(path, names))
+    }
+    assert spelled == {}
+
+
+def test_the_file_name_check_sees_a_spelled_name(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        '"""Writes train_log.parquet."""\n'
+        "def f(folder, parser):\n"
+        '    parser.add_argument("--x", help="train_log.parquet")\n'
+        '    return folder / "train_log.parquet", "logs/train_log.parquet"\n'
+    )
+    found = spelled_file_names(module, {"train_log.parquet"})
+    assert sorted(found) == [(4, "logs/train_log.parquet"), (4, "train_log.parquet")]

@@ -6,10 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import train as T
 from pipeline.contracts import DATA_TABLE
 from pipeline.io.tables import read_metadata, read_table, write_table
-from pipeline.training import curves
+from pipeline.training import curves, offline
 from pipeline.training.items import PreferenceItem, preference_items
 from tests.test_train import BASE, _run, inputs, kill_at_step_three  # noqa: F401  (fixture)
 
@@ -69,14 +68,14 @@ def test_training_holds_out_whole_photos_of_the_data_table(inputs, tmp_path, mon
     _relabel_photos(inputs["data_dir"], {"img_a": "p1", "img_b": "p1", "img_c": "p2",
                                          "img_d": "p2"})  # fmt: skip
     trained = []
-    original = T.Trainer.micro_batch
+    original = offline.Trainer.micro_batch
 
     def spy(self, step, micro, slots):
         loaded, conditions = original(self, step, micro, slots)
         trained.extend(entry.item.image_id for entry in loaded)
         return loaded, conditions
 
-    monkeypatch.setattr(T.Trainer, "micro_batch", spy)
+    monkeypatch.setattr(offline.Trainer, "micro_batch", spy)
     out = _run(inputs, tmp_path / "run", CURVED)
     meta = read_metadata(out / "train_log.parquet")
     held = meta["heldout_units"]
@@ -104,14 +103,14 @@ def test_without_source_photos_the_split_is_by_crop_with_a_note(inputs, tmp_path
 
 def test_heldout_items_never_train_and_the_curves_are_written(inputs, tmp_path, monkeypatch):  # noqa: F811
     trained = []
-    original = T.Trainer.micro_batch
+    original = offline.Trainer.micro_batch
 
     def spy(self, step, micro, slots):
         loaded, conditions = original(self, step, micro, slots)
         trained.extend(entry.item.image_id for entry in loaded)
         return loaded, conditions
 
-    monkeypatch.setattr(T.Trainer, "micro_batch", spy)
+    monkeypatch.setattr(offline.Trainer, "micro_batch", spy)
     out = _run(inputs, tmp_path / "run", CURVED)
     assert set(trained) == {"img_a", "img_d"}
     table = read_table(out / curves.CURVES_TABLE, "train_curves")
@@ -132,7 +131,7 @@ def test_resumed_run_writes_the_same_curves(inputs, tmp_path, monkeypatch):  # n
     original = kill_at_step_three(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _run(inputs, tmp_path / "resumed", CURVED)
-    monkeypatch.setattr(T, "step_slots", original)
+    monkeypatch.setattr(offline, "step_slots", original)
     resumed = _run(inputs, tmp_path / "resumed", CURVED)
     pd.testing.assert_frame_equal(read_table(resumed / curves.CURVES_TABLE, "train_curves"), full)
     log = read_table(resumed / "train_log.parquet", "train_log")

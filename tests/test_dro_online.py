@@ -23,7 +23,7 @@ from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.models import build_tiny_model, load_model
 from pipeline.seeding import torch_generator
-from pipeline.training import dro_online
+from pipeline.training import dro_online, session
 from pipeline.training.config import TrainConfig
 from tests.data_helpers import write_data_table
 
@@ -120,11 +120,13 @@ def run(inputs, out: Path, config: dict, framework: str = "multistep", **changes
 
 
 def prepared(inputs, tmp_path: Path, config: dict, framework: str = "multistep"):
-    trainer, *_ = dro_online.prepare(
-        **arguments(inputs, framework), config=TrainConfig.from_dict(config),
+    """The trainer as the session hands it its first step."""
+    job = session.Job(
+        **arguments(inputs, framework), out_dir=tmp_path / "out", config=config,
         checkpoint_dir=tmp_path / "checkpoints", model=tiny(framework),
     )  # fmt: skip
-    return trainer
+    run, _ = session.start(job)
+    return run.trainer
 
 
 def trained(folder: Path) -> dict[str, torch.Tensor]:
@@ -141,7 +143,7 @@ def test_dro_online_is_a_method_of_its_own_loop_beside_the_offline_dro():
         "dro", "instance", "dro_online", True,
     )  # fmt: skip
     assert contracts.method("dro").loop == "offline"  # the offline-pair dro is unchanged
-    assert T.LOOPS["dro_online"] == "pipeline.training.dro_online"
+    assert contracts.method_module("dro_online") == "pipeline.training.dro_online"
     assert "dro_online" in settings.schema_node("methods")["items"]["enum"]
     defaults = settings.defaults("train")  # DiffusionDRO's click defaults
     assert (defaults["dro_buffer_size"], defaults["dro_refill_every"], defaults["dro_sync_every"],

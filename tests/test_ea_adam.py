@@ -16,6 +16,7 @@ from pipeline.io.images import write_png
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.models import build_tiny_model, load_model
 from pipeline.training import ea_adam as E
+from pipeline.training.run import step_slots
 from tests.test_train import IMAGES, SIZE
 from tests.test_train import inputs as train_inputs  # noqa: F401  (the fixture)
 
@@ -132,6 +133,12 @@ def test_resume_is_bit_identical(inputs, tmp_path, monkeypatch):
     assert same(weights(full), weights(resumed))
     for i in range(2):
         assert same(weights(full / "members" / str(i)), weights(resumed / "members" / str(i)))
+    # resumed = uninterrupted for the metadata too (the fitness evaluations are checkpointed)
+    for table in ("train_log.parquet", contracts.POPULATION_TABLE):
+        before, after = (read_metadata(folder / table) for folder in (full, resumed))
+        assert after.pop("resumed_from") and before.pop("resumed_from") is None
+        assert after["fitness_evaluations"] == before["fitness_evaluations"] > 1
+        assert after == before
 
 
 def test_population_size_and_ea_cadence_change_the_run(inputs, tmp_path):
@@ -151,7 +158,7 @@ def test_population_size_and_ea_cadence_change_the_run(inputs, tmp_path):
 
 def test_a_changed_ea_setting_does_not_resume_the_old_checkpoints(inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(E, "step_slots", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if a[1] == 2 else T.step_slots(*a))  # fmt: skip
+                        if a[1] == 2 else step_slots(*a))  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
         run(inputs, tmp_path / "out", EA)
     monkeypatch.undo()

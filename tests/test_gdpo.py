@@ -131,7 +131,7 @@ def test_gdpo_methods_are_registered_without_pairs_and_carry_the_reward():
         assert contracts.pairs_artifact("onestep", "fidelity", name) is None
         job = settings.job_settings({}, "train", method=name, objective="fidelity")
         assert job["reward"]["score"]["metrics"] == settings.defaults("score")["metrics"]
-    assert T.LOOPS["gdpo"] == "pipeline.training.gdpo"
+    assert contracts.method_module("gdpo_instance") == "pipeline.training.gdpo"
     defaults = TrainConfig()
     assert defaults.gdpo_beta == 5000.0  # GDPO-SR train_GDPOSR.py: -0.5 * 5000
     assert defaults.gdpo_fidelity_metrics == ["psnr"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 import time
@@ -59,6 +60,7 @@ PAPER_COMMON = [
     "degrade.source",
     "testsets.RealSR.path",
     "testsets.DRealSR.path",
+    "prompts.captioner",  # the prompts stage's captioner (the same BLIP folder)
 ]
 PAPER_EXPECTED = {
     "paper_multistep": ["pretrain.multistep.weights", *PAPER_COMMON],
@@ -177,7 +179,11 @@ def test_lpips_without_its_weights_file(tmp_path):
 def test_per_metric_weights_for_a_metric_not_scored(tmp_path):
     (tmp_path / "lpips.pth").write_bytes(b"")
     found = problems(tmp_path, score__weights={"lpips": "lpips.pth"})
-    assert found == {"score.weights.lpips": ["'lpips' is not in score.metrics"]}
+    assert found == {
+        "score.weights": [
+            "metric(s) [lpips] are not in score.metrics [psnr, ssim, fsim, gmsd, vif, nlpd, piqe]"
+        ]
+    }
 
 
 # --- metrics and objectives ------------------------------------------------------------------
@@ -409,3 +415,245 @@ def test_tiny_models_must_train_their_base(tmp_path):
     weighted = copy.deepcopy(ci)
     weighted["pretrain"]["multistep"]["weights"] = str(tmp_path)
     assert "pretrain.multistep.model.train_unet" not in problems(tmp_path, weighted)
+
+
+# --- the schema: a misspelt key named with its nearest valid names (docs/design.md §10) ------
+
+
+def test_a_misspelt_key_is_named_with_the_nearest_names_and_its_file(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("trian: {max_steps: 3}\n")
+    config = {**copy.deepcopy(DEMO), "trian": {"max_steps": 3}}
+    with pytest.raises(PreflightError) as raised:
+        preflight.check_schema(config, [str(REPO / "config.yaml"), str(mine)])
+    assert raised.value.problems == [
+        ("trian", f"unknown key at the top level (in {mine}); did you mean: train, pretrain?")
+    ]
+    assert len(str(raised.value).splitlines()) == 2  # no schema dump
+    assert find_problems(config, REPO) == [
+        ("trian", "unknown key at the top level; did you mean: train, pretrain?")
+    ]
+
+
+def test_a_nested_misspelt_key_and_a_bad_value_are_named(tmp_path):
+    found = problems(tmp_path, train__max_stpes=3, degrade__crop_size=4, prompts__source="fixd")
+    assert found == {
+        "train.max_stpes": ["unknown key in train; did you mean: max_steps?"],
+        "degrade.crop_size": ["4 is less than the minimum of 8"],
+        "prompts.source": ["'fixd' is not one of ['fixed', 'captioner', 'tagger']"],
+    }
+    assert preflight.check_schema(DEMO, []) is None
+
+
+# --- every key that names IQA metrics is checked against the registry the stages use ---------
+
+#: each key with a misspelt metric ('piqee', for piqe) where it names metrics
+METRIC_CASES = {
+    "score.metrics": [*DEMO["score"]["metrics"], "piqee"],
+    "evaluate.metrics": [*DEMO["evaluate"]["metrics"], "piqee"],
+    "score.weights": {"piqee": "w.pth"},
+    "score.options": {"piqee": {}},
+    "evaluate.weights": {"piqee": "w.pth"},
+    "evaluate.options": {"piqee": {}},
+    "select.objectives": {"fidelity": {"psnr": 1.0}, "perception": {"piqee": 1.0}},
+    "train.gdpo_fidelity_metrics": ["piqee"],
+    "train.gdpo_detail_metrics": ["piqee"],
+    "train.ea_adam.objectives": {"perception": {"piqee": 1.0}, "fidelity": {"psnr": 1.0}},
+    "report.radar_metrics": ["piqee"],
+    "report.front_objectives": {"perception": {"piqee": 1.0}, "fidelity": {"psnr": 1.0}},
+    "human_eval.simulate.metric": "piqee",
+}
+
+
+def _schema_metric_keys(node: dict, path: str = "") -> set[str]:
+    """Every schema key named for metrics or described as a {metric: ...} map."""
+    import re
+
+    found = set()
+    for key, sub in (node.get("properties") or {}).items():
+        dotted = f"{path}.{key}" if path else key
+        text = str(sub.get("description", ""))
+        if "metric" in key or re.search(r"\{metric|per metric|metric weights", text):
+            found.add(dotted)
+        found |= _schema_metric_keys(sub, dotted)
+    return found
+
+
+def test_every_key_that_names_metrics_is_checked():
+    from pipeline import settings
+
+    schema_keys = _schema_metric_keys(settings._schema())
+    assert schema_keys == set(METRIC_CASES) == {key for key, *_ in preflight.METRIC_KEYS}
+
+
+@pytest.mark.parametrize("key", sorted(METRIC_CASES))
+def test_a_misspelt_metric_is_named_under_its_key(tmp_path, key):
+    (tmp_path / "w.pth").write_bytes(b"")
+    found = problems(tmp_path, **{key.replace(".", "__"): METRIC_CASES[key]})
+    named = [(k, m) for k, messages in found.items() for m in messages if "piqee" in m]
+    assert len(named) == 1, found
+    where, message = named[0]
+    assert where.startswith(key)
+    assert message.startswith("unknown IQA metric(s) [piqee] (did you mean: piqe, ")
+
+
+def test_metrics_a_key_reads_must_be_scored_or_evaluated(tmp_path):
+    front = {"perception": {"piqe": 1.0}, "fidelity": {"lpips": 1.0}}
+    found = problems(tmp_path, report__radar_metrics=["psnr", "lpips"],
+                     report__front_objectives=front)  # fmt: skip
+    evaluated = "[psnr, ssim, fsim, gmsd, vif, nlpd, piqe]"
+    assert found == {
+        "report.radar_metrics": [f"metric(s) [lpips] are not in evaluate.metrics {evaluated}"],
+        "report.front_objectives.fidelity": [
+            f"metric(s) [lpips] are not in evaluate.metrics {evaluated}"
+        ],
+    }
+
+
+def test_gdpo_metrics_are_checked_before_the_gdpo_job():
+    ci = _preset("ci")  # runs gdpo and gdpo_instance
+    assert problems(REPO, ci) == {}
+    assert problems(REPO, ci, train__gdpo_fidelity_metrics=["lpips"]) == {
+        "train.gdpo_fidelity_metrics": [
+            "metric(s) [lpips] are not in score.metrics [psnr, ssim, gmsd, piqe]"
+        ]
+    }
+    kinds = problems(REPO, ci, train__gdpo_fidelity_metrics=["piqe"],
+                     train__gdpo_detail_metrics=["psnr"])  # fmt: skip
+    assert kinds == {
+        "train.gdpo_fidelity_metrics": ["[piqe] are not full-reference (gdpo's fidelity term)"],
+        "train.gdpo_detail_metrics": ["[psnr] are not no-reference (gdpo's detail term)"],
+    }
+    shared = problems(REPO, ci, train__gdpo_fidelity_metrics=["psnr", "ssim"],
+                      train__gdpo_detail_metrics=["piqe", "ssim"])  # fmt: skip
+    assert shared["train.gdpo_detail_metrics"][0] == (
+        "shares [ssim] with train.gdpo_fidelity_metrics"
+    )
+    # without a gdpo method the defaults (maniqa, musiq: not scored by the demo) are no problem
+    assert "gdpo" not in DEMO["methods"] and problems(REPO) == {}
+
+
+def test_gdpo_stage_refuses_what_preflight_refuses():
+    from pipeline.settings import ConfigError, reward_settings
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.gdpo import GroupReward
+
+    ci = _set(_preset("ci"), "train.gdpo_fidelity_metrics", ["lpips"])
+    assert list(problems(REPO, ci)) == ["train.gdpo_fidelity_metrics"]
+    config = TrainConfig.from_dict({"gdpo_fidelity_metrics": ["lpips"]})
+    with pytest.raises(ConfigError, match="lpips"):
+        GroupReward(reward_settings(ci, "fidelity"), config, 0)
+
+
+# --- ea_adam, prompts, degrade and the other run-time checks, up front -----------------------
+
+
+def test_ea_adam_needs_the_perception_and_fidelity_objectives(tmp_path):
+    fidelity_only = {"fidelity": DEMO["select"]["objectives"]["fidelity"]}
+    found = problems(tmp_path, methods=["dspo", "ea_adam"], select__objectives=fidelity_only)
+    assert found == {
+        "select.objectives": [
+            "methods has 'ea_adam', which trains on the pairs of objectives [perception, "
+            "fidelity]; select.objectives has no [perception]"
+        ]
+    }
+    fitness = {"perception": {"piqe": 1.0}}
+    found = problems(tmp_path, methods=["dspo", "ea_adam"], train__ea_adam__objectives=fitness)
+    assert found == {
+        "train.ea_adam.objectives": [
+            "ea_adam's fitness needs metric weights of [perception, fidelity]; it has no [fidelity]"
+        ]
+    }
+    assert problems(tmp_path, methods=["dspo", "ea_adam"]) == {}
+
+
+def test_a_fixed_prompt_equal_to_its_negative_prompt_is_refused(tmp_path):
+    from pipeline import guidance
+
+    same = {"source": "fixed", "prompt": "blurry", "added_prompt": "", "negative_prompt": "blurry"}
+    message = (
+        "equals the prompt 'blurry' (prompts.prompt + added_prompt, as the prompts stage joins "
+        "them): guidance would change nothing (docs/design.md §9)"
+    )
+    assert problems(tmp_path, prompts=same) == {"prompts.negative_prompt": [message]}
+    joined = {**same, "prompt": "blurry, ", "added_prompt": " blurry"}
+    assert problems(tmp_path, prompts=joined) == {"prompts.negative_prompt": [message]}
+    assert problems(tmp_path, prompts={**same, "added_prompt": "sharp"}) == {}
+    # the prompts stage refuses the same rows
+    import pandas as pd
+
+    row = {"image_id": "a", "prompt": guidance.join_prompts("blurry, ", " blurry"),
+           "negative_prompt": guidance.join_prompts("blurry")}  # fmt: skip
+    with pytest.raises(guidance.PromptsError):
+        guidance.check_guidance(pd.DataFrame([row]))
+
+
+def test_prompt_sources_need_their_model(tmp_path):
+    found = problems(tmp_path, prompts={"source": "captioner"})
+    assert found == {"prompts.captioner": ["source 'captioner' needs a BLIP folder (it is null)"]}
+    found = problems(tmp_path, prompts={"source": "tagger"})
+    assert found.pop("prompts.tagger") == ["source 'tagger' needs a RAM checkpoint (it is null)"]
+    ram = "'tagger' needs the Python package 'ram' (recognize-anything), which is not installed"
+    assert found == ({} if importlib.util.find_spec("ram") else {"prompts.source": [ram]})
+
+
+def test_degrade_crop_size_must_be_a_multiple_of_the_scale(tmp_path):
+    from pipeline import degrade
+
+    assert problems(tmp_path, degrade__crop_size=30) == {
+        "degrade.crop_size": [
+            "30 is not a multiple of degrade.degradation.scale (4): the LQ is the crop "
+            "downscaled by it"
+        ]
+    }
+    with pytest.raises(ValueError, match="crop_size"):  # as the degrade stage refuses it
+        degrade.stage_config({"crop_size": 30})
+    assert problems(tmp_path, degrade__crop_size=30, degrade__degradation={"scale": 2}) == {}
+    degrade.stage_config({"crop_size": 30, "degradation": {"scale": 2}})
+
+
+def test_other_run_time_checks_come_first(tmp_path):
+    from pipeline import report
+
+    assert problems(tmp_path, report__radar_floor=1.0) == {  # the schema says so now
+        "report.radar_floor": ["1.0 is greater than or equal to the maximum of 1"]
+    }
+    with pytest.raises(ValueError, match="radar_floor"):
+        report.stage_config({"radar_floor": 1.0})
+    ci = _preset("ci")  # runs ddpo
+    assert problems(REPO, ci, train__stat_tracker_min_count=3) == {
+        "train.stat_tracker_min_count": [
+            "3 exceeds train.stat_tracker_buffer_size (2): ddpo's tracker could never use an "
+            "LQ's own statistics"
+        ]
+    }
+
+
+# --- after a kill: Snakemake's lock files (docs/design.md §10) -------------------------------
+
+
+def test_lock_files_give_a_hint_naming_snakemake_unlock(tmp_path):
+    assert preflight.lock_hint(tmp_path) is None
+    locks = tmp_path / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    assert preflight.lock_hint(tmp_path) is None
+    (locks / "0.input.lock").write_text(str(tmp_path / "results"))
+    hint = preflight.lock_hint(tmp_path)
+    assert "snakemake --unlock" in hint and ".snakemake/locks" in hint
+
+
+def test_snakemake_names_a_misspelt_key_briefly_and_hints_at_locks(tmp_path):
+    from tests.workflow_helpers import copy_workflow, snakemake
+
+    workdir = copy_workflow(tmp_path / "wf")
+    (workdir / "mine.yaml").write_text("trian: {max_steps: 3}\n")
+    locks = workdir / ".snakemake" / "locks"
+    locks.mkdir(parents=True)
+    (locks / "0.input.lock").write_text(str(workdir / "results"))
+    result = snakemake(workdir, "--dry-run", "--configfile", "config.yaml", "mine.yaml",
+                       check=False)  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "trian: unknown key at the top level (in mine.yaml); did you mean: train" in out
+    assert len(out.splitlines()) < 40, out
+    assert "snakemake --unlock" in out

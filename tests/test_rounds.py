@@ -15,6 +15,7 @@ from pipeline import contracts, rounds, settings
 from pipeline.candidates import generate_candidates
 from pipeline.io.images import read_rgb
 from pipeline.io.tables import read_metadata, read_table
+from pipeline.model_names import ModelSpec
 from pipeline.models.onestep import OneStepSR
 from pipeline.report import ROUNDS_COLUMNS, rounds_frame, write_rounds
 from pipeline.seeding import derive_seed, torch_generator
@@ -27,16 +28,22 @@ ONESTEP_VARIANTS = ("cfg12", "cfg6", "rank16", "rank64")  # the paper's four one
 
 
 def test_round_names_round_trip():
-    assert rounds.model_name("dspo", "fidelity") == "dspo_fidelity"
-    assert rounds.model_name("dspo", "fidelity", 2) == "dspo_fidelity_r2"
-    assert rounds.split_model_name("dspo_fidelity_r2") == ("dspo_fidelity", 2)
-    assert rounds.split_model_name("dspo_m1_united_r12") == ("dspo_m1_united", 12)
-    # round 1 has no suffix; names without one are round 1's
-    for name in ("dspo_fidelity", "dspo_fidelity_r1", "pretrained", "ea_adam_member3"):
-        assert rounds.split_model_name(name) == (name, 1)
-    assert rounds.method_objective("dspo_m1_fidelity") == ("dspo_m1", "fidelity")
-    assert rounds.method_objective("dpo_perception") == ("dpo", "perception")
-    assert rounds.method_objective("pretrained") is None
+    """A later round's model is its run's spec with the round (pipeline/model_names.py)."""
+    assert ModelSpec.aligned("dspo", "fidelity").name == "dspo_fidelity"
+    assert ModelSpec.aligned("dspo", "fidelity", 2).name == "dspo_fidelity_r2"
+    later = ModelSpec.parse("dspo_fidelity_r2")
+    assert (later.round, later.base.name) == (2, "dspo_fidelity")
+    later = ModelSpec.parse("dspo_m1_united_r12")
+    assert (later.method, later.objective, later.round) == ("dspo_m1", "united", 12)
+    # round 1 has no suffix: names without one are round 1's, and "_r1" is no name
+    for name in ("dspo_fidelity", "pretrained", "ea_adam_member3"):
+        assert ModelSpec.parse(name).round == 1
+    with pytest.raises(ValueError, match="dspo_fidelity_r1"):
+        ModelSpec.parse("dspo_fidelity_r1")
+    dspo_m1 = ModelSpec.parse("dspo_m1_fidelity")
+    assert (dspo_m1.method, dspo_m1.objective) == ("dspo_m1", "fidelity")
+    assert ModelSpec.parse("dpo_perception").method == "dpo"
+    assert ModelSpec.parse("pretrained").method is None
 
 
 def test_round_wildcard_matches_every_later_round_only():

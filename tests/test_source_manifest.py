@@ -159,3 +159,102 @@ def test_missing_folder_and_demo_shards(tmp_path):
     shards = [source_manifest("demo", demo, shard=f"{i}-of-3") for i in (1, 2, 3)]
     # astronaut, rocket, coffee and chelsea lie in shards 1, 2, 3, 3 of 3
     assert [_count(manifest) for manifest in shards] == [1, 1, 2]
+
+
+# -- degrade.manifest: stat (size, mtime; the default) or content (the files' bytes) ------------
+
+
+def _save_bmp(path, seed, size=24):
+    """An uncompressed image: new pixels keep the file's size exactly."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="BMP")
+
+
+def _manifests(source, mode):
+    whole = source_manifest(str(source), [], fresh=True, manifest=mode)
+    shards = [source_manifest(str(source), [], shard=f"{i}-of-2", manifest=mode) for i in (1, 2)]
+    return [whole, *shards]
+
+
+def test_content_manifest_sees_a_replacement_of_the_same_size_and_mtime(tmp_path):
+    from pipeline.shards import shard_of
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for seed, name in enumerate(("a", "b", "c", "e", "f")):
+        _save_bmp(source / f"{name}.bmp", seed)
+    before = {mode: _manifests(source, mode) for mode in ("stat", "content")}
+    assert before["stat"][0] == _old_manifest(source)  # stat: the value it always had
+    assert before["content"][0].startswith("5 images, content sha256 ")
+    assert before["content"][1].startswith(f"{_count(before['content'][1])} images of shard 1-of-2")
+
+    path = source / "b.bmp"
+    stat = path.stat()
+    _save_bmp(path, 99)  # a replacement: same name, size and mtime, other pixels
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = {mode: _manifests(source, mode) for mode in ("stat", "content")}
+    assert after["stat"] == before["stat"]  # stat cannot see it
+    changed = [after["content"][i] != before["content"][i] for i in range(3)]
+    assert changed == [True, shard_of("b", 2) == 1, shard_of("b", 2) == 2]
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: same bytes
+    assert _manifests(source, "content") == after["content"]
+    assert _manifests(source, "stat") != before["stat"]
+
+
+def test_content_manifest_of_the_demo_and_a_missing_folder(tmp_path):
+    demo = ["astronaut.png", "coffee.png"]
+    assert source_manifest("demo", demo, manifest="content") != source_manifest("demo", demo)
+    missing = str(tmp_path / "nowhere")
+    assert source_manifest(missing, [], manifest="content") == f"missing folder {missing}"
+
+
+def test_the_manifest_setting_its_default_and_the_paper_presets():
+    import pytest
+
+    from pipeline import settings
+
+    assert settings.defaults("degrade")["manifest"] == "stat"
+    node = settings.schema_node("degrade.manifest")
+    assert node["enum"] == ["stat", "content"] and "content" in node["description"]
+    with pytest.raises(settings.ConfigError, match="manifest"):
+        settings.resolve("degrade", {"manifest": "hash"})
+    for preset in ("paper_onestep", "paper_multistep"):
+        config = yaml.safe_load((ROOT / "workflow" / "presets" / f"{preset}.yaml").read_text())
+        assert config["degrade"]["manifest"] == "content", preset
+
+
+def test_the_degrade_stage_records_the_manifest_of_its_setting(tmp_path):
+    from pipeline import degrade
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for seed, name in enumerate(("a", "b")):
+        _save_bmp(source / f"{name}.bmp", seed, size=32)
+    config = {"source": str(source), "crop_size": 32, "test_fraction": 0.0, "manifest": "content"}
+    degrade.degrade_split("train", tmp_path / "out", config, seed=0)
+    recorded = read_metadata(tmp_path / "out" / "pairs.parquet")["source_manifest"]
+    assert recorded == source_manifest(str(source), [], fresh=True, manifest="content")
+
+
+def test_the_degrade_rule_reruns_on_a_content_change_with_manifest_content(tmp_path):
+    """The rule's param follows degrade.manifest: with content, a replaced image of the same
+    size and mtime reruns its shard (with stat it would not be seen)."""
+    work = copy_workflow(tmp_path / "wf")
+    config = yaml.safe_load((ROOT / "workflow" / "presets" / "ci.yaml").read_text())
+    config["degrade"] = {"source": "hq_source", "test_fraction": 0.0, "crop_size": 32,
+                         "manifest": "content"}  # fmt: skip
+    (work / "tiny.yaml").write_text(yaml.safe_dump(config))
+    source = work / "hq_source"
+    source.mkdir()
+    for seed, name in enumerate(("a", "b")):
+        _save_bmp(source / f"{name}.bmp", seed, size=32)
+    args = (TRAIN, "--configfile", "tiny.yaml")
+    snakemake(work, *args)
+    assert planned_jobs(work, *args) == {}
+    path = source / "b.bmp"
+    stat = path.stat()
+    _save_bmp(path, 99, size=32)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned_jobs(work, *args) == {"degrade": 1, "degrade_gather": 1}

@@ -16,6 +16,7 @@ from pipeline.io.images import write_png
 from pipeline.io.masks import write_label_maps
 from pipeline.io.tables import read_metadata, read_table, write_table
 from pipeline.models import build_tiny_model, load_model
+from pipeline.training import offline
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, preference_items
 from pipeline.training.run import configure_model, step_slots
@@ -45,7 +46,7 @@ def kill_at_step_three(monkeypatch):
             raise KeyboardInterrupt("killed")
         return original(n_items, step, batch_size, seed)
 
-    monkeypatch.setattr(T, "step_slots", killed_at_step_three)
+    monkeypatch.setattr(offline, "step_slots", killed_at_step_three)
     return original
 
 
@@ -240,7 +241,7 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     folder = tmp_path / "checkpoints" / "train" / "resumed"
     assert [p.name for p in folder.glob("step-*")] == ["step-00000002"]
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(T, "step_slots", original)
+    monkeypatch.setattr(offline, "step_slots", original)
     resumed = _run(inputs, tmp_path / "resumed", BASE)
     pd.testing.assert_frame_equal(read_table(resumed / "train_log.parquet", "train_log"), log)
     a, b = _trained_weights(full), _trained_weights(resumed)
@@ -262,7 +263,7 @@ def test_a_changed_run_starts_afresh_and_keeps_the_old_checkpoints_aside(
     original = kill_at_step_three(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "out", BASE)
-    monkeypatch.setattr(T, "step_slots", original)
+    monkeypatch.setattr(offline, "step_slots", original)
     config, field = BASE, None
     if change == "beta":
         config, field = {**BASE, "beta": 100.0}, "settings.beta"
@@ -441,9 +442,9 @@ def test_two_pass_training_matches_one_pass_training(inputs, tmp_path, monkeypat
     config = {**BASE, "max_steps": 2, "batch_size": 2, "beta": 100.0, "adam_epsilon": 1.0,
               "learning_rate": 1e-2}  # fmt: skip
     passes = []
-    second_pass = T.backward_one_candidate_at_a_time
+    second_pass = backward_one_candidate_at_a_time
     monkeypatch.setattr(
-        T,
+        offline,
         "backward_one_candidate_at_a_time",
         lambda *a, **k: passes.append(1) or second_pass(*a, **k),
     )

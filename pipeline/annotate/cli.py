@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import sys
 import threading
@@ -28,12 +29,11 @@ from pipeline.annotate.tasks import (
 from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from pipeline.seeding import numpy_rng
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: ``shown_at`` and ``answered_at`` of every simulated vote: a fixed stamp (the Unix epoch), so
 #: that a rerun with the same settings writes byte-identical votes and win-rate tables
 SIMULATED_AT = pd.Timestamp(0, unit="s", tz="UTC")
 #: what ``annotate winrate`` writes into ``--out-dir`` (the ``human_winrates`` artifact)
-WINRATE_FILES = ("winrates.csv", "bradley_terry.csv", "winrates.md", "winrates.png", "summary.json")
+WINRATE_FILES = contracts.HUMAN_WINRATE_FILES
 
 
 def parse_testsets(values: list[str] | None, config: Path | None) -> dict[str, str]:
@@ -85,11 +85,40 @@ def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="global seed (sides, order, repeats)")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1); any other
+    name counts as remote (it is not resolved)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback ``host`` without ``--allow-remote``; warn with it
+    (docs/design.md §11: the app speaks plain HTTP, tokens included)."""
+    if is_loopback(host):
+        return
+    if not allow_remote:
+        raise SystemExit(
+            f"--host {host} is not a loopback address: the annotation app (plain HTTP, tokens "
+            "included) would be reachable beyond this machine; add --allow-remote to serve anyway"
+        )
+    print(
+        f"warning: listening on {host}: reachable beyond this machine over plain HTTP",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from pipeline.annotate.server import AppState, create_app
 
+    check_host(args.host, args.allow_remote)
     results = Path(args.results)
     store = Store(db_path(results, args.framework))
     instances = instance_tasks(results, args.framework, args.top_k, args.seed)
@@ -103,8 +132,6 @@ def serve(args: argparse.Namespace) -> int:
                 f"{store.path}: round {settings.round} was started with settings {stored}; "
                 f"this server has {settings.to_json()} (use a new --round)"
             )
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: listening on {args.host}: reachable beyond this machine", file=sys.stderr)
     state = AppState(store, results, args.framework, instances, settings, {}, {}, threading.Lock())
     print(
         f"annotate: http://{args.host}:{args.port}/ ({len(instances)} instance tasks, "
@@ -146,10 +173,10 @@ def winrate(args: argparse.Namespace) -> int:
         "Gold-pair accuracy": winrates.gold_accuracy(votes),
     }
     simulated = bool(votes["simulated"].any())
-    rates.to_csv(out / "winrates.csv", index=False)
-    tables["Bradley-Terry scores"].to_csv(out / "bradley_terry.csv", index=False)
-    (out / "winrates.md").write_text(winrates.markdown(tables, simulated))
-    winrates.plot_win_rates(rates, out / "winrates.png")
+    rates.to_csv(out / contracts.HUMAN_WINRATES_CSV, index=False)
+    tables["Bradley-Terry scores"].to_csv(out / contracts.HUMAN_BRADLEY_TERRY, index=False)
+    (out / contracts.HUMAN_WINRATES_MD).write_text(winrates.markdown(tables, simulated))
+    winrates.plot_win_rates(rates, out / contracts.HUMAN_WINRATES_PLOT)
     metadata = read_metadata(args.votes)
     summary = {
         "simulated": simulated,
@@ -159,7 +186,9 @@ def winrate(args: argparse.Namespace) -> int:
         "rounds": sorted(int(r) for r in set(votes["round"])),
         "simulation": metadata.get("simulation") if simulated else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (out / contracts.HUMAN_WINRATE_SUMMARY).write_text(
+        json.dumps(summary, indent=1, sort_keys=True) + "\n"
+    )
     print(json.dumps({"pairs": len(rates), "simulated": simulated}), file=sys.stderr)
     return 0
 
@@ -215,7 +244,9 @@ def simulate(args: argparse.Namespace) -> int:
                     answer = str(rng.choice(["left", "right", "tie", "both_bad"]))
                 rows.append((name, round_number, task.testset, task.image_id, task.left,
                              task.right, answer, task.repeated, task.gold, True, stamp, stamp))  # fmt: skip
-    out = Path(args.out or results / "annotations" / args.framework / "votes_simulated.parquet")
+    out = Path(
+        args.out or contracts.artifact_in(results, "simulated_votes", framework=args.framework)
+    )
     frame = pd.DataFrame(rows, columns=SCHEMAS["votes"].names)
     simulation = {"annotators": args.annotators, "rounds": args.rounds, "noise": args.noise,
                   "metric": args.metric, "repeat_fraction": args.repeat_fraction,
@@ -242,6 +273,10 @@ def parser() -> argparse.ArgumentParser:
     sub = command("serve", "serve the annotation app")
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default local only)")
     sub.add_argument("--port", type=int, default=8765)
+    sub.add_argument(
+        "--allow-remote", action="store_true",
+        help="allow a --host that is not a loopback address (warns: plain HTTP)",
+    )  # fmt: skip
     sub.add_argument("--top-k", type=int, default=5, help="largest instances per image")
     sub.add_argument("--no-compare", action="store_true", help="serve the instance task only")
     add_round_arguments(sub)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import contracts
 from pipeline.annotate.store import Store
 from pipeline.io.tables import SCHEMAS, full_schema, write_table
 
@@ -62,6 +63,6 @@ def export(store: Store, out_dir: str | Path) -> dict[str, int]:
     out_dir = Path(out_dir)
     annotations, votes = annotations_frame(store), votes_frame(store)
     source = {"store": str(store.path), "simulated": False}
-    write_table(annotations, out_dir / "annotations.parquet", "annotations", source)
-    write_table(votes, out_dir / "votes.parquet", "votes", source)
+    write_table(annotations, out_dir / contracts.ANNOTATIONS_TABLE, "annotations", source)
+    write_table(votes, out_dir / contracts.VOTES_TABLE, "votes", source)
     return {"annotations": len(annotations), "votes": len(votes)}

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import contracts
 from pipeline.io.atomic import atomic_path
 
 #: the plot's name beside report.md
-PLOT_NAME = "human_winrates.png"
+PLOT_NAME = contracts.report_file("human_plot")
 WINRATE_COLUMNS = ["testset", "model", "opponent", "n", "win_rate", "wilson_low", "wilson_high",
                    "boot_low", "boot_high"]  # fmt: skip
 BT_COLUMNS = ["testset", "model", "reference", "score", "boot_low", "boot_high", "n"]
@@ -37,9 +38,9 @@ def section(winrate_dir: str | Path, plot: str | None = PLOT_NAME) -> str:
     """The section's markdown from ``winrate_dir`` (``winrates.csv``, ``bradley_terry.csv``,
     ``summary.json``); ``plot``: the plot's path relative to the report (None: no image)."""
     folder = Path(winrate_dir)
-    rates = pd.read_csv(folder / "winrates.csv")
-    scores = pd.read_csv(folder / "bradley_terry.csv")
-    summary_path = folder / "summary.json"
+    rates = pd.read_csv(folder / contracts.HUMAN_WINRATES_CSV)
+    scores = pd.read_csv(folder / contracts.HUMAN_BRADLEY_TERRY)
+    summary_path = folder / contracts.HUMAN_WINRATE_SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     simulated = bool(summary.get("simulated", False)) or bool(rates["simulated"].any())
     title = "## Human evaluation (Fig. 3)" + (" — SIMULATED" if simulated else "")
@@ -75,9 +76,9 @@ def append_to_report(report_md: str | Path, winrate_dir: str | Path) -> list[str
     folder = Path(winrate_dir)
     written = []
     plot = None
-    if (folder / "winrates.png").is_file():
+    if (folder / contracts.HUMAN_WINRATES_PLOT).is_file():
         with atomic_path(report_md.parent / PLOT_NAME) as temporary:
-            shutil.copyfile(folder / "winrates.png", temporary)
+            shutil.copyfile(folder / contracts.HUMAN_WINRATES_PLOT, temporary)
         plot = PLOT_NAME
         written.append(PLOT_NAME)
     text = report_md.read_text(encoding="utf-8")

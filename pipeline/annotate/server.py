@@ -2,8 +2,10 @@
 
 The page shell (``/`` and ``/static/``) holds no data and needs no token. Every ``/api/``
 request needs an annotator's token in the ``X-Annotator-Token`` header (401 otherwise).
-State changes are POSTs with a JSON body of at most :data:`MAX_BODY` bytes (413), text fields at
-most :data:`MAX_TEXT` characters (422). Images are addressed by the task's number in the
+State changes are POSTs with a UTF-8 JSON body (400 otherwise) of at most :data:`MAX_BODY` bytes
+(413, by ``Content-Length`` before reading, and while reading chunked bodies), text fields at
+most :data:`MAX_TEXT` characters (422). Every response forbids framing and MIME sniffing and
+carries :data:`CONTENT_SECURITY_POLICY`. Images are addressed by the task's number in the
 annotator's list and a view name that the task lists resolve (unknown ones: 404); no request
 path reaches the filesystem. A vote is committed to SQLite (WAL) before its POST is answered,
 and ``next`` always serves the first task in order without a vote, so a restarted server
@@ -35,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.annotate import render
 from pipeline.annotate.store import Store, now
@@ -45,6 +48,18 @@ TOKEN_HEADER = "x-annotator-token"
 MAX_BODY = 8192
 MAX_TEXT = 500
 ANSWERS = ("left", "right", "tie", "both_bad")
+#: the page's policy: its own script, style and images (and the blob: URLs app.js makes of the
+#: images it fetches), nothing inline, never in a frame (docs/design.md §11)
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'", "script-src 'self'", "style-src 'self'", "img-src 'self' blob:",
+    "connect-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'none'",
+    "frame-ancestors 'none'",
+])  # fmt: skip
+SECURITY_HEADERS = [
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+]
 
 
 @dataclass
@@ -68,12 +83,35 @@ def annotator_of(request: Request) -> str:
     return name
 
 
+def check_length(request: Request) -> None:
+    """413 when the ``Content-Length`` is over :data:`MAX_BODY`, before any byte is read."""
+    value = request.headers.get("content-length", "0")
+    if not value.isdigit():
+        raise HTTPException(400, f"bad Content-Length {value!r}")
+    if int(value) > MAX_BODY:
+        raise HTTPException(413, f"request body over {MAX_BODY} bytes ({value} announced)")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, read chunk by chunk and refused (413) as soon as it passes :data:`MAX_BODY`,
+    announced or not (docs/design.md §11): at most one chunk past the limit is ever held."""
+    check_length(request)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+    return bytes(body)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise HTTPException(413, f"request body over {MAX_BODY} bytes")
+    body = await read_body(request)
     try:
-        value = json.loads(body or b"{}")
+        value = json.loads(body.decode("utf-8") or "{}")
+    except UnicodeDecodeError as error:
+        raise HTTPException(
+            400, f"body is not UTF-8 (byte {error.start}: {error.reason}); send UTF-8 JSON"
+        ) from error
     except json.JSONDecodeError as error:
         raise HTTPException(400, f"body is not JSON: {error}") from error
     if not isinstance(value, dict):
@@ -276,8 +314,23 @@ async def json_error(request: Request, error: HTTPException) -> JSONResponse:
     return JSONResponse({"error": error.detail}, status_code=error.status_code)
 
 
-def create_app(state: AppState) -> Starlette:
-    """The Starlette app over ``state``."""
+class SecurityHeaders:
+    """ASGI wrapper adding :data:`SECURITY_HEADERS` to every HTTP response, errors included."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers if scope["type"] == "http" else send)
+
+
+def create_app(state: AppState) -> SecurityHeaders:
+    """The Starlette app over ``state``, wrapped so that even its 500s carry the headers."""
     routes = [
         Route("/", index),
         Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
@@ -291,4 +344,4 @@ def create_app(state: AppState) -> Starlette:
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: json_error})
     app.state.data = state
-    return app
+    return SecurityHeaders(app)

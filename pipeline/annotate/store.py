@@ -1,7 +1,8 @@
 """The SQLite vote store of `annotate`: ``results/annotations/{framework}.sqlite``.
 
 WAL journal with ``synchronous=FULL``: a vote is committed (and on disk) before the server
-answers its POST, so a server killed with SIGKILL loses no acknowledged vote. Tables:
+answers its POST, so a server killed with SIGKILL loses no acknowledged vote. The database and
+its ``-wal`` and ``-shm`` files are 0600 (votes and token hashes are private). Tables:
 
 - ``annotators``: name, sha256 of the token (the token itself is never stored), created;
 - ``rounds``: a compare round's settings (JSON), fixed when the round is first served;
@@ -40,6 +41,8 @@ CREATE TABLE IF NOT EXISTS compare_votes (
     answer TEXT NOT NULL, repeated INTEGER NOT NULL, gold INTEGER NOT NULL, shown_at TEXT,
     answered_at TEXT NOT NULL, PRIMARY KEY (annotator, round, task_id));
 """
+#: mode of the database and its -wal and -shm files (SQLite gives them the database's mode)
+PRIVATE = 0o600
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -67,6 +70,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE))  # before sqlite makes it
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -74,6 +78,15 @@ class Store:
             raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self.make_private()
+
+    def make_private(self) -> None:
+        """The database and its WAL and shared-memory files readable by their owner only
+        (docs/design.md §11); a file of an earlier version, made 0644, is tightened."""
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path.with_name(self.path.name + suffix)
+            if path.exists() and path.stat().st_mode & 0o777 != PRIVATE:
+                path.chmod(PRIVATE)
 
     def close(self) -> None:
         self.db.close()

@@ -61,7 +61,7 @@ def write_pairs(folder: Path, images: dict[str, np.ndarray], scale: int) -> None
         row.update(image_id=image_id, source_id=image_id, source="synthetic", split=folder.name)
         row.update(scale=scale, hq_path=f"hq/{image_id}.png", lq_path=f"lq/{image_id}.png")
         rows.append(row)
-    write_table(pd.DataFrame(rows), folder / "pairs.parquet", "degradation_pairs")
+    write_table(pd.DataFrame(rows), folder / contracts.DATA_TABLE, "degradation_pairs")
 
 
 def write_synthetic_results(
@@ -82,7 +82,7 @@ def write_synthetic_results(
     test = {f"test{i}": hq_image(rng, size) for i in range(n_test)}
     write_pairs(root / "data" / "train", train, scale)
     write_pairs(root / "data" / "test", test, scale)
-    folder = root / "candidates" / framework
+    folder = contracts.artifact_in(root, "candidates", framework=framework)
     rows = []
     for index, setting in enumerate(SETTINGS):
         for image_id, hq in train.items():
@@ -90,11 +90,13 @@ def write_synthetic_results(
             rows.append((image_id, setting, setting, 1, 0.0, 0, "", f"{setting}/{image_id}.png"))
     write_table(
         pd.DataFrame(rows, columns=SCHEMAS["candidates"].names),
-        folder / "candidates.parquet",
+        folder / contracts.CANDIDATES_TABLE,
         "candidates",
     )
     labels = {image_id: label_map(size) for image_id in train}
-    write_label_maps(root / "masks" / f"{framework}.zarr", labels, {"backend": "synthetic"})
+    write_label_maps(
+        contracts.artifact_in(root, "masks", framework=framework), labels, {"backend": "synthetic"}
+    )
     rows = []
     for image_id, labels_ in labels.items():
         ids, areas = np.unique(labels_, return_counts=True)
@@ -104,7 +106,7 @@ def write_synthetic_results(
             rows.append((image_id, instance_id, area, *box, area / size**2, 1.0, instance_id == 0))
     write_table(
         pd.DataFrame(rows, columns=SCHEMAS["instances"].names),
-        root / "masks" / framework / "instances.parquet",
+        contracts.artifact_in(root, "instances", framework=framework),
         "instances",
     )
     for index, model in enumerate(models):

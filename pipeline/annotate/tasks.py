@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 
-from pipeline import contracts
+from pipeline import contracts, model_names
 from pipeline.io.tables import read_table
 from pipeline.io.testsets import load_testset
 from pipeline.seeding import numpy_rng
@@ -97,11 +97,16 @@ def instance_tasks(
 ) -> list[InstanceTask]:
     """Every instance task of a framework, in annotation order (see the module docstring)."""
     results = Path(results)
-    instances = read_table(results / "masks" / framework / "instances.parquet", "instances")
-    table = results / "candidates" / framework / "candidates.parquet"
+    instances = read_table(
+        contracts.artifact_in(results, "instances", framework=framework), "instances"
+    )
+    table = (
+        contracts.artifact_in(results, "candidates", framework=framework)
+        / contracts.CANDIDATES_TABLE
+    )
     candidates = read_table(table, "candidates")
     train = {image.image_id: image for image in load_testset("synthetic", results / "data/train")}
-    masks = results / "masks" / f"{framework}.zarr"
+    masks = contracts.artifact_in(results, "masks", framework=framework)
     kept = instances[~instances["is_remainder"]].sort_values(
         ["image_id", "area", "instance_id"], ascending=[True, False, True], kind="stable"
     )
@@ -148,7 +153,7 @@ def instance_tasks(
 
 def testset_kind(path: str | Path) -> str:
     """``synthetic`` for a degrade output folder (it has ``pairs.parquet``), else ``paired``."""
-    return "synthetic" if (Path(path) / "pairs.parquet").is_file() else "paired"
+    return "synthetic" if (Path(path) / contracts.DATA_TABLE).is_file() else "paired"
 
 
 def evaluation_dir(results: str | Path, framework: str, testset: str, model: str) -> Path:
@@ -165,11 +170,12 @@ def evaluated_models(results: Path, framework: str, testset: str) -> list[str]:
 
 
 def default_focus(models: list[str]) -> str:
-    """The DSPO model the paper compares against the others: the first ``dspo_*`` name that is
-    not an ablation (``dspo_m1_*``, ``*_nom2``); "" when there is none."""
+    """The DSPO model the paper compares against the others: the first (by name) dspo model
+    that is not an ablation (dspo_m1, sampling without M2: pipeline.model_names); "" when there
+    is none."""
     for name in sorted(models):
-        ablation = name.startswith("dspo_m1_") or name.endswith("_nom2")
-        if name.startswith("dspo_") and not ablation:
+        spec = model_names.parse_or_none(name)
+        if spec is not None and spec.method == model_names.DSPO and not spec.is_ablation:
             return name
     return ""
 

@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import contracts, settings
+from pipeline import contracts, model_names, settings
 from pipeline.bench import timing
 from pipeline.plan import measured_with
 
@@ -90,8 +90,9 @@ DATA_STAGES = (
     "degrade", "prompts", "candidates", "segment", "caption", "score", "select", "evaluate",
     "winrates",
 )  # fmt: skip
-#: the name the second evaluation of the pretrained model takes (winrates needs an aligned one)
-ALIGNED_NAME = "dspo_fidelity"
+#: the model the second evaluation of the pretrained model stands for (winrates needs an
+#: aligned one)
+ALIGNED_MODEL = model_names.ModelSpec.aligned(model_names.DSPO, "fidelity")
 
 
 # -- jobs ---------------------------------------------------------------------------------------
@@ -467,12 +468,12 @@ def run_chain(
         record("evaluate/bicubic", point, chain.evaluate, "bicubic", "bicubic", data,
                test_prompts, out / "eval" / "bicubic", logs / f"evaluate_{fw}_bicubic.log")  # fmt: skip
         evaluations = {}
-        for name in ("pretrained", ALIGNED_NAME):
+        for name in (model_names.PRETRAINED, ALIGNED_MODEL.name):
             if record(f"evaluate/{fw}", point, chain.evaluate, models[fw]["base"], name, data,
                       test_prompts, out / "eval" / name, logs / f"evaluate_{fw}_{name}.log"):  # fmt: skip
                 evaluations[name] = out / "eval" / name
         if len(evaluations) == 2:
-            objective = ALIGNED_NAME.split("_", 1)[1]
+            objective = ALIGNED_MODEL.objective
             record("winrates", point, chain.winrates, evaluations, objective,
                    out / "winrates", logs / f"winrates_{fw}.log")  # fmt: skip
 

@@ -334,12 +334,8 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
     sections = {
         m: train_job_settings(m, args.batch, args.policy_steps, args.group_size) for m in methods
     }
-    from pipeline.train import LOOPS
-
-    for m in methods:  # imported before timing: no call pays for its loop's first import
-        loop = contracts.method(m).loop
-        if loop in LOOPS:
-            importlib.import_module(LOOPS[loop])
+    for m in methods:  # imported before timing: no call pays for its method's first import
+        importlib.import_module(contracts.method_module(m))
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as folder:
         scratch = Path(folder)
         factor = build_tiny_model(args.framework, seed=args.seed).codec.downscale

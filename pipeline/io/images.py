@@ -208,19 +208,23 @@ def source_image_id(relative_path: str | os.PathLike) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.parts))
 
 
-#: one entry of a source listing: (image id, the manifest line of the image)
-_Entry = tuple[str, str]
+#: one entry of a source listing: (image id, the image's path, its stat line: relative path,
+#: size and mtime in ns)
+_Entry = tuple[str, Path, str]
+#: ``degrade.manifest``: what a source manifest hashes of each image (:func:`source_manifest`)
+MANIFEST_MODES = ("stat", "content")
 
 
 @functools.lru_cache(maxsize=4)
 def _source_listing(
     source: str, demo_images: tuple[str, ...]
-) -> tuple[str | None, tuple[_Entry, ...]]:
-    """The manifest's first line and one entry per image of ``source``, in manifest order.
+) -> tuple[str | None, Path | None, tuple[_Entry, ...]]:
+    """The manifest's first line, the source root and one entry per image of ``source``, in
+    manifest order.
 
     Cached per process: the degrade rule asks for the manifest of each of its K shards, and
     85k files are listed and stat'ed once, not K times (:func:`source_manifest`, ``fresh``).
-    A folder that does not exist gives ``(None, ())``.
+    A folder that does not exist gives ``(None, None, ())``.
     """
     if source == "demo":
         from importlib.metadata import version
@@ -231,7 +235,7 @@ def _source_listing(
     else:
         root = Path(source)
         if not root.is_dir():
-            return None, ()
+            return None, None, ()
         header = ""
         paths = list_images(root)
     entries = []
@@ -242,8 +246,8 @@ def _source_listing(
             entry = f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}"
         except OSError:
             entry = f"{relative}\0missing"
-        entries.append((source_image_id(relative), entry))
-    return header, tuple(entries)
+        entries.append((source_image_id(relative), path, entry))
+    return header, root, tuple(entries)
 
 
 @functools.lru_cache(maxsize=16)
@@ -255,9 +259,21 @@ def _shard_entries(
     from pipeline.shards import shard_of
 
     grouped: dict[int, list[_Entry]] = {index: [] for index in range(1, count + 1)}
-    for entry in _source_listing(source, demo_images)[1]:
+    for entry in _source_listing(source, demo_images)[2]:
         grouped[shard_of(entry[0], count)].append(entry)
     return {index: tuple(entries) for index, entries in grouped.items()}
+
+
+@functools.cache
+def _content_line(path: Path, root: Path) -> str:
+    """An image's line of a ``content`` manifest: relative path and the SHA-256 of its bytes
+    (cached per process as the listing is; ``fresh`` reads the bytes again)."""
+    relative = path.relative_to(root).as_posix()
+    try:
+        with path.open("rb") as handle:
+            return f"{relative}\0sha256 {hashlib.file_digest(handle, 'sha256').hexdigest()}"
+    except OSError:
+        return f"{relative}\0missing"
 
 
 def source_manifest(
@@ -266,15 +282,21 @@ def source_manifest(
     shard: str | Shard | None = None,
     *,
     fresh: bool = False,
+    manifest: str = "stat",
 ) -> str:
     """A fingerprint of a source of images: it changes when one is added, removed or changed.
 
     ``source`` is a folder (its :func:`list_images`) or ``demo`` (``demo_images`` in
     :func:`demo_root`, with the scikit-image version). Snakemake sees only the folder's name
     in the config, so the degrade rule passes this as a param, a rerun trigger (docs/design.md,
-    caching). It hashes the sorted (relative path, size, mtime in ns) of the images, not their
-    bytes, so 85k files cost a second or so. A folder that does not exist gives a fixed value:
-    a dry run plans without the data and the run itself names the missing folder.
+    caching). A folder that does not exist gives a fixed value: a dry run plans without the
+    data and the run itself names the missing folder.
+
+    ``manifest`` (``degrade.manifest``) is what is hashed of each image: ``stat`` (the default)
+    the sorted (relative path, size, mtime in ns), so 85k files cost a second or so, but a file
+    replaced by one of the same size and mtime goes unseen; ``content`` the relative path and
+    the SHA-256 of the bytes, which sees every change (and ignores a mere touch) at the cost
+    of reading every image of the shard each time Snakemake plans.
 
     ``shard`` (a scatter item ``"I-of-K"`` or a :class:`pipeline.shards.Shard`; None: every
     image) hashes only the images whose :func:`source_image_id` lies in that shard, so degrade's
@@ -282,25 +304,37 @@ def source_manifest(
     gives the same value as None. The folder is listed once per process and cached, so K calls
     cost one listing; ``fresh=True`` lists it again (the degrade stage records what it reads).
     """
+    if manifest not in MANIFEST_MODES:
+        raise ValueError(f"degrade.manifest: {manifest!r} is not one of {MANIFEST_MODES}")
     demo_images = tuple(demo_images)
     if fresh:
         _source_listing.cache_clear()
         _shard_entries.cache_clear()
-    header, entries = _source_listing(source, demo_images)
-    if header is None:
+        _content_line.cache_clear()
+    header, root, entries = _source_listing(source, demo_images)
+    if header is None or root is None:
         return f"missing folder {Path(source)}"
-    label = ""
-    if shard is not None:
-        from pipeline.shards import Shard
+    entries, label = _shard_of_listing(source, demo_images, shard, entries)
+    lines = [e[2] if manifest == "stat" else _content_line(e[1], root) for e in entries]
+    kind = "" if manifest == "stat" else "content "
+    digest = hashlib.sha256((header if manifest == "stat" else f"content\n{header}").encode())
+    for line in lines:
+        digest.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return f"{len(lines)} images{label}, {kind}sha256 {digest.hexdigest()}"
 
-        shard = shard if isinstance(shard, Shard) else Shard.parse(str(shard))
-        if shard.count > 1:
-            entries = _shard_entries(source, demo_images, shard.count)[shard.index]
-            label = f" of shard {shard.item}"
-    digest = hashlib.sha256(header.encode())
-    for _, entry in entries:
-        digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
-    return f"{len(entries)} images{label}, sha256 {digest.hexdigest()}"
+
+def _shard_of_listing(
+    source: str, demo_images: tuple[str, ...], shard: str | Shard | None, entries
+) -> tuple[tuple[_Entry, ...], str]:
+    """The entries of ``shard`` (all for None or a shard of one) and the manifest's label."""
+    if shard is None:
+        return entries, ""
+    from pipeline.shards import Shard
+
+    shard = shard if isinstance(shard, Shard) else Shard.parse(str(shard))
+    if shard.count == 1:
+        return entries, ""
+    return _shard_entries(source, demo_images, shard.count)[shard.index], f" of shard {shard.item}"
 
 
 def unit_tensor(array: np.ndarray) -> torch.Tensor:

@@ -45,7 +45,7 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.items import PreferenceItem
 from pipeline.training.step import STAGE, PolicyErrors, batch_loss, draw_conditions
 
-CURVES_TABLE = "train_curves.parquet"  # in the aligned model folder, table train_curves
+CURVES_TABLE = contracts.TRAIN_CURVES  # in the aligned model folder, table train_curves
 LOG_KEY = "curves"  # the log row key holding a step's curve rows
 SPLITS = ("train", "heldout")
 COLUMNS = ("step", "split", "items", "loss", "implicit_accuracy", "margin", "reward_margin")

@@ -1,8 +1,8 @@
-"""Diffusion-DRO's online negatives: method ``dro_online`` (issue 15; docs/online_alignment.md
+"""Diffusion-DRO's online negatives: method ``dro_online`` (docs/online_alignment.md
 "Online DRO").
 
-``train(**kwargs)`` takes :func:`pipeline.train.train`'s keyword arguments (it is that function's
-loop for methods with ``contracts.Method.loop == "dro_online"``). Diffusion-DRO's *hybrid
+:data:`RUN` is the method of ``contracts.Method.loop == "dro_online"`` for the training session
+(:mod:`pipeline.training.session`). Diffusion-DRO's *hybrid
 sampling* (``basiclab/DiffusionDRO`` ``train.py``, ``misc/buffer.py``; the offline-pair ``dro`` of
 the offline loop is unchanged):
 
@@ -68,34 +68,24 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline import checkpoints, contracts, guidance, losses
 from pipeline import policy as online
-from pipeline.distributed import gather_objects, make_accelerator
-from pipeline.io.atomic import atomic_path
+from pipeline.distributed import gather_objects
 from pipeline.io.images import read_rgb, signed_tensor
-from pipeline.io.tables import read_table, write_table
+from pipeline.io.tables import read_table
 from pipeline.models.base import SRModel
 from pipeline.seeding import numpy_rng, torch_generator
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, LoadedItem, PreferenceItem, preference_items
-from pipeline.training.run import (
-    clipped_update,
-    configure_model,
-    learning_rate,
-    make_optimizer,
-    run_fingerprint,
-    run_steps,
-    trainable_names,
-)
+from pipeline.training.run import learning_rate, micro_batch_size, summed_update
+from pipeline.training.session import MethodRun
 from pipeline.training.step import STAGE, Conditions, error_maps_batched
 
 logger = logging.getLogger(__name__)
@@ -282,17 +272,7 @@ class Trainer:
     # -- layout --------------------------------------------------------------------------------
     def per_micro(self) -> int:
         """Examples per process and micro-step (``batch_size`` is one update's global batch)."""
-        world, accumulation = (
-            self.accelerator.num_processes,
-            self.config.gradient_accumulation_steps,
-        )
-        per_micro, remainder = divmod(self.config.batch_size, world * accumulation)
-        if remainder or per_micro == 0:
-            raise ValueError(
-                f"train.batch_size {self.config.batch_size} must be a multiple of processes "
-                f"({world}) x gradient_accumulation_steps ({accumulation})"
-            )
-        return per_micro
+        return micro_batch_size(self.config, self.accelerator.num_processes)
 
     def micro_index(self, step: int, micro: int) -> int:
         """The run's micro-step number, from 1 (DRO's periods count these)."""
@@ -507,11 +487,7 @@ class Trainer:
             accelerator.backward(loss / config.batch_size)
             totals += [float(loss.detach()), *(sum(s[k] for _, s in results) for k in STAT_KEYS)]
             if micro == last:
-                if accelerator.num_processes > 1:
-                    for parameter in self.trainable:
-                        if parameter.grad is not None:
-                            torch.distributed.all_reduce(parameter.grad)
-                grad_norm = clipped_update(
+                grad_norm = summed_update(
                     accelerator, self.optimizer, self.trainable, config.max_grad_norm, step,
                     self.stopped(),
                 )  # fmt: skip
@@ -564,179 +540,94 @@ def read_items(pairs_path: str | Path, method: str) -> tuple[list[PreferenceItem
     return preference_items(pairs, method, pair_level="image"), "image"
 
 
-def prepare(
-    *,
-    framework: str,
-    method: str,
-    objective: str,
-    pairs_path: str | Path,
-    candidates_path: str | Path,
-    data_dir: str | Path,
-    masks_path: str | Path,
-    model_dir: str | Path,
-    config: TrainConfig,
-    seed: int = 0,
-    checkpoint_dir: Path,
-    model: SRModel | None = None,
-    prompts_path: str | Path | None = None,
-) -> tuple[Trainer, checkpoints.Fingerprint, int, list, Path | None, dict[str, Any]]:
-    """Everything a run needs before its first step, resumed from the newest checkpoint of this
-    run if there is one: (trainer, fingerprint, first step, log so far, resumed from, what was
-    read for metadata)."""
-    if config.dro_positives not in POSITIVES:
-        raise ValueError(f"train.dro_positives must be one of {POSITIVES}")
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    items, pair_level = read_items(pairs_path, method)
-    loader = ItemLoader(
-        read_table(candidates_path, "candidates"), Path(candidates_path), Path(data_dir),
-        Path(masks_path),
-    )  # fmt: skip
-    loader.check(items)
-    hq_paths = None
-    if config.dro_positives == "hq":
-        hq_paths = contracts.data_images(data_dir, "hq")
-        absent = [i.image_id for i in items if i.image_id not in hq_paths]
-        if absent:
-            raise KeyError(f"{Path(data_dir) / contracts.DATA_TABLE} has no HQ for {absent[:5]}")
-    texts, prompt_record = guidance.optional_stage_prompts(
-        prompts_path, [item.image_id for item in items], where=f"train {method}"
-    )
-    if model is None:
-        from pipeline.models import load_model
+class DroOnlineRun(MethodRun):
+    """dro_online's part of the session: the items (instance pairs, else the image pair), the
+    experts' HQs, the buffer and sampling snapshot (checkpointed)."""
 
-        model = load_model(model_dir)
-    fingerprint = run_fingerprint(
-        config, framework=framework, method=method, objective=objective, seed=seed,
-        pairs_path=pairs_path, candidates_path=candidates_path, data_dir=data_dir,
-        masks_path=masks_path, model_dir=model_dir, model=model,
-        processes=accelerator.num_processes, device=accelerator.device.type,
-        prompts_path=prompts_path,
-    )  # fmt: skip
-    trainable = configure_model(model, config)
-    with model.reference():  # a lazily built reference captures the pretrained weights now
-        pass
-    model.to(accelerator.device)
-    optimizer = make_optimizer(trainable, config)
-    named = trainable_names(model)
-    start, log = 0, []
-    buffer = online.OnlineNegativeBuffer(
-        config.dro_buffer_size, config.dro_refill_every, sync_period(config)
-    )
-    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
-    if resumed_from is not None:
-        start, log = checkpoints.load(resumed_from, named, optimizer, fingerprint)
-    trainer = Trainer(
-        config, seed, model, accelerator, accelerator.prepare(optimizer), trainable, named,
-        items, loader, texts, hq_paths, buffer,
-        {n: p.detach().clone() for n, p in named.items()}, last_good=resumed_from,
-    )  # fmt: skip
-    if resumed_from is not None:
-        trainer.restore(resumed_from)
-    read = {"pair_level": pair_level, "prompts": prompt_record, "items": len(items)}
-    return trainer, fingerprint, start, log, resumed_from, read
+    log_table = LOG_TABLE
+    log_columns = LOG_COLUMNS
 
+    def check(self) -> None:
+        if self.config.dro_positives not in POSITIVES:
+            raise ValueError(f"train.dro_positives must be one of {POSITIVES}")
+        micro_batch_size(self.config, self.accelerator.num_processes)  # a bad layout fails early
 
-def train(
-    *,
-    framework: str,
-    method: str,
-    objective: str,
-    pairs_path: str | Path,
-    candidates_path: str | Path,
-    data_dir: str | Path,
-    masks_path: str | Path,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    config: dict[str, Any] | TrainConfig | None = None,
-    seed: int = 0,
-    checkpoint_dir: str | Path | None = None,
-    model: SRModel | None = None,
-    prompts_path: str | Path | None = None,
-) -> Path:
-    """Align the model with Diffusion-DRO's online negatives and write ``out_dir``
-    (``save_pretrained`` + ``train_log.parquet``, table ``dro_online_log``). Checkpoints and
-    resume as the offline loop, with the buffer and the snapshot in the checkpoint."""
-    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-    out_dir = Path(out_dir)
-    checkpoint_dir = (
-        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
-    )
-    trainer, fingerprint, start, log, resumed_from, read = prepare(
-        framework=framework, method=method, objective=objective, pairs_path=pairs_path,
-        candidates_path=candidates_path, data_dir=data_dir, masks_path=masks_path,
-        model_dir=model_dir, config=config, seed=seed, checkpoint_dir=checkpoint_dir,
-        model=model, prompts_path=prompts_path,
-    )  # fmt: skip
-    trainer.per_micro()  # fails early on a bad layout
-    accelerator, model = trainer.accelerator, trainer.model
+    def read_inputs(self) -> None:
+        job = self.job
+        self.items, self.pair_level = read_items(job.pairs_path, job.method)
+        self.loader = ItemLoader(
+            read_table(job.candidates_path, "candidates"), Path(job.candidates_path),
+            Path(job.data_dir), Path(job.masks_path),
+        )  # fmt: skip
+        self.loader.check(self.items)
+        self.hq_paths = None
+        if self.config.dro_positives == "hq":
+            self.hq_paths = contracts.data_images(job.data_dir, "hq")
+            absent = [i.image_id for i in self.items if i.image_id not in self.hq_paths]
+            if absent:
+                table = Path(job.data_dir) / contracts.DATA_TABLE
+                raise KeyError(f"{table} has no HQ for {absent[:5]}")
+        self.texts, self.prompt_record = guidance.optional_stage_prompts(
+            job.prompts_path, [item.image_id for item in self.items], where=f"train {job.method}"
+        )
 
-    def save(done: int) -> Path:
-        extra, tensors = trainer.checkpoint_state()
-        return checkpoints.save(
-            checkpoint_dir, done, trainer.named, trainer.optimizer, log, fingerprint,
-            config.keep_checkpoints, extra=extra, extra_tensors=tensors,
+    def build(self) -> Trainer:
+        config = self.config
+        buffer = online.OnlineNegativeBuffer(
+            config.dro_buffer_size, config.dro_refill_every, sync_period(config)
+        )
+        snapshot = {n: p.detach().clone() for n, p in self.named.items()}
+        return Trainer(
+            config, self.job.seed, self.model, self.accelerator, self.optimizer, self.trainable,
+            self.named, self.items, self.loader, self.texts, self.hq_paths, buffer, snapshot,
         )  # fmt: skip
 
-    run_steps(
-        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
-        postfix=lambda row: {"loss": f"{row['loss']:.2e}",
-                             "active": f"{row['hinge_active']:.2f}"},
-        save=save,
-    )  # fmt: skip
+    def resume(self, path: Path) -> tuple[int, list[dict]]:
+        done = super().resume(path)
+        self.trainer.restore(path)
+        return done
 
-    if accelerator.is_main_process:
-        metadata = {
-            "framework": framework,
-            "method": method,
-            "loss": contracts.method(method).loss,
+    def checkpoint(self) -> dict[str, Any]:
+        extra, tensors = self.trainer.checkpoint_state()
+        return {**super().checkpoint(), "extra": extra, "extra_tensors": tensors}
+
+    def postfix(self, row: dict) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.2e}", "active": f"{row['hinge_active']:.2f}"}
+
+    def finish(self) -> None:
+        # the saved model's description names how it was aligned (the report's weights column),
+        # as ddpo's and gdpo's do: the one-step arm's negatives are the one-step Gaussian policy's
+        negatives = ("one-step Gaussian policy negatives" if self.model.framework == "onestep"
+                     else "DDIM trajectory negatives")  # fmt: skip
+        weights = self.model.settings.weights
+        self.model.settings.weights = f"{weights} + {self.job.method} ({negatives})"
+
+    def metadata(self) -> dict[str, Any]:
+        config, job = self.config, self.job
+        return {
             "loss_formula": "mean over examples of sum_m w_m relu(d_m + dro_margin), d_m = "
             "r(policy, s_m) - r(expert, s_m), r = E_ref - E_theta pooled under instance mask s_m",
             "instance_weighting": "DSPO masks and weights on Diffusion-DRO's hinge: a "
-            "combination neither paper has" if read["pair_level"] == "instance" else
+            "combination neither paper has" if self.pair_level == "instance" else
             "one full mask (the table has no instance pairs): Diffusion-DRO's image form",
-            "objective": objective,
-            "seed": int(seed),
-            "pairs": str(pairs_path),
-            "pair_level": read["pair_level"],
+            "pairs": str(job.pairs_path),
+            "pair_level": self.pair_level,
             "positives": {
                 "source": config.dro_positives,
                 "what": "each instance's selected winner" if config.dro_positives == "winners"
                 else "the HQ image (expert demonstration)",
             },
-            "negatives": negatives_record(model, config),
+            "negatives": negatives_record(self.model, config),
             "buffer": {"size": config.dro_buffer_size, "refill_every": config.dro_refill_every,
                        "sampler_batch_size": config.dro_sampler_batch_size,
                        "refill_batches": config.dro_refill_batches},
             "sync_every": sync_period(config),
-            "syncs": trainer.syncs,
-            "prompts": read["prompts"],
-            "model": str(model_dir),
-            "items": read["items"],
-            "fingerprint": fingerprint.fields,
-            "fingerprint_hash": fingerprint.hash,
-            "config": dataclasses.asdict(config),
-            "candidates": str(candidates_path),
-            "data": str(data_dir),
-            "masks": str(masks_path),
-            "model_describe": model.describe(),
-            "processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "device": str(accelerator.device),
-            "resumed_from": str(resumed_from) if resumed_from else None,
+            "syncs": self.trainer.syncs,
+            "prompts": self.prompt_record,
+            "items": len(self.items),
+            "candidates": str(job.candidates_path),
+            "masks": str(job.masks_path),
         }  # fmt: skip
-        # the saved model's description names how it was aligned (the report's weights column),
-        # as ddpo's and gdpo's do: the one-step arm's negatives are the one-step Gaussian policy's
-        negatives = ("one-step Gaussian policy negatives" if model.framework == "onestep"
-                     else "DDIM trajectory negatives")  # fmt: skip
-        model.settings.weights = f"{model.settings.weights} + {method} ({negatives})"
-        with atomic_path(out_dir) as folder:
-            model.save_pretrained(folder)
-            write_table(
-                pd.DataFrame(log, columns=list(LOG_COLUMNS)),
-                folder / "train_log.parquet",
-                LOG_TABLE,
-                metadata,
-            )
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return out_dir
+
+
+RUN = DroOnlineRun

@@ -1,6 +1,7 @@
-"""EA-Adam on DSPO (issue 16, docs/ea_adam.md): a population of adapters across the
-perception-fidelity trade-off, trained by alternating Adam and evolutionary phases, and their
-layer-wise fusion. :func:`train` takes :func:`pipeline.train.train`'s keyword arguments.
+"""EA-Adam on DSPO (docs/ea_adam.md): a population of adapters across the perception-fidelity
+trade-off, trained by alternating Adam and evolutionary phases, and their layer-wise fusion.
+:data:`RUN` is the method of ``contracts.Method.loop == "ea_adam"`` for the training session
+(:mod:`pipeline.training.session`); it builds on the offline method's trainer.
 
 - **Members**: P copies of the pretrained model's trainable parameters
   (``model.trainable_parameters()``: the top LoRA adapter of one-step, the ControlNet of
@@ -9,7 +10,7 @@ layer-wise fusion. :func:`train` takes :func:`pipeline.train.train`'s keyword ar
   frozen copy) is the pretrained model for every member.
 - **Adam phase**, every step, for each member in order: the DSPO loss of the perception pairs
   and of the fidelity pairs, each with exactly the batch and the draws that DSPO's own run on
-  that table makes at that step (:meth:`pipeline.train.Trainer.micro_batch`,
+  that table makes at that step (:meth:`pipeline.training.offline.Trainer.micro_batch`,
   :func:`pipeline.training.step.batch_loss`); the gradients are mixed per tensor
   (:func:`pipeline.population.mix_gradients`; a one-hot member takes its one objective's raw
   gradient and skips the other loss), clipped as train clips, and member i's own AdamW steps.
@@ -26,7 +27,7 @@ layer-wise fusion. :func:`train` takes :func:`pipeline.train.train`'s keyword ar
   population state (:meth:`pipeline.population.PopulationState.to_flat`, members, fitness,
   reference points, the EA generator) as the checkpoint's weights, every member's AdamW state
   as its optimizer, the log and a fingerprint of train's plus both pairs tables and the
-  ``ea_adam`` settings. Resume is bit-identical.
+  ``ea_adam`` settings, and the fitness evaluations counted so far. Resume is bit-identical.
 - **Fusion** after the last step: per-layer softmax weights learned with Adam on the
   ``fusion_preference``-weighted DSPO losses of the fused adapter on the first
   ``fusion_images`` LQs of each table (draws keyed by steps after ``max_steps``), then the
@@ -47,8 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,26 +55,17 @@ from typing import Any
 import pandas as pd
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts, guidance, population, settings
-from pipeline.distributed import make_accelerator
-from pipeline.io.atomic import atomic_path
 from pipeline.io.images import read_rgb, signed_tensor, signed_to_uint8, unit_tensor
 from pipeline.io.tables import write_table
 from pipeline.iqa import MetricRegistry, score_images
 from pipeline.models.base import SRModel, upsample_lq
 from pipeline.seeding import torch_generator
-from pipeline.train import Trainer, micro_batch_size, read_inputs
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import (
-    configure_model,
-    learning_rate,
-    make_optimizer,
-    run_fingerprint,
-    step_slots,
-    trainable_names,
-)
+from pipeline.training.offline import Trainer, read_inputs
+from pipeline.training.run import learning_rate, make_optimizer, micro_batch_size, step_slots
+from pipeline.training.session import MethodRun
 from pipeline.training.step import STAGE, PolicyErrors, batch_loss
 
 #: the loss each member's objectives train with (contracts.METHODS["ea_adam"].loss)
@@ -254,7 +244,7 @@ def fitness_subset(model: SRModel, named, data_dir, prompts_path, ea: dict, seed
 
 @dataclasses.dataclass
 class Run:
-    """What the Adam phase needs: one :class:`pipeline.train.Trainer` per objective (its batches
+    """What the Adam phase needs: one :class:`pipeline.training.offline.Trainer` per objective (its batches
     and draws are DSPO's on that table), the model, its trainable parameters, the optimizers."""
 
     trainers: dict[str, Trainer]
@@ -265,6 +255,24 @@ class Run:
     ea: dict
     seed: int
     accelerator: Any
+    state: population.PopulationState
+    fitness: Fitness
+    last_good: Path | None = None
+
+    def update(self, step: int) -> list[dict]:
+        """One step of every member in order, then the EA phase when due; the members' rows."""
+        rows = [self.step_member(self.state, i, step) for i in range(len(self.state.members))]
+        self.state.step = step + 1
+        if self.state.step % self.ea["ea_every"] == 0:
+            ea = self.ea
+            self.state = population.ea_phase(
+                self.state, self.fitness, ea["ea_iterations"], protected=ea["protected_members"],
+                p_crossover=ea["p_crossover"], p_mutation=ea["p_mutation"],
+                p_global_mating=ea["p_global_mating"], eta=ea["sbx_eta"],
+                mutation_rate=ea["mutation_rate"], mutation_sigma=ea["mutation_sigma"],
+            )  # fmt: skip
+            self.optimizers.reset()
+        return rows
 
     def objective_gradients(self, objective: str, step: int) -> tuple[list, float]:
         """The gradient of one objective's DSPO loss at ``step`` (summed over micro-steps, each
@@ -358,151 +366,133 @@ class Run:
         return total
 
 
-def _read_pairs_inputs(paths, candidates_path, data_dir, masks_path, prompts_path):
-    return {
-        objective: read_inputs(LOSS_METHOD, path, candidates_path, data_dir, masks_path,
-                               prompts_path)
-        for objective, path in zip(OBJECTIVES, paths, strict=True)
-    }  # fmt: skip
+class EaAdamRun(MethodRun):
+    """EA-Adam's part of the session: both objectives' pairs, the population (its state is the
+    checkpoint's weights, its members' AdamW states the optimizer), the fusion and its files."""
 
+    log_table = "ea_adam_log"
+    log_columns = LOG_COLUMNS
 
-def train(
-    *,
-    framework: str,
-    method: str,
-    objective: str,
-    pairs_path,
-    candidates_path,
-    data_dir,
-    masks_path,
-    model_dir,
-    out_dir,
-    config: dict[str, Any] | TrainConfig | None = None,
-    seed: int = 0,
-    checkpoint_dir=None,
-    model: SRModel | None = None,
-    prompts_path=None,
-) -> Path:
-    """Train the EA-Adam population and its fusion (module docstring); ``pairs_path`` holds the
-    perception and fidelity pairs tables (:func:`pairs_paths`). Returns ``out_dir``."""
-    config, ea = split_config(config)
-    perception_path, fidelity_path = pairs_paths(pairs_path)
-    out_dir = Path(out_dir)
-    checkpoint_dir = (
-        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
-    )
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    if accelerator.num_processes != 1:
-        raise NotImplementedError("ea_adam trains in one process (set gpus.train to 1)")
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError("ea_adam takes its gradients outside fp16 loss scaling: use bf16 or no")
-    micro_batch_size(config, 1)
-    inputs = _read_pairs_inputs((perception_path, fidelity_path), candidates_path, data_dir,
-                                masks_path, prompts_path)  # fmt: skip
-    if model is None:
-        from pipeline.models import load_model
+    def settings(self, raw: Any) -> tuple[TrainConfig, dict[str, Any]]:
+        return split_config(raw)
 
-        model = load_model(model_dir)
-    fingerprint = run_fingerprint(
-        config, framework=framework, method=method, objective=objective, seed=seed,
-        pairs_path=perception_path, candidates_path=candidates_path, data_dir=data_dir,
-        masks_path=masks_path, model_dir=model_dir, model=model, processes=1,
-        device=accelerator.device.type, prompts_path=prompts_path,
-    )  # fmt: skip
-    fields = dict(fingerprint.fields)
-    fields["inputs"] = {**fields["inputs"],
-                        "pairs_fidelity": checkpoints.content_hash(fidelity_path)}  # fmt: skip
-    fields["ea_adam"] = {k: v for k, v in ea.items() if k != "frameworks"}
-    fingerprint = checkpoints.Fingerprint(_canonical(fields))
+    def check(self) -> None:
+        if self.accelerator.num_processes != 1:
+            raise NotImplementedError("ea_adam trains in one process (set gpus.train to 1)")
+        if self.accelerator.mixed_precision == "fp16":
+            raise ValueError(
+                "ea_adam takes its gradients outside fp16 loss scaling: use bf16 or no"
+            )
+        micro_batch_size(self.config, 1)
 
-    trainable = configure_model(model, config)
-    with model.reference():  # a lazily built reference captures the pretrained weights now
-        pass
-    model.to(accelerator.device)
-    named = trainable_names(model)
-    initial = _weights(named)
-    size = ea["population_size"]
-    state = population.init_population(
-        initial, size, seed=seed, stage=STAGE, neighbourhood_size=ea["neighbourhood_size"]
-    )
-    optimizers = MemberOptimizers(trainable, size, config)
-    policy = PolicyErrors(model)
-    trainers = {
-        o: Trainer(
-            LOSS_METHOD, config, seed, inputs[o], accelerator, policy, model, None, trainable
+    def read_inputs(self) -> None:
+        job = self.job
+        self.paths = pairs_paths(job.pairs_path)
+        self.inputs = {
+            objective: read_inputs(LOSS_METHOD, path, job.candidates_path, job.data_dir,
+                                   job.masks_path, job.prompts_path)
+            for objective, path in zip(OBJECTIVES, self.paths, strict=True)
+        }  # fmt: skip
+
+    def fingerprinted_pairs(self) -> Path:
+        return self.paths[0]  # the perception table; fingerprint_run adds the fidelity table
+
+    def fingerprint_run(self) -> checkpoints.Fingerprint:
+        fingerprint = super().fingerprint_run()
+        fields = dict(fingerprint.fields)
+        fields["inputs"] = {**fields["inputs"],
+                            "pairs_fidelity": checkpoints.content_hash(self.paths[1])}  # fmt: skip
+        fields["ea_adam"] = {k: v for k, v in self.section.items() if k != "frameworks"}
+        return checkpoints.Fingerprint(_canonical(fields))
+
+    def make_optimizer(self) -> MemberOptimizers:
+        return MemberOptimizers(self.trainable, self.section["population_size"], self.config)
+
+    def build(self) -> Run:
+        config, ea, seed, model = self.config, self.section, self.job.seed, self.model
+        initial = _weights(self.named)
+        state = population.init_population(
+            initial, ea["population_size"], seed=seed, stage=STAGE,
+            neighbourhood_size=ea["neighbourhood_size"],
         )  # fmt: skip
-        for o in OBJECTIVES
-    }
-    run = Run(trainers, model, named, optimizers, config, ea, seed, accelerator)
-    fitness = fitness_subset(model, named, data_dir, prompts_path, ea, seed)
-
-    if ea["ea_every"] <= config.max_steps:  # the pretrained adapter's metric magnitudes
-        fitness.scale = {m: max(abs(v), 1e-12) for m, v in fitness.raw(initial).items()}
-    start, log = 0, []
-    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
-    if resumed_from is not None:
-        flat = state.to_flat()
-        start, log = checkpoints.load(resumed_from, flat, optimizers, fingerprint)
-        state = population.PopulationState.from_flat(flat)
-        if state.step != start:
-            raise ValueError(f"checkpoint {resumed_from}: population at step {state.step}")
-
-    progress = tqdm(total=config.max_steps, initial=start, desc=f"train {method} P={size}",
-                    file=sys.stderr, mininterval=1)  # fmt: skip
-    for step in range(start, config.max_steps):
-        for i in range(size):
-            log.append(run.step_member(state, i, step))
-        state.step = step + 1
-        if state.step % ea["ea_every"] == 0:
-            state = population.ea_phase(
-                state, fitness, ea["ea_iterations"], protected=ea["protected_members"],
-                p_crossover=ea["p_crossover"], p_mutation=ea["p_mutation"],
-                p_global_mating=ea["p_global_mating"], eta=ea["sbx_eta"],
-                mutation_rate=ea["mutation_rate"], mutation_sigma=ea["mutation_sigma"],
+        policy = PolicyErrors(model)
+        trainers = {
+            o: Trainer(
+                LOSS_METHOD,
+                config,
+                seed,
+                self.inputs[o],
+                self.accelerator,
+                policy,
+                model,
+                None,
+                self.trainable,
             )  # fmt: skip
-            optimizers.reset()
-        progress.update(1)
-        if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
-            checkpoints.save(checkpoint_dir, state.step, state.to_flat(), optimizers, log,
-                             fingerprint, config.keep_checkpoints)  # fmt: skip
-    progress.close()
+            for o in OBJECTIVES
+        }
+        fitness = fitness_subset(model, self.named, self.job.data_dir, self.job.prompts_path,
+                                 ea, seed)  # fmt: skip
+        if ea["ea_every"] <= config.max_steps:  # the pretrained adapter's metric magnitudes
+            fitness.scale = {m: max(abs(v), 1e-12) for m, v in fitness.raw(initial).items()}
+        return Run(trainers, model, self.named, self.optimizer, config, ea, seed,
+                   self.accelerator, state, fitness)  # fmt: skip
 
-    # fusion: per-layer weights on the fixed members, then the static merge
-    layers = population.layer_names(state.members[0])
-    if size == 1:
-        weights, history = torch.ones(len(layers), 1), []
-    else:
-        weights, history = population.learn_fusion_weights(
-            state.members,
-            lambda fused, s: run.fusion_loss(fused, s, ea["fusion_images"]),
-            steps=ea["fusion_steps"], lr=ea["fusion_lr"], layers=layers,
-        )  # fmt: skip
-    fused = population.fuse_adapters(state.members, weights, layers)
+    def resume(self, path: Path) -> tuple[int, list[dict]]:
+        flat = self.trainer.state.to_flat()
+        done, log = checkpoints.load(path, flat, self.optimizer, self.fingerprint)
+        self.trainer.state = population.PopulationState.from_flat(flat)
+        if self.trainer.state.step != done:
+            raise ValueError(f"checkpoint {path}: population at step {self.trainer.state.step}")
+        extra = checkpoints.load_extra(path) or {}
+        self.trainer.fitness.evaluations = int(extra.get("fitness_evaluations", 0))
+        return done, log
 
-    metadata = {
-        "framework": framework, "method": method, "loss": contracts.method(method).loss,
-        "objective": objective, "seed": int(seed),
-        "pairs": {o: str(p) for o, p in zip(OBJECTIVES, (perception_path, fidelity_path),
-                                             strict=True)},
-        "items": {o: len(inputs[o].items) for o in OBJECTIVES},
-        "prompts": inputs[OBJECTIVES[0]].prompt_record,
-        "model": str(model_dir), "config": dataclasses.asdict(config), "ea_adam": ea,
-        "ea_rounds": state.ea_rounds, "fitness_evaluations": fitness.evaluations,
-        "fitness_images": fitness.ids, "fitness_scale": fitness.scale,
-        "fusion_loss": history, "fusion_layers": layers,
-        "fingerprint": fingerprint.fields, "fingerprint_hash": fingerprint.hash,
-        "candidates": str(candidates_path), "data": str(data_dir), "masks": str(masks_path),
-        "model_describe": model.describe(), "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "resumed_from": str(resumed_from) if resumed_from else None,
-    }  # fmt: skip
-    rows = []
-    with atomic_path(out_dir) as folder:
-        _set_weights(named, fused)
-        model.save_pretrained(folder)
+    def prepare(self) -> None:
+        """Nothing for accelerate: one process, gradients taken by torch.autograd.grad."""
+
+    def checkpoint(self) -> dict[str, Any]:
+        run = self.trainer
+        return {"named": run.state.to_flat(), "optimizer": self.optimizer,
+                "extra": {"fitness_evaluations": run.fitness.evaluations}}  # fmt: skip
+
+    def description(self) -> str:
+        return f"train {self.job.method} P={self.section['population_size']}"
+
+    def finish(self) -> None:
+        """Fusion: per-layer weights on the fixed members, then the static merge."""
+        run, ea = self.trainer, self.section
+        members = run.state.members
+        self.layers = population.layer_names(members[0])
+        if len(members) == 1:
+            self.fusion_weights, self.fusion_history = torch.ones(len(self.layers), 1), []
+        else:
+            self.fusion_weights, self.fusion_history = population.learn_fusion_weights(
+                members, lambda fused, s: run.fusion_loss(fused, s, ea["fusion_images"]),
+                steps=ea["fusion_steps"], lr=ea["fusion_lr"], layers=self.layers,
+            )  # fmt: skip
+        self.fused = population.fuse_adapters(members, self.fusion_weights, self.layers)
+
+    def metadata(self) -> dict[str, Any]:
+        job, state, fitness = self.job, self.trainer.state, self.trainer.fitness
+        return {
+            "pairs": {o: str(p) for o, p in zip(OBJECTIVES, self.paths, strict=True)},
+            "items": {o: len(self.inputs[o].items) for o in OBJECTIVES},
+            "prompts": self.inputs[OBJECTIVES[0]].prompt_record,
+            "ea_adam": self.section, "ea_rounds": state.ea_rounds,
+            "fitness_evaluations": fitness.evaluations, "fitness_images": fitness.ids,
+            "fitness_scale": fitness.scale, "fusion_loss": self.fusion_history,
+            "fusion_layers": self.layers, "candidates": str(job.candidates_path),
+            "masks": str(job.masks_path),
+        }  # fmt: skip
+
+    def write(self, folder: Path, metadata: dict[str, Any]) -> None:
+        """The fused model, every member, the population table and state, and the log."""
+        state, weights, rows = self.trainer.state, self.fusion_weights, []
+        _set_weights(self.named, self.fused)
+        self.model.save_pretrained(folder)
         for i, member in enumerate(state.members):
-            _set_weights(named, member)
-            model.save_pretrained(folder / contracts.MEMBERS_DIR / str(i))
+            _set_weights(self.named, member)
+            self.model.save_pretrained(folder / contracts.MEMBERS_DIR / str(i))
             rows.append({
                 "member": i,
                 "preference_perception": float(state.preferences[i, 0]),
@@ -515,7 +505,7 @@ def train(
         save_file(state.to_flat(), folder / contracts.POPULATION_STATE)
         write_table(pd.DataFrame(rows), folder / contracts.POPULATION_TABLE, "population",
                     {**metadata, "fusion_weights": weights.tolist()})  # fmt: skip
-        write_table(pd.DataFrame(log, columns=list(LOG_COLUMNS)), folder / "train_log.parquet",
-                    "ea_adam_log", metadata)  # fmt: skip
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return out_dir
+        self.write_log(folder, metadata)
+
+
+RUN = EaAdamRun

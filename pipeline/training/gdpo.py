@@ -1,14 +1,14 @@
 """GDPO: group-relative online alignment (GDPO-SR, CVPR 2026, ``Joyies/GDPO``) and its
-instance-level form (issue 15, docs/online_alignment.md "GDPO").
+instance-level form (docs/online_alignment.md "GDPO").
 
-``train(**kwargs)`` takes :func:`pipeline.train.train`'s keyword arguments (it is that function's
-loop for methods with ``contracts.Method.loop == "gdpo"``; pairs and candidates are not read,
-masks only by ``gdpo_instance``). Per optimizer step, for each LQ of the step's global batch
+:data:`RUN` is the method of ``contracts.Method.loop == "gdpo"`` for the training session
+(:mod:`pipeline.training.session`; pairs and candidates are not read, masks only by
+``gdpo_instance``). Per optimizer step, for each LQ of the step's global batch
 (``batch_size`` LQs of the training split's data folder, seeded epoch permutations as the
 offline loop; split over processes):
 
 1. **Group.** ``policy_group_size`` (G) samples of the CURRENT policy, without gradients, as
-   DDPO draws them (:func:`pipeline.training.ddpo.sample_policy`; sample ``k`` of the LQ in slot
+   DDPO draws them (:func:`pipeline.training.sampling.sample_policy`; sample ``k`` of the LQ in slot
    ``s`` from ``torch_generator(seed, "train", step, "policy", s, k, image_id)``): multi-step, the
    DDIM policy with ``policy_eta > 0`` over ``policy_steps``; one-step, the one-step Gaussian
    policy ``z ~ N(z_hat, onestep_policy_std^2 I)``. (GDPO-SR's released code draws its group
@@ -49,41 +49,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoints, contracts, guidance, losses, settings
-from pipeline.distributed import gather_objects, make_accelerator
-from pipeline.io.atomic import atomic_path
-from pipeline.io.images import read_rgb, signed_tensor, unit_tensor
+from pipeline import checkpoints, contracts, losses, settings
+from pipeline.distributed import gather_objects
 from pipeline.io.masks import read_label_map
-from pipeline.io.tables import write_table
 from pipeline.iqa import score_instances
-from pipeline.models.base import PolicySample, SRModel, upsample_lq
+from pipeline.models.base import PolicySample, SRModel
 from pipeline.seeding import torch_generator
+from pipeline.training import sampling
 from pipeline.training.config import TrainConfig
-from pipeline.training.ddpo import (
-    _split_reward,
+from pipeline.training.run import learning_rate, step_slots, summed_update
+from pipeline.training.sampling import (
+    SampledRun,
     metric_registry,
+    my_positions,
     quantised_unit,
-    sample_policy,
-)
-from pipeline.training.run import (
-    _NOT_FINGERPRINTED,
-    clipped_update,
-    configure_model,
-    learning_rate,
-    make_optimizer,
-    run_steps,
-    step_slots,
-    trainable_names,
 )
 from pipeline.training.step import STAGE
 
@@ -404,16 +391,6 @@ class Trainer:
     def stopped(self) -> str:
         return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
 
-    def my_positions(self) -> range:
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_process, remainder = divmod(self.config.batch_size, world)
-        if remainder:
-            raise ValueError(
-                f"train.batch_size {self.config.batch_size} must be a multiple of the processes "
-                f"({world})"
-            )
-        return range(rank * per_process, (rank + 1) * per_process)
-
     def instances(self, image_id: str, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
         """The LQ's masks ``bool [M, H, W]`` and weights ``[M]``: one full mask for gdpo; for
         gdpo_instance every instance of its label map (ascending ids), ``w_m = |s_m| / sum |s|``."""
@@ -450,20 +427,10 @@ class Trainer:
         return fidelity, detail
 
     def sample_group(self, step: int, position: int, image_id: str) -> Group:
-        config, device = self.config, self.accelerator.device
-        hq = unit_tensor(read_rgb(self.hq_paths[image_id]))
-        lq = upsample_lq(signed_tensor(read_rgb(self.lq_paths[image_id]))[None], hq.shape[-2:])
-        size = config.policy_group_size
-        lq = lq.expand(size, -1, -1, -1).contiguous().to(device)
-        prompt, negative = self.texts[image_id] if self.texts else ("", "")
-        generators = [
-            torch_generator(self.seed, STAGE, step, "policy", position, k, image_id)
-            for k in range(size)
-        ]
-        with torch.no_grad(), self.accelerator.autocast():
-            sample = sample_policy(
-                self.model, lq, [prompt] * size, [negative] * size, generators, config
-            )
+        hq, lq, prompt, negative, sample = sampling.sample_group(
+            self.model, self.accelerator, self.config, self.seed, step, position, image_id,
+            self.lq_paths[image_id], self.hq_paths[image_id], self.texts,
+        )  # fmt: skip
         masks, weights = self.instances(image_id, tuple(hq.shape[-2:]))
         scores = self.reward.raw_scores(sample.images, hq, masks)
         fidelity, detail = self.reward_weights(image_id, hq, masks)
@@ -501,7 +468,7 @@ class Trainer:
         slots = step_slots(len(self.image_ids), step, config.batch_size, self.seed)
         total, stats = 0.0, {key: [] for key in LOSS_STATS}
         rewards, raw, fidelity, detail = [], {m: [] for m in self.reward.metrics}, [], []
-        for position in self.my_positions():
+        for position in my_positions(self.config, self.accelerator):
             group = self.sample_group(step, position, self.image_ids[slots[position]])
             loss, group_stats = self.group_loss(step, group)
             checkpoints.check_finite(
@@ -517,11 +484,7 @@ class Trainer:
                 raw[metric].extend((group.scores[metric] @ group.weights).tolist())
             fidelity.append(float(group.fidelity_weight @ group.weights))
             detail.append(float(group.detail_weight @ group.weights))
-        if accelerator.num_processes > 1:
-            for parameter in self.trainable:
-                if parameter.grad is not None:
-                    torch.distributed.all_reduce(parameter.grad)
-        grad_norm = clipped_update(
+        grad_norm = summed_update(
             accelerator, self.optimizer, self.trainable, config.max_grad_norm, step,
             self.stopped(),
         )  # fmt: skip
@@ -547,143 +510,75 @@ class Trainer:
         }
 
 
-def train(
-    *,
-    framework: str,
-    method: str,
-    objective: str,
-    data_dir: str | Path,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    config: dict[str, Any] | TrainConfig | None = None,
-    seed: int = 0,
-    checkpoint_dir: str | Path | None = None,
-    model: SRModel | None = None,
-    prompts_path: str | Path | None = None,
-    pairs_path: str | Path | None = None,
-    candidates_path: str | Path | None = None,
-    masks_path: str | Path | None = None,
-) -> Path:
-    """Align the model with GDPO (``gdpo``) or its instance-level form (``gdpo_instance``) on
-    the training split's LQs and write ``out_dir`` (``save_pretrained`` + ``train_log.parquet``,
-    table ``gdpo_log``). ``pairs_path`` and ``candidates_path`` are accepted for
-    :func:`pipeline.train.train`'s interface and not read; ``masks_path`` (the segment stage's
-    label maps) is read by ``gdpo_instance`` only. The objective names the run; the reward is
-    GDPO's (its metrics are train.gdpo_*, scored by the ``score`` section's registry)."""
-    loss_name = contracts.method(method).loss
-    if loss_name not in LEVELS:
-        raise ValueError(f"method {method!r} (loss {loss_name!r}) is not a GDPO method")
-    level = LEVELS[loss_name]
-    config, reward_config = _split_reward(config, objective)
-    if level == "instance" and masks_path is None:
-        raise ValueError(f"{method} needs the segment stage's label maps (--masks)")
-    out_dir = Path(out_dir)
-    checkpoint_dir = (
-        Path(checkpoint_dir) if checkpoint_dir else checkpoints.default_location(STAGE, out_dir)
-    )
-    accelerator = make_accelerator(config.device, config.mixed_precision)
-    lq_paths = contracts.data_images(data_dir, "lq")
-    hq_paths = contracts.data_images(data_dir, "hq")
-    image_ids = sorted(lq_paths)
-    texts, prompt_record = guidance.optional_stage_prompts(
-        prompts_path, image_ids, where=f"train {method}"
-    )
-    reward = GroupReward(reward_config, config, seed)
-    if model is None:
-        from pipeline.models import load_model
+class GdpoRun(SampledRun):
+    """GDPO's part of the session: the group reward, the level (gdpo: the whole image;
+    gdpo_instance: per DSPO instance, reading the segment stage's label maps)."""
 
-        model = load_model(model_dir)
-    effective = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
-    effective.update(framework=framework, method=method, objective=objective, reward=reward_config)
-    inputs = {"data_pairs": Path(data_dir) / contracts.DATA_TABLE}
-    if prompts_path is not None:
-        inputs["prompts"] = prompts_path
-    if level == "instance":
-        inputs["masks"] = masks_path
-    fingerprint = checkpoints.run_fingerprint(
-        STAGE, settings=effective, seed=seed, inputs=inputs,
-        weights=checkpoints.base_weights(model_dir, model),
-        processes=accelerator.num_processes, device=accelerator.device.type,
-    )  # fmt: skip
-    trainable = configure_model(model, config)
-    model.to(accelerator.device)
-    # a model may build its frozen reference lazily: capture the weights before a checkpoint
-    with model.reference():
-        pass
-    optimizer = make_optimizer(trainable, config)
-    named = trainable_names(model)
-    start, log = 0, []
-    resumed_from = checkpoints.resume_point(checkpoint_dir, fingerprint, accelerator)
-    if resumed_from is not None:
-        start, log = checkpoints.load(resumed_from, named, optimizer, fingerprint)
-    optimizer = accelerator.prepare(optimizer)
-    trainer = Trainer(
-        config, seed, level, model, accelerator, optimizer, trainable, reward, image_ids,
-        lq_paths, hq_paths, texts, Path(masks_path) if masks_path else None, resumed_from,
-    )  # fmt: skip
-    run_steps(
-        trainer, config, accelerator, start=start, log=log, desc=f"train {method}",
-        postfix=lambda row: {"loss": f"{row['loss']:.4f}",
-                             "reward": f"{row['reward_mean']:.3f}"},
-        save=lambda done: checkpoints.save(
-            checkpoint_dir, done, named, optimizer, log, fingerprint, config.keep_checkpoints,
-            extra={"gdpo": {"level": level}},
-        ),
-    )  # fmt: skip
+    log_table = LOG_TABLE
+    log_columns = LOG_COLUMNS
+    captures_reference = True
 
-    if accelerator.is_main_process:
-        policy = policy_record(model, config)
-        # the saved model's description names how it was aligned (the report's weights column)
-        model.settings.weights = f"{model.settings.weights} + {method} ({policy['name']})"
+    def check(self) -> None:
+        loss = contracts.method(self.job.method).loss
+        if loss not in LEVELS:
+            raise ValueError(f"method {self.job.method!r} (loss {loss!r}) is not a GDPO method")
+        self.level = LEVELS[loss]
+        if self.level == "instance" and self.job.masks_path is None:
+            raise ValueError(f"{self.job.method} needs the segment stage's label maps (--masks)")
+
+    def read_inputs(self) -> None:
+        super().read_inputs()
+        self.reward = GroupReward(self.section, self.config, self.job.seed)
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        inputs = super().fingerprint_inputs()
+        if self.level == "instance":
+            inputs["masks"] = self.job.masks_path
+        return inputs
+
+    def build(self) -> Trainer:
+        masks = Path(self.job.masks_path) if self.job.masks_path else None
+        return Trainer(
+            self.config, self.job.seed, self.level, self.model, self.accelerator,
+            self.optimizer, self.trainable, self.reward, self.image_ids, self.lq_paths,
+            self.hq_paths, self.texts, masks,
+        )  # fmt: skip
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {**super().checkpoint(), "extra": {"gdpo": {"level": self.level}}}
+
+    def postfix(self, row: dict) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "reward": f"{row['reward_mean']:.3f}"}
+
+    def policy_record(self) -> dict[str, Any]:
+        return policy_record(self.model, self.config)
+
+    def metadata(self) -> dict[str, Any]:
+        config, reward, level = self.config, self.reward, self.level
         adaptive = "GDPO-SR adaptive (share of flat / detail 10x10 patches of the HQ" + (
             ", per instance)" if level == "instance" else ")"
         )
-        metadata = {
-            "framework": framework,
-            "method": method,
-            "loss": loss_name,
+        return {
+            **super().metadata(),
             "level": level,
-            "objective": objective,
-            "policy": policy,
-            "seed": int(seed),
-            "prompts": prompt_record,
-            "model": str(model_dir),
-            "items": len(image_ids),
-            "masks": str(masks_path) if level == "instance" else None,
+            "masks": str(self.job.masks_path) if level == "instance" else None,
             "reward": {
                 "formula": REWARD_FORMULA,
                 "fidelity_metrics": reward.fidelity,
                 "detail_metrics": reward.detail,
-                "fidelity_weight": config.gdpo_fidelity_weight
-                if config.gdpo_fidelity_weight is not None
-                else adaptive,
-                "detail_weight": config.gdpo_detail_weight
-                if config.gdpo_detail_weight is not None
-                else adaptive,
+                "fidelity_weight": adaptive
+                if config.gdpo_fidelity_weight is None
+                else config.gdpo_fidelity_weight,
+                "detail_weight": adaptive
+                if config.gdpo_detail_weight is None
+                else config.gdpo_detail_weight,
                 "registry": reward.registry.weights_used(),
                 "note": "the objective names the run; GDPO's reward does not use its weights",
-            },  # fmt: skip
+            },
             "loss_formula": LOSS_FORMULA,
             "beta": config.gdpo_beta,
             "k": config.k,
-            "fingerprint": fingerprint.fields,
-            "fingerprint_hash": fingerprint.hash,
-            "config": {**dataclasses.asdict(config), "reward": reward_config},
-            "data": str(data_dir),
-            "model_describe": model.describe(),
-            "processes": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision,
-            "device": str(accelerator.device),
-            "resumed_from": str(resumed_from) if resumed_from else None,
         }
-        with atomic_path(out_dir) as folder:
-            model.save_pretrained(folder)
-            write_table(
-                pd.DataFrame(log, columns=list(LOG_COLUMNS)),
-                folder / "train_log.parquet",
-                LOG_TABLE,
-                metadata,
-            )
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return out_dir
+
+
+RUN = GdpoRun

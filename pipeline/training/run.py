@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import checkpoints, contracts
 from pipeline.models.base import SRModel
@@ -37,6 +34,17 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     if config.lr_warmup_steps <= 0:
         return config.learning_rate
     return config.learning_rate * min(1.0, (step + 1) / config.lr_warmup_steps)
+
+
+def micro_batch_size(config: TrainConfig, processes: int) -> int:
+    """LQs per process and micro-step: ``batch_size`` is the global batch of one update."""
+    per_micro, remainder = divmod(config.batch_size, processes * config.gradient_accumulation_steps)
+    if remainder or per_micro == 0:
+        raise ValueError(
+            f"train.batch_size {config.batch_size} must be a multiple of processes ({processes}) "
+            f"x gradient_accumulation_steps ({config.gradient_accumulation_steps})"
+        )
+    return per_micro
 
 
 def configure_model(model: SRModel, config: TrainConfig) -> list[nn.Parameter]:
@@ -97,6 +105,19 @@ def clipped_update(
     return grad_norm
 
 
+def summed_update(
+    accelerator, optimizer, trainable: list[nn.Parameter], max_grad_norm: float, step: int,
+    stopped: str,
+) -> float:  # fmt: skip
+    """:func:`clipped_update` after summing the gradients over processes (the online loops
+    take their gradients outside accelerate's DDP, each process's share already scaled)."""
+    if accelerator.num_processes > 1:
+        for parameter in trainable:
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+    return clipped_update(accelerator, optimizer, trainable, max_grad_norm, step, stopped)
+
+
 def trainable_names(model: SRModel) -> dict[str, nn.Parameter]:
     """The parameters a checkpoint stores, by name."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -146,38 +167,3 @@ def run_fingerprint(
         processes=processes,
         device=device,
     )
-
-
-def run_steps(
-    trainer,
-    config: TrainConfig,
-    accelerator,
-    *,
-    start: int,
-    log: list[dict],
-    desc: str,
-    postfix: Callable[[dict], dict[str, str]],
-    save: Callable[[int], Path],
-    curve_rows: Callable[[int], dict] | None = None,
-) -> None:
-    """Every train loop's steps from ``start`` to ``max_steps``: ``trainer.update(step)`` gives
-    the log row, appended to ``log``; every ``checkpoint_every`` steps and at the end the main
-    process writes a checkpoint (``save(steps_done)`` returns its folder, kept as
-    ``trainer.last_good``) and all processes wait for it; a progress bar on the main process.
-    ``curve_rows(steps_done)`` adds the alignment curves' columns to a row (the offline loop)."""
-    progress = tqdm(
-        total=config.max_steps, initial=start, desc=desc, file=sys.stderr,
-        mininterval=1, disable=not accelerator.is_main_process,
-    )  # fmt: skip
-    for step in range(start, config.max_steps):
-        row = trainer.update(step)
-        if curve_rows is not None:
-            row.update(curve_rows(step + 1))
-        log.append(row)
-        progress.update(1)
-        progress.set_postfix(postfix(row), refresh=False)
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.max_steps:
-            if accelerator.is_main_process:
-                trainer.last_good = save(step + 1)
-            accelerator.wait_for_everyone()
-    progress.close()

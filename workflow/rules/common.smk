@@ -8,16 +8,23 @@ from types import SimpleNamespace
 
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 ROOT = Path(workflow.basedir)
 # Rules call `python`: make it the interpreter running Snakemake (the project's venv), as an
 # activated venv would, so `.venv/bin/snakemake` works without activating the venv.
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 sys.path.insert(0, str(ROOT))
-from pipeline import contracts, preflight, rounds, settings  # noqa: E402
+from pipeline import contracts, model_names, preflight, rounds, settings  # noqa: E402
 from pipeline.codehash import code_hash as _code_hash  # noqa: E402
 from pipeline.contracts import artifact, shard_artifact  # noqa: E402  (every path of the DAG)
+
+# After a kill, Snakemake's lock files stop the next run: say the command (docs/design.md §10).
+if workflow.is_main_process and "--unlock" not in sys.argv:
+    if hint := preflight.lock_hint(Path.cwd()):
+        print(hint, file=sys.stderr)
+# A misspelt key or a refused value, named with the nearest valid names and its file, before
+# Snakemake's validation (whose error prints the whole schema for a top-level key).
+preflight.check_schema(config, workflow.configfiles)
+validate(config, schema="../schemas/config.schema.yaml")
 
 # Intra-op threads of every job process: the config's number, passed to each job explicitly
 # (Snakemake would scale {threads} down to --cores, and results would depend on --cores).
@@ -37,7 +44,7 @@ SELECT_OBJECTIVES = list(config["select"]["objectives"]) + (
     ["human"] if config["annotations"] else []
 )
 # the model each framework aligns and evaluates as "pretrained"
-BASE_VARIANT = "base"
+BASE_VARIANT = model_names.BASE_VARIANT
 
 # Every data stage runs as K shard jobs and one gather (docs/design.md §15); one scatter for all
 # stages (--set-scatter shard=K), so shard i of a stage reads shard i of the stage before it.
@@ -55,6 +62,13 @@ if workflow.is_main_process:
 def code_hash(stage):
     """Hash of the stage module and every pipeline module it imports (see pipeline/codehash.py)."""
     return _code_hash(ROOT, f"pipeline.{stage}")
+
+
+def train_code_hash(wildcards):
+    """A train job's code: the stage (with the training session and the shared step code) and
+    its own method's module only, so editing one method reruns that method's jobs
+    (docs/design.md §16)."""
+    return _code_hash(ROOT, "pipeline.train", contracts.method_module(wildcards.method))
 
 
 def _job_json(stage, wildcards):
@@ -164,96 +178,30 @@ def get_train_pairs_arg(wildcards):
     return f"--pairs {' '.join(pairs)}" if pairs else ""
 
 
-# EA-Adam (docs/ea_adam.md): one run per framework (objective "front") whose fused model and
-# members are evaluated as ea_adam_front and ea_adam_member{i}
-EA_ADAM = "ea_adam"
-EA_ADAM_SETTINGS = settings.ea_adam_settings(config, (config.get("train") or {}).get(EA_ADAM))
-EA_ADAM_FRONT = f"{EA_ADAM}_{contracts.FRONT_OBJECTIVE}"
-EA_ADAM_MEMBER = f"{EA_ADAM}_member"
-
-
-def ea_adam_models(framework):
-    """The fused model and every member of ea_adam's run on ``framework`` (none without it)."""
-    chosen = EA_ADAM_SETTINGS["frameworks"]
-    if EA_ADAM not in METHODS or (chosen is not None and framework not in chosen):
-        return []
-    members = range(EA_ADAM_SETTINGS["population_size"])
-    return [EA_ADAM_FRONT, *(f"{EA_ADAM_MEMBER}{i}" for i in members)]
-
-
-# The M2-in-sampling ablation: the dspo model sampled without its feedback negatives
-# (docs/prompts.md, "M2: feedback negatives in sampling"); Table 2's row beside dspo_m1. Only
-# where sampling has guidance (multi-step): one-step sampling ignores negative prompts, so the
-# ablation would repeat dspo's images.
-NO_M2_SUFFIX = "_nom2"
-GUIDED_SAMPLING = ("multistep",)
-
-
 def evaluated_models(framework):
-    """Model names in the evaluation: bicubic, the pretrained base, every aligned model and,
-    with dspo and guided sampling, each objective's ``dspo_{objective}_nom2`` ablation; then
-    each later round's model, ``{method}_{objective}_r{round}`` (pipeline.rounds.model_name)."""
-    aligned = [f"{method}_{objective}" for method in METHODS for objective in OBJECTIVES
-               if method != EA_ADAM] + ea_adam_models(framework)
-    ablations = [
-        f"dspo_{objective}{NO_M2_SUFFIX}"
-        for objective in OBJECTIVES
-        if "dspo" in METHODS and framework in GUIDED_SAMPLING
-    ]
-    later = [rounds.model_name(*run) for run in rounds.runs(config)]
-    return ["bicubic", "pretrained", *aligned, *ablations, *later]
-
-
-def eval_method_objective(name):
-    """(method, objective, feedback) of an aligned model's evaluation name; feedback: sampled
-    with the M2 feedback negatives (dspo only, not its _nom2 ablation). A later round's name
-    (``..._r{round}``) is its run's: eval_round gives the round."""
-    name, _ = rounds.split_model_name(name)
-    if name.startswith(f"{EA_ADAM}_"):
-        return EA_ADAM, contracts.FRONT_OBJECTIVE, False
-    if name.startswith("dspo_m1_"):
-        return "dspo_m1", name[len("dspo_m1_"):], False
-    if name.startswith("dspo_") and name.endswith(NO_M2_SUFFIX):
-        return "dspo", name[len("dspo_"):-len(NO_M2_SUFFIX)], False
-    # the longest method the name starts with: method names hold underscores (dro_online)
-    method = max((m for m in contracts.METHODS if name.startswith(f"{m}_")), key=len)
-    return method, name[len(method) + 1:], method == "dspo"
-
-
-def eval_round(name):
-    """The alignment round of an evaluated model (1 but for ``..._r{round}``, docs/design.md §14)."""
-    return rounds.split_model_name(name)[1]
+    """The names of the models the evaluation of ``framework`` has (bicubic, pretrained, the
+    aligned models, ablations and later rounds: pipeline.model_names.evaluated_models)."""
+    return [spec.name for spec in model_names.evaluated_models(config, framework)]
 
 
 def get_eval_model(wildcards):
-    name = wildcards.model
-    if name == "bicubic":
-        return []
-    if name == "pretrained":
-        return artifact("model", framework=wildcards.framework, variant=BASE_VARIANT)
-    method, objective, _ = eval_method_objective(name)
-    return contracts.aligned_artifact(wildcards.framework, method, objective, eval_round(name))
+    """The DAG output an evaluated model comes from (an ea_adam member's is its run's folder);
+    none for bicubic (pipeline.model_names.ModelSpec)."""
+    spec = model_names.ModelSpec.parse(wildcards.model)
+    return spec.source_artifact(wildcards.framework) or []
 
 
 def get_eval_model_arg(wildcards):
-    """The model folder: an ea_adam member's is inside its run's folder (the rule's input)."""
-    if wildcards.model.startswith(EA_ADAM_MEMBER):
-        return artifact("population_member", framework=wildcards.framework, method=EA_ADAM,
-                        objective=contracts.FRONT_OBJECTIVE,
-                        member=wildcards.model[len(EA_ADAM_MEMBER):])
-    return get_eval_model(wildcards) or "bicubic"
+    """The model folder evaluate loads (an ea_adam member's is inside its run's), or bicubic."""
+    spec = model_names.ModelSpec.parse(wildcards.model)
+    return spec.model_folder(wildcards.framework) or model_names.BICUBIC
 
 
 def get_eval_feedback(wildcards):
-    """The pairs table a dspo model was trained on (its feedback vocabulary joins the negative
-    prompts in sampling, M2); nothing for every other model."""
-    if wildcards.model in ("bicubic", "pretrained"):
-        return []
-    method, objective, feedback = eval_method_objective(wildcards.model)
-    if not feedback:
-        return []
-    return contracts.train_pairs_artifacts(wildcards.framework, objective, method,
-                                           eval_round(wildcards.model))
+    """The pairs tables a dspo model was trained on (their feedback vocabulary joins the
+    negative prompts in sampling, M2); nothing for every other model, its ablation without M2
+    included."""
+    return model_names.ModelSpec.parse(wildcards.model).feedback_pairs(wildcards.framework)
 
 
 def get_eval_feedback_arg(wildcards):
@@ -283,7 +231,7 @@ def provenance(framework):
     stand-ins); the input is the rule output to depend on, the table the file inside it."""
     folders = {
         artifact("data", split="train"): contracts.DATA_TABLE,
-        artifact("model", framework=framework, variant=BASE_VARIANT): "train_log.parquet",
+        artifact("model", framework=framework, variant=BASE_VARIANT): contracts.TRAIN_LOG,
         artifact("candidates", framework=framework): contracts.CANDIDATES_TABLE,
     }
     tables = [
@@ -309,7 +257,7 @@ def get_provenance_files(wildcards):
 
 def get_final_outputs():
     """The targets of the default run: every framework's report."""
-    return expand(f"{artifact('report_dir')}/report.md", framework=FRAMEWORKS)
+    return expand(f"{artifact('report_dir')}/{contracts.report_file('report')}", framework=FRAMEWORKS)
 
 
 def check_gpu_requests():

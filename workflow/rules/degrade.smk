@@ -19,9 +19,12 @@ rule degrade:
         config_file=job_config_file("degrade"),
         threads=STAGE_THREADS,
         # the shard's images under degrade.source: adding, removing or changing one reruns
-        # its shard only
+        # its shard only (degrade.manifest: by stat, or by content)
         source=lambda w: source_manifest(
-            config["degrade"]["source"], config["degrade"]["demo_images"], shard=w.scatteritem
+            config["degrade"]["source"],
+            config["degrade"]["demo_images"],
+            shard=w.scatteritem,
+            manifest=config["degrade"]["manifest"],
         ),
         seed=config["seed"],
     threads: STAGE_THREADS

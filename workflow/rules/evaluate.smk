@@ -65,25 +65,25 @@ rule report:
         # study.smk: the Figure 1 study's section and plot when study.in_report (else none)
         study=lambda w: list(study_module.report_inputs(STUDY, w.framework).values()),
     output:
-        summary=f"{REPORT_DIR}/summary.parquet",
+        summary=f"{REPORT_DIR}/{contracts.report_file('summary')}",
         tables=report(
-            f"{REPORT_DIR}/tables.md",
+            f"{REPORT_DIR}/{contracts.report_file('tables_md')}",
             caption="../report/tables.rst",
             category="Results",
         ),
-        tables_csv=f"{REPORT_DIR}/tables.csv",
+        tables_csv=f"{REPORT_DIR}/{contracts.report_file('tables_csv')}",
         radar=report(
-            expand(f"{REPORT_DIR_ESCAPED}/radar_{{testset}}.png", testset=list(TESTSETS)),
+            expand(f"{REPORT_DIR_ESCAPED}/{contracts.REPORT_FILES['radar']}", testset=list(TESTSETS)),
             caption="../report/radar.rst",
             category="Results",
         ),
         grid=report(
-            expand(f"{REPORT_DIR_ESCAPED}/grid_{{testset}}.png", testset=list(TESTSETS)),
+            expand(f"{REPORT_DIR_ESCAPED}/{contracts.REPORT_FILES['grid']}", testset=list(TESTSETS)),
             caption="../report/grid.rst",
             category="Results",
         ),
         report=report(
-            f"{REPORT_DIR}/report.md",
+            f"{REPORT_DIR}/{contracts.report_file('report')}",
             caption="../report/report.rst",
             category="Run",
         ),

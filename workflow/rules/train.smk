@@ -15,7 +15,7 @@ rule train:
     benchmark:
         "benchmarks/train/{framework}/{method}/{objective}.tsv"
     params:
-        code=code_hash("train"),
+        code=train_code_hash,
         config=job_config("train", "method", "objective"),
         config_file=job_config_file("train", "method", "objective"),
         pairs=get_train_pairs_arg,

@@ -2,15 +2,9 @@
 # (the aligned models' curves, the win-rate tables); pipeline/winrates.py has the logic.
 
 def winrate_models(framework):
-    """{aligned model: objective} of the evaluation (automatic objectives only)."""
-    models = {}
-    for name in evaluated_models(framework):
-        if name in ("bicubic", "pretrained") or name.endswith(NO_M2_SUFFIX):
-            continue
-        _, objective, _ = eval_method_objective(name)
-        if objective in config["select"]["objectives"]:
-            models[name] = objective
-    return models
+    """{aligned model: objective} of the evaluation (automatic objectives only; the models of
+    pipeline.model_names.winrate_models)."""
+    return {spec.name: spec.objective for spec in model_names.winrate_models(config, framework)}
 
 
 def get_winrate_evaluation_shards(wildcards):
@@ -19,7 +13,7 @@ def get_winrate_evaluation_shards(wildcards):
     return [
         shard_artifact("evaluation", framework=wildcards.framework, testset=wildcards.testset,
                        model=model, scatteritem=wildcards.scatteritem)
-        for model in ["pretrained", *winrate_models(wildcards.framework)]
+        for model in [model_names.PRETRAINED, *winrate_models(wildcards.framework)]
     ]  # fmt: skip
 
 
@@ -52,4 +46,4 @@ def get_aligned_with_curves(wildcards):
 
 
 def get_train_curves(wildcards):
-    return [f"{folder}/train_curves.parquet" for folder in get_aligned_with_curves(wildcards)]
+    return [f"{folder}/{contracts.TRAIN_CURVES}" for folder in get_aligned_with_curves(wildcards)]

@@ -3,7 +3,8 @@
 
 const FLAG_KEYS = ["KeyQ", "KeyW", "KeyE", "KeyR", "KeyT", "KeyY", "KeyU", "KeyI", "KeyO"];
 const state = { token: sessionStorage.getItem("token") || "", task: "instances",
-  inst: null, choice: null, showHQ: false, cmp: null, busy: false };
+  inst: null, choice: null, showHQ: false, cmp: null, busy: false, zoom: 1 };
+const ZOOMS = [1, 2, 4];
 const $ = (id) => document.getElementById(id);
 
 async function api(path, body) {
@@ -101,7 +102,10 @@ function card(label, view, index) {
   const img = document.createElement("img");
   img.dataset.view = view;
   img.alt = label;
-  div.appendChild(img);
+  const frame = document.createElement("div");
+  frame.className = "zoom";
+  frame.appendChild(img);
+  div.appendChild(frame);
   const name = document.createElement("div");
   name.className = "label";
   name.textContent = label;
@@ -200,11 +204,32 @@ async function answer(value) {
   } finally { state.busy = false; }
 }
 
+// ------------------------------------------------------------------ synchronised zoom
+
+function cycleZoom() {
+  state.zoom = ZOOMS[(ZOOMS.indexOf(state.zoom) + 1) % ZOOMS.length];
+  document.body.dataset.zoom = state.zoom;
+  for (const label of document.querySelectorAll(".zoom-level")) {
+    label.textContent = `Zoom ${state.zoom}× (z)`;
+  }
+}
+
+// the pointer's place in the image it is over becomes every image's magnified spot
+function followPointer(e) {
+  const frame = e.target.closest(".zoom");
+  if (!frame) return;
+  const box = frame.getBoundingClientRect();
+  const share = (offset, size) => Math.min(1, Math.max(0, offset / size)) * 100;
+  document.body.style.setProperty("--zoom-x", `${share(e.clientX - box.left, box.width)}%`);
+  document.body.style.setProperty("--zoom-y", `${share(e.clientY - box.top, box.height)}%`);
+}
+
 // ------------------------------------------------------------------ keys and wiring
 
 document.addEventListener("keydown", (e) => {
   if ($("login").hidden === false) return;
   const typing = e.target.tagName === "INPUT";
+  if (e.key === "z" && !typing && !e.ctrlKey && !e.metaKey && !e.altKey) { cycleZoom(); return; }
   if (state.task === "instances" && state.inst) {
     if (e.key === "Enter") { e.preventDefault(); submitInstance(false); return; }
     if (typing) { if (e.key === "Escape") e.target.blur(); return; }
@@ -223,6 +248,7 @@ document.addEventListener("keydown", (e) => {
   }
 });
 
+document.addEventListener("pointermove", followPointer);
 $("login-form").addEventListener("submit", (e) => {
   e.preventDefault();
   login($("token").value.trim()).catch(() => {});
