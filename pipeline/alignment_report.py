@@ -14,8 +14,11 @@ from pipeline import contracts
 from pipeline.io.atomic import atomic_path
 from pipeline.io.tables import read_metadata, read_table
 
-CURVE_PANELS = (("implicit_accuracy", "implicit accuracy"), ("margin", "margin −d (error units)"),
-                ("loss", "loss"))  # fmt: skip
+CURVE_PANELS = (
+    ("implicit_accuracy", "implicit accuracy"),
+    ("margin", "margin −d (error units)"),
+    ("loss", "loss"),
+)
 PNG_METADATA = {"Software": None}
 
 
@@ -45,8 +48,12 @@ def plot_curves(curves: pd.DataFrame, path: str | Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(curves["model"]))
-    figure, axes = plt.subplots(len(models), len(CURVE_PANELS), squeeze=False,
-                                figsize=(4 * len(CURVE_PANELS), 2.6 * len(models)))  # fmt: skip
+    figure, axes = plt.subplots(
+        len(models),
+        len(CURVE_PANELS),
+        squeeze=False,
+        figsize=(4 * len(CURVE_PANELS), 2.6 * len(models)),
+    )
     for row, model in enumerate(models):
         frame = curves[curves["model"] == model]
         for col, (key, label) in enumerate(CURVE_PANELS):
@@ -54,11 +61,23 @@ def plot_curves(curves: pd.DataFrame, path: str | Path, title: str) -> None:
             for split, style in (("train", "-o"), ("heldout", "--s")):
                 part = frame[frame["split"] == split]
                 if len(part):
-                    ax.plot(part["step"], part[key], style, markersize=3,
-                            label=f"{split} ({int(part['items'].iloc[0])} LQs)")  # fmt: skip
+                    ax.plot(
+                        part["step"],
+                        part[key],
+                        style,
+                        markersize=3,
+                        label=f"{split} ({int(part['items'].iloc[0])} LQs)",
+                    )
             if frame[key].isna().all():  # sft: no loser and no reference, no margin
-                ax.text(0.5, 0.5, "undefined (no loser / reference)", ha="center",
-                        va="center", transform=ax.transAxes, fontsize="small")  # fmt: skip
+                ax.text(
+                    0.5,
+                    0.5,
+                    "undefined (no loser / reference)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    fontsize="small",
+                )
             ax.set_title(f"{model}: {label}", fontsize="small")
             ax.set_xlabel("optimizer step")
             if key == "margin":
@@ -86,8 +105,13 @@ def plot_win_rates(rates: pd.DataFrame, path: str | Path, title: str) -> None:
     labels = [f"{r.model} ({r.testset})" for r in rates.itertuples()]
     figure, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.2))
     y = list(range(len(labels)))
-    ax.errorbar(rates["win_rate"], y, xerr=[rates["win_rate"] - rates["cluster_low"],
-                rates["cluster_high"] - rates["win_rate"]], fmt="o", capsize=3)  # fmt: skip
+    ax.errorbar(
+        rates["win_rate"],
+        y,
+        xerr=[rates["win_rate"] - rates["cluster_low"], rates["cluster_high"] - rates["win_rate"]],
+        fmt="o",
+        capsize=3,
+    )
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_yticks(y, labels)
     ax.set_xlim(0, 1)
@@ -96,56 +120,75 @@ def plot_win_rates(rates: pd.DataFrame, path: str | Path, title: str) -> None:
     _save(figure, Path(path))
 
 
-def sections(curves: pd.DataFrame, rates: pd.DataFrame, curves_png: str | None,
-             rates_png: str | None) -> list[str]:  # fmt: skip
+def sections(
+    curves: pd.DataFrame, rates: pd.DataFrame, curves_png: str | None, rates_png: str | None
+) -> list[str]:
     """The report.md lines of the alignment curves and the win rates."""
     lines = ["", "## What preference training did", ""]
     if curves_png:
         heldout = curves[curves["split"] == "heldout"]
-        lines += ["### Alignment curves", "",
-                  "Implicit accuracy (share of instance weight whose margin favours the winner), "
-                  "mean margin −d = (E_ref(w) − E_θ(w)) − (E_ref(l) − E_θ(l)) and loss, on a fixed "
-                  "set of training LQs and on the LQs of whole photos held out of training "
-                  "(`train.heldout_fraction` of the photos), "
-                  "without gradients every `train.eval_every` steps (pipeline/training/curves.py). "
-                  "Rising held-out accuracy and margin: the model learns the preferences; training "
-                  "rising while held-out falls: it memorises them.", "",
-                  f"![alignment curves]({curves_png})", "",
-                  "| model | split | step | items | accuracy | margin | loss |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Alignment curves",
+            "",
+            "Implicit accuracy (share of instance weight whose margin favours the winner), "
+            "mean margin −d = (E_ref(w) − E_θ(w)) − (E_ref(l) − E_θ(l)) and loss, on a fixed "
+            "set of training LQs and on the LQs of whole photos held out of training "
+            "(`train.heldout_fraction` of the photos), "
+            "without gradients every `train.eval_every` steps (pipeline/training/curves.py). "
+            "Rising held-out accuracy and margin: the model learns the preferences; training "
+            "rising while held-out falls: it memorises them.",
+            "",
+            f"![alignment curves]({curves_png})",
+            "",
+            "| model | split | step | items | accuracy | margin | loss |",
+            "|---|---|---|---|---|---|---|",
+        ]
         last = curves.sort_values("step").groupby(["model", "split"], sort=False).tail(1)
         for r in last.itertuples():
-            lines.append(f"| {r.model} | {r.split} | {r.step} | {r.items} | "
-                         f"{r.implicit_accuracy:.3f} | {r.margin:.3g} | {r.loss:.4g} |")  # fmt: skip
+            lines.append(
+                f"| {r.model} | {r.split} | {r.step} | {r.items} | "
+                f"{r.implicit_accuracy:.3f} | {r.margin:.3g} | {r.loss:.4g} |"
+            )
         if heldout.empty:
             lines += ["", "No LQ was held out (train.heldout_fraction 0 or too few LQs)."]
         lines.append("")
     if rates_png:
-        lines += ["### Per-instance win rates against the pretrained model", "",
-                  "Test HQ images segmented like the training images; per instance, the aligned "
-                  "and the pretrained outputs scored under the model's objective as select scores "
-                  "candidates (min–max over the two, flipped, weighted sum); ties count as half a "
-                  "win. Two 95% intervals: Wilson's on the instances (statsmodels), which treats "
-                  "them as independent and is optimistic because instances of one image share its "
-                  "content and outputs; and Wilson's on the effective number of instances "
-                  "(instances / design effect, the images as clusters: the cluster-robust variance "
-                  "of the win rate over the binomial one, at least 1; pipeline/winrates.py). The "
-                  "plot shows the clustered interval.", "",
-                  f"![win rates]({rates_png})", "",
-                  "| test set | model | objective | images | instances | wins | ties | losses "
-                  "| win rate | Wilson 95% (instances) | effective n | 95% clustered by image |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Per-instance win rates against the pretrained model",
+            "",
+            "Test HQ images segmented like the training images; per instance, the aligned "
+            "and the pretrained outputs scored under the model's objective as select scores "
+            "candidates (min–max over the two, flipped, weighted sum); ties count as half a "
+            "win. Two 95% intervals: Wilson's on the instances (statsmodels), which treats "
+            "them as independent and is optimistic because instances of one image share its "
+            "content and outputs; and Wilson's on the effective number of instances "
+            "(instances / design effect, the images as clusters: the cluster-robust variance "
+            "of the win rate over the binomial one, at least 1; pipeline/winrates.py). The "
+            "plot shows the clustered interval.",
+            "",
+            f"![win rates]({rates_png})",
+            "",
+            "| test set | model | objective | images | instances | wins | ties | losses "
+            "| win rate | Wilson 95% (instances) | effective n | 95% clustered by image |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rates.itertuples():
-            lines.append(f"| {r.testset} | {r.model} | {r.objective} | {r.images} | {r.instances} "
-                         f"| {r.wins} | {r.ties} | {r.losses} | {r.win_rate:.3f} "
-                         f"| [{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.effective_n:.1f} "
-                         f"| [{r.cluster_low:.3f}, {r.cluster_high:.3f}] |")  # fmt: skip
+            lines.append(
+                f"| {r.testset} | {r.model} | {r.objective} | {r.images} | {r.instances} "
+                f"| {r.wins} | {r.ties} | {r.losses} | {r.win_rate:.3f} "
+                f"| [{r.ci_low:.3f}, {r.ci_high:.3f}] | {r.effective_n:.1f} "
+                f"| [{r.cluster_low:.3f}, {r.cluster_high:.3f}] |"
+            )
         lines.append("")
     return lines
 
 
-def append_to_report(report_md: str | Path, curve_paths: Sequence[str | Path],
-                     rate_paths: Sequence[str | Path], framework: str) -> list[str]:  # fmt: skip
+def append_to_report(
+    report_md: str | Path,
+    curve_paths: Sequence[str | Path],
+    rate_paths: Sequence[str | Path],
+    framework: str,
+) -> list[str]:
     """Plot, write the tables beside report.md and append the section; returns the new files."""
     out_dir = Path(report_md).parent
     curves, rates = read_curves(curve_paths), read_win_rates(rate_paths)

@@ -254,8 +254,10 @@ def resume_point(directory: Path, fingerprint: Fingerprint, accelerator=None) ->
         os.replace(directory, stale)
         logger.warning(
             "checkpoints %s belong to another run (differing: %s); moved to %s; starting afresh",
-            directory, ", ".join(fields), stale,
-        )  # fmt: skip
+            directory,
+            ", ".join(fields),
+            stale,
+        )
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return None

@@ -72,17 +72,25 @@ def module_closure(root: Path, module: str) -> list[Path]:
     return sorted(set(seen.values()))
 
 
-def code_hash(root: str | Path, *modules: str) -> str:
-    """sha256 (16 hex digits) over the import closure of ``modules`` under ``root``."""
+def code_hash(root: str | Path, *modules: str, files: tuple[str | Path, ...] = ()) -> str:
+    """sha256 (16 hex digits) over the import closure of ``modules`` under ``root``, and of
+    ``files`` (source files outside the package, e.g. a method file: their bytes and the
+    closure of the package modules they import)."""
     root = Path(root)
-    files: set[Path] = set()
+    sources: set[Path] = set()
     for module in modules:
         if module_file(root, module) is None:
             raise FileNotFoundError(f"no source for module {module!r} under {root}")
-        files.update(module_closure(root, module))
+        sources.update(module_closure(root, module))
+    outside = sorted(Path(f).resolve() for f in files)
+    for path in outside:
+        for module in _imported_modules(path, PACKAGE):
+            sources.update(module_closure(root, module))
     digest = hashlib.sha256()
-    for path in sorted(files):
+    for path in sorted(sources):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())
+    for path in outside:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]

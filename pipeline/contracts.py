@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -240,8 +242,14 @@ def pairs_artifact(
         raise ValueError(f"{method_name!r} reads several pairs tables: use train_pairs_artifacts")
     level = PAIR_LEVELS[method(method_name).pair_level]
     if round_number > 1:
-        return artifact("round_pairs", framework=framework, method=method_name,
-                        objective=objective, round=round_number, level=level)  # fmt: skip
+        return artifact(
+            "round_pairs",
+            framework=framework,
+            method=method_name,
+            objective=objective,
+            round=round_number,
+            level=level,
+        )
     return artifact("pairs", framework=framework, objective=objective, level=level)
 
 
@@ -253,8 +261,13 @@ def aligned_artifact(
     ``aligned_artifact(..., r)`` (docs/design.md §14)."""
     if round_number == 1:
         return artifact("aligned", framework=framework, method=method_name, objective=objective)
-    return artifact("round_aligned", framework=framework, method=method_name,
-                    objective=objective, round=round_number)  # fmt: skip
+    return artifact(
+        "round_aligned",
+        framework=framework,
+        method=method_name,
+        objective=objective,
+        round=round_number,
+    )
 
 
 def train_pairs_artifacts(
@@ -268,8 +281,9 @@ def train_pairs_artifacts(
     if round_number > 1:
         raise ValueError(f"{method_name!r} reads several objectives' pairs: it has no rounds")
     level = PAIR_LEVELS["instance"]
-    return [artifact("pairs", framework=framework, objective=o, level=level)
-            for o in MULTI_OBJECTIVES]  # fmt: skip
+    return [
+        artifact("pairs", framework=framework, objective=o, level=level) for o in MULTI_OBJECTIVES
+    ]
 
 
 def _beside(folder: Path, recorded: str) -> Path:
@@ -339,6 +353,8 @@ class Method:
     loop: str = "offline"
     # overrides of the train section: e.g. the prompt rule (negative_prompts) of an ablation
     settings: dict[str, Any] = field(default_factory=dict)
+    # a method added from a file outside the package (load_method_files): that file's path
+    file: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -380,6 +396,47 @@ def method_module(name: str) -> str:
     return ".".join((__package__, "training", method(name).loop))
 
 
+#: method files outside the package (docs/adding_a_method.md), os.pathsep-separated: every
+#: process that imports this module registers their methods (the workflow sets it from the
+#: config's ``method_files``, so the jobs it runs see them too)
+METHOD_FILES_ENV = "DSPO_METHOD_FILES"
+_METHOD_FILE_MODULES: dict[str, Any] = {}  # method name -> its file's module
+
+
+def load_method_files(paths: Iterable[str | os.PathLike]) -> list[str]:
+    """Register the method each file declares and return their names. A method file defines
+    ``METHOD`` (a :class:`Method`) and ``RUN`` (its :class:`pipeline.training.session.MethodRun`);
+    loading a file twice registers it once; a name the table has already is refused."""
+    names = []
+    for given in paths:
+        path = Path(given).resolve()
+        known = [m.name for m in METHODS.values() if m.file == str(path)]
+        if known:
+            names += known
+            continue
+        if not path.is_file():
+            raise FileNotFoundError(f"method file not found: {given}")
+        spec = importlib.util.spec_from_file_location(f"dspo_method_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        declared = getattr(module, "METHOD", None)
+        if not isinstance(declared, Method) or not hasattr(module, "RUN"):
+            raise ValueError(f"{path}: a method file defines METHOD (a Method) and RUN")
+        if declared.name in METHODS:
+            raise ValueError(f"{path}: method {declared.name!r} is already in the method table")
+        METHODS[declared.name] = replace(declared, file=str(path))
+        _METHOD_FILE_MODULES[declared.name] = module
+        names.append(declared.name)
+    return names
+
+
+def method_file_module(name: str) -> Any:
+    """The module a method file was loaded as (:func:`load_method_files`)."""
+    if method(name).file is None:
+        raise KeyError(f"method {name!r} is the package's, not a method file's")
+    return _METHOD_FILE_MODULES[name]
+
+
 def _join_unique(texts: Sequence[str]) -> str:
     return ", ".join(dict.fromkeys(text for text in texts if text))
 
@@ -405,3 +462,7 @@ def image_negative_prompts(captions: pd.DataFrame) -> dict[str, str]:
     for (image_id, _candidate), prompt in negative_prompts(captions).items():
         prompts.setdefault(image_id, []).extend(prompt.split(", ") if prompt else [])
     return {image_id: _join_unique(texts) for image_id, texts in prompts.items()}
+
+
+if os.environ.get(METHOD_FILES_ENV):  # after the table: a method file imports this module
+    load_method_files(p for p in os.environ[METHOD_FILES_ENV].split(os.pathsep) if p)

@@ -333,8 +333,9 @@ def _run_tasks(tasks: list[PairTask], workers: int, work: ShardWork, done: int =
     worker returns (its PNGs are then written), at most ``4 * workers`` tasks in flight.
     ``done`` pairs were complete before (the progress bar starts there)."""
     problems: dict[int, str] = {}
-    progress = tqdm(total=len(tasks) + done, initial=done, desc="degrade", file=sys.stderr,
-                    mininterval=1)  # fmt: skip
+    progress = tqdm(
+        total=len(tasks) + done, initial=done, desc="degrade", file=sys.stderr, mininterval=1
+    )
 
     def record(index: int, result: tuple[dict[str, Any] | None, str | None]) -> None:
         row, problem = result
@@ -481,9 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="the degrade config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed")
     parser.add_argument("--workers", type=int, help="worker processes (overrides the config)")
-    parser.add_argument("--shard", default=None,
-                        help="I-of-K: only the source images of shard I of K (docs/design.md "
-                             "§15; default: the whole split)")  # fmt: skip
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I-of-K: only the source images of shard I of K (docs/design.md "
+        "§15; default: the whole split)",
+    )
     args = parser.parse_args(argv)
     config = settings.cli_config(args.config)
     if args.workers is not None:

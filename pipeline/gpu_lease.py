@@ -275,8 +275,10 @@ def _record(event: str, devices: list[str]) -> None:
     path = os.environ.get(RECORD_ENV)
     if not path:
         return
-    line = json.dumps({"event": event, "devices": devices, "pid": os.getpid(),
-                       "time": time.time()}) + "\n"  # fmt: skip
+    line = (
+        json.dumps({"event": event, "devices": devices, "pid": os.getpid(), "time": time.time()})
+        + "\n"
+    )
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, line.encode())

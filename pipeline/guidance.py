@@ -134,8 +134,10 @@ def feedback_vocabulary(
     ``max_terms``."""
     by_image = feedback if isinstance(feedback, Mapping) else feedback_by_image(feedback)
     counts = Counter(text for texts in by_image.values() for text in dict.fromkeys(texts))
-    ranked = sorted((text for text, n in counts.items() if n >= min_images),
-                    key=lambda text: (-counts[text], text))  # fmt: skip
+    ranked = sorted(
+        (text for text, n in counts.items() if n >= min_images),
+        key=lambda text: (-counts[text], text),
+    )
     return ranked[: max(0, int(max_terms))]
 
 
@@ -213,8 +215,9 @@ def stage_prompts(
     ids = [str(i) for i in image_ids]
     metadata = prompts_metadata(path)
     max_terms, min_images = _feedback_limits(metadata)
-    loaded = load_prompts(path, ids, feedback=feedback, mode=mode,
-                          max_terms=max_terms, min_images=min_images)  # fmt: skip
+    loaded = load_prompts(
+        path, ids, feedback=feedback, mode=mode, max_terms=max_terms, min_images=min_images
+    )
     chosen = {i: loaded[i] for i in ids}
     frame = pd.DataFrame(
         [(i, p, n) for i, (p, n) in chosen.items()],
@@ -232,8 +235,12 @@ def stage_prompts(
     }
     if feedback is not None:
         name = "<table>" if isinstance(feedback, pd.DataFrame) else str(Path(feedback))
-        record["feedback"] = {"table": name, "mode": mode, "max_terms": max_terms,
-                              "min_images": min_images}  # fmt: skip
+        record["feedback"] = {
+            "table": name,
+            "mode": mode,
+            "max_terms": max_terms,
+            "min_images": min_images,
+        }
     return chosen, record
 
 
@@ -249,6 +256,11 @@ def optional_stage_prompts(
 
 def no_table_record(negative: str | None) -> dict[str, Any]:
     """The metadata record of a stage run without a prompts table (the models' defaults)."""
-    return {"table": None, "source": None, "model": None, "feedback": None,
-            "note": "no prompts table: empty prompts, negative prompt "
-                    f"{negative!r} (None: the model's default)"}  # fmt: skip
+    return {
+        "table": None,
+        "source": None,
+        "model": None,
+        "feedback": None,
+        "note": "no prompts table: empty prompts, negative prompt "
+        f"{negative!r} (None: the model's default)",
+    }

@@ -38,13 +38,16 @@ OFFLINE_ENVIRONMENT = {
 
 #: module-level copies of the switches, taken at import (patched if already imported)
 _IMPORTED_SWITCHES = {
-    "huggingface_hub.constants": ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
-                                  "HF_HUB_DISABLE_UPDATE_CHECK"),
+    "huggingface_hub.constants": (
+        "HF_HUB_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+        "HF_HUB_DISABLE_UPDATE_CHECK",
+    ),
     "diffusers.utils.hub_utils": ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"),
     "diffusers.loaders.lora_base": ("HF_HUB_OFFLINE",),
     "diffusers.models.attention_dispatch": ("HF_HUB_OFFLINE",),
     "datasets.config": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
-}  # fmt: skip
+}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TRUE = {"1", "true", "yes", "on"}

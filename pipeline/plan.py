@@ -41,6 +41,7 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,12 @@ def train_runs(config: Mapping[str, Any], framework: str) -> list[tuple[str, str
 
 
 def testset_sizes(
-    config: Mapping[str, Any], test_images: int, crop: int, given: Mapping[str, tuple[int, int]],
+    config: Mapping[str, Any],
+    test_images: int,
+    crop: int,
+    given: Mapping[str, tuple[int, int]],
     root: Path,
-) -> dict[str, tuple[int, int, str]]:  # fmt: skip
+) -> dict[str, tuple[int, int, str]]:
     """``{testset: (images, HQ edge px, where the numbers come from)}``: the degrade test split
     for ``results/data/test``, ``--testset`` values, the folder when it is on disk, else the
     paper's crops (:data:`KNOWN_TESTSETS`)."""
@@ -123,28 +127,83 @@ def testset_sizes(
         elif testset["path"] == contracts.artifact("data", split="test"):
             count, px, source = test_images, crop, "the degrade test split"
         elif (root / testset["path"]).exists():
-            images = load_testset(testset["kind"], root / testset["path"],
-                                  evaluate["name_suffix_pattern"])  # fmt: skip
+            images = load_testset(
+                testset["kind"], root / testset["path"], evaluate["name_suffix_pattern"]
+            )
             count, px, source = len(images), crop, f"{len(images)} pairs on disk (HQ edge assumed)"
         elif name in KNOWN_TESTSETS:
             count, px = KNOWN_TESTSETS[name]
             source = "assumed: the paper's test crops (not on disk; --testset NAME=N@PX)"
         else:
-            raise SystemExit(f"plan: test set {name!r} is not on disk at {testset['path']}: "
-                             f"give its size with --testset {name}=COUNT[@PX]")  # fmt: skip
+            raise SystemExit(
+                f"plan: test set {name!r} is not on disk at {testset['path']}: "
+                f"give its size with --testset {name}=COUNT[@PX]"
+            )
         sizes[name] = (min(count, cap) if cap else count, px, source)
     return sizes
 
 
-def build_stages(config: Mapping[str, Any], images: int, shards: int,
-                 given_testsets: Mapping[str, tuple[int, int]], root: Path) -> tuple[list[Stage], dict[str, Any]]:  # fmt: skip
-    """Every stage of the run (jobs, cost keys, upstream stages) and the counts they rest on."""
-    config = settings.resolve("", config)
-    gpus = config["gpus"]
-    frameworks = config["frameworks"]
+@dataclass
+class Fanout:
+    """What the stages' jobs are counted from: the resolved config, the shards per data stage,
+    the degrade splits and the test sets' sizes (:func:`fanout`)."""
+
+    config: Mapping[str, Any]
+    shards: int
+    crop: int  # the HQ crop's edge in px
+    splits: dict[str, tuple[int, int]]  # degrade split: (source photos, crops per photo)
+    train_images: int
+    test_images: int
+    testsets: dict[str, tuple[int, int, str]]  # as testset_sizes gives them
+
+    @property
+    def gpus(self) -> Mapping[str, int]:
+        """``gpus.<stage>``: the GPUs one job of a stage takes."""
+        return self.config["gpus"]
+
+    @property
+    def frameworks(self) -> list[str]:
+        """The config's frameworks, in its order."""
+        return self.config["frameworks"]
+
+    @property
+    def mp(self) -> float:
+        """The megapixels of one HQ crop."""
+        return self.crop * self.crop / 1e6
+
+    @cached_property
+    def max_steps(self) -> int:
+        """``train.max_steps``: the steps of every train job, in every round."""
+        return int(settings.job_settings(self.config, "train")["max_steps"])
+
+    def sharded(self, label: str, count: int, megapixels: float, gpu: int) -> list[Job]:
+        """``count`` images over the K shard jobs of one stage instance (docs/design.md §15)."""
+        return [
+            Job(f"{label} {i + 1}-of-{self.shards}", gpu, n, megapixels)
+            for i, n in enumerate(split_evenly(count, self.shards))
+        ]
+
+    def training_shards(self, labels: Sequence[str], gpu: str) -> list[Job]:
+        """A stage's shard jobs over the training split, one shard set per label (a framework;
+        a run in the later rounds), each job on ``gpus.<gpu>`` GPUs."""
+        return [
+            job
+            for label in labels
+            for job in self.sharded(label, self.train_images, self.mp, self.gpus[gpu])
+        ]
+
+
+def fanout(
+    config: Mapping[str, Any],
+    images: int,
+    shards: int,
+    given_testsets: Mapping[str, tuple[int, int]],
+    root: Path,
+) -> Fanout:
+    """The image counts of a run of ``images`` source photos on a resolved ``config``: its
+    degrade splits, training and test crops, and test sets (:func:`testset_sizes`)."""
     degrade = settings.job_settings(config, "degrade")
     crop = int(degrade["crop_size"])
-    mp = crop * crop / 1e6
     if degrade["test_ids"]:
         test_sources = len(degrade["test_ids"])
     else:
@@ -154,111 +213,213 @@ def build_stages(config: Mapping[str, Any], images: int, shards: int,
     test_images = test_sources * int(degrade["test_crops_per_image"])
     testsets = testset_sizes(config, test_images, crop, given_testsets, root)
     splits = {"train": (train_sources, int(degrade["crops_per_image"]))}
-    if any(t["path"] == contracts.artifact("data", split="test")
-           for t in config["testsets"].values()):  # fmt: skip
+    test_split = contracts.artifact("data", split="test")
+    if any(t["path"] == test_split for t in config["testsets"].values()):
         splits["test"] = (test_sources, int(degrade["test_crops_per_image"]))
+    return Fanout(config, shards, crop, splits, train_images, test_images, testsets)
 
-    def sharded(label: str, count: int, megapixels: float, gpu: int) -> list[Job]:
-        return [Job(f"{label} {i + 1}-of-{shards}", gpu, n, megapixels)
-                for i, n in enumerate(split_evenly(count, shards))]  # fmt: skip
 
-    stages: list[Stage] = []
+def input_stages(fan: Fanout) -> list[Stage]:
+    """degrade (CPU, sharded by source photo) and the prompts of the training split and of
+    the test sets."""
     jobs = []
-    for split, (sources, crops) in splits.items():
-        for job in sharded(split, sources, mp, 0):  # a shard holds every crop of its photos
+    for split, (sources, crops) in fan.splits.items():
+        for job in fan.sharded(split, sources, fan.mp, 0):  # a shard holds every crop of its photos
             job.images *= crops
             jobs.append(job)
-    stages.append(Stage("degrade", "images", jobs, ["degrade"], [], len(splits),
-                        note="CPU (no gpu resource); sharded by source photo"))  # fmt: skip
-    fixed = settings.job_settings(config, "prompts")["source"] == "fixed"
-    prompt_gpus = 0 if fixed else gpus["prompts"]
-    stages.append(Stage("prompts.train", "images", sharded("train", train_images, mp, prompt_gpus),
-                        ["prompts"], ["degrade"], 1))  # fmt: skip
-    test_jobs = [job for name, (count, px, _) in testsets.items()
-                 for job in sharded(name, count, px * px / 1e6, prompt_gpus)]  # fmt: skip
-    stages.append(Stage("prompts.testsets", "images", test_jobs, ["prompts"], ["degrade"], 0,
-                        note="no gather: evaluate's shard i reads prompts shard i"))  # fmt: skip
-    pretrain_jobs = []
-    for fw in frameworks:
-        steps = int(settings.job_settings(config, "pretrain", framework=fw)["steps"])
-        for variant in sorted({*candidate_variants(config, fw), model_names.BASE_VARIANT}):
-            pretrain_jobs.append(Job(f"{fw}/{variant}", gpus["pretrain"], steps=steps))
-    stages.append(Stage("pretrain", "steps", pretrain_jobs, ["pretrain/{fw}"], ["prompts.train"],
-                        note="one job per variant; DDP scaling of a step not modelled"))  # fmt: skip
+    fixed = settings.job_settings(fan.config, "prompts")["source"] == "fixed"
+    prompt_gpus = 0 if fixed else fan.gpus["prompts"]
+    test_jobs = [
+        job
+        for name, (count, px, _) in fan.testsets.items()
+        for job in fan.sharded(name, count, px * px / 1e6, prompt_gpus)
+    ]
+    return [
+        Stage(
+            "degrade",
+            "images",
+            jobs,
+            ["degrade"],
+            [],
+            len(fan.splits),
+            note="CPU (no gpu resource); sharded by source photo",
+        ),
+        Stage(
+            "prompts.train",
+            "images",
+            fan.sharded("train", fan.train_images, fan.mp, prompt_gpus),
+            ["prompts"],
+            ["degrade"],
+            1,
+        ),
+        Stage(
+            "prompts.testsets",
+            "images",
+            test_jobs,
+            ["prompts"],
+            ["degrade"],
+            0,
+            note="no gather: evaluate's shard i reads prompts shard i",
+        ),
+    ]
 
-    def per_fw(gpu: str) -> list[Job]:
-        return [job for fw in frameworks for job in sharded(fw, train_images, mp, gpus[gpu])]
 
-    n_fw = len(frameworks)
-    stages.append(Stage("candidates", "images", per_fw("candidates"),
-                        ["candidates/{fw}", "candidates"], ["pretrain", "prompts.train"], n_fw))  # fmt: skip
-    hq_frame = settings.job_settings(config, "segment")["source"] == "hq"
-    stages.append(Stage("segment", "images", per_fw("segment"), ["segment"],
-                        ["degrade"] if hq_frame else ["candidates"], n_fw))  # fmt: skip
-    stages.append(Stage("caption", "images", per_fw("caption"), ["caption"],
-                        ["candidates", "segment"], n_fw))  # fmt: skip
-    stages.append(Stage("score", "images", per_fw("score"), ["score"],
-                        ["candidates", "segment"], n_fw))  # fmt: skip
-    stages.append(Stage("select", "images", [Job(fw, 0, train_images, mp) for fw in frameworks],
-                        ["select"], ["caption", "score"],
-                        note="one CPU job per framework (tables only)"))  # fmt: skip
-    max_steps = int(settings.job_settings(config, "train")["max_steps"])
-    train_jobs = [Job(f"{fw}/{m}/{o}", gpus["train"], steps=max_steps)
-                  for fw in frameworks for m, o in train_runs(config, fw)]  # fmt: skip
-    stages.append(Stage("train", "steps", train_jobs, ["train/{fw}/{method}"], ["select"],
-                        note="one job per method and objective; DDP scaling not modelled"))  # fmt: skip
+def pretrain_stage(fan: Fanout) -> Stage:
+    """One pretrain job per framework and variant (the candidates' and the base)."""
+    jobs = []
+    for fw in fan.frameworks:
+        steps = int(settings.job_settings(fan.config, "pretrain", framework=fw)["steps"])
+        for variant in sorted({*candidate_variants(fan.config, fw), model_names.BASE_VARIANT}):
+            jobs.append(Job(f"{fw}/{variant}", fan.gpus["pretrain"], steps=steps))
+    return Stage(
+        "pretrain",
+        "steps",
+        jobs,
+        ["pretrain/{fw}"],
+        ["prompts.train"],
+        note="one job per variant; DDP scaling of a step not modelled",
+    )
+
+
+def round_one_stages(fan: Fanout) -> list[Stage]:
+    """Round 1's candidates, segment, caption, score, select and train stages."""
+    hq_frame = settings.job_settings(fan.config, "segment")["source"] == "hq"
+    sharded = [  # (stage, which is also its gpus key; cost keys; the stages it waits for)
+        ("candidates", ["candidates/{fw}", "candidates"], ["pretrain", "prompts.train"]),
+        ("segment", ["segment"], ["degrade"] if hq_frame else ["candidates"]),
+        ("caption", ["caption"], ["candidates", "segment"]),
+        ("score", ["score"], ["candidates", "segment"]),
+    ]
+    frameworks = fan.frameworks
+    stages = [
+        Stage(stage, "images", fan.training_shards(frameworks, stage), keys, after, len(frameworks))
+        for stage, keys, after in sharded
+    ]
+    select_jobs = [Job(fw, 0, fan.train_images, fan.mp) for fw in fan.frameworks]
+    train_jobs = [
+        Job(f"{fw}/{m}/{o}", fan.gpus["train"], steps=fan.max_steps)
+        for fw in fan.frameworks
+        for m, o in train_runs(fan.config, fw)
+    ]
+    return [
+        *stages,
+        Stage(
+            "select",
+            "images",
+            select_jobs,
+            ["select"],
+            ["caption", "score"],
+            note="one CPU job per framework (tables only)",
+        ),
+        Stage(
+            "train",
+            "steps",
+            train_jobs,
+            ["train/{fw}/{method}"],
+            ["select"],
+            note="one job per method and objective; DDP scaling not modelled",
+        ),
+    ]
+
+
+def round_stages(
+    fan: Fanout, round_number: int, runs: Sequence[tuple[str, str, str]], previous: str
+) -> list[Stage]:
+    """Round ``round_number``'s candidates, caption, score, select and train stages of the
+    (framework, method, objective) ``runs``, after the stage ``previous`` (docs/design.md §14)."""
+    tag = f"r{round_number}"
+    names = [f"{fw}/{m}/{o}" for fw, m, o in runs]
+    sharded = [  # (stage, which is also its gpus key; cost keys; the stages it waits for)
+        ("candidates", ["candidates/{fw}", "candidates"], [previous]),
+        ("caption", ["caption"], [f"{tag}.candidates"]),
+        ("score", ["score"], [f"{tag}.candidates"]),
+    ]
+    stages = [
+        Stage(f"{tag}.{stage}", "images", fan.training_shards(names, stage), keys, after, len(runs))
+        for stage, keys, after in sharded
+    ]
+    select_jobs = [Job(name, 0, fan.train_images, fan.mp) for name in names]
+    train_jobs = [Job(name, fan.gpus["train"], steps=fan.max_steps) for name in names]
+    return [
+        *stages,
+        Stage(
+            f"{tag}.select", "images", select_jobs, ["select"], [f"{tag}.caption", f"{tag}.score"]
+        ),
+        Stage(f"{tag}.train", "steps", train_jobs, ["train/{fw}/{method}"], [f"{tag}.select"]),
+    ]
+
+
+def later_round_stages(fan: Fanout) -> list[Stage]:
+    """The stages of rounds 2..R, each round after the previous round's train."""
+    stages: list[Stage] = []
     previous = "train"
-    for round_number in rounds.later_rounds(config):
-        runs = [(fw, m, o) for fw in frameworks for m, o, r in rounds.runs(config)
-                if r == round_number]  # fmt: skip
-        tag = f"r{round_number}"
+    for round_number in rounds.later_rounds(fan.config):
+        runs = [
+            (fw, m, o)
+            for fw in fan.frameworks
+            for m, o, r in rounds.runs(fan.config)
+            if r == round_number
+        ]
+        stages += round_stages(fan, round_number, runs, previous)
+        previous = f"r{round_number}.train"
+    return stages
 
-        def round_sharded(gpu: str) -> list[Job]:
-            return [job for fw, m, o in runs  # noqa: B023
-                    for job in sharded(f"{fw}/{m}/{o}", train_images, mp, gpus[gpu])]  # fmt: skip
 
-        stages += [
-            Stage(f"{tag}.candidates", "images", round_sharded("candidates"),
-                  ["candidates/{fw}", "candidates"], [previous], len(runs)),
-            Stage(f"{tag}.caption", "images", round_sharded("caption"), ["caption"],
-                  [f"{tag}.candidates"], len(runs)),
-            Stage(f"{tag}.score", "images", round_sharded("score"), ["score"],
-                  [f"{tag}.candidates"], len(runs)),
-            Stage(f"{tag}.select", "images", [Job(f"{fw}/{m}/{o}", 0, train_images, mp)
-                                              for fw, m, o in runs],
-                  ["select"], [f"{tag}.caption", f"{tag}.score"]),
-            Stage(f"{tag}.train", "steps", [Job(f"{fw}/{m}/{o}", gpus["train"], steps=max_steps)
-                                            for fw, m, o in runs],
-                  ["train/{fw}/{method}"], [f"{tag}.select"]),
-        ]  # fmt: skip
-        previous = f"{tag}.train"
-    eval_jobs, eval_instances = [], 0
-    for fw in frameworks:
-        for name, (count, px, _) in testsets.items():
-            for model in model_names.evaluated_models(config, fw):
-                eval_instances += 1
-                eval_jobs += sharded(f"{fw}/{name}/{model.name}", count, px * px / 1e6,
-                                     gpus["evaluate"])  # fmt: skip
-    stages.append(Stage("evaluate", "images", eval_jobs,
-                        ["evaluate/{model}", "evaluate/{fw}", "evaluate"],
-                        [previous, "prompts.testsets"], eval_instances,
-                        note="one model x test set per shard set"))  # fmt: skip
-    win_jobs, win_instances = [], 0
-    for fw in frameworks:
-        if not model_names.winrate_models(config, fw):
+def evaluate_stage(fan: Fanout, after: str) -> Stage:
+    """One shard set per framework, test set and evaluated model, after the stage ``after``
+    (the last round's train) and the test sets' prompts."""
+    jobs, instances = [], 0
+    for fw in fan.frameworks:
+        for name, (count, px, _) in fan.testsets.items():
+            for model in model_names.evaluated_models(fan.config, fw):
+                instances += 1
+                jobs += fan.sharded(
+                    f"{fw}/{name}/{model.name}", count, px * px / 1e6, fan.gpus["evaluate"]
+                )
+    return Stage(
+        "evaluate",
+        "images",
+        jobs,
+        ["evaluate/{model}", "evaluate/{fw}", "evaluate"],
+        [after, "prompts.testsets"],
+        instances,
+        note="one model x test set per shard set",
+    )
+
+
+def winrates_stage(fan: Fanout) -> Stage:
+    """One shard set per test set of each framework that has models to compare."""
+    jobs, instances = [], 0
+    for fw in fan.frameworks:
+        if not model_names.winrate_models(fan.config, fw):
             continue
-        for name, (count, px, _) in testsets.items():
-            win_instances += 1
-            win_jobs += sharded(f"{fw}/{name}", count, px * px / 1e6, gpus["score"])
-    stages.append(Stage("winrates", "images", win_jobs, ["winrates"], ["evaluate"], win_instances))
+        for name, (count, px, _) in fan.testsets.items():
+            instances += 1
+            jobs += fan.sharded(f"{fw}/{name}", count, px * px / 1e6, fan.gpus["score"])
+    return Stage("winrates", "images", jobs, ["winrates"], ["evaluate"], instances)
+
+
+def build_stages(
+    config: Mapping[str, Any],
+    images: int,
+    shards: int,
+    given_testsets: Mapping[str, tuple[int, int]],
+    root: Path,
+) -> tuple[list[Stage], dict[str, Any]]:
+    """Every stage of the run (jobs, cost keys, upstream stages) and the counts they rest on."""
+    config = settings.resolve("", config)
+    fan = fanout(config, images, shards, given_testsets, root)
+    stages = [*input_stages(fan), pretrain_stage(fan), *round_one_stages(fan)]
+    stages += later_round_stages(fan)
+    stages += [evaluate_stage(fan, stages[-1].name), winrates_stage(fan)]  # after the last train
     counts = {
         "source_images": images,
-        "train_images": train_images,
-        "test_images": test_images,
-        "crop_px": crop,
+        "train_images": fan.train_images,
+        "test_images": fan.test_images,
+        "crop_px": fan.crop,
         "shards": shards,
-        "testsets": {n: {"images": c, "px": p, "from": s} for n, (c, p, s) in testsets.items()},
-        "frameworks": frameworks,
+        "testsets": {n: {"images": c, "px": p, "from": s} for n, (c, p, s) in fan.testsets.items()},
+        "frameworks": fan.frameworks,
         "not_modelled_jobs": not_modelled_jobs(config),
     }
     return stages, counts
@@ -289,8 +450,10 @@ def load_costs(paths: Sequence[str | Path]) -> dict[str, Any]:
     for path in paths:
         costs = json.loads(Path(path).read_text())
         if "stages" not in costs:
-            raise SystemExit(f"plan: {path} is not a costs file (no 'stages'; write one with "
-                             "`python -m pipeline bench stages`)")  # fmt: skip
+            raise SystemExit(
+                f"plan: {path} is not a costs file (no 'stages'; write one with "
+                "`python -m pipeline bench stages`)"
+            )
         files.append({**costs, "path": str(path)})
     return merge_costs(files)
 
@@ -300,14 +463,16 @@ def merge_costs(files: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     GPU file for the GPU stages after the CPU one), each entry remembering its file."""
     merged: dict[str, Any] = {"stages": {}, "files": []}
     for index, costs in enumerate(files):
-        merged["files"].append({
-            "path": costs.get("path"),
-            "label": costs.get("label", "unlabelled"),
-            "measured_on": costs.get("measured_on", {}),
-            "caveat": costs.get("caveat", ""),
-            "measured_with": costs.get("measured_with") or {},
-            "sizes": costs.get("sizes") or [],
-        })  # fmt: skip
+        merged["files"].append(
+            {
+                "path": costs.get("path"),
+                "label": costs.get("label", "unlabelled"),
+                "measured_on": costs.get("measured_on", {}),
+                "caveat": costs.get("caveat", ""),
+                "measured_with": costs.get("measured_with") or {},
+                "sizes": costs.get("sizes") or [],
+            }
+        )
         for key, entry in costs["stages"].items():
             merged["stages"][key] = {**entry, "source": index}
     return merged
@@ -352,8 +517,9 @@ def schedule(durations: Sequence[tuple[float, int]], slots: int) -> float:
     return end
 
 
-def price(stages: Sequence[Stage], costs: Mapping[str, Any], gpus: int, cpu_slots: int,
-          threads: int) -> list[dict[str, Any]]:  # fmt: skip
+def price(
+    stages: Sequence[Stage], costs: Mapping[str, Any], gpus: int, cpu_slots: int, threads: int
+) -> list[dict[str, Any]]:
     """Per stage: jobs, images, per-job seconds, start-up share, GPU-hours, wall hours."""
     rows = []
     for stage in stages:
@@ -370,30 +536,39 @@ def price(stages: Sequence[Stage], costs: Mapping[str, Any], gpus: int, cpu_slot
             priced.append((job, entry, job_seconds(entry, job)))
         gpu_jobs = [(s, j.gpus) for j, _, s in priced if j.gpus > 0]
         cpu_jobs = [(s, threads) for j, _, s in priced if j.gpus == 0]
-        wall = max(schedule(gpu_jobs, gpus) if gpu_jobs else 0.0,
-                   schedule(cpu_jobs, cpu_slots * threads) if cpu_jobs else 0.0)  # fmt: skip
+        wall = max(
+            schedule(gpu_jobs, gpus) if gpu_jobs else 0.0,
+            schedule(cpu_jobs, cpu_slots * threads) if cpu_jobs else 0.0,
+        )
         shares = [e["startup_s"] / s for j, e, s in priced if s > 0 and not j.steps]
         too_big = sorted({j.gpus for j in stage.jobs if j.gpus > gpus})
-        rows.append({
-            "stage": stage.name,
-            "kind": stage.kind,
-            "jobs": len(stage.jobs),
-            "gathers": stage.gathers,
-            "gpus_per_job": max((j.gpus for j in stage.jobs), default=0),
-            "images": sum(j.images for j in stage.jobs),
-            "images_per_job": max((j.images for j in stage.jobs), default=0),
-            "steps_per_job": max((j.steps for j in stage.jobs), default=0),
-            "seconds_per_job": max((s for _, _, s in priced), default=None),
-            "startup_share": round(sum(shares) / len(shares), 4) if shares else None,
-            "gpu_hours": sum(s * j.gpus for j, _, s in priced) / 3600,
-            "cpu_hours": sum(s for j, _, s in priced if j.gpus == 0) / 3600,
-            "wall_hours": wall / 3600,
-            "cost_keys": sorted(keys_used),
-            "not_modelled": dict(sorted(missing.items())),
-            "after": list(stage.after),
-            "note": stage.note + (f"; jobs ask {too_big} GPUs, more than --gpus {gpus}: "
-                                  "Snakemake refuses them (capped here)" if too_big else ""),
-        })  # fmt: skip
+        rows.append(
+            {
+                "stage": stage.name,
+                "kind": stage.kind,
+                "jobs": len(stage.jobs),
+                "gathers": stage.gathers,
+                "gpus_per_job": max((j.gpus for j in stage.jobs), default=0),
+                "images": sum(j.images for j in stage.jobs),
+                "images_per_job": max((j.images for j in stage.jobs), default=0),
+                "steps_per_job": max((j.steps for j in stage.jobs), default=0),
+                "seconds_per_job": max((s for _, _, s in priced), default=None),
+                "startup_share": round(sum(shares) / len(shares), 4) if shares else None,
+                "gpu_hours": sum(s * j.gpus for j, _, s in priced) / 3600,
+                "cpu_hours": sum(s for j, _, s in priced if j.gpus == 0) / 3600,
+                "wall_hours": wall / 3600,
+                "cost_keys": sorted(keys_used),
+                "not_modelled": dict(sorted(missing.items())),
+                "after": list(stage.after),
+                "note": stage.note
+                + (
+                    f"; jobs ask {too_big} GPUs, more than --gpus {gpus}: "
+                    "Snakemake refuses them (capped here)"
+                    if too_big
+                    else ""
+                ),
+            }
+        )
     return rows
 
 
@@ -420,18 +595,25 @@ def measured_with(config: Mapping[str, Any], frameworks: Sequence[str]) -> dict[
     evaluate = settings.job_settings(config, "evaluate")
     train = settings.job_settings(config, "train")
     return {
-        "candidates": {fw: [s["name"] for s in settings.candidate_settings(config, fw)]
-                       for fw in frameworks},
+        "candidates": {
+            fw: [s["name"] for s in settings.candidate_settings(config, fw)] for fw in frameworks
+        },
         "prompts": settings.job_settings(config, "prompts")["source"],
-        "segment": f"sam {segment['model_type']}" if segment["checkpoint"]
+        "segment": f"sam {segment['model_type']}"
+        if segment["checkpoint"]
         else f"classical {segment['classical']['method']}",
         "caption": settings.job_settings(config, "caption")["captioner"],
         "score": settings.job_settings(config, "score")["metrics"],
         "evaluate": {"metrics": evaluate["metrics"], "steps": evaluate["steps"]},
         "train": {"batch_size": train["batch_size"]},
-        "pretrain": {fw: {k: settings.job_settings(config, "pretrain", framework=fw)[k]
-                          for k in ("batch_size", "crop_size", "weights")} for fw in frameworks},
-    }  # fmt: skip
+        "pretrain": {
+            fw: {
+                k: settings.job_settings(config, "pretrain", framework=fw)[k]
+                for k in ("batch_size", "crop_size", "weights")
+            }
+            for fw in frameworks
+        },
+    }
 
 
 def mismatches(costs: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
@@ -455,8 +637,10 @@ def mismatches(costs: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]
                 value = {fw: v for fw, v in value.items() if fw in ours}
                 ours = {fw: v for fw, v in ours.items() if fw in value}
             if ours != value:
-                lines.append(f"{tag}{key}: measured with {json.dumps(value)}; this config has "
-                             f"{json.dumps(ours)}")  # fmt: skip
+                lines.append(
+                    f"{tag}{key}: measured with {json.dumps(value)}; this config has "
+                    f"{json.dumps(ours)}"
+                )
     return lines
 
 
@@ -469,15 +653,24 @@ def extrapolation(costs: Mapping[str, Any], counts: Mapping[str, Any]) -> list[s
         measured = max(file["sizes"], default=0)
         if measured and largest > 2 * measured:
             tag = f"[{index + 1}] " if len(costs["files"]) > 1 else ""
-            lines.append(f"{tag}per-megapixel costs measured up to {measured} px, applied at "
-                         f"{largest} px ({(largest / measured) ** 2:.0f}x the pixels): "
-                         "extrapolated")  # fmt: skip
+            lines.append(
+                f"{tag}per-megapixel costs measured up to {measured} px, applied at "
+                f"{largest} px ({(largest / measured) ** 2:.0f}x the pixels): "
+                "extrapolated"
+            )
     return lines
 
 
-def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
-         costs: Mapping[str, Any], cores: int, testsets: Mapping[str, tuple[int, int]],
-         root: Path = Path(".")) -> dict[str, Any]:  # fmt: skip
+def plan(
+    config: Mapping[str, Any],
+    images: int,
+    gpus: int,
+    shards: int | None,
+    costs: Mapping[str, Any],
+    cores: int,
+    testsets: Mapping[str, tuple[int, int]],
+    root: Path = Path("."),
+) -> dict[str, Any]:
     """The whole plan as a dict (``--json`` prints it); ``costs``: one costs file's content,
     or several merged by :func:`merge_costs`."""
     if "files" not in costs:
@@ -499,7 +692,7 @@ def plan(config: Mapping[str, Any], images: int, gpus: int, shards: int | None,
         "counts": counts,
         "costs": [
             {k: f[k] for k in ("path", "label", "measured_on", "caveat")} for f in costs["files"]
-        ],  # fmt: skip
+        ],
         "stages": rows,
         "totals": {
             "jobs": sum(r["jobs"] for r in rows),
@@ -544,28 +737,43 @@ def render(result: Mapping[str, Any]) -> str:
     for index, costs in enumerate(result["costs"]):
         where = costs["measured_on"]
         tag = f" [{index + 1}]" if several else ""
-        lines.append(f"costs{tag}: {costs['label']} ({where.get('date', '?')}, threads "
-                     f"{where.get('threads', '?')})")  # fmt: skip
+        lines.append(
+            f"costs{tag}: {costs['label']} ({where.get('date', '?')}, threads "
+            f"{where.get('threads', '?')})"
+        )
         if where.get("device", "cpu") == "cpu" or costs["caveat"]:
-            lines.append("  NOTE: " + (costs["caveat"] or "measured on a CPU") + ". The hours "
-                         "below apply those costs to this DAG.")  # fmt: skip
-    lines.append("test sets: " + "; ".join(
-        f"{n} {t['images']} x {t['px']} px ({t['from']})" for n, t in counts["testsets"].items()))  # fmt: skip
-    header = (f"{'stage':<17} {'jobs':>6} {'gath':>4} {'gpu/j':>5} {'per job':>15} "
-              f"{'s/job':>9} {'start-up':>8} {'GPU-h':>9} {'CPU-h':>7} {'wall':>8}  cost")  # fmt: skip
+            lines.append(
+                "  NOTE: " + (costs["caveat"] or "measured on a CPU") + ". The hours "
+                "below apply those costs to this DAG."
+            )
+    lines.append(
+        "test sets: "
+        + "; ".join(
+            f"{n} {t['images']} x {t['px']} px ({t['from']})" for n, t in counts["testsets"].items()
+        )
+    )
+    header = (
+        f"{'stage':<17} {'jobs':>6} {'gath':>4} {'gpu/j':>5} {'per job':>15} "
+        f"{'s/job':>9} {'start-up':>8} {'GPU-h':>9} {'CPU-h':>7} {'wall':>8}  cost"
+    )
     lines += ["", header, "-" * len(header)]
     for row in result["stages"]:
-        per_job = (f"{row['steps_per_job']} steps" if row["kind"] == "steps"
-                   else f"{row['images_per_job']} img")  # fmt: skip
+        per_job = (
+            f"{row['steps_per_job']} steps"
+            if row["kind"] == "steps"
+            else f"{row['images_per_job']} img"
+        )
         seconds = "-" if row["seconds_per_job"] is None else f"{row['seconds_per_job']:.1f}"
         share = "-" if row["startup_share"] is None else f"{row['startup_share']:.0%}"
         where_cost = ",".join(row["cost_keys"]) or "-"
         if row["not_modelled"]:
             where_cost += "; NOT MODELLED: " + _missing(row["not_modelled"])
-        lines.append(f"{row['stage']:<17} {row['jobs']:>6} {row['gathers']:>4} "
-                     f"{row['gpus_per_job']:>5} {per_job:>15} {seconds:>9} {share:>8} "
-                     f"{row['gpu_hours']:>9.2f} {row['cpu_hours']:>7.2f} "
-                     f"{_hours(row['wall_hours']):>8}  {where_cost}")  # fmt: skip
+        lines.append(
+            f"{row['stage']:<17} {row['jobs']:>6} {row['gathers']:>4} "
+            f"{row['gpus_per_job']:>5} {per_job:>15} {seconds:>9} {share:>8} "
+            f"{row['gpu_hours']:>9.2f} {row['cpu_hours']:>7.2f} "
+            f"{_hours(row['wall_hours']):>8}  {where_cost}"
+        )
     totals = result["totals"]
     lines += [
         "-" * len(header),
@@ -579,12 +787,18 @@ def render(result: Mapping[str, Any]) -> str:
         "model load), averaged over the stage's jobs",
     ]
     if totals["not_modelled"]:
-        lines.append("not modelled (no cost in the file; left out of the totals): " + "; ".join(
-            f"{stage}: {_missing(keys)}" for stage, keys in totals["not_modelled"].items()))  # fmt: skip
+        lines.append(
+            "not modelled (no cost in the file; left out of the totals): "
+            + "; ".join(
+                f"{stage}: {_missing(keys)}" for stage, keys in totals["not_modelled"].items()
+            )
+        )
     others = counts["not_modelled_jobs"]
-    lines.append("not modelled (not priced): " + ", ".join(
-        f"{name} {n if n >= 0 else ''}".rstrip() for name, n in others.items())
-        + "; gather jobs; EA-Adam phases and online sampling beyond the per-step cost")  # fmt: skip
+    lines.append(
+        "not modelled (not priced): "
+        + ", ".join(f"{name} {n if n >= 0 else ''}".rstrip() for name, n in others.items())
+        + "; gather jobs; EA-Adam phases and online sampling beyond the per-step cost"
+    )
     lines += [f"NOTE: {line}" for line in result["extrapolated"]]
     if result["mismatched_settings"]:
         lines.append("costs measured with other settings (not rescaled):")
@@ -603,8 +817,9 @@ def parse_testset(value: str) -> tuple[str, tuple[int, int]]:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline plan",
-                                     description=__doc__.split("\n\n")[1])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline plan", description=__doc__.split("\n\n")[1]
+    )
     parser.add_argument(
         "--configfile",
         nargs="+",
@@ -645,8 +860,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images, --gpus and --shards must be >= 1")
     try:
         config = load_config(args.configfile, args.config)
-        result = plan(config, args.images, args.gpus, args.shards, load_costs(args.costs),
-                      args.cores, dict(args.testset), Path(args.root))  # fmt: skip
+        result = plan(
+            config,
+            args.images,
+            args.gpus,
+            args.shards,
+            load_costs(args.costs),
+            args.cores,
+            dict(args.testset),
+            Path(args.root),
+        )
     except (settings.ConfigError, FileNotFoundError) as error:
         print(f"plan: {error}", file=sys.stderr)
         return 2

@@ -75,8 +75,13 @@ from pipeline import contracts, settings
 
 BASE_VARIANT = "base"
 #: one-step model keys that only act through the VSD regulariser (inert when lambda_vsd is 0)
-VSD_ONLY_KEYS = ("cfg_vsd", "lambda_vsd_lora", "vsd_timestep_min", "vsd_timestep_max",
-                 "negative_prompt")  # fmt: skip
+VSD_ONLY_KEYS = (
+    "cfg_vsd",
+    "lambda_vsd_lora",
+    "vsd_timestep_min",
+    "vsd_timestep_max",
+    "negative_prompt",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # as pipeline.hub.is_hub_id
 _IQA_SOURCE = Path(__file__).resolve().parent / "iqa.py"
 #: Snakemake's lock folder, relative to the working directory
@@ -168,6 +173,30 @@ def schema_problems(
                 problems.append(_unknown_key(where, key, known, files))
         else:
             problems.append((_dotted(where) or "<config>", _short(error.message)))
+    return problems + method_problems(config)
+
+
+def method_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """An unknown name in ``methods``: the method table (with the config's method files
+    registered) is the one list of methods, not the schema (docs/adding_a_method.md)."""
+    methods = config.get("methods")
+    if not isinstance(methods, list):
+        return []
+    known = sorted(contracts.METHODS)
+    problems = []
+    for name in methods:
+        if name not in contracts.METHODS:
+            nearest = difflib.get_close_matches(str(name), known, n=3)
+            hint = (
+                f"did you mean: {', '.join(nearest)}?" if nearest else f"known: {', '.join(known)}"
+            )
+            problems.append(
+                (
+                    "methods",
+                    f"unknown method {name!r}; {hint} (a method of your "
+                    "own: a file in method_files, docs/adding_a_method.md)",
+                )
+            )
     return problems
 
 
@@ -324,8 +353,9 @@ def _metric_names(value: Any, reader: str, key: str) -> list[tuple[str, list[str
     if value is None:
         return []
     if reader == "objectives":
-        return [(f"{key}.{name}", [str(m) for m in (weights or {})])
-                for name, weights in value.items()]  # fmt: skip
+        return [
+            (f"{key}.{name}", [str(m) for m in (weights or {})]) for name, weights in value.items()
+        ]
     if reader == "value":
         return [(key, [str(value)])]
     return [(key, [str(m) for m in value])]  # a list, or the keys of a map
@@ -392,13 +422,17 @@ class _Checker:
                     f"{where}.base_weights", section.get("base_weights"), "SD base weights"
                 )
                 self.local(
-                    f"{where}.perceptual_weights", section.get("perceptual_weights"), "file",
+                    f"{where}.perceptual_weights",
+                    section.get("perceptual_weights"),
+                    "file",
                     "LPIPS-VGG checkpoint file",
-                )  # fmt: skip
+                )
                 self.local(
-                    f"{where}.perceptual_weights_dir", section.get("perceptual_weights_dir"),
-                    "dir", "torch hub folder of the VGG16 backbone",
-                )  # fmt: skip
+                    f"{where}.perceptual_weights_dir",
+                    section.get("perceptual_weights_dir"),
+                    "dir",
+                    "torch hub folder of the VGG16 backbone",
+                )
             if framework == "onestep":
                 for variant in self.used_variants(framework):
                     resolved = self.variant(framework, variant)
@@ -456,8 +490,9 @@ class _Checker:
         allowed = _get(self.config, within) if within else None
         missing = [n for n in names if n not in unknown and n not in (allowed or [])]
         if within and missing:
-            self.problem(key, f"metric(s) {_names(missing)} are not in {within} "
-                         f"{_names(allowed or [])}")  # fmt: skip
+            self.problem(
+                key, f"metric(s) {_names(missing)} are not in {within} {_names(allowed or [])}"
+            )
 
     def reads(self, when: str) -> bool:
         """Whether the run reads a key of :data:`METRIC_KEYS` ("always", "gdpo", "simulate")."""
@@ -481,14 +516,17 @@ class _Checker:
             # Snakemake skip the report silently when an older report exists
             if not Path(path).as_posix().startswith("results/"):
                 self.local(
-                    f"testsets.{name}.path", path, "dir",
+                    f"testsets.{name}.path",
+                    path,
+                    "dir",
                     f"{testset['kind']} test set; put it there or remove it from 'testsets'",
-                )  # fmt: skip
+                )
         self.local("annotations", config["annotations"], "file", "human annotation file")
         human_eval = config["human_eval"]
         for framework, votes in (human_eval["votes"] or {}).items():
-            self.local(f"human_eval.votes.{framework}", votes, "file",
-                       "votes table of `annotate export`")  # fmt: skip
+            self.local(
+                f"human_eval.votes.{framework}", votes, "file", "votes table of `annotate export`"
+            )
 
     def candidates(self) -> None:
         config = self.config
@@ -631,8 +669,11 @@ class _Checker:
         degrade = self.config["degrade"]
         crop, scale = degrade["crop_size"], degrade["degradation"]["scale"]
         if crop < scale or crop % scale:
-            self.problem("degrade.crop_size", f"{crop} is not a multiple of "
-                         f"degrade.degradation.scale ({scale}): the LQ is the crop downscaled by it")  # fmt: skip
+            self.problem(
+                "degrade.crop_size",
+                f"{crop} is not a multiple of "
+                f"degrade.degradation.scale ({scale}): the LQ is the crop downscaled by it",
+            )
 
     def prompts(self) -> None:
         """As the prompts stage: its source's model, and a fixed prompt that differs from its
@@ -641,19 +682,28 @@ class _Checker:
         source = prompts["source"]
         if source == "fixed":
             self.fixed_prompt(prompts)
-        models = {"captioner": ("captioner", "a BLIP folder"),
-                  "tagger": ("tagger", "a RAM checkpoint")}  # fmt: skip
+        models = {
+            "captioner": ("captioner", "a BLIP folder"),
+            "tagger": ("tagger", "a RAM checkpoint"),
+        }
         if source in models:
             key, what = models[source]
             if not prompts[key]:
                 self.problem(f"prompts.{key}", f"source {source!r} needs {what} (it is null)")
             self.weight_path(f"prompts.{key}", prompts[key], f"prompts source {source!r}")
         if source == "tagger":
-            self.local("prompts.tagger_condition", prompts["tagger_condition"], "path",
-                       "DAPE condition checkpoint")  # fmt: skip
+            self.local(
+                "prompts.tagger_condition",
+                prompts["tagger_condition"],
+                "path",
+                "DAPE condition checkpoint",
+            )
             if importlib.util.find_spec("ram") is None:
-                self.problem("prompts.source", "'tagger' needs the Python package 'ram' "
-                             "(recognize-anything), which is not installed")  # fmt: skip
+                self.problem(
+                    "prompts.source",
+                    "'tagger' needs the Python package 'ram' "
+                    "(recognize-anything), which is not installed",
+                )
 
     def fixed_prompt(self, prompts: Mapping[str, Any]) -> None:
         from pipeline.guidance import join_prompts  # the prompts stage's join (pandas only)
@@ -673,8 +723,10 @@ class _Checker:
         fidelity, detail = train["gdpo_fidelity_metrics"], train["gdpo_detail_metrics"]
         shared = [m for m in detail if m in fidelity]
         if shared:
-            self.problem("train.gdpo_detail_metrics",
-                         f"shares {_names(shared)} with train.gdpo_fidelity_metrics")  # fmt: skip
+            self.problem(
+                "train.gdpo_detail_metrics",
+                f"shares {_names(shared)} with train.gdpo_fidelity_metrics",
+            )
         for key, names, wanted, kind, term in (
             ("train.gdpo_fidelity_metrics", fidelity, True, "full-reference", "fidelity"),
             ("train.gdpo_detail_metrics", detail, False, "no-reference", "detail"),
@@ -688,9 +740,12 @@ class _Checker:
         train = self.config["train"]
         count, size = train["stat_tracker_min_count"], train["stat_tracker_buffer_size"]
         if count > size:
-            self.problem("train.stat_tracker_min_count", f"{count} exceeds "
-                         f"train.stat_tracker_buffer_size ({size}): ddpo's tracker could never "
-                         "use an LQ's own statistics")  # fmt: skip
+            self.problem(
+                "train.stat_tracker_min_count",
+                f"{count} exceeds "
+                f"train.stat_tracker_buffer_size ({size}): ddpo's tracker could never "
+                "use an LQ's own statistics",
+            )
 
     def ea_adam_objectives(self) -> None:
         """ea_adam trains on the pairs of both multi-objectives (select makes them) and scores
@@ -698,14 +753,20 @@ class _Checker:
         wanted = contracts.MULTI_OBJECTIVES
         missing = [o for o in wanted if o not in self.config["select"]["objectives"]]
         if missing:
-            self.problem("select.objectives", f"methods has 'ea_adam', which trains on the "
-                         f"pairs of objectives {_names(wanted)}; select.objectives has no "
-                         f"{_names(missing)}")  # fmt: skip
+            self.problem(
+                "select.objectives",
+                f"methods has 'ea_adam', which trains on the "
+                f"pairs of objectives {_names(wanted)}; select.objectives has no "
+                f"{_names(missing)}",
+            )
         fitness = _get(self.config, "train.ea_adam.objectives")
         lacking = [o for o in wanted if not (fitness or {}).get(o)]
         if fitness is not None and lacking:
-            self.problem("train.ea_adam.objectives", f"ea_adam's fitness needs metric weights "
-                         f"of {_names(wanted)}; it has no {_names(lacking)}")  # fmt: skip
+            self.problem(
+                "train.ea_adam.objectives",
+                f"ea_adam's fitness needs metric weights "
+                f"of {_names(wanted)}; it has no {_names(lacking)}",
+            )
 
     # helpers
 

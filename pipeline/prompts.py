@@ -252,8 +252,11 @@ class TaggerSource:
         return prompts
 
     def metadata(self) -> dict[str, Any]:
-        return {"tagger": self.weights, "tagger_condition": self.condition,
-                "tagger_image_size": self.image_size}  # fmt: skip
+        return {
+            "tagger": self.weights,
+            "tagger_condition": self.condition,
+            "tagger_image_size": self.image_size,
+        }
 
 
 def build_source(config: Mapping[str, Any]):
@@ -373,15 +376,26 @@ def write_prompts(
     # the listing's folder (a data folder: its pairs.parquet), every LQ read, the feedback
     inputs = [images, *(image.path for image in listed), feedback]
     stamp = fingerprint(
-        "prompts", inputs=inputs, config=resolved, seed=seed, kind=kind,
-        suffix_pattern=suffix_pattern, shard=shard.item, feedback_mode=mode,
-    )  # fmt: skip
+        "prompts",
+        inputs=inputs,
+        config=resolved,
+        seed=seed,
+        kind=kind,
+        suffix_pattern=suffix_pattern,
+        shard=shard.item,
+        feedback_mode=mode,
+    )
     work = ShardWork(out, stamp, stage="prompts")
     frame, metadata = make_prompts(listed, config, work=work)
     metadata = {"kind": kind, "images": str(images), **metadata, "shard": shard.record()}
     if feedback is not None:
-        frame = apply_feedback(frame, pd.read_parquet(feedback), mode,
-                               resolved["feedback_max_terms"], resolved["feedback_min_images"])  # fmt: skip
+        frame = apply_feedback(
+            frame,
+            pd.read_parquet(feedback),
+            mode,
+            resolved["feedback_max_terms"],
+            resolved["feedback_min_images"],
+        )
         metadata["feedback"] = {"table": str(feedback), "mode": mode}
     metadata["seed"] = seed
     write_table(frame, out, "prompts", metadata)
@@ -394,32 +408,57 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline prompts",
         description="a prompt and a negative prompt for every LQ of a split",
     )
-    parser.add_argument("--images", required=True, type=Path,
-                        help="train / synthetic: a degraded data folder; paired: an LR/HR folder")  # fmt: skip
+    parser.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="train / synthetic: a degraded data folder; paired: an LR/HR folder",
+    )
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--out", required=True, type=Path, help="prompts/{split}.parquet")
     parser.add_argument("--config", default="{}", help="the prompts settings: JSON or a file")
     parser.add_argument("--seed", type=int, default=0, help="recorded only (no random draws)")
-    parser.add_argument("--name-suffix-pattern", default=None,
-                        help="paired test sets: evaluate.name_suffix_pattern (ids as evaluate)")  # fmt: skip
-    parser.add_argument("--feedback", type=Path, default=None,
-                        help="M2: a captions or pairs table whose hallucination captions join "
-                             "the negative prompts")  # fmt: skip
-    parser.add_argument("--feedback-mode", choices=("image", "vocabulary"), default=None,
-                        help="image: each image's own feedback (default for train); vocabulary: "
-                             "the training vocabulary (default for test sets)")  # fmt: skip
-    parser.add_argument("--shard", default=None,
-                        help="I-of-K: only the listed images whose id lies in shard I of K "
-                             "(docs/design.md §15: test sets; the training split reads its data "
-                             "shard instead; default: every image)")  # fmt: skip
+    parser.add_argument(
+        "--name-suffix-pattern",
+        default=None,
+        help="paired test sets: evaluate.name_suffix_pattern (ids as evaluate)",
+    )
+    parser.add_argument(
+        "--feedback",
+        type=Path,
+        default=None,
+        help="M2: a captions or pairs table whose hallucination captions join the negative prompts",
+    )
+    parser.add_argument(
+        "--feedback-mode",
+        choices=("image", "vocabulary"),
+        default=None,
+        help="image: each image's own feedback (default for train); vocabulary: "
+        "the training vocabulary (default for test sets)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I-of-K: only the listed images whose id lies in shard I of K "
+        "(docs/design.md §15: test sets; the training split reads its data "
+        "shard instead; default: every image)",
+    )
     args = parser.parse_args(argv)
 
     config = settings.cli_config(args.config)
     frame, metadata = write_prompts(
-        args.images, args.kind, args.out, config, seed=args.seed,
-        suffix_pattern=args.name_suffix_pattern, shard=args.shard, feedback=args.feedback,
+        args.images,
+        args.kind,
+        args.out,
+        config,
+        seed=args.seed,
+        suffix_pattern=args.name_suffix_pattern,
+        shard=args.shard,
+        feedback=args.feedback,
         feedback_mode=args.feedback_mode,
-    )  # fmt: skip
-    print(f"prompts: {len(frame)} images, source {metadata['source']}, model {metadata['model']}",
-          file=sys.stderr)  # fmt: skip
+    )
+    print(
+        f"prompts: {len(frame)} images, source {metadata['source']}, model {metadata['model']}",
+        file=sys.stderr,
+    )
     return 0

@@ -95,9 +95,26 @@ TEXT_WIDTH = 32
 TOKENIZER_LENGTH = 77  # SD's CLIP context length
 # common English merges, so prompts tokenize into more than single bytes
 BPE_MERGES = [
-    "t h", "th e</w>", "a n", "i n", "e r", "o n", "r e", "a t", "e n", "o r", "e s", "i s</w>",
-    "o f</w>", "t o</w>", "an d</w>", "in g</w>", "e d</w>", "h i", "s t",
-]  # fmt: skip
+    "t h",
+    "th e</w>",
+    "a n",
+    "i n",
+    "e r",
+    "o n",
+    "r e",
+    "a t",
+    "e n",
+    "o r",
+    "e s",
+    "i s</w>",
+    "o f</w>",
+    "t o</w>",
+    "an d</w>",
+    "in g</w>",
+    "e d</w>",
+    "h i",
+    "s t",
+]
 
 #: a tiny SAM (segment.architecture overrides of vit_h's keys)
 TINY_SAM: dict[str, Any] = {
@@ -123,10 +140,39 @@ SAM_GENERATOR: dict[str, Any] = {
     "box_nms_thresh": 0.99,
 }
 CAPTION_WORDS = [
-    "a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "close", "up",
-    "cat", "dog", "tree", "sky", "house", "car", "road", "grass", "water", "wall", "man",
-    "woman", "red", "blue", "green", "white", "black", "small", "large", "old",
-]  # fmt: skip
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "photo",
+    "picture",
+    "close",
+    "up",
+    "cat",
+    "dog",
+    "tree",
+    "sky",
+    "house",
+    "car",
+    "road",
+    "grass",
+    "water",
+    "wall",
+    "man",
+    "woman",
+    "red",
+    "blue",
+    "green",
+    "white",
+    "black",
+    "small",
+    "large",
+    "old",
+]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 #: pyiqa checkpoints (``{weights_dir}/pyiqa/``) and torchvision backbones (``checkpoints/``)
@@ -250,14 +296,18 @@ def write_sd_base(folder: Path, seed: int, family: str) -> dict[str, Any]:
         scaling_factor=0.18215,
     ).save_pretrained(folder / "vae")
     version = SD_DIFFUSERS_VERSION[family]
-    _write_json(folder / "scheduler" / "scheduler_config.json",
-                {**SD_SCHEDULER_CONFIG, "_diffusers_version": version})  # fmt: skip
+    _write_json(
+        folder / "scheduler" / "scheduler_config.json",
+        {**SD_SCHEDULER_CONFIG, "_diffusers_version": version},
+    )
     CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
     ).save_pretrained(folder / "feature_extractor")
     _write_json(folder / "model_index.json", {**SD_MODEL_INDEX, "_diffusers_version": version})
-    return {"kind": f"SD {'2-base' if family == 'multistep' else '2.1-base'} (diffusers)",
-            "files": _files(folder)}  # fmt: skip
+    return {
+        "kind": f"SD {'2-base' if family == 'multistep' else '2.1-base'} (diffusers)",
+        "files": _files(folder),
+    }
 
 
 # -- SAM ---------------------------------------------------------------------------------------
@@ -296,12 +346,27 @@ def write_blip(folder: Path, seed: int) -> dict[str, Any]:
     )
     dec = vocab.index("[DEC]")
     sep = vocab.index("[SEP]")
-    text = {"vocab_size": len(vocab), "hidden_size": 16, "encoder_hidden_size": 16,
-            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "max_position_embeddings": 40, "bos_token_id": dec, "eos_token_id": sep,
-            "sep_token_id": sep, "pad_token_id": 0}  # fmt: skip
-    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 16}  # fmt: skip
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 16,
+        "encoder_hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 40,
+        "bos_token_id": dec,
+        "eos_token_id": sep,
+        "sep_token_id": sep,
+        "pad_token_id": 0,
+    }
+    vision = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 16,
+    }
     _seeded(seed, "blip")
     model = BlipForConditionalGeneration(
         BlipConfig(vision_config=vision, text_config=text, projection_dim=16)
@@ -323,17 +388,25 @@ def write_sentence_model(folder: Path, seed: int) -> dict[str, Any]:
     (bert / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     BertTokenizer(str(bert / "vocab.txt")).save_pretrained(bert)
     _seeded(seed, "minilm")
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=32,
-                        max_position_embeddings=64)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(bert)
     model = SentenceTransformer(modules=[Transformer(str(bert)), Pooling(16), Normalize()])
     model.save(str(folder))
     for path in sorted(bert.rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
     bert.rmdir()
-    return {"kind": "sentence-transformers (tiny; optional: the default is the bundled "
-            "all-MiniLM-L6-v2)", "files": _files(folder)}  # fmt: skip
+    return {
+        "kind": "sentence-transformers (tiny; optional: the default is the bundled "
+        "all-MiniLM-L6-v2)",
+        "files": _files(folder),
+    }
 
 
 # -- pyiqa weights (torch-hub layout) ---------------------------------------------------------
@@ -394,12 +467,16 @@ def write_pyiqa(folder: Path, lpips_vgg_file: Path, seed: int) -> dict[str, Any]
     covariance = basis @ basis.T / NIQE_FEATURES + 0.1 * np.eye(NIQE_FEATURES)
     mean = rng.uniform(0.1, 2.0, (1, NIQE_FEATURES))
     (folder / "pyiqa").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(folder / "pyiqa" / NIQE_FILE,
-                     {"mu_prisparam": mean, "cov_prisparam": covariance})  # fmt: skip
+    scipy.io.savemat(
+        folder / "pyiqa" / NIQE_FILE, {"mu_prisparam": mean, "cov_prisparam": covariance}
+    )
     written["niqe"] = str(folder / "pyiqa" / NIQE_FILE)
-    return {"kind": "pyiqa / torch-hub weights", "written": written,
-            "metrics": ["psnr", "ssim", "lpips", "lpips-vgg", "dists", "niqe"],
-            "not_replicated": dict(NOT_REPLICATED)}  # fmt: skip
+    return {
+        "kind": "pyiqa / torch-hub weights",
+        "written": written,
+        "metrics": ["psnr", "ssim", "lpips", "lpips-vgg", "dists", "niqe"],
+        "not_replicated": dict(NOT_REPLICATED),
+    }
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -427,11 +504,21 @@ def box_downsample(image: np.ndarray, scale: int) -> np.ndarray:
 
 #: (LQ folder, HQ folder, LQ name, HQ name, HQ sizes) per paired test set, scale 4
 TESTSET_LAYOUTS = {
-    "RealSR": ("LR", "HR", "Canon_{i:03d}_LR4.png", "Canon_{i:03d}_HR.png",
-               [(64, 64), (64, 64), (48, 64)]),
-    "DRealSR": ("test_LR", "test_HR", "DSC_{i:04d}_x4.png", "DSC_{i:04d}_x1.png",
-                [(64, 64), (32, 48)]),
-}  # fmt: skip
+    "RealSR": (
+        "LR",
+        "HR",
+        "Canon_{i:03d}_LR4.png",
+        "Canon_{i:03d}_HR.png",
+        [(64, 64), (64, 64), (48, 64)],
+    ),
+    "DRealSR": (
+        "test_LR",
+        "test_HR",
+        "DSC_{i:04d}_x4.png",
+        "DSC_{i:04d}_x1.png",
+        [(64, 64), (32, 48)],
+    ),
+}
 
 
 def write_testset(folder: Path, name: str, seed: int) -> dict[str, Any]:
@@ -456,8 +543,10 @@ def write_lsdir(folder: Path, seed: int, count: int = 4, size: int = 96) -> dict
 
 def config_overrides() -> dict[str, Any]:
     """What a paper preset needs on top to run on these replicas (documented config keys)."""
-    swapped = [WEIGHT_FREE_SWAPS.get(m, m) for m in
-               ["psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa"]]  # fmt: skip
+    swapped = [
+        WEIGHT_FREE_SWAPS.get(m, m)
+        for m in ["psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa"]
+    ]
     return {
         "segment": {"architecture": dict(TINY_SAM), "generator": dict(SAM_GENERATOR)},
         "caption": {"text_encoder": MINILM_FOLDER},
@@ -478,18 +567,24 @@ def write_replicas(root: str | Path, seed: int = 0) -> dict[str, Any]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     jobs: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-        "sd_2_base": (SD_FOLDERS["multistep"],
-                      lambda: write_sd_base(root / SD_FOLDERS["multistep"], seed, "multistep")),
-        "sd_2_1_base": (SD_FOLDERS["onestep"],
-                        lambda: write_sd_base(root / SD_FOLDERS["onestep"], seed, "onestep")),
+        "sd_2_base": (
+            SD_FOLDERS["multistep"],
+            lambda: write_sd_base(root / SD_FOLDERS["multistep"], seed, "multistep"),
+        ),
+        "sd_2_1_base": (
+            SD_FOLDERS["onestep"],
+            lambda: write_sd_base(root / SD_FOLDERS["onestep"], seed, "onestep"),
+        ),
         "sam": (SAM_CHECKPOINT, lambda: write_sam(root / SAM_CHECKPOINT, seed)),
         "blip": (BLIP_FOLDER, lambda: write_blip(root / BLIP_FOLDER, seed)),
         "sentence_model": (MINILM_FOLDER, lambda: write_sentence_model(root / MINILM_FOLDER, seed)),
         "pyiqa": (PYIQA_DIR, lambda: write_pyiqa(root / PYIQA_DIR, root / LPIPS_VGG_FILE, seed)),
-        **{name.lower(): (path, lambda n=name, p=path: write_testset(root / p, n, seed))
-           for name, path in TESTSETS.items()},
+        **{
+            name.lower(): (path, lambda n=name, p=path: write_testset(root / p, n, seed))
+            for name, path in TESTSETS.items()
+        },
         "lsdir": (LSDIR_FOLDER, lambda: write_lsdir(root / LSDIR_FOLDER, seed)),
-    }  # fmt: skip
+    }
     written: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         for name, (path, write) in jobs.items():

@@ -180,11 +180,18 @@ def summarise(metrics: pd.DataFrame, config: dict[str, Any], seed: int = 0) -> p
         low, high = confidence_interval(
             values, config["ci_method"], int(config["bootstrap_samples"]), rng
         )
-        rows.append({
-            "testset": testset, "model": model, "metric": metric,
-            "mean": float(values.mean()), "ci95_low": low, "ci95_high": high,
-            "n_images": len(values), "lower_better": bool(group["lower_better"].iloc[0]),
-        })  # fmt: skip
+        rows.append(
+            {
+                "testset": testset,
+                "model": model,
+                "metric": metric,
+                "mean": float(values.mean()),
+                "ci95_low": low,
+                "ci95_high": high,
+                "n_images": len(values),
+                "lower_better": bool(group["lower_better"].iloc[0]),
+            }
+        )
     summary = pd.DataFrame(rows)
     baseline_means = summary[summary["model"] == baseline].set_index(["testset", "metric"])["mean"]
     keys = pd.MultiIndex.from_frame(summary[["testset", "metric"]])
@@ -219,8 +226,13 @@ def table_frame(summary: pd.DataFrame, testset: str, config: dict[str, Any]) -> 
     for model in model_order(part["model"], config):
         rows.append({"model": model, "kind": "mean", **means.loc[model, metrics].to_dict()})
         if has_baseline and model != config["baseline_model"]:
-            rows.append({"model": model, "kind": "delta_vs_baseline",
-                         **deltas.loc[model, metrics].to_dict()})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "kind": "delta_vs_baseline",
+                    **deltas.loc[model, metrics].to_dict(),
+                }
+            )
     return pd.DataFrame(rows, columns=["model", "kind", *metrics])
 
 
@@ -236,8 +248,12 @@ def format_tables(summary: pd.DataFrame, config: dict[str, Any]) -> tuple[str, p
         n_images = int(summary.loc[summary["testset"] == testset, "n_images"].max())
         means = frame[frame["kind"] == "mean"]
         header = ["Method", *[metric_label(m, lower_better[m]) for m in metrics]]
-        lines = [f"## {testset} ({n_images} images)", "",
-                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+        lines = [
+            f"## {testset} ({n_images} images)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         places = {m: decimals(means[m]) for m in metrics}
         ranks = {}
         for metric in metrics:
@@ -332,8 +348,7 @@ def _save_figure(figure, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight",
-                       metadata=PNG_METADATA)  # fmt: skip
+        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight", metadata=PNG_METADATA)
     plt.close(figure)
 
 
@@ -447,15 +462,24 @@ def write_report_markdown(
     seed: int,
 ) -> None:
     """Step 5: the run configuration, the evaluated models and every stage's provenance."""
-    lines = [f"# DSPO evaluation report: {framework}", "",
-             f"- global seed: {seed}", f"- baseline for the deltas: `{config['baseline_model']}`",
-             f"- confidence intervals: {config['ci_method']}"
-             + (f" ({config['bootstrap_samples']} resamples)" if config["ci_method"] == "bootstrap"
-                else " (Student's t, 95%)"),
-             f"- artifacts: {', '.join(f'`{a}`' for a in artifacts)}", "",
-             "## Evaluations", "",
-             "| test set | model | images | model weights | metrics | stand-ins |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# DSPO evaluation report: {framework}",
+        "",
+        f"- global seed: {seed}",
+        f"- baseline for the deltas: `{config['baseline_model']}`",
+        f"- confidence intervals: {config['ci_method']}"
+        + (
+            f" ({config['bootstrap_samples']} resamples)"
+            if config["ci_method"] == "bootstrap"
+            else " (Student's t, 95%)"
+        ),
+        f"- artifacts: {', '.join(f'`{a}`' for a in artifacts)}",
+        "",
+        "## Evaluations",
+        "",
+        "| test set | model | images | model weights | metrics | stand-ins |",
+        "|---|---|---|---|---|---|",
+    ]
     for (testset, model), recorded in metadata.items():
         weights = recorded.get("model_describe", {}).get("weights", "")
         # the config keeps the metrics in the order they were asked for (metadata is key-sorted)
@@ -479,9 +503,17 @@ def write_report_markdown(
         lines += [f"- **{key}**: `{_json(value)}`" for key, value in highlights] or [
             "- no backend, stand-in or weights entries recorded"
         ]
-        lines += ["", "<details><summary>all recorded metadata</summary>", "", "```json",
-                  json.dumps(document, indent=2, sort_keys=True, default=str), "```", "",
-                  "</details>", ""]  # fmt: skip
+        lines += [
+            "",
+            "<details><summary>all recorded metadata</summary>",
+            "",
+            "```json",
+            json.dumps(document, indent=2, sort_keys=True, default=str),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     with atomic_path(path) as temporary:
         temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -557,10 +589,21 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
         figure, axes = plt.subplots(figsize=(5, 4))
         member = frame["model"].map(lambda m: member_index(m) is not None).astype(bool)
         front = frame[member & frame["non_dominated"].eq(True)]
-        axes.plot(frame.loc[member, "perception"], frame.loc[member, "fidelity"], "o-",
-                  color="tab:blue", label="EA-Adam members")  # fmt: skip
-        axes.scatter(front["perception"], front["fidelity"], s=160, facecolors="none",
-                     edgecolors="tab:red", label="non-dominated")  # fmt: skip
+        axes.plot(
+            frame.loc[member, "perception"],
+            frame.loc[member, "fidelity"],
+            "o-",
+            color="tab:blue",
+            label="EA-Adam members",
+        )
+        axes.scatter(
+            front["perception"],
+            front["fidelity"],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            label="non-dominated",
+        )
         for _, row in frame[~member].iterrows():
             axes.scatter(row["perception"], row["fidelity"], marker="s", label=row["model"])
         for _, row in frame.iterrows():
@@ -574,18 +617,33 @@ def write_front(summary: pd.DataFrame, out_dir: Path, framework: str, config: di
         plot = contracts.report_file("front", testset=testset)
         _save_figure(figure, out_dir / plot)
         files.append(plot)
-        lines += [f"### {testset}", "", f"![front]({plot})", "",
-                  "| model | perception | fidelity | non-dominated |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### {testset}",
+            "",
+            f"![front]({plot})",
+            "",
+            "| model | perception | fidelity | non-dominated |",
+            "|---|---|---|---|",
+        ]
         for _, row in frame.iterrows():
             mark = "" if row["non_dominated"] is None else ("yes" if row["non_dominated"] else "no")
-            lines.append(f"| {row['model']} | {row['perception']:.4f} | {row['fidelity']:.4f} "
-                         f"| {mark} |")  # fmt: skip
+            lines.append(
+                f"| {row['model']} | {row['perception']:.4f} | {row['fidelity']:.4f} | {mark} |"
+            )
         lines.append("")
     if not lines:
         return [], ""
-    text = "\n".join(["## EA-Adam front", "", "Scores: each metric of `front_objectives` min-max "
-                      "normalised over the plotted models, flipped where lower is better, "
-                      "weighted.", "", *lines])  # fmt: skip
+    text = "\n".join(
+        [
+            "## EA-Adam front",
+            "",
+            "Scores: each metric of `front_objectives` min-max "
+            "normalised over the plotted models, flipped where lower is better, "
+            "weighted.",
+            "",
+            *lines,
+        ]
+    )
     with atomic_path(out_dir / contracts.report_file("front_md")) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")
     return [*files, contracts.report_file("front_md")], text
@@ -615,9 +673,16 @@ def rounds_frame(summary: pd.DataFrame) -> pd.DataFrame:
             method, objective = base.method, base.objective
             for number, model in [(1, base.name), *sorted(numbered)]:
                 if model in means.index:
-                    rows.append({"testset": testset, "method": method, "objective": objective,
-                                 "round": number, "model": model,
-                                 **means.loc[model, metrics].to_dict()})  # fmt: skip
+                    rows.append(
+                        {
+                            "testset": testset,
+                            "method": method,
+                            "objective": objective,
+                            "round": number,
+                            "model": model,
+                            **means.loc[model, metrics].to_dict(),
+                        }
+                    )
     if not rows:
         return pd.DataFrame(columns=ROUNDS_COLUMNS)
     frame = pd.DataFrame(rows)
@@ -633,21 +698,36 @@ def write_rounds(summary: pd.DataFrame, out_dir: Path) -> tuple[list[str], str]:
         return [], ""
     lower_better = summary.groupby("metric")["lower_better"].first().to_dict()
     metrics = [c for c in frame.columns if c not in ROUNDS_COLUMNS]
-    lines = ["## Rounds", "", "Iterative alignment (docs/design.md §14): round r + 1 of a run "
-             "samples its candidates from round r's model, re-scores and re-selects them on the "
-             "same masks and trains from round r's weights, round r's model being its reference. "
-             "Round 1 is the run's model, round r its `_r{r}` model; means over the test images.",
-             ""]  # fmt: skip
+    lines = [
+        "## Rounds",
+        "",
+        "Iterative alignment (docs/design.md §14): round r + 1 of a run "
+        "samples its candidates from round r's model, re-scores and re-selects them on the "
+        "same masks and trains from round r's weights, round r's model being its reference. "
+        "Round 1 is the run's model, round r its `_r{r}` model; means over the test images.",
+        "",
+    ]
     for testset, part in frame.groupby("testset", sort=False):
-        header = ["method", "objective", "round",
-                  *(metric_label(m, lower_better[m]) for m in metrics)]  # fmt: skip
-        lines += [f"### {testset}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]  # fmt: skip
+        header = [
+            "method",
+            "objective",
+            "round",
+            *(metric_label(m, lower_better[m]) for m in metrics),
+        ]
+        lines += [
+            f"### {testset}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         places = {m: decimals(part[m]) for m in metrics}
         for _, row in part.iterrows():
             cells = [f"{row[m]:.{places[m]}f}" if math.isfinite(row[m]) else "–" for m in metrics]
-            lines.append("| " + " | ".join([row["method"], row["objective"], str(row["round"]),
-                                             *cells]) + " |")  # fmt: skip
+            lines.append(
+                "| "
+                + " | ".join([row["method"], row["objective"], str(row["round"]), *cells])
+                + " |"
+            )
         lines.append("")
     text = "\n".join(lines)
     csv, markdown = contracts.report_file("rounds_csv"), contracts.report_file("rounds_md")
@@ -678,8 +758,12 @@ def report(
     framework = framework or out_dir.name
     metrics, metadata, manifests = read_evaluations(evaluations)
     summary = summarise(metrics, config, seed)
-    summary_metadata = {"framework": framework, "config": config, "seed": seed,
-                        "inputs": [str(p) for p in evaluations]}  # fmt: skip
+    summary_metadata = {
+        "framework": framework,
+        "config": config,
+        "seed": seed,
+        "inputs": [str(p) for p in evaluations],
+    }
     write_table(
         summary, out_dir / contracts.report_file("summary"), "eval_summary", summary_metadata
     )
@@ -701,15 +785,22 @@ def report(
         plot_radar(values, out_dir / radar, f"{framework}: {testset}")
         models = model_order(metrics.loc[metrics["testset"] == testset, "model"], config)
         panels = grid_panels(testset, models, manifests, config)
-        plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / grid,
-                       f"{framework}: {testset}")  # fmt: skip
+        plot_crop_grid(panels, ["LQ", *models, "HQ"], out_dir / grid, f"{framework}: {testset}")
         artifacts += [radar, grid]
     front_files, front_text = write_front(summary, out_dir, framework, config)
     artifacts += front_files
     rounds_files, rounds_text = write_rounds(summary, out_dir)
     artifacts += rounds_files
-    write_report_markdown(out_dir / contracts.report_file("report"), framework, summary, metadata, provenance,
-                          config, artifacts, seed)  # fmt: skip
+    write_report_markdown(
+        out_dir / contracts.report_file("report"),
+        framework,
+        summary,
+        metadata,
+        provenance,
+        config,
+        artifacts,
+        seed,
+    )
     if front_text:  # the front follows the report's sections
         text = (out_dir / contracts.report_file("report")).read_text(encoding="utf-8")
         with atomic_path(out_dir / contracts.report_file("report")) as temporary:
@@ -749,26 +840,62 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline report", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--evaluations", nargs="+", required=True, type=Path,
-                        help="eval/{framework}/{testset}/{model} folders (evaluate's outputs)")  # fmt: skip
+    parser.add_argument(
+        "--evaluations",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="eval/{framework}/{testset}/{model} folders (evaluate's outputs)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output folder eval/{framework}")
-    parser.add_argument("--provenance", nargs="*", default=[], type=Path,
-                        help="upstream Parquet tables whose metadata report.md lists")  # fmt: skip
+    parser.add_argument(
+        "--provenance",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="upstream Parquet tables whose metadata report.md lists",
+    )
     parser.add_argument("--framework", default=None, help="name in titles (default: --out name)")
-    parser.add_argument("--curves", nargs="*", default=[], type=Path,
-                        help="aligned models' train_curves.parquet (alignment curves)")  # fmt: skip
-    parser.add_argument("--win-rates", nargs="*", default=[], type=Path,
-                        help="winrates/{framework}/{testset}.parquet tables")  # fmt: skip
+    parser.add_argument(
+        "--curves",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="aligned models' train_curves.parquet (alignment curves)",
+    )
+    parser.add_argument(
+        "--win-rates",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="winrates/{framework}/{testset}.parquet tables",
+    )
     parser.add_argument("--config", default="{}", help="the `report` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed (bootstrap)")
-    parser.add_argument("--human-eval", type=Path, default=None,
-                        help="an `annotate winrate` folder: report.md's Fig. 3 section")  # fmt: skip
-    parser.add_argument("--study-section", type=Path, default=None,
-                        help="the Figure 1 study's section (results/study/section.md)")  # fmt: skip
+    parser.add_argument(
+        "--human-eval",
+        type=Path,
+        default=None,
+        help="an `annotate winrate` folder: report.md's Fig. 3 section",
+    )
+    parser.add_argument(
+        "--study-section",
+        type=Path,
+        default=None,
+        help="the Figure 1 study's section (results/study/section.md)",
+    )
     parser.add_argument("--study-plot", type=Path, default=None, help="the study's plot")
     args = parser.parse_args(argv)
-    summary = report(args.evaluations, args.out, settings.cli_config(args.config), args.seed,
-                     args.provenance, args.framework, args.curves, args.win_rates)  # fmt: skip
+    summary = report(
+        args.evaluations,
+        args.out,
+        settings.cli_config(args.config),
+        args.seed,
+        args.provenance,
+        args.framework,
+        args.curves,
+        args.win_rates,
+    )
     if args.study_section is not None:  # the controlled study, before the human evaluation
         if args.study_plot is None:
             parser.error("--study-section needs --study-plot")

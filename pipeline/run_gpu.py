@@ -49,14 +49,25 @@ def launch_command(command: list[str], n_processes: int, use_accelerate: bool) -
     if not use_accelerate or n_processes <= 1:
         return list(command)
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(n_processes), "--num_machines", "1",
-        "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(n_processes),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
         # Only silences the launcher's warning: Accelerator(mixed_precision=...) in the
         # training code takes precedence over this setting.
-        "--mixed_precision", "no",
-        "--no_python", *command,
-    ]  # fmt: skip
+        "--mixed_precision",
+        "no",
+        "--no_python",
+        *command,
+    ]
 
 
 def job_environment(threads: int) -> dict[str, str]:
@@ -109,15 +120,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipeline run-gpu", description=__doc__)
     parser.add_argument("--gpus", type=int, required=True, help="devices to lease (0: CPU)")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="cores of the job (Snakemake's {threads}); default: inherited OMP_NUM_THREADS",
-    )  # fmt: skip
+    )
     parser.add_argument("--accelerate", action="store_true", help="one process per leased GPU")
     parser.add_argument("--pool", default=None, help="device ids, default CUDA_VISIBLE_DEVICES")
     parser.add_argument(
-        "--lock-dir", default=None,
+        "--lock-dir",
+        default=None,
         help="default $DSPO_GPU_LEASE_DIR, else /tmp/dspo-gpu-leases-UID (per Slurm allocation)",
-    )  # fmt: skip
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for devices")
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]

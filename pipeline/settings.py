@@ -192,8 +192,10 @@ def ea_adam_settings(
         ea_adam["objectives"] = multi_objective_weights(config)
     if ea_adam["score"] is None:
         score = resolve("score", config.get("score"))
-        ea_adam["score"] = {key: score[key] for key in
-                            ("weights_dir", "weights", "options", "device", "min_crop_size")}  # fmt: skip
+        ea_adam["score"] = {
+            key: score[key]
+            for key in ("weights_dir", "weights", "options", "device", "min_crop_size")
+        }
     return ea_adam
 
 

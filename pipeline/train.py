@@ -49,11 +49,21 @@ def train(
     """
     contracts.method(method)  # an unknown method fails before anything is read
     job = session.Job(
-        framework=framework, method=method, objective=objective, data_dir=data_dir,
-        model_dir=model_dir, out_dir=out_dir, config=config, seed=seed,
-        checkpoint_dir=checkpoint_dir, model=model, prompts_path=prompts_path,
-        pairs_path=pairs_path, candidates_path=candidates_path, masks_path=masks_path,
-    )  # fmt: skip
+        framework=framework,
+        method=method,
+        objective=objective,
+        data_dir=data_dir,
+        model_dir=model_dir,
+        out_dir=out_dir,
+        config=config,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        model=model,
+        prompts_path=prompts_path,
+        pairs_path=pairs_path,
+        candidates_path=candidates_path,
+        masks_path=masks_path,
+    )
     return session.train(job)
 
 
@@ -64,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--framework", required=True)
     parser.add_argument("--method", required=True, choices=sorted(contracts.METHODS))
     parser.add_argument("--objective", required=True)
-    parser.add_argument("--pairs", nargs="+", default=None,  # none for ddpo: it samples its own
-                        help="pairs/{framework}/{objective}.parquet; a method of pair level "
-                        "objectives (ea_adam) takes one table per contracts.MULTI_OBJECTIVES, "
-                        "in that order")  # fmt: skip
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=None,  # none for ddpo: it samples its own
+        help="pairs/{framework}/{objective}.parquet; a method of pair level "
+        "objectives (ea_adam) takes one table per contracts.MULTI_OBJECTIVES, "
+        "in that order",
+    )
     parser.add_argument(
         "--candidates", required=True, help="candidates/{framework}/candidates.parquet"
     )
@@ -82,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", default="{}", help="the train config section as JSON")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", default=None,
-                        help="prompts/train.parquet: each LQ's prompt and negative prompt")  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="prompts/train.parquet: each LQ's prompt and negative prompt",
+    )
     args = parser.parse_args(argv)
     train(
         framework=args.framework,

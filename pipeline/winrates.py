@@ -63,9 +63,11 @@ CANDIDATES = (PRETRAINED, "aligned")
 SCORE_COLUMNS = ["image_id", "instance_id", "candidate", "metric", "value", "lower_better"]
 #: the ``win_instances`` table: the scores of every aligned model (under its objective)
 INSTANCE_COLUMNS = ["testset", "model", "objective", *SCORE_COLUMNS]
-INTERVALS = {"ci": "Wilson 95% on the instances (statsmodels proportion_confint)",
-             "cluster": "Wilson 95% on effective_n = instances / design effect (images as "
-                        "clusters; pipeline.winrates.clustered_interval)"}  # fmt: skip
+INTERVALS = {
+    "ci": "Wilson 95% on the instances (statsmodels proportion_confint)",
+    "cluster": "Wilson 95% on effective_n = instances / design effect (images as "
+    "clusters; pipeline.winrates.clustered_interval)",
+}
 
 
 def hq_table(evaluation_dir: str | Path, out: str | Path) -> Path:
@@ -136,8 +138,9 @@ def instance_scores(
     for image_id in sorted(hq_paths):
         ids, masks = _image_instances(instances, masks_store, image_id)
         outputs = (read_rgb(base[image_id]), read_rgb(sr[image_id]))
-        rows += image_scores(image_id, outputs, read_rgb(hq_paths[image_id]), masks, ids,
-                             registry, metrics)  # fmt: skip
+        rows += image_scores(
+            image_id, outputs, read_rgb(hq_paths[image_id]), masks, ids, registry, metrics
+        )
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
@@ -183,10 +186,19 @@ def win_rate(scores: pd.DataFrame, weights: dict[str, float], tolerance: float) 
     effective, cluster_low, cluster_high = clustered_interval(
         per_image["sum"].to_numpy(), per_image["size"].to_numpy()
     )
-    return {"instances": n, "images": len(per_image), "wins": wins, "ties": ties,
-            "losses": n - wins - ties, "win_rate": count / n, "ci_low": float(low),
-            "ci_high": float(high), "effective_n": effective, "cluster_low": cluster_low,
-            "cluster_high": cluster_high}  # fmt: skip
+    return {
+        "instances": n,
+        "images": len(per_image),
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "win_rate": count / n,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "effective_n": effective,
+        "cluster_low": cluster_low,
+        "cluster_high": cluster_high,
+    }
 
 
 def _manifests(
@@ -211,9 +223,12 @@ def _registry(config: dict[str, Any], seed: int) -> MetricRegistry:
 
 
 def win_rates(
-    evaluations: list[Path], masks: Path, instances_path: Path, config: dict[str, Any],
+    evaluations: list[Path],
+    masks: Path,
+    instances_path: Path,
+    config: dict[str, Any],
     seed: int = 0,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """One row per aligned model of ``config["models"]`` (``{model: objective}``)."""
     manifests = _manifests(evaluations)
     registry = _registry(config, seed)
@@ -221,11 +236,18 @@ def win_rates(
     rows = []
     for model, objective in sorted(config["models"].items()):
         weights = config["objectives"][objective]
-        scores = instance_scores(manifests[PRETRAINED], manifests[model], masks, instances,
-                                 registry, sorted(weights))  # fmt: skip
+        scores = instance_scores(
+            manifests[PRETRAINED], manifests[model], masks, instances, registry, sorted(weights)
+        )
         testset = str(manifests[model]["testset"].iloc[0])
-        rows.append({"testset": testset, "model": model, "objective": objective,
-                     **win_rate(scores, weights, config["tie_tolerance"])})  # fmt: skip
+        rows.append(
+            {
+                "testset": testset,
+                "model": model,
+                "objective": objective,
+                **win_rate(scores, weights, config["tie_tolerance"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -251,31 +273,52 @@ def shard_instances(
     pretrained = manifests[PRETRAINED]
     image_ids = sorted(str(i) for i in pretrained["image_id"])
     hq_paths = dict(zip(pretrained["image_id"], pretrained["hq_path"], strict=True))
-    sr = {name: dict(zip(frame["image_id"], frame["sr_path"], strict=True))
-          for name, frame in manifests.items()}  # fmt: skip
-    testsets = {name: dict(zip(frame["image_id"], frame["testset"], strict=True))
-                for name, frame in manifests.items()}  # fmt: skip
+    sr = {
+        name: dict(zip(frame["image_id"], frame["sr_path"], strict=True))
+        for name, frame in manifests.items()
+    }
+    testsets = {
+        name: dict(zip(frame["image_id"], frame["testset"], strict=True))
+        for name, frame in manifests.items()
+    }
     instances = read_table(instances_path, "instances")
     registry = _registry(config, seed)
     work = shards.ShardWork(
         out,
-        shards.fingerprint("winrates", inputs=[*evaluations, masks, instances_path],
-                           config=config, seed=seed, shard=shard.item),
+        shards.fingerprint(
+            "winrates",
+            inputs=[*evaluations, masks, instances_path],
+            config=config,
+            seed=seed,
+            shard=shard.item,
+        ),
         stage="winrates",
-    )  # fmt: skip
+    )
     for image_id in work.todo(image_ids):
         ids, image_masks = _image_instances(instances, masks, image_id)
         hq, base = read_rgb(hq_paths[image_id]), read_rgb(sr[PRETRAINED][image_id])
         rows = []
         for model, objective in models:
             outputs = (base, read_rgb(sr[model][image_id]))
-            scored = image_scores(image_id, outputs, hq, image_masks, ids, registry,
-                                  sorted(config["objectives"][objective]))  # fmt: skip
+            scored = image_scores(
+                image_id,
+                outputs,
+                hq,
+                image_masks,
+                ids,
+                registry,
+                sorted(config["objectives"][objective]),
+            )
             rows += [(str(testsets[model][image_id]), model, objective, *row) for row in scored]
         work.finish(image_id, pd.DataFrame(rows, columns=INSTANCE_COLUMNS))
     frame = work.rows(image_ids, INSTANCE_COLUMNS)
-    metadata = {"stage": "winrates", "config": config, "seed": seed, "shard": shard.record(),
-                "evaluations": [str(folder) for folder in evaluations]}  # fmt: skip
+    metadata = {
+        "stage": "winrates",
+        "config": config,
+        "seed": seed,
+        "shard": shard.record(),
+        "evaluations": [str(folder) for folder in evaluations],
+    }
     write_table(frame, out, "win_instances", metadata)
     work.discard()
     return frame
@@ -290,10 +333,14 @@ def rates_from_instances(frame: pd.DataFrame, config: dict[str, Any]) -> pd.Data
         if not len(part):
             raise ValueError(f"winrates: no scored instance of model {model!r}")
         scores = part[SCORE_COLUMNS].reset_index(drop=True)
-        rows.append({"testset": str(part["testset"].iloc[0]), "model": model,
-                     "objective": objective,
-                     **win_rate(scores, config["objectives"][objective],
-                                config["tie_tolerance"])})  # fmt: skip
+        rows.append(
+            {
+                "testset": str(part["testset"].iloc[0]),
+                "model": model,
+                "objective": objective,
+                **win_rate(scores, config["objectives"][objective], config["tie_tolerance"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -346,8 +393,9 @@ def gather(
     for table in instance_tables:
         recorded = read_metadata(table).get("config")
         if recorded != config:
-            raise ValueError(f"{table}: scored with another config than the gather's: "
-                             f"{recorded} != {config}")  # fmt: skip
+            raise ValueError(
+                f"{table}: scored with another config than the gather's: {recorded} != {config}"
+            )
     if hq is not None:
         gather_hq(*hq)
     if masks is not None:
@@ -356,11 +404,22 @@ def gather(
         gathering.gather("instances", *instances)
     frame = _concat_sorted([read_table(t, "win_instances") for t in instance_tables])
     rates = rates_from_instances(frame, config)
-    write_table(rates, out, "win_rates", {"stage": "winrates", "config": config, "seed": seed,
-                                          "intervals": INTERVALS,
-                                          "shards": len(instance_tables)})  # fmt: skip
-    print(f"winrates: {len(rates)} models from {len(instance_tables)} shards in {out}",
-          file=sys.stderr)  # fmt: skip
+    write_table(
+        rates,
+        out,
+        "win_rates",
+        {
+            "stage": "winrates",
+            "config": config,
+            "seed": seed,
+            "intervals": INTERVALS,
+            "shards": len(instance_tables),
+        },
+    )
+    print(
+        f"winrates: {len(rates)} models from {len(instance_tables)} shards in {out}",
+        file=sys.stderr,
+    )
     return rates
 
 
@@ -369,17 +428,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipeline winrates", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--hq-table-of", type=Path, help="write the HQ table of this evaluation")
-    parser.add_argument("--evaluations", nargs="*", type=Path, default=[],
-                        help="eval/{framework}/{testset}/{model} folders (or their shard I), "
-                             "pretrained among them")  # fmt: skip
+    parser.add_argument(
+        "--evaluations",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="eval/{framework}/{testset}/{model} folders (or their shard I), pretrained among them",
+    )
     parser.add_argument("--masks", type=Path, help="the test set's label maps (segment output)")
     parser.add_argument("--instances", type=Path, help="the test set's instances table")
-    parser.add_argument("--shard", default=None,
-                        help="I-of-K: score the test images of shard I and write their "
-                             "win_instances table at --out (not the win rates)")  # fmt: skip
-    parser.add_argument("--gather", nargs="+", type=Path, default=None, metavar="WIN_INSTANCES",
-                        help="the shards' win_instances tables, in shard order: write the win "
-                             "rates at --out (and the --*-shards gathers)")  # fmt: skip
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I-of-K: score the test images of shard I and write their "
+        "win_instances table at --out (not the win rates)",
+    )
+    parser.add_argument(
+        "--gather",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="WIN_INSTANCES",
+        help="the shards' win_instances tables, in shard order: write the win "
+        "rates at --out (and the --*-shards gathers)",
+    )
     parser.add_argument(
         "--hq-shards",
         nargs="+",
@@ -396,14 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         help="with --gather: the shards' test label maps, gathered at --out-masks",
     )
     parser.add_argument("--out-masks", type=Path)
-    parser.add_argument("--instances-shards", nargs="+", type=Path, default=None,
-                        help="with --gather: the shards' test instances tables, gathered at "
-                             "--out-instances")  # fmt: skip
+    parser.add_argument(
+        "--instances-shards",
+        nargs="+",
+        type=Path,
+        default=None,
+        help="with --gather: the shards' test instances tables, gathered at --out-instances",
+    )
     parser.add_argument("--out-instances", type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--config", default="{}",
-                        help="JSON (or a file): models {name: objective}, objectives, score, "
-                        "tie_tolerance")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        default="{}",
+        help="JSON (or a file): models {name: objective}, objectives, score, tie_tolerance",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.hq_table_of is not None:
@@ -421,14 +499,21 @@ def main(argv: list[str] | None = None) -> int:
         gather(args.gather, args.out, config, args.seed, **pairs)
         return 0
     if args.shard is not None:
-        frame = shard_instances(args.evaluations, args.masks, args.instances, config, args.out,
-                                args.seed, args.shard)  # fmt: skip
-        print(f"winrates: shard {args.shard}: {len(frame)} instance scores in {args.out}",
-              file=sys.stderr)  # fmt: skip
+        frame = shard_instances(
+            args.evaluations, args.masks, args.instances, config, args.out, args.seed, args.shard
+        )
+        print(
+            f"winrates: shard {args.shard}: {len(frame)} instance scores in {args.out}",
+            file=sys.stderr,
+        )
         return 0
     frame = win_rates(args.evaluations, args.masks, args.instances, config, args.seed)
-    write_table(frame, args.out, "win_rates", {"stage": "winrates", "config": config,
-                                               "seed": args.seed, "intervals": INTERVALS})  # fmt: skip
+    write_table(
+        frame,
+        args.out,
+        "win_rates",
+        {"stage": "winrates", "config": config, "seed": args.seed, "intervals": INTERVALS},
+    )
     print(f"winrates: {len(frame)} models in {args.out}", file=sys.stderr)
     return 0
 

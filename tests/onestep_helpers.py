@@ -27,8 +27,15 @@ def make_pairs(root: Path, count: int = 3, size: int = 32, scale: int = 4) -> Pa
         write_png(root / "hq" / f"{image_id}.png", hq)
         write_png(root / "lq" / f"{image_id}.png", np.rint(lq).astype(np.uint8))
         row = {name: None for name in SCHEMAS["degradation_pairs"].names}
-        row.update(image_id=image_id, source="test", split="train", scale=scale, seed=index,
-                   hq_path=f"hq/{image_id}.png", lq_path=f"lq/{image_id}.png")  # fmt: skip
+        row.update(
+            image_id=image_id,
+            source="test",
+            split="train",
+            scale=scale,
+            seed=index,
+            hq_path=f"hq/{image_id}.png",
+            lq_path=f"lq/{image_id}.png",
+        )
         rows.append(row)
     write_table(pd.DataFrame(rows), root / "pairs.parquet", "degradation_pairs")
     return root

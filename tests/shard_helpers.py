@@ -42,8 +42,11 @@ def run_killed_after(n: int, argv: Sequence[str], cwd: Path | None = None) -> in
     return code (-9 when it was killed, 0 when it finished first)."""
     done = subprocess.run(
         [sys.executable, "-c", _KILLER, str(n), *argv],
-        cwd=cwd or ROOT, env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=cwd or ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"the killed run failed otherwise:\n{done.stderr[-3000:]}")
     return done.returncode
@@ -53,8 +56,11 @@ def run_stage(argv: Sequence[str], cwd: Path | None = None) -> str:
     """Run ``python -m pipeline *argv`` to the end; its stderr (the log)."""
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", *argv],
-        cwd=cwd or ROOT, env=_env(), capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=cwd or ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise AssertionError(f"python -m pipeline {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return done.stderr

@@ -45,8 +45,15 @@ def results(tmp_path: Path) -> Path:
 
 
 def settings(results: Path, **changes) -> tasks.RoundSettings:
-    base = dict(round=1, seed=0, testsets={"synthetic": str(results / "data/test")},
-                models=(), focus="dspo_fidelity", repeat_fraction=0.25, gold_count=1)  # fmt: skip
+    base = dict(
+        round=1,
+        seed=0,
+        testsets={"synthetic": str(results / "data/test")},
+        models=(),
+        focus="dspo_fidelity",
+        repeat_fraction=0.25,
+        gold_count=1,
+    )
     return tasks.RoundSettings(**{**base, **changes})
 
 
@@ -91,9 +98,11 @@ def test_compare_tasks_are_seeded_complete_and_repeat_with_swapped_sides(results
     )
     assert len(everything) == 6 * 3 and not any(t.gold or t.repeated for t in everything)
     two = tasks.compare_tasks(
-        settings(results, models=("pretrained", "dspo_fidelity"), gold_count=0), results,
-        FRAMEWORK, "a",
-    )  # fmt: skip
+        settings(results, models=("pretrained", "dspo_fidelity"), gold_count=0),
+        results,
+        FRAMEWORK,
+        "a",
+    )
     assert {frozenset((t.left, t.right)) for t in two} == {
         frozenset(("pretrained", "dspo_fidelity"))
     }
@@ -137,9 +146,22 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
-        command = [sys.executable, "-m", "pipeline", "annotate", "serve", "--results",
-                   str(self.results), "--framework", FRAMEWORK, "--port", str(self.port),
-                   "--testset", f"synthetic={self.results / 'data/test'}", *self.extra]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "annotate",
+            "serve",
+            "--results",
+            str(self.results),
+            "--framework",
+            FRAMEWORK,
+            "--port",
+            str(self.port),
+            "--testset",
+            f"synthetic={self.results / 'data/test'}",
+            *self.extra,
+        ]
         self.log = open(self.results.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 60
@@ -204,8 +226,10 @@ def raw_get(url: str, path: str, token: str) -> int:
     """Status of a GET whose path is sent exactly as written (no client normalisation)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Annotator-Token: {token}\r\n"
-                     "Connection: close\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Annotator-Token: {token}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         return int(sock.recv(64).split()[1])
 
 
@@ -217,10 +241,14 @@ def test_sigkilled_server_loses_no_acknowledged_vote_and_resumes(results):
         assert server.request("/api/me")[0] == 401
         assert server.request("/api/me", "not-a-token")[0] == 401
         assert server.request("/api/images/instance/0/lq")[0] == 401
-        for path in ("/api/images/instance/0/..%2F..%2Fetc%2Fpasswd",
-                     "/api/images/instance/0/../../../../etc/passwd",
-                     "/api/images/instance/0//etc/passwd", "/api/images/instance/99/lq",
-                     "/api/images/instance/0/7", "/api/images/compare/0/hq"):  # fmt: skip
+        for path in (
+            "/api/images/instance/0/..%2F..%2Fetc%2Fpasswd",
+            "/api/images/instance/0/../../../../etc/passwd",
+            "/api/images/instance/0//etc/passwd",
+            "/api/images/instance/99/lq",
+            "/api/images/instance/0/7",
+            "/api/images/compare/0/hq",
+        ):
             assert raw_get(server.url, path, token) == 404, path
         status, image = server.request("/api/images/instance/0/0", token)
         assert status == 200 and image[:8] == b"\x89PNG\r\n\x1a\n"
@@ -230,9 +258,13 @@ def test_sigkilled_server_loses_no_acknowledged_vote_and_resumes(results):
         assert server.request("/api/instances/0", token, {"best": 1, "worst": 1})[0] == 422
         assert server.request("/api/instances/0", token, b"x" * 9000)[0] == 413
         acknowledged = []
-        for n, answer in enumerate(({"best": 0, "worst": 1, "flagged": [2],
-                                     "description": "fake  text"},
-                                    {"best": 2, "worst": 3}, {"skip": True})):  # fmt: skip
+        for n, answer in enumerate(
+            (
+                {"best": 0, "worst": 1, "flagged": [2], "description": "fake  text"},
+                {"best": 2, "worst": 3},
+                {"skip": True},
+            )
+        ):
             assert server.request("/api/instances/next", token)[1]["task"]["n"] == n
             status, reply = server.request(f"/api/instances/{n}", token, answer)
             assert status == 200 and reply["stored"]
@@ -269,8 +301,10 @@ def test_sigkilled_server_loses_no_acknowledged_vote_and_resumes(results):
 def test_server_refuses_big_bodies_before_reading_them_and_names_bad_utf8(results):
     token = Store(db_path(results, FRAMEWORK)).add_annotator("alice")
     server = Server(results).start()
-    head = (f"POST /api/instances/0 HTTP/1.1\r\nHost: x\r\nX-Annotator-Token: {token}\r\n"
-            "Content-Type: application/json\r\n")  # fmt: skip
+    head = (
+        f"POST /api/instances/0 HTTP/1.1\r\nHost: x\r\nX-Annotator-Token: {token}\r\n"
+        "Content-Type: application/json\r\n"
+    )
     try:
         # 400 MiB announced, nothing sent: refused by Content-Length, the body never read
         started = time.monotonic()
@@ -302,11 +336,16 @@ def test_every_response_forbids_framing_and_sniffing(results):
     token = Store(db_path(results, FRAMEWORK)).add_annotator("alice")
     server = Server(results).start()
     try:
-        cases = [("GET", "/", None, 200), ("GET", "/static/app.js", None, 200),
-                 ("GET", "/static/nope.js", None, 404), ("GET", "/api/me", None, 401),
-                 ("GET", "/api/me", token, 200), ("GET", "/api/images/instance/0/lq", token, 200),
-                 ("GET", "/api/images/instance/0/9", token, 404),
-                 ("GET", "/api/instances/0", token, 405)]  # fmt: skip
+        cases = [
+            ("GET", "/", None, 200),
+            ("GET", "/static/app.js", None, 200),
+            ("GET", "/static/nope.js", None, 404),
+            ("GET", "/api/me", None, 401),
+            ("GET", "/api/me", token, 200),
+            ("GET", "/api/images/instance/0/lq", token, 200),
+            ("GET", "/api/images/instance/0/9", token, 404),
+            ("GET", "/api/instances/0", token, 405),
+        ]
         for method, path, who, expected in cases:
             auth = f"X-Annotator-Token: {who}\r\n" if who else ""
             status, headers, _ = raw_exchange(
@@ -346,8 +385,19 @@ def test_vote_database_and_its_wal_files_are_private(tmp_path):
 
 
 def serve_argv(results: Path, host: str, port: int, *extra: str) -> list[str]:
-    return ["serve", "--results", str(results), "--framework", FRAMEWORK, "--no-compare",
-            "--host", host, "--port", str(port), *extra]  # fmt: skip
+    return [
+        "serve",
+        "--results",
+        str(results),
+        "--framework",
+        FRAMEWORK,
+        "--no-compare",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 def test_serving_beyond_loopback_needs_allow_remote_and_warns(results, monkeypatch, capsys):
@@ -407,9 +457,25 @@ def test_a_round_cannot_change_its_settings(results):
     store = Store(db_path(results, FRAMEWORK))
     store.round_settings(1, settings(results, repeat_fraction=0.5).to_json())
     with pytest.raises(SystemExit, match="round 1 was started with settings"):
-        annotate(["serve", "--results", str(results), "--framework", FRAMEWORK,
-                  "--testset", f"synthetic={results / 'data/test'}", "--focus", "dspo_fidelity",
-                  "--repeat-fraction", "0.25", "--gold", "1", "--port", str(free_port())])  # fmt: skip
+        annotate(
+            [
+                "serve",
+                "--results",
+                str(results),
+                "--framework",
+                FRAMEWORK,
+                "--testset",
+                f"synthetic={results / 'data/test'}",
+                "--focus",
+                "dspo_fidelity",
+                "--repeat-fraction",
+                "0.25",
+                "--gold",
+                "1",
+                "--port",
+                str(free_port()),
+            ]
+        )
 
 
 # ---------------------------------------------------------------- export into select
@@ -422,8 +488,11 @@ def test_descriptions_become_negative_prompts_of_human_pairs(results, tmp_path):
         ("alice", "train1", 1, "rank64", "grad1", "", "  "),
     ]
     path = tmp_path / "annotations.parquet"
-    write_table(pd.DataFrame(rows, columns=[*SCHEMAS["annotations"].names, "description"]),
-                path, "annotations")  # fmt: skip
+    write_table(
+        pd.DataFrame(rows, columns=[*SCHEMAS["annotations"].names, "description"]),
+        path,
+        "annotations",
+    )
     annotations = read_annotations(path)
     prompts = human_flagged_prompts(annotations, None)
     assert prompts == {"train0": "melted face"}  # blank descriptions are dropped
@@ -472,8 +541,10 @@ def hand_wilson(score: float, n: int, z: float = 1.959963984540054) -> tuple[flo
 
 def test_win_rates_count_ties_half_and_match_hand_computed_intervals():
     answers = ["left"] * 6 + ["right"] * 2 + ["tie", "both_bad"]
-    rows = [(("alice", "bob")[i % 2], 1, "s", f"i{i}", "dspo_x", "pretrained", a, False, False)
-            for i, a in enumerate(answers)]  # fmt: skip
+    rows = [
+        (("alice", "bob")[i % 2], 1, "s", f"i{i}", "dspo_x", "pretrained", a, False, False)
+        for i, a in enumerate(answers)
+    ]
     rows += [("alice", 1, "s", "i0", "pretrained", "dspo_x", "right", True, False)]  # a repeat
     rows += [("alice", 1, "s", "g", "hq", "bicubic", "right", False, True)]  # gold, missed
     votes = votes_frame(rows)
@@ -502,22 +573,40 @@ def test_win_rates_count_ties_half_and_match_hand_computed_intervals():
 def test_fleiss_kappa_is_one_for_full_agreement_and_lower_otherwise():
     pairs = [("i0", "a", "b"), ("i1", "a", "b"), ("i2", "a", "b"), ("i3", "a", "b")]
     labels = ["left", "right", "tie", "left"]
-    same = [(who, 1, "s", i, a, b, ans, False, False) for who in ("p", "q", "r")
-            for (i, a, b), ans in zip(pairs, labels, strict=True)]  # fmt: skip
+    same = [
+        (who, 1, "s", i, a, b, ans, False, False)
+        for who in ("p", "q", "r")
+        for (i, a, b), ans in zip(pairs, labels, strict=True)
+    ]
     assert winrates.agreement(votes_frame(same))["fleiss_kappa"].iloc[0] == pytest.approx(1.0)
     # q sees the sides swapped but means the same model: still full agreement
-    swapped = [(w, n, s, i, b, a, {"left": "right", "right": "left"}.get(c, c), *rest)
-               if w == "q" else (w, n, s, i, a, b, c, *rest)
-               for w, n, s, i, a, b, c, *rest in same]  # fmt: skip
+    swapped = [
+        (w, n, s, i, b, a, {"left": "right", "right": "left"}.get(c, c), *rest)
+        if w == "q"
+        else (w, n, s, i, a, b, c, *rest)
+        for w, n, s, i, a, b, c, *rest in same
+    ]
     assert winrates.agreement(votes_frame(swapped))["fleiss_kappa"].iloc[0] == pytest.approx(1.0)
     noisy = [row if row[0] != "r" else (*row[:6], "right", *row[7:]) for row in same]
     assert winrates.agreement(votes_frame(noisy))["fleiss_kappa"].iloc[0] < 1.0
 
 
 def test_simulated_votes_follow_the_metric_and_are_labelled(results, tmp_path):
-    base = ["simulate", "--results", str(results), "--framework", FRAMEWORK, "--testset",
-            f"synthetic={results / 'data/test'}", "--annotators", "2", "--rounds", "3",
-            "--gold", "1"]  # fmt: skip
+    base = [
+        "simulate",
+        "--results",
+        str(results),
+        "--framework",
+        FRAMEWORK,
+        "--testset",
+        f"synthetic={results / 'data/test'}",
+        "--annotators",
+        "2",
+        "--rounds",
+        "3",
+        "--gold",
+        "1",
+    ]
     clean, noisy = tmp_path / "clean.parquet", tmp_path / "noisy.parquet"
     assert annotate([*base, "--noise", "0", "--out", str(clean)]) == 0
     assert annotate([*base, "--noise", "1", "--out", str(noisy)]) == 0
@@ -531,8 +620,22 @@ def test_simulated_votes_follow_the_metric_and_are_labelled(results, tmp_path):
     random_votes = read_table(noisy, "votes")
     assert (random_votes["answer"] != votes["answer"]).any()
     out = tmp_path / "report"
-    assert annotate(["winrate", "--votes", str(clean), "--out-dir", str(out),
-                     "--bootstrap", "200", "--bt-bootstrap", "20"]) == 0  # fmt: skip
+    assert (
+        annotate(
+            [
+                "winrate",
+                "--votes",
+                str(clean),
+                "--out-dir",
+                str(out),
+                "--bootstrap",
+                "200",
+                "--bt-bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert "SIMULATED" in (out / "winrates.md").read_text()
     assert (out / "winrates.png").stat().st_size > 0
     table = pd.read_csv(out / "winrates.csv")
@@ -545,11 +648,43 @@ def test_simulated_votes_follow_the_metric_and_are_labelled(results, tmp_path):
 def simulate_and_winrate(results: Path, folder: Path, *extra: str) -> dict[str, bytes]:
     """What annotate_simulate and annotate_winrate write (their CLI calls), by file name."""
     votes, out = folder / "votes_simulated.parquet", folder / "winrates"
-    assert annotate(["simulate", "--results", str(results), "--framework", FRAMEWORK,
-                     "--testset", f"synthetic={results / 'data/test'}", "--seed", "0",
-                     "--out", str(votes), *extra]) == 0  # fmt: skip
-    assert annotate(["winrate", "--votes", str(votes), "--out-dir", str(out), "--seed", "0",
-                     "--bootstrap", "200", "--bt-bootstrap", "20"]) == 0  # fmt: skip
+    assert (
+        annotate(
+            [
+                "simulate",
+                "--results",
+                str(results),
+                "--framework",
+                FRAMEWORK,
+                "--testset",
+                f"synthetic={results / 'data/test'}",
+                "--seed",
+                "0",
+                "--out",
+                str(votes),
+                *extra,
+            ]
+        )
+        == 0
+    )
+    assert (
+        annotate(
+            [
+                "winrate",
+                "--votes",
+                str(votes),
+                "--out-dir",
+                str(out),
+                "--seed",
+                "0",
+                "--bootstrap",
+                "200",
+                "--bt-bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     files = {"votes": votes.read_bytes()}
     files.update((name, (out / name).read_bytes()) for name in WINRATE_FILES)
     return files
@@ -590,12 +725,30 @@ def test_report_section_shows_the_plot_and_table_and_says_simulated(results, tmp
     rates = pd.read_csv(tmp_path / "run/winrates/winrates.csv")
     assert len(rates) == 3 and "| synthetic | dspo_fidelity | pretrained |" in text
     # real votes: no SIMULATED anywhere
-    human = votes_frame([(who, 1, "s", f"i{i}", "dspo_x", "pretrained", answer, False, False)
-                         for who in ("ann", "bob") for i, answer in enumerate(
-                             ["left", "right", "tie", "left"])])  # fmt: skip
+    human = votes_frame(
+        [
+            (who, 1, "s", f"i{i}", "dspo_x", "pretrained", answer, False, False)
+            for who in ("ann", "bob")
+            for i, answer in enumerate(["left", "right", "tie", "left"])
+        ]
+    )
     write_table(human, tmp_path / "human.parquet", "votes")
-    assert annotate(["winrate", "--votes", str(tmp_path / "human.parquet"), "--out-dir",
-                     str(tmp_path / "human"), "--bootstrap", "100", "--bt-bootstrap", "10"]) == 0  # fmt: skip
+    assert (
+        annotate(
+            [
+                "winrate",
+                "--votes",
+                str(tmp_path / "human.parquet"),
+                "--out-dir",
+                str(tmp_path / "human"),
+                "--bootstrap",
+                "100",
+                "--bt-bootstrap",
+                "10",
+            ]
+        )
+        == 0
+    )
     section = report_section.section(tmp_path / "human")
     assert "SIMULATED" not in section and "Votes of 2 annotators" in section
 
@@ -608,11 +761,20 @@ def test_browser_tests_fail_without_chromium_and_skip_only_when_told(monkeypatch
     assert reason and "apt-get install -y chromium" in reason
     assert f"{browser.SKIP_VARIABLE}=1" in reason
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(ROOT / "tests/test_annotate_browser.py")],
-        cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests/test_annotate_browser.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         env={**os.environ, browser.SKIP_VARIABLE: "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0 and "1 skipped" in result.stdout, result.stdout[-2000:]
     assert f"{browser.SKIP_VARIABLE}=1 skips the browser tests" in result.stdout
 
@@ -620,8 +782,10 @@ def test_browser_tests_fail_without_chromium_and_skip_only_when_told(monkeypatch
 def test_preflight_names_missing_votes_and_an_unevaluated_simulation_metric(tmp_path):
     from pipeline import preflight
 
-    config = {"human_eval": {"votes": {"onestep": "nope.parquet"}, "simulate": {"metric": "x"}},
-              "evaluate": {"metrics": ["psnr"]}}  # fmt: skip
+    config = {
+        "human_eval": {"votes": {"onestep": "nope.parquet"}, "simulate": {"metric": "x"}},
+        "evaluate": {"metrics": ["psnr"]},
+    }
     with pytest.raises(preflight.PreflightError) as error:
         preflight.check(config, tmp_path)
     assert "human_eval.votes.onestep" in str(error.value)

@@ -21,8 +21,14 @@ from pipeline.io.tables import read_table
 from tests.test_annotate import FRAMEWORK, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: where screenshots are copied as well (optional; the test's tmp folder always has them)
 SHOTS = os.environ.get("DSPO_SCREENSHOTS")
 
@@ -42,13 +48,17 @@ pytestmark = [
 def missing_browser() -> str | None:
     """Why the browser tests cannot run here, or None."""
     if not CHROMIUM.exists():
-        return (f"Debian's chromium is not at {CHROMIUM}: `apt-get install -y chromium` (as "
-                f".ci/run does), or set {SKIP_VARIABLE}=1 to skip the browser tests")  # fmt: skip
+        return (
+            f"Debian's chromium is not at {CHROMIUM}: `apt-get install -y chromium` (as "
+            f".ci/run does), or set {SKIP_VARIABLE}=1 to skip the browser tests"
+        )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        return (f"Playwright for Python is not installed: `pip install -e \".[test]\"`, or set "
-                f"{SKIP_VARIABLE}=1 to skip the browser tests")  # fmt: skip
+        return (
+            f'Playwright for Python is not installed: `pip install -e ".[test]"`, or set '
+            f"{SKIP_VARIABLE}=1 to skip the browser tests"
+        )
     return None
 
 
@@ -144,9 +154,15 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
             cards = page.locator("#inst-grid .card[data-index]")
             expect(cards).to_have_count(4)
             ready(page, "instances:0")
-            check_zoom(page, "#inst-grid .zoom img", "#inst-zoom",
-                       "#inst-grid .card[data-index='1'] .zoom", (0.25, 0.7), tmp_path,
-                       "instances_zoom.png")  # fmt: skip
+            check_zoom(
+                page,
+                "#inst-grid .zoom img",
+                "#inst-zoom",
+                "#inst-grid .card[data-index='1'] .zoom",
+                (0.25, 0.7),
+                tmp_path,
+                "instances_zoom.png",
+            )
             cards.nth(0).locator(".pick-best").click()
             cards.nth(1).locator(".pick-worst").click()
             cards.nth(2).locator(".pick-flag").click()
@@ -187,8 +203,15 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
             total = int(page.locator("#cmp-progress").inner_text().split("/")[1].split()[0])
             expect(page.locator("#cmp-left")).to_have_attribute("src", re.compile("^blob:"))
             shot(page, tmp_path, "compare.png")
-            check_zoom(page, "#cmp-row .zoom img", "#cmp-zoom", "#cmp-right >> xpath=..",
-                       (0.7, 0.3), tmp_path, "compare_zoom.png")  # fmt: skip
+            check_zoom(
+                page,
+                "#cmp-row .zoom img",
+                "#cmp-zoom",
+                "#cmp-right >> xpath=..",
+                (0.7, 0.3),
+                tmp_path,
+                "compare_zoom.png",
+            )
             keys = ["1", "ArrowRight", "t", "b", "ArrowLeft", "2"]
             for i in range(total):
                 expect(page.locator("#cmp-progress")).to_have_text(f"{i} / {total} done")
@@ -204,7 +227,11 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
     out = results / "annotations" / FRAMEWORK
     annotations = read_table(out / "annotations.parquet", "annotations")
     by_task = annotations.set_index(["image_id", "instance_id"])
-    expected = [((0, 1, [2]), "fake text on the wall"), ((2, 3, []), ""), ((1, 0, [3]), "melted fingers")]  # fmt: skip
+    expected = [
+        ((0, 1, [2]), "fake text on the wall"),
+        ((2, 3, []), ""),
+        ((1, 0, [3]), "melted fingers"),
+    ]
     assert len(annotations) == 3
     for task, ((best, worst, flagged), text) in zip(instance_tasks, expected, strict=False):
         row = by_task.loc[(task.image_id, task.instance_id)]
@@ -213,13 +240,22 @@ def test_browser_annotation_session_survives_a_killed_server(tmp_path):
         assert row["description"] == text
     votes = read_table(out / "votes.parquet", "votes")
     order = tasks.compare_tasks(
-        tasks.RoundSettings(1, 0, {"synthetic": str(results / "data/test")}, (),
-                            "dspo_fidelity", 0.25, 1),
-        results, FRAMEWORK, "alice",
-    )  # fmt: skip
+        tasks.RoundSettings(
+            1, 0, {"synthetic": str(results / "data/test")}, (), "dspo_fidelity", 0.25, 1
+        ),
+        results,
+        FRAMEWORK,
+        "alice",
+    )
     assert len(votes) == len(order)
-    answers = {"1": "left", "ArrowLeft": "left", "2": "right", "ArrowRight": "right",
-               "t": "tie", "b": "both_bad"}  # fmt: skip
+    answers = {
+        "1": "left",
+        "ArrowLeft": "left",
+        "2": "right",
+        "ArrowRight": "right",
+        "t": "tie",
+        "b": "both_bad",
+    }
     pressed = [answers[keys[i % len(keys)]] for i in range(len(order))]
     assert votes.sort_values("answered_at")["answer"].tolist() == pressed
     # the win-rate table against a count by hand from the tasks and the keys pressed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import contracts, settings, shards
+from pipeline import contracts, preflight, settings, shards
 from pipeline.codehash import module_closure
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
@@ -47,8 +47,9 @@ NON_STAGE_RULE_FILES = ("study.smk", "annotate.smk", "rounds.smk")
 
 def test_every_stage_has_a_rule():
     files = rules_by_file()
-    rules = set().union(*(names for name, names in files.items()
-                          if name not in NON_STAGE_RULE_FILES))  # fmt: skip
+    rules = set().union(
+        *(names for name, names in files.items() if name not in NON_STAGE_RULE_FILES)
+    )
     # a sharded stage's rule runs one shard; its gather is {stage}_gather (docs/design.md §15)
     assert rules == {*STAGES, *(f"{stage}_gather" for stage in shards.STAGES)}
 
@@ -93,9 +94,18 @@ def test_the_parser_sees_function_level_imports(tmp_path):
     assert imported_modules(module) == {"pipeline.evaluate", "pipeline", "pipeline.score"}
 
 
-def test_the_schema_offers_exactly_the_method_table():
-    enum = settings.schema_node("methods")["items"]["enum"]
-    assert sorted(enum) == sorted(contracts.METHODS)
+def test_the_method_table_is_the_one_list_of_methods():
+    """The schema names no methods (a method file adds its own, docs/adding_a_method.md): its
+    description names the package's, and preflight checks names against the table."""
+    node = settings.schema_node("methods")
+    assert "enum" not in node["items"]
+    assert all(
+        f"{name} (" in node["description"] or f"{name}," in node["description"]
+        for name in contracts.METHODS
+    )
+    [(key, problem)] = preflight.method_problems({"methods": ["dspo", "dpoo"]})
+    assert key == "methods" and "'dpoo'" in problem and "did you mean: dpo" in problem
+    assert preflight.method_problems({"methods": sorted(contracts.METHODS)}) == []
 
 
 def test_rules_take_every_path_from_the_contracts():

@@ -183,8 +183,11 @@ def test_bench_train_step_memory_and_check(capsys):
     check_report(report, list(train_step.METHODS), 1)
     assert "train_step" not in report
     assert set(report["ratios"]) == {
-        "naive_over_dspo", "dspo_over_dpo", "dspo_over_scaled_dpo", "two_pass_over_one_pass"
-    }  # fmt: skip
+        "naive_over_dspo",
+        "dspo_over_dpo",
+        "dspo_over_scaled_dpo",
+        "two_pass_over_one_pass",
+    }
     saved = report["saved_for_backward_bytes"]
     assert set(saved) == {*train_step.METHODS, "one_candidate_forward"}
     # two-pass: the activations of one candidate per LQ, like SFT's single winner

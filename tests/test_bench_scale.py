@@ -99,17 +99,29 @@ def test_read_benchmark_gives_seconds_rss_and_times(tmp_path):
     os.utime(path, (1000.0, 1000.0))
     record = scale.read_benchmark(path)
     assert record == {
-        "seconds": 12.5, "max_rss_mb": 301.25, "cpu_time": 9.5, "start": 987.5, "end": 1000.0
-    }  # fmt: skip
+        "seconds": 12.5,
+        "max_rss_mb": 301.25,
+        "cpu_time": 9.5,
+        "start": 987.5,
+        "end": 1000.0,
+    }
     path.write_text("s\th:m:s\tmax_rss\tmax_vms\n0.3\t0:00:00\tNA\tNA\n")
     assert scale.read_benchmark(path)["max_rss_mb"] is None
     assert scale.read_benchmark(tmp_path / "missing.tsv") is None
 
 
 def _record(pid, ppid, argv, rss_kb, start=100.0, children_kb=0, cpu=1.0, children_cpu=0.0):
-    return {"pid": pid, "ppid": ppid, "argv": argv, "start": start, "end": start + 1,
-            "maxrss_kb": rss_kb, "children_maxrss_kb": children_kb, "cpu_s": cpu,
-            "children_cpu_s": children_cpu}  # fmt: skip
+    return {
+        "pid": pid,
+        "ppid": ppid,
+        "argv": argv,
+        "start": start,
+        "end": start + 1,
+        "maxrss_kb": rss_kb,
+        "children_maxrss_kb": children_kb,
+        "cpu_s": cpu,
+        "children_cpu_s": children_cpu,
+    }
 
 
 def test_job_processes_are_the_writers_of_its_outputs_and_their_children():
@@ -123,7 +135,7 @@ def test_job_processes_are_the_writers_of_its_outputs_and_their_children():
         # a child of a reused pid, started before the job: not the job's
         _record(13, 10, ["python", "-c", "pass"], 9999, start=50.0),
         _record(14, 1, [*py, "gather", "--out=results/pairs/onestep/fidelity.parquet"], 1024),
-    ]  # fmt: skip
+    ]
     chosen = sorted(record["pid"] for record in scale.job_processes(job, records))
     assert chosen == [10, 11, 14]
     assert scale.job_processes({"output": ["elsewhere"]}, records) == []
@@ -134,11 +146,18 @@ def test_measure_jobs_joins_benchmark_and_hook_peaks(tmp_path):
     bench.mkdir(parents=True)
     (bench / "onestep.tsv").write_text("s\tmax_rss\tcpu_time\n2.0\t150.0\t1.0\n")
     records = [
-        _record(10, 1, ["python", "-m", "pipeline", "select", "--out-dir", "results/pairs/onestep"],
-                200 * 1024, children_kb=300 * 1024, cpu=1.5, children_cpu=2.0),
+        _record(
+            10,
+            1,
+            ["python", "-m", "pipeline", "select", "--out-dir", "results/pairs/onestep"],
+            200 * 1024,
+            children_kb=300 * 1024,
+            cpu=1.5,
+            children_cpu=2.0,
+        ),
         # a waited-for child: its CPU is in its parent's children_cpu_s already
         _record(11, 10, ["python", "-c", "pass"], 100, cpu=2.0),
-    ]  # fmt: skip
+    ]
     jobs = scale.measure_jobs(tmp_path, SNAKEMAKE_OUTPUT, records)
     segment, select = jobs
     assert select["seconds"] == 2.0 and select["benchmark_max_rss_mb"] == 150.0
@@ -149,8 +168,14 @@ def test_measure_jobs_joins_benchmark_and_hook_peaks(tmp_path):
 
 def test_rss_bound_pairs_jobs_and_subtracts_the_output_table():
     small = [{"rule": "score_gather", "wildcards": {"framework": "onestep"}, "peak_rss_mb": 100.0}]
-    large = [{"rule": "score_gather", "wildcards": {"framework": "onestep"}, "peak_rss_mb": 150.0,
-              "output_table_bytes": 40 * 2**20}]  # fmt: skip
+    large = [
+        {
+            "rule": "score_gather",
+            "wildcards": {"framework": "onestep"},
+            "peak_rss_mb": 150.0,
+            "output_table_bytes": 40 * 2**20,
+        }
+    ]
     bound = scale.rss_bound("score_gather", small, large)
     assert bound["value"] == pytest.approx(1.1)  # (150 - 40) / 100
     assert bound["bound_mb"] == pytest.approx(160.0)
@@ -182,8 +207,12 @@ def test_stage_timing_spans_from_first_start_to_last_end():
         {"rule": "score_gather", "seconds": 1.0, "start": 110.0, "end": 111.0, "cpu_s": 1.0},
     ]
     assert scale.stage_timing(jobs, "score") == {
-        "jobs": 2, "span_s": 10.0, "job_seconds": 18.0, "cpu_s": 13.0, "max_job_cpu_s": 7.0
-    }  # fmt: skip
+        "jobs": 2,
+        "span_s": 10.0,
+        "job_seconds": 18.0,
+        "cpu_s": 13.0,
+        "max_job_cpu_s": 7.0,
+    }
     jobs[0]["cpu_s"] = None
     assert scale.stage_timing(jobs, "score")["cpu_s"] is None
     with pytest.raises(RuntimeError):
@@ -215,11 +244,26 @@ def test_tiny_run_reports_every_figure(tmp_path, capsys):
     """Two tiny sizes up to the segment gather (no pretraining: a smoke test of the machinery,
     the real proof runs to select), a dry run at 4 shards, and --check failing on an impossible
     DAG bound."""
-    status = scale.main([
-        "--images", "4", "8", "--shards", "2", "--until", "segment_gather",
-        "--dag-shards", "4", "--speedup-images", "0", "--scratch", str(tmp_path / "s"),
-        "--check", "--target", "dag_seconds=0.001",
-    ])  # fmt: skip
+    status = scale.main(
+        [
+            "--images",
+            "4",
+            "8",
+            "--shards",
+            "2",
+            "--until",
+            "segment_gather",
+            "--dag-shards",
+            "4",
+            "--speedup-images",
+            "0",
+            "--scratch",
+            str(tmp_path / "s"),
+            "--check",
+            "--target",
+            "dag_seconds=0.001",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert status == 1 and report["failed"] == ["dag_seconds"]
     assert not (tmp_path / "s").exists()  # removed without --keep

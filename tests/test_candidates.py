@@ -15,8 +15,12 @@ from pipeline.models.onestep import OneStepSR
 from pipeline.seeding import derive_seed, torch_generator
 from tests.onestep_helpers import make_pairs
 
-VARIANTS = {"rank16": {"lora_rank": 16}, "rank64": {"lora_rank": 64},
-            "cfg6": {"cfg_vsd": 6.0}, "cfg12": {"cfg_vsd": 12.0}}  # fmt: skip
+VARIANTS = {
+    "rank16": {"lora_rank": 16},
+    "rank64": {"lora_rank": 64},
+    "cfg6": {"cfg_vsd": 6.0},
+    "cfg12": {"cfg_vsd": 12.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,9 @@ def test_rerun_is_byte_identical_and_independent_of_batch_size(setup):
     runs = {}
     for batch in (3, 2, 1):
         out = root / f"batch{batch}"
-        generate_candidates("onestep", models, data, out,
-                            {"device": "cpu", "batch_size": batch}, seed=5)  # fmt: skip
+        generate_candidates(
+            "onestep", models, data, out, {"device": "cpu", "batch_size": batch}, seed=5
+        )
         runs[batch] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
     again = root / "again"
     generate_candidates("onestep", models, data, again, {"device": "cpu", "batch_size": 3}, 5)
@@ -70,8 +75,9 @@ def test_rerun_is_byte_identical_and_independent_of_batch_size(setup):
 def test_negative_prompts_and_cli(setup, tmp_path):
     root, data, models = setup
     negatives = tmp_path / "neg.parquet"
-    pd.DataFrame({"image_id": ["img0", "img0", "img2"],
-                  "negative_prompt": ["blurry dog", "", "a cat"]}).to_parquet(negatives)  # fmt: skip
+    pd.DataFrame(
+        {"image_id": ["img0", "img0", "img2"], "negative_prompt": ["blurry dog", "", "a cat"]}
+    ).to_parquet(negatives)
     assert feedback_by_image(pd.read_parquet(negatives)) == {
         "img0": ["blurry dog"],
         "img2": ["a cat"],
@@ -112,8 +118,11 @@ def test_multistep_four_settings_from_one_model_batch_independent(setup, tmp_pat
 
     _, data, _ = setup
     MultiStepSR.build_tiny(block_out_channels=(16, 32)).save_pretrained(tmp_path / "ms")
-    settings = [{"name": f"s{s}_c{c}", "variant": "base", "steps": s, "cfg": c}
-                for s in (2, 3) for c in (4.5, 10.5)]  # fmt: skip
+    settings = [
+        {"name": f"s{s}_c{c}", "variant": "base", "steps": s, "cfg": c}
+        for s in (2, 3)
+        for c in (4.5, 10.5)
+    ]
     runs = []
     for batch in (3, 1):
         out = tmp_path / f"b{batch}"
@@ -123,4 +132,8 @@ def test_multistep_four_settings_from_one_model_batch_independent(setup, tmp_pat
     assert len(runs[0]) == 12 and runs[0] == runs[1]
     table = read_table(tmp_path / "b1" / "candidates.parquet", "candidates")
     assert sorted(set(zip(table.steps, table.cfg, strict=True))) == [
-        (2, 4.5), (2, 10.5), (3, 4.5), (3, 10.5)]  # fmt: skip
+        (2, 4.5),
+        (2, 10.5),
+        (3, 4.5),
+        (3, 10.5),
+    ]

@@ -43,8 +43,19 @@ def setup(tmp_path_factory):
 
 def _argv(data, models, out, seed=5, batch_size=2, settings=SETTINGS):
     config = {"device": "cpu", "batch_size": batch_size, "settings": settings}
-    argv = ["candidates", "--framework", "onestep", "--data", str(data), "--out", str(out),
-            "--config", json.dumps(config), "--seed", str(seed)]  # fmt: skip
+    argv = [
+        "candidates",
+        "--framework",
+        "onestep",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        json.dumps(config),
+        "--seed",
+        str(seed),
+    ]
     return argv + [item for v, p in models.items() for item in ("--model", f"{v}={p}")]
 
 
@@ -132,10 +143,14 @@ def test_models_load_once_and_lqs_are_read_per_batch(setup, tmp_path, monkeypatc
     _, data, models = setup
     loads, reads = [], []
     load_model, load_lq = candidates.load_model, candidates.load_lq
-    monkeypatch.setattr(candidates, "load_model",
-                        lambda folder, **kw: loads.append(folder) or load_model(folder, **kw))  # fmt: skip
-    monkeypatch.setattr(candidates, "load_lq",
-                        lambda path, size: reads.append(path.stem) or load_lq(path, size))  # fmt: skip
+    monkeypatch.setattr(
+        candidates,
+        "load_model",
+        lambda folder, **kw: loads.append(folder) or load_model(folder, **kw),
+    )
+    monkeypatch.setattr(
+        candidates, "load_lq", lambda path, size: reads.append(path.stem) or load_lq(path, size)
+    )
     config = {"device": "cpu", "batch_size": 1, "settings": SETTINGS}
     generate_candidates("onestep", models, data, tmp_path / "out", config, seed=5)
     assert sorted(loads) == sorted(str(p) for p in models.values())

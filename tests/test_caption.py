@@ -248,14 +248,21 @@ def _write_stage_inputs(tmp_path):
 
 def _stage_argv(tmp_path, config):
     return [
-        "--data", str(tmp_path),
-        "--candidates", str(tmp_path / "candidates.parquet"),
-        "--masks-zarr", str(tmp_path / "masks.zarr"),
-        "--instances", str(tmp_path / "instances.parquet"),
-        "--out", str(tmp_path / "captions.parquet"),
-        "--config", json.dumps(config),
-        "--seed", "7",
-    ]  # fmt: skip
+        "--data",
+        str(tmp_path),
+        "--candidates",
+        str(tmp_path / "candidates.parquet"),
+        "--masks-zarr",
+        str(tmp_path / "masks.zarr"),
+        "--instances",
+        str(tmp_path / "instances.parquet"),
+        "--out",
+        str(tmp_path / "captions.parquet"),
+        "--config",
+        json.dumps(config),
+        "--seed",
+        "7",
+    ]
 
 
 def test_stage_end_to_end_with_tiny_models(tmp_path, tiny_blip, tiny_text_encoder):
@@ -368,8 +375,9 @@ def _write_images_inputs(folder, image_ids):
             noise = rng.integers(-60, 60, hq.shape)
             candidate = np.clip(hq.astype(int) + noise, 0, 255).astype(np.uint8)
             write_png(folder / "cand" / setting / f"{image_id}.png", candidate)
-            candidates.append((image_id, setting, setting, 1, 6.0, 0, "",
-                               f"cand/{setting}/{image_id}.png"))  # fmt: skip
+            candidates.append(
+                (image_id, setting, setting, 1, 6.0, 0, "", f"cand/{setting}/{image_id}.png")
+            )
         label_map = np.zeros((height, width), dtype=np.uint16)
         label_map[:10, :12] = 1
         label_map[12:, 14:] = 2
@@ -384,8 +392,9 @@ def _write_images_inputs(folder, image_ids):
     frame = pd.DataFrame(candidates, columns=CANDIDATE_COLUMNS)
     write_table(frame, folder / "candidates.parquet", "candidates")
     write_label_maps(folder / "masks.zarr", label_maps, {"backend": "classical"})
-    write_table(pd.DataFrame(instances, columns=INSTANCE_COLUMNS),
-                folder / "instances.parquet", "instances")  # fmt: skip
+    write_table(
+        pd.DataFrame(instances, columns=INSTANCE_COLUMNS), folder / "instances.parquet", "instances"
+    )
 
 
 def _work(out):
@@ -397,8 +406,13 @@ def test_stage_killed_after_one_image_resumes_and_a_changed_setting_starts_afres
     tmp_path, tiny_blip, tiny_text_encoder
 ):
     _write_images_inputs(tmp_path, ["img0", "img1", "img2"])
-    config = {"captioner": str(tiny_blip), "text_encoder": str(tiny_text_encoder),
-              "max_new_tokens": 5, "device": "cpu", "threshold": 2.0}  # fmt: skip
+    config = {
+        "captioner": str(tiny_blip),
+        "text_encoder": str(tiny_text_encoder),
+        "max_new_tokens": 5,
+        "device": "cpu",
+        "threshold": 2.0,
+    }
     argv = ["caption", *_stage_argv(tmp_path, config)]
     assert caption.main(_stage_argv(tmp_path, config)) == 0  # uninterrupted
     whole = read_table(tmp_path / "captions.parquet", "captions")
@@ -421,17 +435,18 @@ def test_stage_killed_after_one_image_resumes_and_a_changed_setting_starts_afres
     assert "already complete" not in log
     table = read_table(tmp_path / "captions.parquet", "captions")
     assert not table["hallucinated"].any()
-    pd.testing.assert_frame_equal(table.drop(columns="hallucinated"),
-                                  whole.drop(columns="hallucinated"), check_exact=True)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        table.drop(columns="hallucinated"), whole.drop(columns="hallucinated"), check_exact=True
+    )
 
 
 def test_empty_inputs_give_an_empty_table_with_the_schema(tmp_path, fake_models):
     write_data_table(tmp_path, [])
-    write_table(pd.DataFrame(columns=CANDIDATE_COLUMNS), tmp_path / "candidates.parquet",
-                "candidates")  # fmt: skip
+    write_table(
+        pd.DataFrame(columns=CANDIDATE_COLUMNS), tmp_path / "candidates.parquet", "candidates"
+    )
     write_label_maps(tmp_path / "masks.zarr", {}, {"backend": "classical"})
-    write_table(pd.DataFrame(columns=INSTANCE_COLUMNS), tmp_path / "instances.parquet",
-                "instances")  # fmt: skip
+    write_table(pd.DataFrame(columns=INSTANCE_COLUMNS), tmp_path / "instances.parquet", "instances")
     assert caption.main(_stage_argv(tmp_path, fake_models)) == 0
     table = read_table(tmp_path / "captions.parquet", "captions")
     assert table.empty and list(table.columns) == SCHEMAS["captions"].names
@@ -460,8 +475,12 @@ class _VariedCaptioner:
         for crop in crops:
             pixels = crop.astype(np.int64)
             length = 1 + int(pixels.mean()) % 9
-            texts.append(" ".join(WORDS[int(pixels[..., i % 3].sum()) // (i + 1) % len(WORDS)]
-                                  for i in range(length)))  # fmt: skip
+            texts.append(
+                " ".join(
+                    WORDS[int(pixels[..., i % 3].sum()) // (i + 1) % len(WORDS)]
+                    for i in range(length)
+                )
+            )
         return texts
 
 

@@ -96,8 +96,9 @@ def test_save_load_restores_weights_optimizer_rng_and_prunes(tmp_path):
     expected = (torch.rand(3), np.random.rand(), random.random())  # draws after the save
     copy = torch.nn.Linear(3, 2)
     copy_optimizer = torch.optim.AdamW(copy.parameters(), lr=1e-2)
-    step, log = C.load(folder / "step-00000003", dict(copy.named_parameters()), copy_optimizer,
-                       fingerprint)  # fmt: skip
+    step, log = C.load(
+        folder / "step-00000003", dict(copy.named_parameters()), copy_optimizer, fingerprint
+    )
     assert step == 3 and log == [{"step": 3}]
     assert all(
         torch.equal(a, b) for a, b in zip(model.parameters(), copy.parameters(), strict=True)
@@ -143,8 +144,16 @@ def test_clip_gradients_without_a_limit_reports_the_norm_and_leaves_gradients():
 def test_pretraining_clips_generator_and_regulariser_separately(tmp_path):
     # OSEDiff clips its two optimizers (generator, VSD regulariser) each to max_grad_norm
     data = make_pairs(tmp_path / "data")
-    config = stage_config({"batch_size": 2, "crop_size": 32, "device": "cpu", "tiny": TINY,
-                           "model": {**TINY_MODEL, "lambda_vsd": 1.0}}, "onestep")  # fmt: skip
+    config = stage_config(
+        {
+            "batch_size": 2,
+            "crop_size": 32,
+            "device": "cpu",
+            "tiny": TINY,
+            "model": {**TINY_MODEL, "lambda_vsd": 1.0},
+        },
+        "onestep",
+    )
     model = build_model("onestep", config, "base", seed=0)
     params = model.pretrain_parameters()
     groups = parameter_groups(model, params)

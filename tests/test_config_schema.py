@@ -156,8 +156,11 @@ def effective(*args):
     """``python -m pipeline config ARGS`` run in the repository, parsed."""
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "config", *args],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 

@@ -37,8 +37,9 @@ def _items(photos: int, crops: int) -> tuple[list, dict[str, str]]:
     return items, {i: i.split("_")[0] for i in ids}
 
 
-@pytest.mark.parametrize(("fraction", "photos_out"), [(0.1, 1), (0.2, 2), (0.25, 3), (0.5, 5),
-                                                      (0.04, 0)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("fraction", "photos_out"), [(0.1, 1), (0.2, 2), (0.25, 3), (0.5, 5), (0.04, 0)]
+)
 def test_whole_photos_are_held_out_in_the_configured_share(fraction, photos_out):
     """10 photos of 3 crops: round(fraction * 10) photos held out (0.25 -> 2.5 -> 3), each with
     all its crops, and no photo in both parts."""
@@ -51,8 +52,10 @@ def test_whole_photos_are_held_out_in_the_configured_share(fraction, photos_out)
     assert (split.unit, split.heldout_units, split.units) == ("photo", sorted(held), 10)
     assert len(split.training) + len(split.heldout) == 30
     if photos_out:  # the seed chooses which photos
-        others = {curves.split_items(items, fraction, seed=s, photos=photos).heldout_units[0]
-                  for s in range(6)}  # fmt: skip
+        others = {
+            curves.split_items(items, fraction, seed=s, photos=photos).heldout_units[0]
+            for s in range(6)
+        }
         assert len(others) > 1
 
 
@@ -65,8 +68,9 @@ def _relabel_photos(data_dir, photos):
 def test_training_holds_out_whole_photos_of_the_data_table(inputs, tmp_path, monkeypatch):  # noqa: F811
     """Crops img_a, img_b are cut from photo p1, img_c, img_d from p2: half the photos held out
     is one photo with both its crops; the curves are written on them."""
-    _relabel_photos(inputs["data_dir"], {"img_a": "p1", "img_b": "p1", "img_c": "p2",
-                                         "img_d": "p2"})  # fmt: skip
+    _relabel_photos(
+        inputs["data_dir"], {"img_a": "p1", "img_b": "p1", "img_c": "p2", "img_d": "p2"}
+    )
     trained = []
     original = offline.Trainer.micro_batch
 
@@ -89,10 +93,13 @@ def test_training_holds_out_whole_photos_of_the_data_table(inputs, tmp_path, mon
 
 
 def test_without_source_photos_the_split_is_by_crop_with_a_note(inputs, tmp_path, capsys):  # noqa: F811
-    _relabel_photos(inputs["data_dir"], {"img_a": "p1", "img_b": None, "img_c": "p2",
-                                         "img_d": "p2"})  # fmt: skip
-    assert curves.photos_of(inputs["data_dir"], ["img_a", "img_c"]) == {"img_a": "p1",
-                                                                         "img_c": "p2"}  # fmt: skip
+    _relabel_photos(
+        inputs["data_dir"], {"img_a": "p1", "img_b": None, "img_c": "p2", "img_d": "p2"}
+    )
+    assert curves.photos_of(inputs["data_dir"], ["img_a", "img_c"]) == {
+        "img_a": "p1",
+        "img_c": "p2",
+    }
     assert curves.photos_of(inputs["data_dir"], ["img_a", "img_b"]) is None
     assert curves.photos_of(tmp_path / "nowhere", ["img_a"]) is None
     out = _run(inputs, tmp_path / "run", CURVED)
@@ -115,8 +122,11 @@ def test_heldout_items_never_train_and_the_curves_are_written(inputs, tmp_path, 
     assert set(trained) == {"img_a", "img_d"}
     table = read_table(out / curves.CURVES_TABLE, "train_curves")
     assert table[["step", "split"]].values.tolist() == [
-        [2, "train"], [2, "heldout"], [4, "train"], [4, "heldout"],
-    ]  # fmt: skip
+        [2, "train"],
+        [2, "heldout"],
+        [4, "train"],
+        [4, "heldout"],
+    ]
     assert (table["items"] == 2).all()
     assert np.isfinite(table[["loss", "implicit_accuracy", "margin"]].to_numpy()).all()
     assert table["reward_margin"].to_numpy() == pytest.approx(0.5 * 8000.0 * table["margin"])

@@ -36,10 +36,16 @@ from tests.ddp_helpers import run_in_gloo_processes
 IMAGES = ("img_a", "img_b", "img_c")
 SIZE = 16
 REWARD = {
-    "score": {"metrics": ["psnr", "ssim"], "weights_dir": None, "weights": {}, "options": {},
-              "device": "cpu", "min_crop_size": 8},
+    "score": {
+        "metrics": ["psnr", "ssim"],
+        "weights_dir": None,
+        "weights": {},
+        "options": {},
+        "device": "cpu",
+        "min_crop_size": 8,
+    },
     "objectives": {"fidelity": {"psnr": 1.0, "ssim": 0.5}},
-}  # fmt: skip
+}
 BASE = {
     "max_steps": 4,
     "batch_size": 2,
@@ -79,10 +85,20 @@ def data(tmp_path: Path) -> Path:
 
 def run(data: Path, out: Path, config: dict, framework: str = "multistep", **kwargs) -> Path:
     return T.train(
-        framework=framework, method="ddpo", objective="fidelity", pairs_path=None,
-        candidates_path=None, data_dir=data, masks_path=None, model_dir="in-memory tiny model",
-        out_dir=out, config=config, seed=3, model=tiny(framework), **kwargs,
-    )  # fmt: skip
+        framework=framework,
+        method="ddpo",
+        objective="fidelity",
+        pairs_path=None,
+        candidates_path=None,
+        data_dir=data,
+        masks_path=None,
+        model_dir="in-memory tiny model",
+        out_dir=out,
+        config=config,
+        seed=3,
+        model=tiny(framework),
+        **kwargs,
+    )
 
 
 def trained(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,8 +114,10 @@ def test_ddpo_is_a_method_without_pairs_and_its_settings_carry_the_reward():
         False,
     )
     assert contracts.pairs_artifact("multistep", "fidelity", "ddpo") is None
-    config = {"score": {"metrics": ["psnr", "ssim", "gmsd"]},
-              "select": {"objectives": {"fidelity": {"psnr": 1.0, "gmsd": 2.0}}}}  # fmt: skip
+    config = {
+        "score": {"metrics": ["psnr", "ssim", "gmsd"]},
+        "select": {"objectives": {"fidelity": {"psnr": 1.0, "gmsd": 2.0}}},
+    }
     job = settings.job_settings(config, "train", method="ddpo", objective="fidelity")
     assert job["reward"]["objectives"] == {"fidelity": {"psnr": 1.0, "gmsd": 2.0}}
     assert job["reward"]["score"]["metrics"] == ["psnr", "ssim", "gmsd"]
@@ -124,8 +142,9 @@ def test_rewards_are_the_score_stages_numbers_normalised_as_select(tmp_path):
         write_png(path, signed_to_uint8(images[k]))
     metrics = ["psnr", "ssim", "ms_ssim"]
     labels = np.ones((SIZE, SIZE), dtype=np.uint16)
-    stage = score.score_image(reward.registry, metrics, "x", files, tmp_path / "hq.png", labels,
-                              [1])  # fmt: skip
+    stage = score.score_image(
+        reward.registry, metrics, "x", files, tmp_path / "hq.png", labels, [1]
+    )
     stage = stage[stage["instance_id"] == contracts.WHOLE_IMAGE_ID]
     reward.metrics = metrics
     scores = reward.raw_scores(images, hq)
@@ -133,8 +152,9 @@ def test_rewards_are_the_score_stages_numbers_normalised_as_select(tmp_path):
         expected = stage[stage["metric"] == name].sort_values("candidate")["value"].to_numpy()
         np.testing.assert_array_equal(scores[name].numpy(), expected)
     with pytest.raises(RuntimeError):  # what calling pyiqa on the whole image would do
-        score_images(["ms_ssim"], images.add(1).div(2), hq[None].expand(3, -1, -1, -1),
-                     reward.registry)  # fmt: skip
+        score_images(
+            ["ms_ssim"], images.add(1).div(2), hq[None].expand(3, -1, -1, -1), reward.registry
+        )
     reward.metrics = ["psnr", "ssim"]
     scores = {name: scores[name] for name in reward.metrics}
     rewards = reward.objective("x", scores)
@@ -160,11 +180,17 @@ def test_advantages_have_zero_mean_per_lq_and_a_step_lowers_the_ppo_loss(data):
     optimizer = accelerator.prepare(torch.optim.AdamW(trainable, lr=1e-3))
     tracker = online.PerLQStatTracker(3, 3)
     trainer = ddpo.Trainer(
-        **trainer_parts, accelerator=accelerator, optimizer=optimizer, trainable=trainable,
-        reward=reward, tracker=tracker, image_ids=list(IMAGES),
+        **trainer_parts,
+        accelerator=accelerator,
+        optimizer=optimizer,
+        trainable=trainable,
+        reward=reward,
+        tracker=tracker,
+        image_ids=list(IMAGES),
         lq_paths={i: data / "lq" / f"{i}.png" for i in IMAGES},
-        hq_paths={i: data / "hq" / f"{i}.png" for i in IMAGES}, texts=None,
-    )  # fmt: skip
+        hq_paths={i: data / "hq" / f"{i}.png" for i in IMAGES},
+        texts=None,
+    )
     groups = [trainer.sample_group(0, p, image_id) for p, image_id in enumerate(IMAGES[:2])]
     ids = [g.image_id for g in groups for _ in g.rewards]
     advantages = tracker.update(ids, np.concatenate([g.rewards for g in groups]))
@@ -179,8 +205,9 @@ def test_advantages_have_zero_mean_per_lq_and_a_step_lowers_the_ppo_loss(data):
     index = torch.full((3,), last)
 
     def surrogate() -> torch.Tensor:
-        log_prob = ddpo.policy_log_probs(model, group.lq, group.sample, index, group.prompts,
-                                         group.negatives, config)  # fmt: skip
+        log_prob = ddpo.policy_log_probs(
+            model, group.lq, group.sample, index, group.prompts, group.negatives, config
+        )
         return online.ppo_clipped_loss(log_prob, group.sample.log_probs[:, last], fixed, 10.0)[0]
 
     before = surrogate()
@@ -230,9 +257,13 @@ def test_ddpo_trains_logs_and_resumes_bit_for_bit(data, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "change",
-    [{"ppo_clip_range": 1e-4}, {"policy_group_size": 2}, {"policy_eta": 0.5},
-     {"ppo_timestep_fraction": 0.5}],
-)  # fmt: skip
+    [
+        {"ppo_clip_range": 1e-4},
+        {"policy_group_size": 2},
+        {"policy_eta": 0.5},
+        {"ppo_timestep_fraction": 0.5},
+    ],
+)
 def test_a_changed_setting_changes_what_training_does(data, tmp_path, change):
     # two inner epochs: the second pass has ratios != 1, where the clip range binds
     config = {**BASE, "max_steps": 2, "checkpoint_every": 2, "ppo_inner_epochs": 2}
@@ -268,8 +299,15 @@ def test_checkpoint_extra_round_trips(tmp_path):
     parameter = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([parameter])
     fingerprint = checkpoints.Fingerprint({"a": 1})
-    path = checkpoints.save(tmp_path, 1, {"p": parameter}, optimizer, [], fingerprint,
-                            extra={"tracker": {"stats": {"x": [0.1, 1 / 3]}}})  # fmt: skip
+    path = checkpoints.save(
+        tmp_path,
+        1,
+        {"p": parameter},
+        optimizer,
+        [],
+        fingerprint,
+        extra={"tracker": {"stats": {"x": [0.1, 1 / 3]}}},
+    )
     assert checkpoints.load_extra(path) == {"tracker": {"stats": {"x": [0.1, 1 / 3]}}}
     plain = checkpoints.save(tmp_path / "b", 1, {"p": parameter}, optimizer, [], fingerprint)
     assert checkpoints.load_extra(plain) is None
@@ -300,16 +338,20 @@ def test_two_gloo_processes_give_the_ddpo_update_of_one_process(data, tmp_path):
     mean), so the log (grad norm included: twice the gradient would double it) and the
     weights equal one process's. Adam eps 1 (update ~ lr g) keeps float32 summation-order
     noise from being amplified, as in test_train's gloo test."""
-    config = {**BASE, "max_steps": 2, "checkpoint_every": 10, "adam_epsilon": 1.0,
-              "learning_rate": 1e-2}  # fmt: skip
+    config = {
+        **BASE,
+        "max_steps": 2,
+        "checkpoint_every": 10,
+        "adam_epsilon": 1.0,
+        "learning_rate": 1e-2,
+    }
     single = run(data, tmp_path / "single", config)
     run_in_gloo_processes(2, _run_ddpo, data, tmp_path / "ddp", config)
     assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
     assert read_metadata(single / "train_log.parquet")["processes"] == 1
     one = read_table(single / "train_log.parquet", "ddpo_log")
     two = read_table(tmp_path / "ddp" / "train_log.parquet", "ddpo_log")
-    pd.testing.assert_frame_equal(one.drop(columns="scores"), two.drop(columns="scores"),
-                                  rtol=1e-5)  # fmt: skip
+    pd.testing.assert_frame_equal(one.drop(columns="scores"), two.drop(columns="scores"), rtol=1e-5)
     for a, b in zip(one["scores"], two["scores"], strict=True):
         a, b = json.loads(a), json.loads(b)
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
@@ -324,10 +366,16 @@ def test_two_gloo_processes_give_the_ddpo_update_of_one_process(data, tmp_path):
 # -- a toy reward: the mean brightness of the output ------------------------------------------------
 
 TOY_REWARD = {
-    "score": {"metrics": ["psnr"], "weights_dir": None, "weights": {}, "options": {},
-              "device": "cpu", "min_crop_size": 8},
+    "score": {
+        "metrics": ["psnr"],
+        "weights_dir": None,
+        "weights": {},
+        "options": {},
+        "device": "cpu",
+        "min_crop_size": 8,
+    },
     "objectives": {"fidelity": {"psnr": 1.0}},
-}  # fmt: skip
+}
 TOY = {
     "max_steps": 24,
     "batch_size": 2,
@@ -354,12 +402,18 @@ def mean_toy_reward(model, data: Path, seed: int, sign: float, samples: int = 4)
     rewards = []
     for image_id in IMAGES:
         hq = unit_tensor(read_rgb(data / "hq" / f"{image_id}.png"))
-        lq = upsample_lq(signed_tensor(read_rgb(data / "lq" / f"{image_id}.png"))[None],
-                         hq.shape[-2:]).expand(samples, -1, -1, -1).contiguous()  # fmt: skip
+        lq = (
+            upsample_lq(
+                signed_tensor(read_rgb(data / "lq" / f"{image_id}.png"))[None], hq.shape[-2:]
+            )
+            .expand(samples, -1, -1, -1)
+            .contiguous()
+        )
         generators = [torch_generator(seed, "toy-eval", k, image_id) for k in range(samples)]
         with torch.no_grad():
-            sample = ddpo.sample_policy(model, lq, [""] * samples, [""] * samples, generators,
-                                        config)  # fmt: skip
+            sample = ddpo.sample_policy(
+                model, lq, [""] * samples, [""] * samples, generators, config
+            )
         rewards.append(float(toy_reward(sample.images, sign).mean()))
     return float(np.mean(rewards))
 
@@ -372,8 +426,9 @@ def test_on_a_toy_reward_a_few_dozen_steps_raise_it_far_beyond_the_seed_spread(
     """The one-step Gaussian policy through the whole ddpo loop, the raw score patched to the
     toy reward (select's per-group min-max and the per-LQ tracker still normalise it). Both
     signs: a run driven by anything but the reward (a sign error, drift) fails one of them."""
-    monkeypatch.setattr(ddpo.Reward, "raw_scores",
-                        lambda self, images, hq: {"psnr": toy_reward(images, sign)})  # fmt: skip
+    monkeypatch.setattr(
+        ddpo.Reward, "raw_scores", lambda self, images, hq: {"psnr": toy_reward(images, sign)}
+    )
 
     def model():
         return build_tiny_model("onestep", block_out_channels=(8, 16), seed=0)
@@ -381,18 +436,31 @@ def test_on_a_toy_reward_a_few_dozen_steps_raise_it_far_beyond_the_seed_spread(
     seeds = (0, 1, 2)
     before = [mean_toy_reward(model(), data, s, sign) for s in seeds]
     out = T.train(
-        framework="onestep", method="ddpo", objective="fidelity", pairs_path=None,
-        candidates_path=None, data_dir=data, masks_path=None, model_dir="in-memory tiny model",
-        out_dir=tmp_path / "toy", config=TOY, seed=3, model=model(),
-    )  # fmt: skip
+        framework="onestep",
+        method="ddpo",
+        objective="fidelity",
+        pairs_path=None,
+        candidates_path=None,
+        data_dir=data,
+        masks_path=None,
+        model_dir="in-memory tiny model",
+        out_dir=tmp_path / "toy",
+        config=TOY,
+        seed=3,
+        model=model(),
+    )
     after = [mean_toy_reward(load_model(out), data, s, sign) for s in seeds]
-    logged = [json.loads(row)["psnr"] for row in read_table(out / "train_log.parquet",
-                                                            "ddpo_log")["scores"]]  # fmt: skip
+    logged = [
+        json.loads(row)["psnr"]
+        for row in read_table(out / "train_log.parquet", "ddpo_log")["scores"]
+    ]
     spread = max(before) - min(before)
     gain = float(np.mean(after) - np.mean(before))
-    print(f"toy reward ({'darker' if sign > 0 else 'brighter'}): untrained {before} "
-          f"(spread {spread:.2e}), after {TOY['max_steps']} steps {after}, gain {gain:.4f}; "
-          f"logged {np.round(logged, 4).tolist()}")  # fmt: skip
+    print(
+        f"toy reward ({'darker' if sign > 0 else 'brighter'}): untrained {before} "
+        f"(spread {spread:.2e}), after {TOY['max_steps']} steps {after}, gain {gain:.4f}; "
+        f"logged {np.round(logged, 4).tolist()}"
+    )
     assert len(logged) == TOY["max_steps"]
     assert gain > max(20 * spread, 0.01)
     assert np.mean(logged[-3:]) - np.mean(logged[:3]) > 0.01  # the samples it trained on, too

@@ -47,8 +47,13 @@ def source(tmp_path) -> Path:
 
 
 def _config(folder: Path, **overrides) -> dict:
-    return {"source": str(folder), "crop_size": CROP, "test_ids": [TEST_ID],
-            "crops_per_image": 2, **overrides}  # fmt: skip
+    return {
+        "source": str(folder),
+        "crop_size": CROP,
+        "test_ids": [TEST_ID],
+        "crops_per_image": 2,
+        **overrides,
+    }
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -84,8 +89,7 @@ def test_gathered_shards_equal_the_whole_split(source, tmp_path, split):
         for index, out in enumerate(outs, start=1):
             part = degrade.degrade_split(split, out, config, seed=3, shard=f"{index}-of-{count}")
             assert {shard_of(s, count) for s in part["source_id"]} <= {index}
-            assert read_metadata(out / "pairs.parquet")["shard"] == {"index": index,
-                                                                     "count": count}  # fmt: skip
+            assert read_metadata(out / "pairs.parquet")["shard"] == {"index": index, "count": count}
         gathered = tmp_path / f"gathered{count}"
         gather("data", outs, gathered)
         _assert_same_data(whole, gathered)
@@ -114,8 +118,9 @@ def test_an_empty_shard_writes_an_empty_table(source, tmp_path):
     assert not out.with_name(".empty.work").exists()
     # the split itself must still have images: an unknown test id is still an error
     with pytest.raises(ValueError, match="test_ids.*nope"):
-        degrade.degrade_split("test", tmp_path / "x", _config(source, test_ids=["nope"]), seed=0,
-                              shard="1-of-3")  # fmt: skip
+        degrade.degrade_split(
+            "test", tmp_path / "x", _config(source, test_ids=["nope"]), seed=0, shard="1-of-3"
+        )
 
 
 def test_a_shard_of_small_images_fails_only_when_the_whole_split_would(tmp_path):
@@ -146,8 +151,21 @@ def test_a_shard_of_small_images_fails_only_when_the_whole_split_would(tmp_path)
 def test_killed_shard_resumes_with_the_same_bytes(source, tmp_path):
     config = json.dumps(_config(source))
     out = tmp_path / "killed"
-    argv = ["degrade", "--split", "train", "--out", str(out), "--config", config, "--seed", "1",
-            "--workers", "1", "--shard", "2-of-2"]  # fmt: skip
+    argv = [
+        "degrade",
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--config",
+        config,
+        "--seed",
+        "1",
+        "--workers",
+        "1",
+        "--shard",
+        "2-of-2",
+    ]
     assert run_killed_after(1, argv) == -9
     work = out.with_name(".killed.work")
     assert not out.exists() and work.is_dir()
@@ -158,8 +176,9 @@ def test_killed_shard_resumes_with_the_same_bytes(source, tmp_path):
     assert not work.exists()
     reference = tmp_path / "reference"
     assert "resumed" not in run_stage([*argv[:4], str(reference), *argv[5:]])
-    assert sorted(_tree(out)) == [f"{kind}/img{i}__crop{c}.png" for kind in ("hq", "lq")
-                                  for i in (0, 1) for c in (0, 1)]  # fmt: skip
+    assert sorted(_tree(out)) == [
+        f"{kind}/img{i}__crop{c}.png" for kind in ("hq", "lq") for i in (0, 1) for c in (0, 1)
+    ]
     _assert_same_data(reference, out)
     # the same process settings: the table is the same file, metadata and all
     assert (out / "pairs.parquet").read_bytes() == (reference / "pairs.parquet").read_bytes()
@@ -219,8 +238,18 @@ def test_a_changed_setting_starts_afresh(source, tmp_path, monkeypatch, capsys):
 
 def test_cli_shard_argument(source, tmp_path):
     out = tmp_path / "cli"
-    argv = ["--split", "train", "--out", str(out), "--config", json.dumps(_config(source)),
-            "--seed", "0", "--shard", "2-of-3"]  # fmt: skip
+    argv = [
+        "--split",
+        "train",
+        "--out",
+        str(out),
+        "--config",
+        json.dumps(_config(source)),
+        "--seed",
+        "0",
+        "--shard",
+        "2-of-3",
+    ]
     assert degrade.main(argv) == 0
     table = read_table(out / "pairs.parquet", "degradation_pairs")
     assert sorted(set(table["source_id"])) == ["img0", "img1", "img3"]

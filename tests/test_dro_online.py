@@ -64,12 +64,21 @@ def inputs(tmp_path_factory) -> dict:
         )
         for setting in SETTINGS:
             path = Path(setting) / f"{image_id}.png"
-            write_png(root / "candidates" / path,
-                      rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))  # fmt: skip
+            write_png(
+                root / "candidates" / path, rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            )
             candidates.append(
-                {"image_id": image_id, "setting": setting, "variant": "base", "steps": 20,
-                 "cfg": 4.5, "seed": 0, "negative_prompt": "", "path": str(path)}
-            )  # fmt: skip
+                {
+                    "image_id": image_id,
+                    "setting": setting,
+                    "variant": "base",
+                    "steps": 20,
+                    "cfg": 4.5,
+                    "seed": 0,
+                    "negative_prompt": "",
+                    "path": str(path),
+                }
+            )
         labels = np.full((SIZE, SIZE), 3, dtype=np.uint16)
         labels[: 6 + 2 * n, :8] = 1
         labels[12:, 4:] = 2
@@ -77,25 +86,47 @@ def inputs(tmp_path_factory) -> dict:
         wins = [(0, 1), (2, 0), (1, 2)] if n % 2 == 0 else [(1, 2), (1, 0), (0, 2)]
         for instance_id, (win, lose) in zip((1, 2, 3), wins, strict=True):
             pairs.append(
-                {"image_id": image_id, "instance_id": instance_id,
-                 "weight": float((labels == instance_id).mean()), "winner": SETTINGS[win],
-                 "loser": SETTINGS[lose], "margin": 0.5, "negative_prompt": "", "source": "iqa"}
-            )  # fmt: skip
+                {
+                    "image_id": image_id,
+                    "instance_id": instance_id,
+                    "weight": float((labels == instance_id).mean()),
+                    "winner": SETTINGS[win],
+                    "loser": SETTINGS[lose],
+                    "margin": 0.5,
+                    "negative_prompt": "",
+                    "source": "iqa",
+                }
+            )
         pairs.append(
-            {"image_id": image_id, "instance_id": -1, "weight": 1.0, "winner": SETTINGS[n % 3],
-             "loser": SETTINGS[(n + 1) % 3], "margin": 1.0, "negative_prompt": "", "source": "iqa"}
-        )  # fmt: skip
+            {
+                "image_id": image_id,
+                "instance_id": -1,
+                "weight": 1.0,
+                "winner": SETTINGS[n % 3],
+                "loser": SETTINGS[(n + 1) % 3],
+                "margin": 1.0,
+                "negative_prompt": "",
+                "source": "iqa",
+            }
+        )
         prompts.append((image_id, f"a photo of thing {n}", "blurry", "fixed", "none"))
     write_table(pd.DataFrame(candidates), root / "candidates" / "candidates.parquet", "candidates")
     write_table(pd.DataFrame(pairs), root / "pairs.parquet", "preference_pairs")
     image_pairs = pd.DataFrame(pairs)
-    write_table(image_pairs[image_pairs["instance_id"] == -1], root / "image_pairs.parquet",
-                "preference_pairs")  # fmt: skip
+    write_table(
+        image_pairs[image_pairs["instance_id"] == -1],
+        root / "image_pairs.parquet",
+        "preference_pairs",
+    )
     write_label_maps(root / "masks.zarr", label_maps, {"backend": "test"})
     write_data_table(data, IMAGES)
     columns = ["image_id", "prompt", "negative_prompt", "source", "model"]
-    write_table(pd.DataFrame(prompts, columns=columns), root / "prompts.parquet", "prompts",
-                {"source": "fixed", "model": "none"})  # fmt: skip
+    write_table(
+        pd.DataFrame(prompts, columns=columns),
+        root / "prompts.parquet",
+        "prompts",
+        {"source": "fixed", "model": "none"},
+    )
     return {
         "root": root,
         "objective": "fidelity",
@@ -115,16 +146,20 @@ def arguments(inputs: dict, framework: str = "multistep", **changes) -> dict:
 
 def run(inputs, out: Path, config: dict, framework: str = "multistep", **changes) -> Path:
     """The stage through pipeline.train.train with the offline methods' arguments."""
-    return T.train(**arguments(inputs, framework, **changes), out_dir=out, config=config,
-                   model=tiny(framework))  # fmt: skip
+    return T.train(
+        **arguments(inputs, framework, **changes), out_dir=out, config=config, model=tiny(framework)
+    )
 
 
 def prepared(inputs, tmp_path: Path, config: dict, framework: str = "multistep"):
     """The trainer as the session hands it its first step."""
     job = session.Job(
-        **arguments(inputs, framework), out_dir=tmp_path / "out", config=config,
-        checkpoint_dir=tmp_path / "checkpoints", model=tiny(framework),
-    )  # fmt: skip
+        **arguments(inputs, framework),
+        out_dir=tmp_path / "out",
+        config=config,
+        checkpoint_dir=tmp_path / "checkpoints",
+        model=tiny(framework),
+    )
     run, _ = session.start(job)
     return run.trainer
 
@@ -140,17 +175,26 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_dro_online_is_a_method_of_its_own_loop_beside_the_offline_dro():
     method = contracts.method("dro_online")
     assert (method.loss, method.pair_level, method.loop, method.needs_reference) == (
-        "dro", "instance", "dro_online", True,
-    )  # fmt: skip
+        "dro",
+        "instance",
+        "dro_online",
+        True,
+    )
     assert contracts.method("dro").loop == "offline"  # the offline-pair dro is unchanged
     assert contracts.method_module("dro_online") == "pipeline.training.dro_online"
-    assert "dro_online" in settings.schema_node("methods")["items"]["enum"]
+    assert "dro_online (" in settings.schema_node("methods")["description"]
     defaults = settings.defaults("train")  # DiffusionDRO's click defaults
-    assert (defaults["dro_buffer_size"], defaults["dro_refill_every"], defaults["dro_sync_every"],
-            defaults["dro_sampler_steps"], defaults["dro_sampler_cfg"],
-            defaults["dro_sampler_batch_size"], defaults["dro_refill_batches"],
-            defaults["dro_perturb_timesteps"], defaults["dro_positives"]) == (
-        4, 1, None, 20, 1.0, 4, 1, True, "winners")  # fmt: skip
+    assert (
+        defaults["dro_buffer_size"],
+        defaults["dro_refill_every"],
+        defaults["dro_sync_every"],
+        defaults["dro_sampler_steps"],
+        defaults["dro_sampler_cfg"],
+        defaults["dro_sampler_batch_size"],
+        defaults["dro_refill_batches"],
+        defaults["dro_perturb_timesteps"],
+        defaults["dro_positives"],
+    ) == (4, 1, None, 20, 1.0, 4, 1, True, "winners")
     assert dro_online.sync_period(TrainConfig(gradient_accumulation_steps=16)) == 16  # M = 1
 
 
@@ -264,26 +308,44 @@ def test_the_buffer_holds_the_snapshots_own_trajectories(inputs, tmp_path):
     model = tiny()  # the initial weights = the snapshot's
     lq = torch.stack([trainer.loader.load(trainer.by_id[i]).lq for i in ids])
     direct = model.sample_trajectory(
-        lq, prompts=prompts, negative_prompts=["blurry"] * 2, steps=2, cfg=1.0, eta=0.0,
-        generators=keyed("negatives"), timesteps=grids,
-    )  # fmt: skip
+        lq,
+        prompts=prompts,
+        negative_prompts=["blurry"] * 2,
+        steps=2,
+        cfg=1.0,
+        eta=0.0,
+        generators=keyed("negatives"),
+        timesteps=grids,
+    )
     assert torch.equal(buffer.timesteps[2:], grids) and direct.timesteps.equal(grids)
     assert len({int(g[0]) for g in grids}) + len({int(g[-1]) for g in grids}) >= 3  # perturbed
     torch.testing.assert_close(buffer.states[2:], direct.latents[:, :-1], rtol=0, atol=1e-6)
     torch.testing.assert_close(buffer.targets[2:], direct.noise_predictions, rtol=0, atol=1e-6)
     # ... and not what the trained weights would sample
     current = model.sample_trajectory(
-        lq, prompts=prompts, negative_prompts=["blurry"] * 2, steps=2, cfg=1.0, eta=0.0,
-        generators=keyed("negatives"), timesteps=grids,
-    )  # fmt: skip
+        lq,
+        prompts=prompts,
+        negative_prompts=["blurry"] * 2,
+        steps=2,
+        cfg=1.0,
+        eta=0.0,
+        generators=keyed("negatives"),
+        timesteps=grids,
+    )
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name in trained_weights:
                 parameter.copy_(trained_weights[name])
     moved = model.sample_trajectory(
-        lq, prompts=prompts, negative_prompts=["blurry"] * 2, steps=2, cfg=1.0, eta=0.0,
-        generators=keyed("negatives"), timesteps=grids,
-    )  # fmt: skip
+        lq,
+        prompts=prompts,
+        negative_prompts=["blurry"] * 2,
+        steps=2,
+        cfg=1.0,
+        eta=0.0,
+        generators=keyed("negatives"),
+        timesteps=grids,
+    )
     assert torch.equal(current.noise_predictions, direct.noise_predictions)
     assert (moved.noise_predictions - buffer.targets[2:]).abs().max() > 1e-4
     trainer.update(1)
@@ -330,8 +392,14 @@ def test_positives_hq_or_winners_change_what_trains(inputs, tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(inputs, tmp_path, monkeypatch):
     # the buffer outlives a refill and the snapshot lags the weights at the checkpoint
-    config = {**BASE, "max_steps": 4, "dro_buffer_size": 4, "dro_refill_every": 2,
-              "dro_sync_every": 3, "uncond_drop_rate": 0.5}  # fmt: skip
+    config = {
+        **BASE,
+        "max_steps": 4,
+        "dro_buffer_size": 4,
+        "dro_refill_every": 2,
+        "dro_sync_every": 3,
+        "uncond_drop_rate": 0.5,
+    }
     full = run(inputs, tmp_path / "full", config)
     log = read_table(full / "train_log.parquet", "dro_online_log")
     assert log["syncs"].tolist() == [0, 0, 1, 1]
@@ -351,8 +419,10 @@ def test_kill_and_resume_is_bit_identical(inputs, tmp_path, monkeypatch):
     assert any(k.startswith("snapshot.") for k in tensors)  # it differs from the weights
     assert bytes(tensors["buffer.image_ids"].tolist())  # the buffer travels
     assert checkpoints.load_extra(folder)["dro_online"] == {
-        "sampled": 4, "syncs": 0, "in_sync": False,
-    }  # fmt: skip
+        "sampled": 4,
+        "syncs": 0,
+        "in_sync": False,
+    }
     monkeypatch.setattr(dro_online.Trainer, "update", original)
     resumed = run(inputs, tmp_path / "resumed", config)
     pd.testing.assert_frame_equal(read_table(resumed / "train_log.parquet", "dro_online_log"), log)
@@ -375,12 +445,21 @@ def baseline(inputs, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "change",
-    [{"dro_positives": "hq"}, {"dro_buffer_size": 4}, {"dro_refill_every": 3},
-     {"dro_sync_every": None}, {"dro_sampler_steps": 3}, {"dro_sampler_cfg": 3.0},
-     {"dro_sampler_eta": 1.0}, {"dro_sampler_batch_size": 1}, {"dro_refill_batches": 2},
-     {"dro_perturb_timesteps": False}, {"dro_margin": 0.05}],
+    [
+        {"dro_positives": "hq"},
+        {"dro_buffer_size": 4},
+        {"dro_refill_every": 3},
+        {"dro_sync_every": None},
+        {"dro_sampler_steps": 3},
+        {"dro_sampler_cfg": 3.0},
+        {"dro_sampler_eta": 1.0},
+        {"dro_sampler_batch_size": 1},
+        {"dro_refill_batches": 2},
+        {"dro_perturb_timesteps": False},
+        {"dro_margin": 0.05},
+    ],
     ids=lambda change: next(iter(change)),
-)  # fmt: skip
+)
 def test_each_key_changes_what_training_does(inputs, tmp_path, baseline, change):
     out = run(inputs, tmp_path / "changed", {**KEYS_BASE, **change})
     log, weights = baseline
@@ -408,9 +487,13 @@ def test_the_one_step_framework_trains_on_its_gaussian_policy_actions(inputs, tm
     example = trainer.draw_examples(0, 0)[0]
     model = trainer.model
     with torch.no_grad():
-        got = model.state_error_maps(example.expert.lq[None], example.state[None],
-                                     example.conditions.timestep, example.target[None],
-                                     [example.conditions.prompt])  # fmt: skip
+        got = model.state_error_maps(
+            example.expert.lq[None],
+            example.state[None],
+            example.conditions.timestep,
+            example.target[None],
+            [example.conditions.prompt],
+        )
         z_hat = model.predict_latent(
             example.expert.lq[None], model._text([example.conditions.prompt])
         )
@@ -431,8 +514,9 @@ def test_the_one_step_framework_trains_on_its_gaussian_policy_actions(inputs, tm
     # step 1: the policy is the reference (a fresh adapter), so r = 0; then it moves
     assert np.isfinite(log["loss"]).all() and log["r_policy"].tolist()[0] == 0.0
     assert log["r_policy"].tolist()[1] != 0.0
-    other = run(inputs, tmp_path / "std", {**config, "onestep_policy_std": 0.3},
-                framework="onestep")  # fmt: skip
+    other = run(
+        inputs, tmp_path / "std", {**config, "onestep_policy_std": 0.3}, framework="onestep"
+    )
     assert not same_weights(trained(out), trained(other))
 
 
@@ -440,8 +524,12 @@ def test_pairs_without_instances_train_on_the_image_pair(inputs, tmp_path):
     trainer = prepared(inputs, tmp_path, BASE)
     trainer.refill(0, 0)
     assert len(trainer.draw_examples(0, 0)[0].expert.masks) == 3  # instance pairs: 3 masks
-    out = run(inputs, tmp_path / "image", {**BASE, "max_steps": 1},
-              pairs_path=inputs["root"] / "image_pairs.parquet")  # fmt: skip
+    out = run(
+        inputs,
+        tmp_path / "image",
+        {**BASE, "max_steps": 1},
+        pairs_path=inputs["root"] / "image_pairs.parquet",
+    )
     meta = read_metadata(out / "train_log.parquet")
     assert meta["pair_level"] == "image" and "one full mask" in meta["instance_weighting"]
 
@@ -454,12 +542,14 @@ def test_checkpoints_carry_extra_tensors(tmp_path):
         "buffer.states": torch.arange(6.0).view(2, 3),
         "ids": torch.tensor([1, 2], dtype=torch.uint8),
     }
-    path = checkpoints.save(tmp_path, 1, {"p": parameter}, optimizer, [], fingerprint,
-                            extra_tensors=tensors)  # fmt: skip
+    path = checkpoints.save(
+        tmp_path, 1, {"p": parameter}, optimizer, [], fingerprint, extra_tensors=tensors
+    )
     loaded = checkpoints.load_extra_tensors(path)
     assert loaded.keys() == tensors.keys()
-    assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype
-               for k in tensors)  # fmt: skip
+    assert all(
+        torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors
+    )
     plain = checkpoints.save(tmp_path / "b", 1, {"p": parameter}, optimizer, [], fingerprint)
     assert checkpoints.load_extra_tensors(plain) is None
 
@@ -469,8 +559,9 @@ def test_sample_trajectory_takes_per_trajectory_grids_and_eta_zero():
     lq = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
     grids = torch.tensor([[503, 3], [510, 10]])
     generators = [torch.Generator().manual_seed(k) for k in range(2)]
-    sample = model.sample_trajectory(lq, prompts=["", ""], steps=2, cfg=1.0, eta=0.0,
-                                     generators=generators, timesteps=grids)  # fmt: skip
+    sample = model.sample_trajectory(
+        lq, prompts=["", ""], steps=2, cfg=1.0, eta=0.0, generators=generators, timesteps=grids
+    )
     assert torch.equal(sample.timesteps, grids) and torch.isnan(sample.log_probs).all()
     # eta 0 is DDIM's deterministic step from each state's own timestep
     scheduler = model.policy_scheduler(2)
@@ -487,8 +578,9 @@ def test_sample_trajectory_takes_per_trajectory_grids_and_eta_zero():
             x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
             torch.testing.assert_close(sample.latents[row, k + 1][None], x, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="steps"):
-        model.sample_trajectory(lq, prompts=["", ""], steps=3, eta=0.0, generators=generators,
-                                timesteps=grids)  # fmt: skip
+        model.sample_trajectory(
+            lq, prompts=["", ""], steps=3, eta=0.0, generators=generators, timesteps=grids
+        )
 
 
 def test_the_train_cli_runs_the_ci_presets_dro_online_job(inputs, tmp_path):
@@ -505,13 +597,32 @@ def test_the_train_cli_runs_the_ci_presets_dro_online_job(inputs, tmp_path):
     (tmp_path / "job.json").write_text(json.dumps(job))
     tiny().save_pretrained(tmp_path / "model")
     out = tmp_path / "aligned"
-    T.main([
-        "--framework", "multistep", "--method", "dro_online", "--objective", "fidelity",
-        "--pairs", str(inputs["pairs_path"]), "--candidates", str(inputs["candidates_path"]),
-        "--data", str(inputs["data_dir"]), "--masks", str(inputs["masks_path"]),
-        "--model", str(tmp_path / "model"), "--out", str(out),
-        "--config", str(tmp_path / "job.json"), "--prompts", str(inputs["prompts_path"]),
-    ])  # fmt: skip
+    T.main(
+        [
+            "--framework",
+            "multistep",
+            "--method",
+            "dro_online",
+            "--objective",
+            "fidelity",
+            "--pairs",
+            str(inputs["pairs_path"]),
+            "--candidates",
+            str(inputs["candidates_path"]),
+            "--data",
+            str(inputs["data_dir"]),
+            "--masks",
+            str(inputs["masks_path"]),
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(out),
+            "--config",
+            str(tmp_path / "job.json"),
+            "--prompts",
+            str(inputs["prompts_path"]),
+        ]
+    )
     log = read_table(out / "train_log.parquet", "dro_online_log")
     assert log["buffer_size"].tolist() == [4] and np.isfinite(log["loss"]).all()
     assert read_metadata(out / "train_log.parquet")["config"]["dro_sampler_batch_size"] == 4

@@ -21,11 +21,26 @@ from tests.test_train import IMAGES, SIZE
 from tests.test_train import inputs as train_inputs  # noqa: F401  (the fixture)
 
 OBJECTIVES = {"perception": {"gmsd": 1.0}, "fidelity": {"psnr": 1.0, "ssim": 1.0}}
-BASE = {"max_steps": 4, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 1e-3,
-        "uncond_drop_rate": 0.5}  # fmt: skip
-EA = {"population_size": 2, "neighbourhood_size": 2, "ea_every": 1, "ea_iterations": 1,
-      "fitness_images": 2, "fitness_crop": 16, "fusion_images": 2, "fusion_steps": 2,
-      "p_mutation": 1.0, "objectives": OBJECTIVES, "score": {"device": "cpu"}}  # fmt: skip
+BASE = {
+    "max_steps": 4,
+    "batch_size": 2,
+    "checkpoint_every": 2,
+    "learning_rate": 1e-3,
+    "uncond_drop_rate": 0.5,
+}
+EA = {
+    "population_size": 2,
+    "neighbourhood_size": 2,
+    "ea_every": 1,
+    "ea_iterations": 1,
+    "fitness_images": 2,
+    "fitness_crop": 16,
+    "fusion_images": 2,
+    "fusion_steps": 2,
+    "p_mutation": 1.0,
+    "objectives": OBJECTIVES,
+    "score": {"device": "cpu"},
+}
 
 
 @pytest.fixture
@@ -39,8 +54,12 @@ def inputs(train_inputs, tmp_path):  # noqa: F811
     pairs = read_table(train_inputs["pairs_path"], "preference_pairs")
     swapped = pairs.assign(winner=pairs["loser"], loser=pairs["winner"])
     write_table(swapped, tmp_path / "fidelity.parquet", "preference_pairs")
-    return {**train_inputs, "framework": "onestep", "objective": contracts.FRONT_OBJECTIVE,
-            "pairs_path": [train_inputs["pairs_path"], tmp_path / "fidelity.parquet"]}  # fmt: skip
+    return {
+        **train_inputs,
+        "framework": "onestep",
+        "objective": contracts.FRONT_OBJECTIVE,
+        "pairs_path": [train_inputs["pairs_path"], tmp_path / "fidelity.parquet"],
+    }
 
 
 def tiny():
@@ -48,8 +67,14 @@ def tiny():
 
 
 def run(inputs, out: Path, ea: dict, base: dict = BASE) -> Path:
-    return T.train(**inputs, method="ea_adam", out_dir=out, config={**base, "ea_adam": ea},
-                   seed=3, model=tiny())  # fmt: skip
+    return T.train(
+        **inputs,
+        method="ea_adam",
+        out_dir=out,
+        config={**base, "ea_adam": ea},
+        seed=3,
+        model=tiny(),
+    )
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -62,8 +87,9 @@ def same(a: dict, b: dict) -> bool:
 
 def test_a_population_of_one_trains_exactly_like_dspo_on_the_perception_pairs(inputs, tmp_path):
     dspo_inputs = {**inputs, "pairs_path": inputs["pairs_path"][0], "objective": "perception"}
-    dspo = T.train(**dspo_inputs, method="dspo", out_dir=tmp_path / "dspo", config=BASE, seed=3,
-                   model=tiny())  # fmt: skip
+    dspo = T.train(
+        **dspo_inputs, method="dspo", out_dir=tmp_path / "dspo", config=BASE, seed=3, model=tiny()
+    )
     # no EA phase within the run (one member's EA could mutate it) and no fusion to learn
     out = run(inputs, tmp_path / "ea", {**EA, "population_size": 1, "ea_every": 100})
     expected = weights(dspo)
@@ -81,7 +107,9 @@ def test_the_fused_model_with_one_hot_weights_is_that_member(inputs, tmp_path):
     table = read_table(out / contracts.POPULATION_TABLE, "population")
     assert table["member"].tolist() == [0, 1]
     assert table[["preference_perception", "preference_fidelity"]].to_numpy().tolist() == [
-        [1.0, 0.0], [0.0, 1.0]]  # fmt: skip
+        [1.0, 0.0],
+        [0.0, 1.0],
+    ]
     assert np.isfinite(table[["fitness_perception", "fitness_fidelity"]].to_numpy()).all()
     state = population.PopulationState.from_flat(load_file(out / contracts.POPULATION_STATE))
     members = [weights(out / path) for path in table["path"]]
@@ -96,8 +124,11 @@ def test_the_fused_model_with_one_hot_weights_is_that_member(inputs, tmp_path):
         # else as the fused model's folder: the fused model with these weights is member i
         assert set(fused) < set(members[i])
         assert all(torch.equal(fused[key], members[i][key]) for key in fused)
-        assert all(torch.equal(value, fused_folder[key])
-                   for key, value in members[i].items() if key not in fused)  # fmt: skip
+        assert all(
+            torch.equal(value, fused_folder[key])
+            for key, value in members[i].items()
+            if key not in fused
+        )
         assert not all(torch.equal(fused[key], fused_folder[key]) for key in fused)
     meta = read_metadata(out / contracts.POPULATION_TABLE)
     assert meta["ea_rounds"] == 4 and len(meta["fusion_loss"]) == 2
@@ -148,17 +179,23 @@ def test_population_size_and_ea_cadence_change_the_run(inputs, tmp_path):
     assert sorted(p.name for p in (three / "members").iterdir()) == ["0", "1", "2"]
     assert len(read_table(three / "train_log.parquet", "ea_adam_log")) == 3 * BASE["max_steps"]
     assert read_table(three / contracts.POPULATION_TABLE, "population")[
-        "preference_fidelity"].tolist() == [0.0, 0.5, 1.0]  # fmt: skip
-    meta = {k: read_metadata(f / contracts.POPULATION_TABLE) for k, f in
-            {"two": two, "rarely": rarely}.items()}  # fmt: skip
+        "preference_fidelity"
+    ].tolist() == [0.0, 0.5, 1.0]
+    meta = {
+        k: read_metadata(f / contracts.POPULATION_TABLE)
+        for k, f in {"two": two, "rarely": rarely}.items()
+    }
     assert meta["two"]["ea_rounds"] == 4 and meta["rarely"]["ea_rounds"] == 2
     assert meta["rarely"]["fitness_evaluations"] < meta["two"]["fitness_evaluations"]
     assert not same(weights(two / "members" / "1"), weights(rarely / "members" / "1"))
 
 
 def test_a_changed_ea_setting_does_not_resume_the_old_checkpoints(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "step_slots", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if a[1] == 2 else step_slots(*a))  # fmt: skip
+    monkeypatch.setattr(
+        E,
+        "step_slots",
+        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if a[1] == 2 else step_slots(*a),
+    )
     with pytest.raises(KeyboardInterrupt):
         run(inputs, tmp_path / "out", EA)
     monkeypatch.undo()
@@ -173,8 +210,11 @@ def test_the_cli_takes_both_tables_and_refuses_one(inputs, tmp_path):
 
 
 def test_job_settings_fill_fitness_objectives_and_registry_for_ea_adam_only():
-    config = {"select": {"objectives": OBJECTIVES}, "score": {"metrics": ["psnr"], "device": "cpu"},
-              "train": {"ea_adam": {"population_size": 2}}}  # fmt: skip
+    config = {
+        "select": {"objectives": OBJECTIVES},
+        "score": {"metrics": ["psnr"], "device": "cpu"},
+        "train": {"ea_adam": {"population_size": 2}},
+    }
     job = settings.job_settings(config, "train", method="ea_adam")
     assert job["ea_adam"]["population_size"] == 2 and job["ea_adam"]["objectives"] == OBJECTIVES
     assert job["ea_adam"]["score"]["device"] == "cpu"
@@ -198,9 +238,11 @@ def test_the_report_plots_the_front_and_marks_the_non_dominated_members(tmp_path
         "pretrained": (0.4, 25.0),
         "dspo_m1_fidelity": (0, 0),
     }
-    rows = [{"testset": "t", "model": m, "metric": metric, "mean": v, "lower_better": lower}
-            for m, (gmsd, psnr) in means.items()
-            for metric, v, lower in (("gmsd", gmsd, True), ("psnr", psnr, False))]  # fmt: skip
+    rows = [
+        {"testset": "t", "model": m, "metric": metric, "mean": v, "lower_better": lower}
+        for m, (gmsd, psnr) in means.items()
+        for metric, v, lower in (("gmsd", gmsd, True), ("psnr", psnr, False))
+    ]
     config = {"front_objectives": {"perception": {"gmsd": 1.0}, "fidelity": {"psnr": 1.0}}}
     frame = report.front_points(pd.DataFrame(rows), "t", config)
     assert frame["model"].tolist() == [

@@ -39,8 +39,16 @@ def make_synthetic_set(root: Path, ids=("img_a", "img_b"), size=32, scale=4) -> 
         write_png(root / "hq" / f"{image_id}.png", hq)
         write_png(root / "lq" / f"{image_id}.png", lq.round().astype(np.uint8))
         row = {field.name: _blank(field) for field in schema_for("degradation_pairs")}
-        rows.append({**row, "image_id": image_id, "split": "test", "scale": scale,
-                     "hq_path": f"hq/{image_id}.png", "lq_path": f"lq/{image_id}.png"})  # fmt: skip
+        rows.append(
+            {
+                **row,
+                "image_id": image_id,
+                "split": "test",
+                "scale": scale,
+                "hq_path": f"hq/{image_id}.png",
+                "lq_path": f"lq/{image_id}.png",
+            }
+        )
     write_table(pd.DataFrame(rows), root / "pairs.parquet", "degradation_pairs")
     return root
 
@@ -128,8 +136,9 @@ def test_evaluate_tiny_model_writes_images_and_metrics_byte_identically(tmp_path
     outputs = []
     for run in ("first", "second"):
         out = tmp_path / run / "synthetic" / "pretrained"
-        table = evaluate.evaluate(str(tiny_model_dir), "pretrained", "synthetic", "synthetic",
-                                  data, out, config, seed=3)  # fmt: skip
+        table = evaluate.evaluate(
+            str(tiny_model_dir), "pretrained", "synthetic", "synthetic", data, out, config, seed=3
+        )
         outputs.append(out)
     first, second = outputs
     assert sorted(p.name for p in (first / "images").iterdir()) == ["img_a.png", "img_b.png"]
@@ -144,14 +153,27 @@ def test_evaluate_tiny_model_writes_images_and_metrics_byte_identically(tmp_path
     assert metadata["model_describe"]["framework"] == "multistep"
     assert metadata["metrics"]["psnr"]["pyiqa_id"] == "psnr"
     assert metadata["stand_ins"]["dspo_metrics_not_measured"] == [
-        "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa"
-    ]  # fmt: skip
+        "lpips",
+        "dists",
+        "niqe",
+        "musiq",
+        "maniqa",
+        "clipiqa",
+    ]
     assert "tiny-random" in metadata["stand_ins"]["model_weights"]
     for relative in ("images/img_a.png", "images/img_b.png", "metrics.parquet"):
         assert (first / relative).read_bytes() == (second / relative).read_bytes()
     # another seed gives other samples: the generator is really used
-    other = evaluate.evaluate(str(tiny_model_dir), "pretrained", "synthetic", "synthetic", data,
-                              tmp_path / "other", config, seed=4)  # fmt: skip
+    other = evaluate.evaluate(
+        str(tiny_model_dir),
+        "pretrained",
+        "synthetic",
+        "synthetic",
+        data,
+        tmp_path / "other",
+        config,
+        seed=4,
+    )
     assert not np.allclose(other["value"], table["value"])
 
 
@@ -160,17 +182,37 @@ def test_bicubic_psnr_equals_pyiqa_on_bicubic_upsampling(tmp_path):
 
     data = make_synthetic_set(tmp_path / "data")
     out = tmp_path / "eval" / "bicubic"
-    assert evaluate.main(["--model", "bicubic", "--model-name", "bicubic", "--testset", "syn",
-                          "--testset-kind", "synthetic", "--testset-path", str(data),
-                          "--out", str(out), "--config", '{"metrics": ["psnr"]}',
-                          "--seed", "0"]) == 0  # fmt: skip
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                "bicubic",
+                "--model-name",
+                "bicubic",
+                "--testset",
+                "syn",
+                "--testset-kind",
+                "synthetic",
+                "--testset-path",
+                str(data),
+                "--out",
+                str(out),
+                "--config",
+                '{"metrics": ["psnr"]}',
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     table = read_table(out / "metrics.parquet", "eval_metrics")
     psnr = pyiqa.create_metric("psnr", test_y_channel=True, color_space="ycbcr")
     for image_id in ("img_a", "img_b"):
         lq = torch.from_numpy(read_rgb(data / "lq" / f"{image_id}.png")).permute(2, 0, 1)
         hq = torch.from_numpy(read_rgb(data / "hq" / f"{image_id}.png")).permute(2, 0, 1)
-        upsampled = F.interpolate(lq[None].float() / 127.5 - 1, size=(32, 32), mode="bicubic",
-                                  align_corners=False).clamp(-1, 1)  # fmt: skip
+        upsampled = F.interpolate(
+            lq[None].float() / 127.5 - 1, size=(32, 32), mode="bicubic", align_corners=False
+        ).clamp(-1, 1)
         as_saved = ((upsampled + 1) * 127.5).round() / 255.0
         expected = float(psnr(as_saved, hq[None].float() / 255.0))
         measured = table.loc[table["image_id"] == image_id, "value"].item()
@@ -183,8 +225,9 @@ def test_lq_larger_than_hq_is_refused(tmp_path):
     touch_png(tmp_path / "LR" / "a.png", 32)
     touch_png(tmp_path / "HR" / "a.png", 16)
     with pytest.raises(ValueError, match="larger than its HQ"):
-        evaluate.evaluate("bicubic", "bicubic", "t", "paired", tmp_path, tmp_path / "out",
-                          {"metrics": ["psnr"]})  # fmt: skip
+        evaluate.evaluate(
+            "bicubic", "bicubic", "t", "paired", tmp_path, tmp_path / "out", {"metrics": ["psnr"]}
+        )
     assert not (tmp_path / "out").exists()
 
 

@@ -24,8 +24,14 @@ IDS = [f"img_{c}" for c in "abcdef"]
 
 
 def _config(batch_size=3, **overrides):
-    return {"metrics": METRICS, "steps": 2, "cfg": 2.0, "batch_size": batch_size,
-            "device": "cpu", **overrides}  # fmt: skip
+    return {
+        "metrics": METRICS,
+        "steps": 2,
+        "cfg": 2.0,
+        "batch_size": batch_size,
+        "device": "cpu",
+        **overrides,
+    }
 
 
 def _testset(root, ids=IDS):
@@ -41,16 +47,31 @@ def _testset(root, ids=IDS):
         write_png(root / "hq" / f"{image_id}.png", hq)
         write_png(root / "lq" / f"{image_id}.png", lq)
         row = dict.fromkeys(SCHEMAS["degradation_pairs"].names)
-        rows.append({**row, "image_id": image_id, "source_id": image_id, "split": "test",
-                     "hq_path": f"hq/{image_id}.png", "lq_path": f"lq/{image_id}.png"})  # fmt: skip
+        rows.append(
+            {
+                **row,
+                "image_id": image_id,
+                "source_id": image_id,
+                "split": "test",
+                "hq_path": f"hq/{image_id}.png",
+                "lq_path": f"lq/{image_id}.png",
+            }
+        )
     write_table(pd.DataFrame(rows), root / contracts.DATA_TABLE, "degradation_pairs")
     return root
 
 
 def _prompts(path, ids):
     """A prompts table of ``ids`` only (a shard's, as the prompts stage's shard job writes)."""
-    frame = pd.DataFrame({"image_id": list(ids), "prompt": "a photo", "negative_prompt": "blurry",
-                          "source": "fixed", "model": ""})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "image_id": list(ids),
+            "prompt": "a photo",
+            "negative_prompt": "blurry",
+            "source": "fixed",
+            "model": "",
+        }
+    )
     write_table(frame, path, "prompts", {"source": "fixed"})
     return path
 
@@ -69,10 +90,21 @@ def setup(tmp_path_factory):
 def _run(setup, out, shard=None, ids=IDS, **config):
     root, data, model = setup
     name = (shard or "whole").replace("-", "_")
-    prompts = _prompts(root / f"prompts_{name}_{out.name}.parquet",
-                       shards.Shard.parse(shard).select(ids))  # fmt: skip
-    return evaluate.evaluate(str(model), "pretrained", "syn", "synthetic", data, out,
-                             _config(**config), seed=3, prompts=prompts, shard=shard)  # fmt: skip
+    prompts = _prompts(
+        root / f"prompts_{name}_{out.name}.parquet", shards.Shard.parse(shard).select(ids)
+    )
+    return evaluate.evaluate(
+        str(model),
+        "pretrained",
+        "syn",
+        "synthetic",
+        data,
+        out,
+        _config(**config),
+        seed=3,
+        prompts=prompts,
+        shard=shard,
+    )
 
 
 def _files(folder):
@@ -80,8 +112,10 @@ def _files(folder):
 
 
 def _tables(folder):
-    return (read_table(folder / contracts.EVAL_METRICS, "eval_metrics"),
-            read_table(folder / contracts.EVAL_IMAGES, "eval_images"))  # fmt: skip
+    return (
+        read_table(folder / contracts.EVAL_METRICS, "eval_metrics"),
+        read_table(folder / contracts.EVAL_IMAGES, "eval_images"),
+    )
 
 
 def _assert_same_output(folder, expected):
@@ -140,8 +174,18 @@ def test_an_empty_shard_writes_empty_tables_and_gathers(setup, tmp_path):
     for item in shards.items(3):
         out = tmp_path / item
         prompts = _prompts(tmp_path / f"{item}.parquet", shards.Shard.parse(item).select(ids))
-        evaluate.evaluate(str(model), "pretrained", "syn", "synthetic", small, out, _config(),
-                          seed=3, prompts=prompts, shard=item)  # fmt: skip
+        evaluate.evaluate(
+            str(model),
+            "pretrained",
+            "syn",
+            "synthetic",
+            small,
+            out,
+            _config(),
+            seed=3,
+            prompts=prompts,
+            shard=item,
+        )
         outs.append(out)
     metrics, manifest = _tables(tmp_path / empty)
     assert metrics.empty and list(metrics.columns) == SCHEMAS["eval_metrics"].names
@@ -151,8 +195,17 @@ def test_an_empty_shard_writes_empty_tables_and_gathers(setup, tmp_path):
     metadata = read_metadata(tmp_path / empty / contracts.EVAL_METRICS)
     assert (metadata["shard_images"], metadata["n_images"]) == (0, 2)
     whole = tmp_path / "whole"
-    evaluate.evaluate(str(model), "pretrained", "syn", "synthetic", small, whole, _config(),
-                      seed=3, prompts=_prompts(tmp_path / "all.parquet", ids))  # fmt: skip
+    evaluate.evaluate(
+        str(model),
+        "pretrained",
+        "syn",
+        "synthetic",
+        small,
+        whole,
+        _config(),
+        seed=3,
+        prompts=_prompts(tmp_path / "all.parquet", ids),
+    )
     gather("evaluation", outs, tmp_path / "gathered")
     _assert_same_output(tmp_path / "gathered", whole)
 
@@ -162,17 +215,45 @@ def test_a_prompts_table_missing_a_shard_image_is_refused(setup, tmp_path):
     shard = shards.Shard.parse("1-of-2")
     other = [i for i in IDS if not shard.holds(i)]
     with pytest.raises(KeyError, match="no prompt"):
-        evaluate.evaluate(str(model), "pretrained", "syn", "synthetic", data, tmp_path / "out",
-                          _config(), seed=3, prompts=_prompts(tmp_path / "p.parquet", other),
-                          shard=shard)  # fmt: skip
+        evaluate.evaluate(
+            str(model),
+            "pretrained",
+            "syn",
+            "synthetic",
+            data,
+            tmp_path / "out",
+            _config(),
+            seed=3,
+            prompts=_prompts(tmp_path / "p.parquet", other),
+            shard=shard,
+        )
 
 
 def _argv(setup, out, prompts, seed=3, shard="2-of-2"):
     _, data, model = setup
-    return ["evaluate", "--model", str(model), "--model-name", "pretrained", "--testset", "syn",
-            "--testset-kind", "synthetic", "--testset-path", str(data), "--out", str(out),
-            "--config", json.dumps(_config(batch_size=2)), "--seed", str(seed),
-            "--prompts", str(prompts), "--shard", shard]  # fmt: skip
+    return [
+        "evaluate",
+        "--model",
+        str(model),
+        "--model-name",
+        "pretrained",
+        "--testset",
+        "syn",
+        "--testset-kind",
+        "synthetic",
+        "--testset-path",
+        str(data),
+        "--out",
+        str(out),
+        "--config",
+        json.dumps(_config(batch_size=2)),
+        "--seed",
+        str(seed),
+        "--prompts",
+        str(prompts),
+        "--shard",
+        shard,
+    ]
 
 
 @pytest.mark.slow

@@ -36,10 +36,16 @@ IMAGES = ("img_a", "img_b", "img_c")
 SIZE = 16
 FLAT = 10  # columns 0..9 of every HQ are one colour (GDPO's "fidelity" patches), 10..15 noise
 REWARD = {
-    "score": {"metrics": ["psnr", "ssim", "piqe"], "weights_dir": None, "weights": {},
-              "options": {}, "device": "cpu", "min_crop_size": 8},
+    "score": {
+        "metrics": ["psnr", "ssim", "piqe"],
+        "weights_dir": None,
+        "weights": {},
+        "options": {},
+        "device": "cpu",
+        "min_crop_size": 8,
+    },
     "objectives": {"fidelity": {"psnr": 1.0}},
-}  # fmt: skip
+}
 BASE = {
     "max_steps": 4,
     "batch_size": 2,
@@ -91,11 +97,20 @@ def masks(tmp_path: Path) -> Path:
 
 def run(data, out, config, framework="onestep", method="gdpo", masks_path=None, seed=3, **kw):
     return T.train(
-        framework=framework, method=method, objective="fidelity", pairs_path=None,
-        candidates_path=None, data_dir=data, masks_path=masks_path,
-        model_dir="in-memory tiny model", out_dir=out, config=config, seed=seed,
-        model=kw.pop("model", None) or tiny(framework), **kw,
-    )  # fmt: skip
+        framework=framework,
+        method=method,
+        objective="fidelity",
+        pairs_path=None,
+        candidates_path=None,
+        data_dir=data,
+        masks_path=masks_path,
+        model_dir="in-memory tiny model",
+        out_dir=out,
+        config=config,
+        seed=seed,
+        model=kw.pop("model", None) or tiny(framework),
+        **kw,
+    )
 
 
 def trained(folder: Path) -> dict[str, torch.Tensor]:
@@ -111,11 +126,20 @@ def make_trainer(data, masks_path, config: dict, framework="onestep", level="ima
         pass
     optimizer = torch.optim.SGD(trainable, lr=lr)
     return gdpo.Trainer(
-        config, 3, level, model, accelerator, optimizer, trainable,
-        gdpo.GroupReward(REWARD, config, 3), list(IMAGES),
-        contracts.data_images(data, "lq"), contracts.data_images(data, "hq"), None,
+        config,
+        3,
+        level,
+        model,
+        accelerator,
+        optimizer,
+        trainable,
+        gdpo.GroupReward(REWARD, config, 3),
+        list(IMAGES),
+        contracts.data_images(data, "lq"),
+        contracts.data_images(data, "hq"),
+        None,
         masks_path,
-    )  # fmt: skip
+    )
 
 
 # -- registration ---------------------------------------------------------------------------------
@@ -125,8 +149,10 @@ def test_gdpo_methods_are_registered_without_pairs_and_carry_the_reward():
     for name in ("gdpo", "gdpo_instance"):
         method = contracts.method(name)
         assert (method.pair_level, method.loop, method.needs_reference) == (
-            contracts.NO_PAIRS, "gdpo", True,
-        )  # fmt: skip
+            contracts.NO_PAIRS,
+            "gdpo",
+            True,
+        )
         assert gdpo.LEVELS[method.loss] == ("image" if name == "gdpo" else "instance")
         assert contracts.pairs_artifact("onestep", "fidelity", name) is None
         job = settings.job_settings({}, "train", method=name, objective="fidelity")
@@ -172,8 +198,9 @@ def test_advantages_are_zero_mean_per_instance_with_per_instance_weights():
     scores = {"psnr": rng.normal(size=(5, 3)), "piqe": rng.normal(size=(5, 3))}
     scores["piqe"][2, 1] = np.nan  # a non-finite score zeroes that instance's metric
     fidelity, detail = np.array([1.0, 0.25, 0.0]), np.array([0.0, 0.75, 1.0])
-    rewards = gdpo.group_rewards(scores, {"psnr": False, "piqe": True}, ["psnr"], ["piqe"],
-                                 fidelity, detail)  # fmt: skip
+    rewards = gdpo.group_rewards(
+        scores, {"psnr": False, "piqe": True}, ["psnr"], ["piqe"], fidelity, detail
+    )
     for m in range(3):  # each instance column is its own group normalisation
         psnr = (scores["psnr"][:, m] - scores["psnr"][:, m].min()) / np.ptp(scores["psnr"][:, m])
         piqe = (scores["piqe"][:, m].max() - scores["piqe"][:, m]) / np.ptp(scores["piqe"][:, m])
@@ -258,8 +285,9 @@ def test_gdpo_loss_equals_a_hand_formula_and_gdpos_released_form():
 
 @pytest.mark.parametrize("framework", ["onestep", "multistep"])
 def test_a_step_moves_the_policy_towards_the_positive_advantage_sample(data, framework):
-    trainer = make_trainer(data, None, {**BASE, "policy_group_size": 2, "gdpo_beta": 50.0},
-                           framework)  # fmt: skip
+    trainer = make_trainer(
+        data, None, {**BASE, "policy_group_size": 2, "gdpo_beta": 50.0}, framework
+    )
     group = trainer.sample_group(0, 0, IMAGES[0])
     assert group.advantages.shape == (2, 1) and abs(group.advantages.sum()) < 1e-9
     positive, negative = int(group.advantages[:, 0].argmax()), int(group.advantages[:, 0].argmin())
@@ -292,10 +320,15 @@ def test_a_step_moves_the_policy_towards_the_positive_advantage_sample(data, fra
 
 @pytest.mark.parametrize(
     "change",
-    [{"gdpo_beta": 50.0}, {"gdpo_fidelity_weight": 1.0}, {"gdpo_detail_weight": 3.0},
-     {"gdpo_fidelity_metrics": ["ssim"]}, {"gdpo_fidelity_metrics": ["psnr", "ssim"]},
-     {"gdpo_detail_metrics": ["piqe"], "gdpo_fidelity_weight": 0.0}],
-)  # fmt: skip
+    [
+        {"gdpo_beta": 50.0},
+        {"gdpo_fidelity_weight": 1.0},
+        {"gdpo_detail_weight": 3.0},
+        {"gdpo_fidelity_metrics": ["ssim"]},
+        {"gdpo_fidelity_metrics": ["psnr", "ssim"]},
+        {"gdpo_detail_metrics": ["piqe"], "gdpo_fidelity_weight": 0.0},
+    ],
+)
 def test_each_gdpo_key_changes_what_training_does(data, masks, change):
     base = make_trainer(data, masks, BASE, level="instance")
     other = make_trainer(data, masks, {**BASE, **change}, level="instance")
@@ -330,8 +363,13 @@ def test_unscored_or_wrong_kind_metrics_are_refused(data, tmp_path):
     with pytest.raises(ValueError, match="no-reference"):
         gdpo.GroupReward(REWARD, TrainConfig.from_dict({"gdpo_detail_metrics": ["ssim"]}), 0)
     with pytest.raises(ValueError, match="share"):
-        gdpo.GroupReward(REWARD, TrainConfig.from_dict(
-            {"gdpo_fidelity_metrics": ["piqe"], "gdpo_detail_metrics": ["piqe"]}), 0)  # fmt: skip
+        gdpo.GroupReward(
+            REWARD,
+            TrainConfig.from_dict(
+                {"gdpo_fidelity_metrics": ["piqe"], "gdpo_detail_metrics": ["piqe"]}
+            ),
+            0,
+        )
     with pytest.raises(ValueError, match="--masks"):
         run(data, tmp_path / "x", BASE, method="gdpo_instance")
 
@@ -385,8 +423,13 @@ def test_multistep_gdpo_runs_through_the_stage_and_names_its_policy(data, tmp_pa
     log = read_table(out / "train_log.parquet", "gdpo_log")
     assert log["step"].tolist() == [1, 2] and np.isfinite(log["loss"]).all()
     meta = read_metadata(out / "train_log.parquet")
-    assert meta["policy"] == {"name": "multi-step DDIM policy", "steps": 2, "eta": 1.0,
-                              "cfg": 1.0, "samples_from": "current policy"}  # fmt: skip
+    assert meta["policy"] == {
+        "name": "multi-step DDIM policy",
+        "steps": 2,
+        "eta": 1.0,
+        "cfg": 1.0,
+        "samples_from": "current policy",
+    }
     assert meta["level"] == "image" and meta["loss"] == "gdpo" and meta["beta"] == 5000.0
 
 
@@ -402,15 +445,19 @@ def test_two_gloo_processes_give_the_gdpo_update_of_one_process(data, masks, tmp
     """batch 2: one LQ per process; gradients all-reduced (summed, each LQ's loss carries
     1 / batch_size), rewards and raw scores gathered, loss statistics averaged: the log and the
     weights equal one process's. Adam eps 1 keeps summation-order noise small."""
-    config = {**BASE, "max_steps": 2, "checkpoint_every": 10, "adam_epsilon": 1.0,
-              "learning_rate": 1e-2}  # fmt: skip
+    config = {
+        **BASE,
+        "max_steps": 2,
+        "checkpoint_every": 10,
+        "adam_epsilon": 1.0,
+        "learning_rate": 1e-2,
+    }
     single = run(data, tmp_path / "single", config, method="gdpo_instance", masks_path=masks)
     run_in_gloo_processes(2, _run_gdpo_instance, data, tmp_path / "ddp", config, masks)
     assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
     one = read_table(single / "train_log.parquet", "gdpo_log")
     two = read_table(tmp_path / "ddp" / "train_log.parquet", "gdpo_log")
-    pd.testing.assert_frame_equal(one.drop(columns="scores"), two.drop(columns="scores"),
-                                  rtol=1e-5)  # fmt: skip
+    pd.testing.assert_frame_equal(one.drop(columns="scores"), two.drop(columns="scores"), rtol=1e-5)
     for a, b in zip(one["scores"], two["scores"], strict=True):
         a, b = json.loads(a), json.loads(b)
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
@@ -438,21 +485,32 @@ def test_a_toy_reward_rises_far_beyond_its_seed_spread(data, tmp_path, monkeypat
     steps: its 2-step DDIM samples of a random UNet barely follow the error-map loss.)"""
     monkeypatch.setattr(gdpo.GroupReward, "raw_scores", negative_brightness)
     # every LQ every step; only the brightness counts; a small beta lets the policy move
-    config = {**BASE, "batch_size": 3, "policy_group_size": 4, "learning_rate": 1e-2,
-              "gdpo_beta": 1.0, "gdpo_fidelity_weight": 1.0, "gdpo_detail_weight": 0.0,
-              "checkpoint_every": 100}  # fmt: skip
+    config = {
+        **BASE,
+        "batch_size": 3,
+        "policy_group_size": 4,
+        "learning_rate": 1e-2,
+        "gdpo_beta": 1.0,
+        "gdpo_fidelity_weight": 1.0,
+        "gdpo_detail_weight": 0.0,
+        "checkpoint_every": 100,
+    }
 
     def rewards(folder: Path) -> list[float]:
         log = read_table(folder / "train_log.parquet", "gdpo_log")
         return [json.loads(s)["psnr"] for s in log["scores"]]
 
     # step 1's reward is the untrained policy's: its spread over seeds is the sampling noise
-    untrained = [rewards(run(data, tmp_path / f"untrained{s}", {**config, "max_steps": 1},
-                             seed=s))[0] for s in (0, 1, 2)]  # fmt: skip
+    untrained = [
+        rewards(run(data, tmp_path / f"untrained{s}", {**config, "max_steps": 1}, seed=s))[0]
+        for s in (0, 1, 2)
+    ]
     spread = max(untrained) - min(untrained)
     curve = rewards(run(data, tmp_path / "trained", {**config, "max_steps": 24}, seed=0))
     end = float(np.mean(curve[-3:]))
-    print(f"untrained rewards {untrained} (spread {spread:.2e}); after 24 steps {end:.4f}; "
-          f"curve {np.round(curve, 4).tolist()}")  # fmt: skip
+    print(
+        f"untrained rewards {untrained} (spread {spread:.2e}); after 24 steps {end:.4f}; "
+        f"curve {np.round(curve, 4).tolist()}"
+    )
     assert curve[0] == untrained[0]
     assert end - max(untrained) > max(100 * spread, 0.3)

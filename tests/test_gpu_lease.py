@@ -76,15 +76,21 @@ def test_busy_device_waits_then_times_out(tmp_path):
 
 def test_killed_holder_frees_its_devices(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import time
             from pipeline.gpu_lease import lease
             with lease(2, pool="0,1", lock_dir={str(tmp_path)!r}):
                 print("held", flush=True)
                 time.sleep(60)
-        """)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        """),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(GpuLeaseError, match="timed out"), lease(1, "0,1", tmp_path, 0.2):
@@ -203,10 +209,22 @@ def test_run_gpu_forwards_sigterm_to_the_command(tmp_path):
         time.sleep(60)
     """)
     wrapper = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "0", "--",
-         sys.executable, "-c", child_code],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run-gpu",
+            "--gpus",
+            "0",
+            "--",
+            sys.executable,
+            "-c",
+            child_code,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wrapper.stdout.readline().strip() == "ready"
         wrapper.send_signal(signal.SIGTERM)
@@ -225,10 +243,26 @@ def test_run_gpu_needs_a_command_after_double_dash():
 def test_killed_wrapper_stops_its_command_and_frees_the_devices(tmp_path):
     sleeper = "import time; print('ready', flush=True); time.sleep(60)"
     wrapper = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "2", "--pool", "0,1",
-         "--lock-dir", str(tmp_path), "--", sys.executable, "-c", sleeper],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run-gpu",
+            "--gpus",
+            "2",
+            "--pool",
+            "0,1",
+            "--lock-dir",
+            str(tmp_path),
+            "--",
+            sys.executable,
+            "-c",
+            sleeper,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wrapper.stdout.readline().strip() == "ready"
         wrapper.send_signal(signal.SIGKILL)
@@ -273,12 +307,30 @@ def test_runs_from_two_working_directories_never_share_a_device(tmp_path):
     for index in range(4):
         workdir = tmp_path / f"checkout{index % 2}"
         workdir.mkdir(exist_ok=True)
-        runs.append(subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "1", "--pool", ",".join(pool),
-             "--timeout", "60", "--", sys.executable, "-c", INTERVAL_PROBE,
-             str(tmp_path / f"interval{index}"), "0.8"],
-            cwd=workdir, env=environment,
-        ))  # fmt: skip
+        runs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "run-gpu",
+                    "--gpus",
+                    "1",
+                    "--pool",
+                    ",".join(pool),
+                    "--timeout",
+                    "60",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    INTERVAL_PROBE,
+                    str(tmp_path / f"interval{index}"),
+                    "0.8",
+                ],
+                cwd=workdir,
+                env=environment,
+            )
+        )
     try:
         assert [run.wait(timeout=90) for run in runs] == [0, 0, 0, 0]
     finally:
@@ -401,9 +453,20 @@ def test_sharded_data_stage_keeps_eight_gpus_leased_at_once(tmp_path):
         "DSPO_GPU_LEASE_DIR": str(tmp_path / "locks"),
         gpu_lease.RECORD_ENV: str(record),
     }
-    snakemake(workdir, "--configfile", "workflow/presets/ci.yaml", "--config", "shards=8",
-              "frameworks=[onestep]", "--resources", "gpu=8", "--until", "segment",
-              cores=8, env=environment)  # fmt: skip
+    snakemake(
+        workdir,
+        "--configfile",
+        "workflow/presets/ci.yaml",
+        "--config",
+        "shards=8",
+        "frameworks=[onestep]",
+        "--resources",
+        "gpu=8",
+        "--until",
+        "segment",
+        cores=8,
+        env=environment,
+    )
     events = [json.loads(line) for line in record.read_text().splitlines()]
     acquired = [event for event in events if event["event"] == "acquire"]
     assert len(acquired) == 8  # one lease per segment shard
@@ -420,5 +483,10 @@ def test_most_held_at_once_counts_overlapping_leases(tmp_path, monkeypatch):
         pass
     assert gpu_lease.most_held_at_once(record) == 3
     assert [json.loads(line)["event"] for line in record.read_text().splitlines()] == [
-        "acquire", "acquire", "release", "release", "acquire", "release",
-    ]  # fmt: skip
+        "acquire",
+        "acquire",
+        "release",
+        "release",
+        "acquire",
+        "release",
+    ]

@@ -68,8 +68,15 @@ def _candidates(folders, out: Path, cfg: float, with_prompts: bool) -> dict[str,
         "device": "cpu",
         "settings": [{"name": "s", "variant": "base", "steps": 2, "cfg": cfg}],
     }
-    generate_candidates("multistep", {"base": folders["model"]}, folders["data"], out, config,
-                        seed=7, prompts=folders["train"] if with_prompts else None)  # fmt: skip
+    generate_candidates(
+        "multistep",
+        {"base": folders["model"]},
+        folders["data"],
+        out,
+        config,
+        seed=7,
+        prompts=folders["train"] if with_prompts else None,
+    )
     return _pngs(out)
 
 
@@ -96,8 +103,16 @@ def test_candidate_feedback_goes_before_the_negative_prompt(folders, tmp_path):
         "device": "cpu",
         "settings": [{"name": "s", "variant": "base", "steps": 2, "cfg": 4.5}],
     }
-    generate_candidates("multistep", {"base": folders["model"]}, folders["data"], tmp_path / "c",
-                        config, seed=7, negative_prompts=feedback, prompts=folders["train"])  # fmt: skip
+    generate_candidates(
+        "multistep",
+        {"base": folders["model"]},
+        folders["data"],
+        tmp_path / "c",
+        config,
+        seed=7,
+        negative_prompts=feedback,
+        prompts=folders["train"],
+    )
     table = read_table(tmp_path / "c" / "candidates.parquet", "candidates").set_index("image_id")
     assert table.loc["img1", "negative_prompt"] == f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"
     assert table.loc["img0", "negative_prompt"] == prompts.SEESR_NEGATIVE_PROMPT
@@ -107,13 +122,27 @@ def test_candidate_feedback_goes_before_the_negative_prompt(folders, tmp_path):
 
 
 def _vsd_terms(folders, out: Path, cfg_vsd: float, with_prompts: bool) -> dict[str, float]:
-    config = {"device": "cpu", "tiny": TINY, "steps": 1, "batch_size": 2, "crop_size": 32,
-              "checkpoint_every": 0, "variants": {"v": {}},
-              "model": {"lambda_vsd": 1.0, "cfg_vsd": cfg_vsd}}  # fmt: skip
+    config = {
+        "device": "cpu",
+        "tiny": TINY,
+        "steps": 1,
+        "batch_size": 2,
+        "crop_size": 32,
+        "checkpoint_every": 0,
+        "variants": {"v": {}},
+        "model": {"lambda_vsd": 1.0, "cfg_vsd": cfg_vsd},
+    }
     # the same variant name: the same batch (its draws are keyed by the variant) and seed
-    pretrain("onestep", "v", folders["data"], out, config, seed=4,
-             checkpoint_dir=out.parent / f"{out.name}-ckpt",
-             prompts=folders["train"] if with_prompts else None)  # fmt: skip
+    pretrain(
+        "onestep",
+        "v",
+        folders["data"],
+        out,
+        config,
+        seed=4,
+        checkpoint_dir=out.parent / f"{out.name}-ckpt",
+        prompts=folders["train"] if with_prompts else None,
+    )
     log = read_table(out / "train_log.parquet", "pretrain_log")
     return json.loads(log["terms"].iloc[0])
 
@@ -157,9 +186,18 @@ def test_vsd_negative_prompts_take_the_unconditional_branch():
 
 def _evaluate(folders, out: Path, cfg: float, *, with_prompts=True, feedback=None, name="m"):
     config = {"device": "cpu", "cfg": cfg, "steps": 2, "metrics": ["psnr"]}
-    evaluate_stage.evaluate(str(folders["model"]), name, "syn", "synthetic", folders["data"], out,
-                            config, seed=2, prompts=folders["syn"] if with_prompts else None,
-                            feedback=feedback)  # fmt: skip
+    evaluate_stage.evaluate(
+        str(folders["model"]),
+        name,
+        "syn",
+        "synthetic",
+        folders["data"],
+        out,
+        config,
+        seed=2,
+        prompts=folders["syn"] if with_prompts else None,
+        feedback=feedback,
+    )
     return _pngs(out / "images")
 
 
@@ -180,7 +218,10 @@ def test_evaluation_cfg_5_5_differs_from_cfg_1(folders, tmp_path):
     assert old_guided.keys() == old_plain.keys()
     recorded = read_metadata(tmp_path / "cfg5.5" / "metrics.parquet")["prompts"]
     assert (recorded["table"], recorded["source"], recorded["model"]) == (
-        str(folders["syn"]), "fixed", "none")  # fmt: skip
+        str(folders["syn"]),
+        "fixed",
+        "none",
+    )
     assert recorded["negative_prompts"] == [prompts.SEESR_NEGATIVE_PROMPT]
 
 
@@ -189,8 +230,9 @@ def test_evaluation_cfg_5_5_differs_from_cfg_1(folders, tmp_path):
 
 def test_m2_ablation_gets_a_different_negative_prompt_than_dspo(folders, tmp_path):
     pairs = tmp_path / "pairs.parquet"
-    pd.DataFrame({"image_id": ["img0", "img1", "img2"],
-                  "negative_prompt": ["a dog", "a dog, a cat", ""]}).to_parquet(pairs)  # fmt: skip
+    pd.DataFrame(
+        {"image_id": ["img0", "img1", "img2"], "negative_prompt": ["a dog", "a dog, a cat", ""]}
+    ).to_parquet(pairs)
     dspo = _evaluate(folders, tmp_path / "dspo", 5.5, feedback=pairs, name="dspo_fidelity")
     nom2 = _evaluate(folders, tmp_path / "nom2", 5.5, name="dspo_fidelity_nom2")
     with_m2 = read_metadata(tmp_path / "dspo" / "metrics.parquet")["prompts"]
@@ -207,10 +249,14 @@ def test_m2_ablation_gets_a_different_negative_prompt_than_dspo(folders, tmp_pat
 
 def test_workflow_samples_dspo_with_its_pairs_and_the_ablation_without(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
-    result = snakemake(workdir, "--dry-run", "--printshellcmds",
-                       "--configfile", "workflow/presets/ci.yaml")  # fmt: skip
-    commands = [line for line in (result.stdout + result.stderr).splitlines()
-                if "pipeline evaluate" in line and "/multistep/" in line]  # fmt: skip
+    result = snakemake(
+        workdir, "--dry-run", "--printshellcmds", "--configfile", "workflow/presets/ci.yaml"
+    )
+    commands = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "pipeline evaluate" in line and "/multistep/" in line
+    ]
 
     def command(model):
         (found,) = [c for c in commands if f"--model-name {model} " in c]
@@ -224,8 +270,10 @@ def test_workflow_samples_dspo_with_its_pairs_and_the_ablation_without(tmp_path)
         # the test set's prompts of the job's own shard (docs/design.md §15)
         assert "--prompts results/shards/prompts/synthetic/1-of-1.parquet" in command(model)
     # one-step sampling has no guidance: no ablation there (it would repeat dspo's images)
-    assert not any("--model-name dspo_fidelity_nom2" in c and "/onestep/" in c
-                   for c in (result.stdout + result.stderr).splitlines())  # fmt: skip
+    assert not any(
+        "--model-name dspo_fidelity_nom2" in c and "/onestep/" in c
+        for c in (result.stdout + result.stderr).splitlines()
+    )
     text = result.stdout + result.stderr
     for stage, table in (
         ("pretrain", "results/prompts/train.parquet"),
@@ -245,9 +293,15 @@ def test_prompt_equal_to_negative_prompt_is_refused(folders, tmp_path):
     with pytest.raises(PromptsError, match="no-op"):
         prompts.run_prompts_stage(folders["data"], "train", same)
     # a table made or edited by hand reaches the check in every consumer
-    frame = pd.DataFrame({"image_id": IDS, "prompt": ["a photo", "x", "a photo"],
-                          "negative_prompt": ["blur", "x", "blur"], "source": "fixed",
-                          "model": "none"})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "image_id": IDS,
+            "prompt": ["a photo", "x", "a photo"],
+            "negative_prompt": ["blur", "x", "blur"],
+            "source": "fixed",
+            "model": "none",
+        }
+    )
     bad = tmp_path / "bad.parquet"
     write_table(frame, bad, "prompts", {"source": "fixed", "model": "none"})
     config = {
@@ -255,22 +309,58 @@ def test_prompt_equal_to_negative_prompt_is_refused(folders, tmp_path):
         "settings": [{"name": "s", "variant": "base", "steps": 2, "cfg": 4.5}],
     }
     with pytest.raises(PromptsError, match="candidates .*img1"):
-        generate_candidates("multistep", {"base": folders["model"]}, folders["data"],
-                            tmp_path / "c", config, seed=0, prompts=bad)  # fmt: skip
+        generate_candidates(
+            "multistep",
+            {"base": folders["model"]},
+            folders["data"],
+            tmp_path / "c",
+            config,
+            seed=0,
+            prompts=bad,
+        )
     with pytest.raises(PromptsError, match="evaluate .*img1"):
-        evaluate_stage.evaluate(str(folders["model"]), "m", "syn", "synthetic", folders["data"],
-                                tmp_path / "e", {"device": "cpu", "metrics": ["psnr"]}, prompts=bad)  # fmt: skip
-    pretrain_config = {"device": "cpu", "tiny": TINY, "steps": 1, "batch_size": 2,
-                       "crop_size": 32, "model": {"lambda_vsd": 0.0}}  # fmt: skip
+        evaluate_stage.evaluate(
+            str(folders["model"]),
+            "m",
+            "syn",
+            "synthetic",
+            folders["data"],
+            tmp_path / "e",
+            {"device": "cpu", "metrics": ["psnr"]},
+            prompts=bad,
+        )
+    pretrain_config = {
+        "device": "cpu",
+        "tiny": TINY,
+        "steps": 1,
+        "batch_size": 2,
+        "crop_size": 32,
+        "model": {"lambda_vsd": 0.0},
+    }
     with pytest.raises(PromptsError, match="pretrain .*img1"):
-        pretrain("onestep", "base", folders["data"], tmp_path / "p", pretrain_config, 0,
-                 checkpoint_dir=tmp_path / "pc", prompts=bad)  # fmt: skip
+        pretrain(
+            "onestep",
+            "base",
+            folders["data"],
+            tmp_path / "p",
+            pretrain_config,
+            0,
+            checkpoint_dir=tmp_path / "pc",
+            prompts=bad,
+        )
     # a missing image is named too
     partial = tmp_path / "partial.parquet"
     write_table(frame.iloc[:1], partial, "prompts", {})
     with pytest.raises(KeyError, match="img1"):
-        generate_candidates("multistep", {"base": folders["model"]}, folders["data"],
-                            tmp_path / "d", config, seed=0, prompts=partial)  # fmt: skip
+        generate_candidates(
+            "multistep",
+            {"base": folders["model"]},
+            folders["data"],
+            tmp_path / "d",
+            config,
+            seed=0,
+            prompts=partial,
+        )
     assert SCHEMAS["prompts"].names == list(frame.columns)
 
 
@@ -310,18 +400,46 @@ def test_command_lines_take_prompts_and_feedback(folders, tmp_path):
     pairs = tmp_path / "pairs.parquet"
     pd.DataFrame({"image_id": ["img0"], "negative_prompt": ["a dog"]}).to_parquet(pairs)
     out = tmp_path / "eval"
-    argv = ["--model", str(folders["model"]), "--model-name", "dspo_fidelity", "--testset", "syn",
-            "--testset-kind", "synthetic", "--testset-path", str(folders["data"]), "--out", str(out),
-            "--config", json.dumps({"device": "cpu", "steps": 2, "metrics": ["psnr"]}),
-            "--seed", "0", "--prompts", str(folders["syn"]), "--feedback", str(pairs)]  # fmt: skip
+    argv = [
+        "--model",
+        str(folders["model"]),
+        "--model-name",
+        "dspo_fidelity",
+        "--testset",
+        "syn",
+        "--testset-kind",
+        "synthetic",
+        "--testset-path",
+        str(folders["data"]),
+        "--out",
+        str(out),
+        "--config",
+        json.dumps({"device": "cpu", "steps": 2, "metrics": ["psnr"]}),
+        "--seed",
+        "0",
+        "--prompts",
+        str(folders["syn"]),
+        "--feedback",
+        str(pairs),
+    ]
     assert evaluate_stage.main(argv) == 0
     recorded = read_metadata(out / "metrics.parquet")["prompts"]
     assert recorded["negative_prompts"] == [f"a dog, {prompts.SEESR_NEGATIVE_PROMPT}"]
     setting = {"name": "s", "variant": "base", "steps": 2, "cfg": 4.5}
-    argv = ["--framework", "multistep", "--model", f"base={folders['model']}",
-            "--data", str(folders["data"]), "--out", str(tmp_path / "c"),
-            "--prompts", str(folders["train"]),
-            "--config", json.dumps({"device": "cpu", "settings": [setting]})]  # fmt: skip
+    argv = [
+        "--framework",
+        "multistep",
+        "--model",
+        f"base={folders['model']}",
+        "--data",
+        str(folders["data"]),
+        "--out",
+        str(tmp_path / "c"),
+        "--prompts",
+        str(folders["train"]),
+        "--config",
+        json.dumps({"device": "cpu", "settings": [setting]}),
+    ]
     assert candidates.main(argv) == 0
     table = read_table(tmp_path / "c" / "candidates.parquet", "candidates")
     assert set(table["negative_prompt"]) == {prompts.SEESR_NEGATIVE_PROMPT}

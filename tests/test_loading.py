@@ -153,8 +153,13 @@ def test_loading_a_tiny_model_folder_opens_no_connection(tmp_path):
     env["HF_HOME"] = str(tmp_path / "hf_home")
     result = subprocess.run(
         [sys.executable, str(script), str(sd), str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["before"], "the control lookup should have tried the network"

@@ -129,13 +129,19 @@ def test_error_map_equals_hand_computed_mse(model):
                 a = alpha_bar[timesteps[i]]
                 noisy = a.sqrt() * latent + (1 - a).sqrt() * noise[i : i + 1]
                 down, mid = model.controlnet(
-                    noisy, timesteps[i : i + 1], embeddings[i : i + 1], lq[i : i + 1],
+                    noisy,
+                    timesteps[i : i + 1],
+                    embeddings[i : i + 1],
+                    lq[i : i + 1],
                     return_dict=False,
-                )  # fmt: skip
+                )
                 eps = model.unet(
-                    noisy, timesteps[i : i + 1], embeddings[i : i + 1],
-                    down_block_additional_residuals=down, mid_block_additional_residual=mid,
-                ).sample  # fmt: skip
+                    noisy,
+                    timesteps[i : i + 1],
+                    embeddings[i : i + 1],
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                ).sample
                 expected = ((eps - noise[i : i + 1]) ** 2).mean(dim=1)[0]
                 torch.testing.assert_close(maps[i, n], expected, rtol=1e-4, atol=1e-5)
 
@@ -251,13 +257,19 @@ def _step_inputs(model: MultiStepSR, lq: torch.Tensor):
 def _manual_noise(model: MultiStepSR, latents, timesteps, embeddings, controlnet_cond):
     with torch.no_grad():
         down, mid = model.controlnet(
-            latents, timesteps, encoder_hidden_states=embeddings,
-            controlnet_cond=controlnet_cond, return_dict=False,
-        )  # fmt: skip
+            latents,
+            timesteps,
+            encoder_hidden_states=embeddings,
+            controlnet_cond=controlnet_cond,
+            return_dict=False,
+        )
         return model.unet(
-            latents, timesteps, encoder_hidden_states=embeddings,
-            down_block_additional_residuals=down, mid_block_additional_residual=mid,
-        ).sample  # fmt: skip
+            latents,
+            timesteps,
+            encoder_hidden_states=embeddings,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
 
 
 def test_controlnet_conditioning_is_what_the_diffusers_pipeline_feeds():
@@ -271,14 +283,25 @@ def test_controlnet_conditioning_is_what_the_diffusers_pipeline_feeds():
     model = _live_controlnet(build_tiny_model("multistep", codec="vae", **TINY).eval())
     pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(3)) * 255).byte()
     pipe = StableDiffusionControlNetPipeline(
-        vae=model.codec.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
-        unet=model.unet, controlnet=model.controlnet, scheduler=model.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=model.codec.vae,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        controlnet=model.controlnet,
+        scheduler=model.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     fed = pipe.prepare_image(
-        Image.fromarray(pixels.numpy()), width=32, height=32, batch_size=1,
-        num_images_per_prompt=1, device="cpu", dtype=torch.float32,
-    )  # fmt: skip
+        Image.fromarray(pixels.numpy()),
+        width=32,
+        height=32,
+        batch_size=1,
+        num_images_per_prompt=1,
+        device="cpu",
+        dtype=torch.float32,
+    )
     lq = signed_tensor(pixels.numpy())[None]
     torch.testing.assert_close(model.controlnet_condition(lq), fed, rtol=0, atol=1e-6)
     latents, timesteps, embeddings = _step_inputs(model, lq)

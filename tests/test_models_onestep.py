@@ -100,8 +100,12 @@ def test_error_map_gradients_reach_only_the_top_adapter(model):
     lq = images(1)
     for p in model.parameters():
         p.grad = None
-    maps = model.error_maps(lq, images(1, key="t")[:, None], *model.draw_timesteps_and_noise(
-        lq, torch_generator(0, "d")), [""])  # fmt: skip
+    maps = model.error_maps(
+        lq,
+        images(1, key="t")[:, None],
+        *model.draw_timesteps_and_noise(lq, torch_generator(0, "d")),
+        [""],
+    )
     maps.mean().backward()
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
     assert with_grad and all(".stage0." in n and "lora_" in n for n in with_grad)
@@ -134,9 +138,11 @@ def test_vsd_regulariser_trains_disjoint_parameter_sets():
     for p in vsd.parameters():
         p.grad = None
     vsd_only = vsd.distribution_matching_loss(
-        vsd.predict_latent(lq, vsd._text(["a", "b"])), vsd._text(["a", "b"]),
-        vsd._text(["", ""]), torch_generator(0, "v"),
-    )  # fmt: skip
+        vsd.predict_latent(lq, vsd._text(["a", "b"])),
+        vsd._text(["a", "b"]),
+        vsd._text(["", ""]),
+        torch_generator(0, "v"),
+    )
     vsd_only.backward()
     assert all(p.grad is None for p in vsd.regulariser.parameters())
     assert any(p.grad is not None for p in vsd.unet.parameters())
@@ -184,6 +190,8 @@ def test_one_step_x0_follows_the_scheduler_prediction_type(prediction_type):
     for i, t in enumerate(timesteps.tolist()):
         step = fresh.scheduler.step(prediction[i : i + 1], t, noisy[i : i + 1])
         torch.testing.assert_close(
-            fresh._x0(noisy, prediction, timesteps)[i : i + 1], step.pred_original_sample,
-            rtol=1e-5, atol=1e-5,
-        )  # fmt: skip
+            fresh._x0(noisy, prediction, timesteps)[i : i + 1],
+            step.pred_original_sample,
+            rtol=1e-5,
+            atol=1e-5,
+        )

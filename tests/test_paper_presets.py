@@ -48,8 +48,17 @@ TRAIN_IMAGES = ("0001000/0000001.png", "0001000/0000002.png")
 TEST_IMAGES = ("0001000/0000003.png",)
 
 #: Snakemake: two one-thread jobs at a time on 2 cores, every GPU rule on the CPU
-RULES = ("degrade", "prompts", "pretrain", "candidates", "segment", "caption", "score", "train",
-         "evaluate")  # fmt: skip
+RULES = (
+    "degrade",
+    "prompts",
+    "pretrain",
+    "candidates",
+    "segment",
+    "caption",
+    "score",
+    "train",
+    "evaluate",
+)
 TWO_AT_A_TIME = ("--resources", "gpu=0", "--set-threads", *(f"{rule}=1" for rule in RULES))
 
 #: effective settings (dotted paths of `python -m pipeline config`) the overrides may change;
@@ -111,8 +120,11 @@ def effective_config(workdir: Path, *configfiles: str) -> dict[str, Any]:
     """``python -m pipeline config --configfile ...`` in ``workdir``."""
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "config", "--configfile", *configfiles],
-        cwd=workdir, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -248,7 +260,10 @@ def check_pretrained(results: Path, framework: str, effective: dict[str, Any]) -
         ranks = {v: variants[v]["lora_rank"] for v in ("rank16", "rank64")}
         assert ranks == {"rank16": 16, "rank64": 64}
         assert {v: variants[v]["cfg_vsd"] for v in ("base", "cfg6", "cfg12")} == {
-            "base": 7.5, "cfg6": 6.0, "cfg12": 12.0}  # fmt: skip
+            "base": 7.5,
+            "cfg6": 6.0,
+            "cfg12": 12.0,
+        }
 
 
 def check_candidates(
@@ -356,8 +371,10 @@ def check_training(
         assert_recorded(log["config"], expected, f"aligned/{framework}/{method}/{objective}")
         assert expected["beta"] == 8000.0 and expected["learning_rate"] == 5.0e-5
         if method == "ddpo":  # the policy is named; the one-step arm is never called DDPO
-            policy = {"onestep": "one-step Gaussian policy",
-                      "multistep": "DDPO (multi-step DDIM policy)"}[framework]  # fmt: skip
+            policy = {
+                "onestep": "one-step Gaussian policy",
+                "multistep": "DDPO (multi-step DDIM policy)",
+            }[framework]
             assert log["policy"]["name"] == policy and log["table"] == "ddpo_log"
         steps = read_table(folder / "train_log.parquet", log["table"])["step"]
         assert list(steps) == list(range(1, expected["max_steps"] + 1))

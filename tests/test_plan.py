@@ -46,8 +46,14 @@ HAND_COSTS = {
 }
 
 
-def make_plan(preset: str, images: int, gpus: int, shards: int | None = None, tmp: Path = ROOT,
-              costs: dict | None = None) -> dict:  # fmt: skip
+def make_plan(
+    preset: str,
+    images: int,
+    gpus: int,
+    shards: int | None = None,
+    tmp: Path = ROOT,
+    costs: dict | None = None,
+) -> dict:
     config = load_config([str(PRESETS / f"{preset}.yaml")], [])
     return planner.plan(config, images, gpus, shards, costs or HAND_COSTS, 32, {}, tmp)
 
@@ -123,9 +129,13 @@ def test_ci_hours_equal_hand_computed_values(tmp_path):
 def test_critical_path_follows_the_stage_chain(tmp_path):
     path = make_plan("ci", 8, 1, 1, tmp_path)["totals"]["critical_path"]
     assert path[0] == "degrade" and path[-1] == "winrates"
-    for before, after in [("pretrain", "candidates"), ("candidates", "score"),
-                          ("select", "train"), ("train", "r2.candidates"),
-                          ("r2.train", "evaluate")]:  # fmt: skip
+    for before, after in [
+        ("pretrain", "candidates"),
+        ("candidates", "score"),
+        ("select", "train"),
+        ("train", "r2.candidates"),
+        ("r2.train", "evaluate"),
+    ]:
         assert path.index(before) < path.index(after)
     # hand-made costs: score (6 s start-up) outlasts caption (5 s); pretrain waits for the
     # training prompts; segment (hq frame) waits only for degrade: off the critical path
@@ -144,7 +154,10 @@ def test_paper_presets_job_counts_and_hours(tmp_path):
     for result in (multi, one):
         assert result["counts"]["train_images"] == 198
         assert {n: t["images"] for n, t in result["counts"]["testsets"].items()} == {
-            "DIV2K-val": 2, "RealSR": 100, "DRealSR": 93}  # fmt: skip
+            "DIV2K-val": 2,
+            "RealSR": 100,
+            "DRealSR": 93,
+        }
     m, o = rows(multi), rows(one)
     # 5 methods x 3 objectives; multi-step: + 3 dspo no-M2 ablations; + bicubic, pretrained
     assert m["evaluate"]["jobs"] == 20 * 3 * k and o["evaluate"]["jobs"] == 17 * 3 * k
@@ -172,8 +185,9 @@ def test_paper_presets_job_counts_and_hours(tmp_path):
     # train (gpus.train 4, max_steps 2000): only dspo priced, 3 objectives; two jobs at a time
     assert m["train"]["gpu_hours"] == pytest.approx(3 * 4 * (30 + 3 * 2000) / 3600)
     assert m["train"]["wall_hours"] == pytest.approx(2 * (30 + 3 * 2000) / 3600)
-    assert m["train"]["not_modelled"] == {f"train/multistep/{x}": 3
-                                          for x in ("ddpo", "dpo", "dspo_m1", "sft")}  # fmt: skip
+    assert m["train"]["not_modelled"] == {
+        f"train/multistep/{x}": 3 for x in ("ddpo", "dpo", "dspo_m1", "sft")
+    }
     # candidates: 198 images in 4 shards of 50, 50, 49, 49, all 4 at once on 8 GPUs
     assert m["candidates"]["gpu_hours"] == pytest.approx((4 * 10 + 2 * 198) / 3600)
     assert m["candidates"]["wall_hours"] == pytest.approx((10 + 2 * 50) / 3600)
@@ -218,8 +232,11 @@ def test_testset_sizes_from_the_command_line_and_settings_mismatch(tmp_path):
     assert "evaluate" in mismatched and "50" in mismatched  # ci samples 3 steps, the paper 50
     assert "segment" in mismatched and "sam" in mismatched
     assert result["extrapolated"] == []  # the hand-made file records no sizes
-    same = {**HAND_COSTS, "measured_with": planner.measured_with(config, ["onestep"]),
-            "sizes": [32, 96]}  # fmt: skip
+    same = {
+        **HAND_COSTS,
+        "measured_with": planner.measured_with(config, ["onestep"]),
+        "sizes": [32, 96],
+    }
     result = planner.plan(config, 500, 8, 2, same, 32, {}, tmp_path)
     assert result["mismatched_settings"] == []
     # measured up to 96 px, planned at 512 px crops (paper_onestep): (512 / 96)^2 = 28x
@@ -231,8 +248,20 @@ def test_testset_sizes_from_the_command_line_and_settings_mismatch(tmp_path):
 def test_cli_prints_the_table_and_the_costs_label(tmp_path, capsys):
     costs = tmp_path / "costs.json"
     costs.write_text(json.dumps(HAND_COSTS))
-    argv = ["--configfile", str(PRESETS / "paper_multistep.yaml"), "--images", "85000",
-            "--gpus", "8", "--shards", "8", "--costs", str(costs), "--root", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--configfile",
+        str(PRESETS / "paper_multistep.yaml"),
+        "--images",
+        "85000",
+        "--gpus",
+        "8",
+        "--shards",
+        "8",
+        "--costs",
+        str(costs),
+        "--root",
+        str(tmp_path),
+    ]
     assert planner.main(argv) == 0
     text = capsys.readouterr().out
     assert "hand-made for tests" in text and "critical path" in text
@@ -249,9 +278,10 @@ def test_several_costs_files_merge_the_last_one_wins(tmp_path, capsys):
         "label": "measured on GPU test card",
         "measured_on": {"device": "gpu", "gpu": "test card", "date": "2026-01-02", "threads": 8},
         "caveat": "",
-        "stages": {"candidates/multistep": {"startup_s": 1.0, "per_image_s": 0.5,
-                                            "per_megapixel_s": 0.0}},
-    }  # fmt: skip
+        "stages": {
+            "candidates/multistep": {"startup_s": 1.0, "per_image_s": 0.5, "per_megapixel_s": 0.0}
+        },
+    }
     files = []
     for name, costs in (("cpu.json", HAND_COSTS), ("gpu.json", gpu)):
         files.append(tmp_path / name)
@@ -266,8 +296,18 @@ def test_several_costs_files_merge_the_last_one_wins(tmp_path, capsys):
     assert stage["candidates"]["cost_keys"] == ["candidates/multistep[2]"]
     assert stage["score"]["cost_keys"] == ["score[1]"]
     assert [c["label"] for c in result["costs"]] == [HAND_COSTS["label"], gpu["label"]]
-    argv = ["--configfile", str(PRESETS / "paper_multistep.yaml"), "--images", "2000", "--gpus",
-            "8", "--costs", *map(str, files), "--root", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--configfile",
+        str(PRESETS / "paper_multistep.yaml"),
+        "--images",
+        "2000",
+        "--gpus",
+        "8",
+        "--costs",
+        *map(str, files),
+        "--root",
+        str(tmp_path),
+    ]
     assert planner.main(argv) == 0
     text = capsys.readouterr().out
     assert "costs [1]: hand-made for tests" in text and "costs [2]: measured on GPU" in text
@@ -304,8 +344,16 @@ def test_fit_separates_startup_per_image_and_per_megapixel():
         for images in (4, 12):
             mp = size * size / 1e6
             seconds = 5.0 + images * (0.25 + 100.0 * mp)
-            jobs.append({"seconds": seconds, "cpu_seconds": seconds / 2, "peak_rss_bytes": 10 + images,
-                         "images": images, "megapixels": mp, "size": size})  # fmt: skip
+            jobs.append(
+                {
+                    "seconds": seconds,
+                    "cpu_seconds": seconds / 2,
+                    "peak_rss_bytes": 10 + images,
+                    "images": images,
+                    "megapixels": mp,
+                    "size": size,
+                }
+            )
     entry = bench.stage_costs(jobs, [100], "wall")
     assert entry["startup_s"] == pytest.approx(5.0, abs=1e-3)
     assert entry["per_image_s"] == pytest.approx(0.25, abs=1e-5)
@@ -314,8 +362,10 @@ def test_fit_separates_startup_per_image_and_per_megapixel():
     assert entry["fits"]["wall"]["fit"]["determined"] and entry["peak_rss_bytes"] == 22
     # start-up share of a 100-image shard at 64 px: 5 / (5 + 100 x (0.25 + 100 x 0.004096))
     assert entry["startup_share"]["100"] == pytest.approx(5 / (5 + 100 * 0.6596), abs=1e-4)
-    steps = [{"seconds": 7 + 2 * n, "cpu_seconds": 7 + 2 * n, "peak_rss_bytes": 1, "steps": n}
-             for n in (1, 2, 4)]  # fmt: skip
+    steps = [
+        {"seconds": 7 + 2 * n, "cpu_seconds": 7 + 2 * n, "peak_rss_bytes": 1, "steps": n}
+        for n in (1, 2, 4)
+    ]
     entry = bench.step_costs(steps, "cpu")
     assert (entry["startup_s"], entry["per_step_s"]) == pytest.approx((7.0, 2.0))
 
@@ -350,8 +400,9 @@ def test_job_counts_equal_a_snakemake_dry_run(tmp_path):
     workdir = copy_workflow(tmp_path / "wf")
     mapping = {"prompts": ["prompts.train", "prompts.testsets"]}
     for k in (1, 3):
-        planned = planned_jobs(workdir, "--configfile", "workflow/presets/ci.yaml", "--config",
-                               f"shards={k}")  # fmt: skip
+        planned = planned_jobs(
+            workdir, "--configfile", "workflow/presets/ci.yaml", "--config", f"shards={k}"
+        )
         stage = rows(make_plan("ci", 4, 1, k, tmp_path))
         compared = set()
         for rule, count in planned.items():
@@ -363,17 +414,39 @@ def test_job_counts_equal_a_snakemake_dry_run(tmp_path):
             assert sum(stage[n][field] for n in names) == count, (rule, k)
             compared.add(rule)
         assert {"degrade", "candidates_gather", "evaluate", "winrates", "r2.train"} <= {
-            r.replace("rounds_", "r2.") for r in compared}  # fmt: skip
+            r.replace("rounds_", "r2.") for r in compared
+        }
 
 
 @pytest.mark.slow
 def test_bench_stages_smoke(tmp_path):
     """The bench at its tiniest: one framework, 32 px, 1 and 2 images, no training."""
     out = tmp_path / "costs.json"
-    argv = [sys.executable, "-m", "pipeline", "bench", "stages", "--sizes", "32", "--counts", "1",
-            "2", "--frameworks", "multistep", "--train-methods", "--warmup", "0",
-            "--pretrain-steps", "4", "--shard-images", "10", "--out", str(out),
-            "--scratch", str(tmp_path / "scratch")]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "bench",
+        "stages",
+        "--sizes",
+        "32",
+        "--counts",
+        "1",
+        "2",
+        "--frameworks",
+        "multistep",
+        "--train-methods",
+        "--warmup",
+        "0",
+        "--pretrain-steps",
+        "4",
+        "--shard-images",
+        "10",
+        "--out",
+        str(out),
+        "--scratch",
+        str(tmp_path / "scratch"),
+    ]
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     printed = json.loads(result.stdout)
@@ -381,8 +454,18 @@ def test_bench_stages_smoke(tmp_path):
     assert printed["verdict"] == "pass" and printed["failed"] == []
     assert printed["not_measured"] == []
     costs = json.loads(out.read_text())
-    for key in ("degrade", "prompts", "candidates/multistep", "segment", "caption", "score",
-                "select", "evaluate/multistep", "evaluate/bicubic", "winrates"):  # fmt: skip
+    for key in (
+        "degrade",
+        "prompts",
+        "candidates/multistep",
+        "segment",
+        "caption",
+        "score",
+        "select",
+        "evaluate/multistep",
+        "evaluate/bicubic",
+        "winrates",
+    ):
         entry = costs["stages"][key]
         assert {p["images"] for p in entry["points"]} == {1, 2}, key
         assert entry["startup_s"] >= 0 and entry["peak_rss_bytes"] > 50e6, key

@@ -115,14 +115,22 @@ def test_per_sample_timesteps_and_generators():
     timesteps = torch.tensor([81, 41, 1])  # one per sample, the last one's prev is < 0
     seeds = [10, 11, 12]
     prev, log_prob = ddim_step_with_log_prob(
-        scheduler, eps, timesteps, x_t, 1.0,
+        scheduler,
+        eps,
+        timesteps,
+        x_t,
+        1.0,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
-    )  # fmt: skip
+    )
     for i, (t, seed) in enumerate(zip(timesteps.tolist(), seeds, strict=True)):
         row, row_log_prob = ddim_step_with_log_prob(
-            scheduler, eps[i : i + 1], t, x_t[i : i + 1], 1.0,
+            scheduler,
+            eps[i : i + 1],
+            t,
+            x_t[i : i + 1],
+            1.0,
             generator=torch.Generator().manual_seed(seed),
-        )  # fmt: skip
+        )
         torch.testing.assert_close(prev[i : i + 1], row, rtol=0, atol=0)
         torch.testing.assert_close(log_prob[i : i + 1], row_log_prob, rtol=0, atol=0)
         mean, std = closed_form(scheduler, eps[i : i + 1], x_t[i : i + 1], t, 1.0)
@@ -419,7 +427,11 @@ def test_perturbed_timesteps_follow_dro_and_drive_the_ddim_step():
     for k in range(5):
         eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(k + 1))
         x_t, log_prob = ddim_step_with_log_prob(
-            scheduler, eps, grids[:, k], x_t, 1.0,
+            scheduler,
+            eps,
+            grids[:, k],
+            x_t,
+            1.0,
             generator=[torch.Generator().manual_seed(100 * k + i) for i in range(3)],
-        )  # fmt: skip
+        )
         assert torch.isfinite(x_t).all() and torch.isfinite(log_prob).all()

@@ -93,10 +93,16 @@ def test_neighbourhoods_are_the_releases_B_for_size_three():
 
 def test_mix_gradients_on_hand_vectors():
     eps = pop.GRAD_NORM_EPS
-    perception = {"a": torch.tensor([3.0, 4.0], dtype=torch.float64), "b": None,
-                  "c": torch.tensor([[0.0, 10.0]], dtype=torch.float64)}  # fmt: skip
-    fidelity = {"a": torch.tensor([0.0, 2.0], dtype=torch.float64),
-                "b": torch.tensor([1.0], dtype=torch.float64), "c": None}  # fmt: skip
+    perception = {
+        "a": torch.tensor([3.0, 4.0], dtype=torch.float64),
+        "b": None,
+        "c": torch.tensor([[0.0, 10.0]], dtype=torch.float64),
+    }
+    fidelity = {
+        "a": torch.tensor([0.0, 2.0], dtype=torch.float64),
+        "b": torch.tensor([1.0], dtype=torch.float64),
+        "c": None,
+    }
     mixed = pop.mix_gradients(perception, fidelity, (0.25, 0.75))
     # per tensor: 0.25 * g_p / (|g_p| + eps) + 0.75 * g_f / (|g_f| + eps)
     a = [0.25 * 3 / (5 + eps) + 0.0, 0.25 * 4 / (5 + eps) + 0.75 * 2 / (2 + eps)]
@@ -180,8 +186,10 @@ def test_set_preference_gradients_equals_mix_of_autograd_gradients():
 
 
 def test_sbx_reproduces_the_formula_on_the_same_draws():
-    parent = {f"t{k}.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(k))
-              for k in range(8)}  # fmt: skip
+    parent = {
+        f"t{k}.weight": torch.randn(3, 2, generator=torch.Generator().manual_seed(k))
+        for k in range(8)
+    }
     parent["steps"] = torch.tensor([7])  # not floating: copied from the parent, no draw
     mate = {
         key: value + 1.0 if value.is_floating_point() else value * 0
@@ -220,8 +228,11 @@ def test_sbx_reproduces_the_formula_on_the_same_draws():
 
 
 def test_mutation_reproduces_the_formula_on_the_same_draws():
-    state = {"a.lora_A.weight": torch.randn(50, 40), "a.lora_B.weight": torch.randn(30, 20),
-             "a.bias": torch.randn(5)}  # fmt: skip
+    state = {
+        "a.lora_A.weight": torch.randn(50, 40),
+        "a.lora_B.weight": torch.randn(30, 20),
+        "a.bias": torch.randn(5),
+    }
     child = pop.gaussian_mutation(state, torch_generator(4, "test", "mut"))
 
     replay = torch_generator(4, "test", "mut")
@@ -303,12 +314,23 @@ def test_pareto_set_on_a_hand_example():
     as_losses = pop.pareto_mask(points, (False, False)).tolist()
     assert as_losses == [False, False, False, False, False, False, True]
     assert pop.pareto_mask(points[:6], (False, False)).tolist() == [
-        False, False, True, True, True, True
-    ]  # fmt: skip
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
     # mixed directions: perception higher, fidelity lower (e.g. LPIPS): D, F and G
     assert pop.pareto_mask(points, (True, False)).tolist() == [
-        False, False, False, True, False, True, True
-    ]  # fmt: skip
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
+        True,
+    ]
     with pytest.raises(ValueError, match="shape"):
         pop.pareto_mask(torch.ones(3))
 

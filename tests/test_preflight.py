@@ -95,8 +95,14 @@ def test_paper_preset_reports_every_missing_weight_at_once(tmp_path, preset):
 
 def test_paper_preset_with_its_files_in_place_has_no_problems(tmp_path):
     config = _preset("paper_onestep")
-    for folder in ("models/stable-diffusion-2-1-base", "models/blip-image-captioning-large",
-                   "models/pyiqa", "data/LSDIR", "data/RealSR", "data/DRealSR"):  # fmt: skip
+    for folder in (
+        "models/stable-diffusion-2-1-base",
+        "models/blip-image-captioning-large",
+        "models/pyiqa",
+        "data/LSDIR",
+        "data/RealSR",
+        "data/DRealSR",
+    ):
         (tmp_path / folder).mkdir(parents=True)
     for file in ("models/sam_vit_h_4b8939.pth", "models/pyiqa/LPIPS_v0.1_vgg-a78928a0.pth"):
         (tmp_path / file).write_bytes(b"")
@@ -143,15 +149,21 @@ def test_a_folder_where_a_file_belongs_is_refused(tmp_path):
 
 
 def test_hub_ids_only_with_downloads_allowed(tmp_path):
-    hub = {"pretrain__onestep__weights": "stabilityai/stable-diffusion-2-1-base",
-           "caption__captioner": "Salesforce/blip-image-captioning-large"}  # fmt: skip
+    hub = {
+        "pretrain__onestep__weights": "stabilityai/stable-diffusion-2-1-base",
+        "caption__captioner": "Salesforce/blip-image-captioning-large",
+    }
     offline = problems(tmp_path, **hub)
     assert list(offline) == ["pretrain.onestep.weights", "caption.captioner"]
     assert all("downloads are off (allow_downloads: false)" in m[0] for m in offline.values())
     assert problems(tmp_path, allow_downloads=True, **hub) == {}
     # two slashes is a path, never a hub id; a SAM checkpoint is always a local file
-    deep = problems(tmp_path, allow_downloads=True, caption__captioner="org/name/extra",
-                    segment__checkpoint="facebook/sam")  # fmt: skip
+    deep = problems(
+        tmp_path,
+        allow_downloads=True,
+        caption__captioner="org/name/extra",
+        segment__checkpoint="facebook/sam",
+    )
     assert list(deep) == ["segment.checkpoint", "caption.captioner"]
     assert "it is not a hub id (org/name)" in deep["caption.captioner"][0]
 
@@ -218,9 +230,14 @@ def test_metric_names_come_from_the_score_stage_and_pyiqa():
 
 
 def test_objective_metrics_must_be_scored(tmp_path):
-    found = problems(tmp_path, select__objectives={
-        "fidelity": {"psnr": 1.0, "lpips": 1.0}, "perception": {}, "united": {"piqe": 1.0},
-    })  # fmt: skip
+    found = problems(
+        tmp_path,
+        select__objectives={
+            "fidelity": {"psnr": 1.0, "lpips": 1.0},
+            "perception": {},
+            "united": {"piqe": 1.0},
+        },
+    )
     assert found == {
         "select.objectives.fidelity": [
             "metric(s) [lpips] are not in score.metrics [psnr, ssim, fsim, gmsd, vif, nlpd, piqe]"
@@ -248,10 +265,12 @@ def test_missing_data_paths_are_named(tmp_path):
     found = problems(
         tmp_path,
         degrade__source="data/LSDIR",
-        testsets={"synthetic": {"kind": "synthetic", "path": "results/data/test"},
-                  "RealSR": {"kind": "paired", "path": "data/RealSR"}},
+        testsets={
+            "synthetic": {"kind": "synthetic", "path": "results/data/test"},
+            "RealSR": {"kind": "paired", "path": "data/RealSR"},
+        },
         annotations="votes.csv",
-    )  # fmt: skip
+    )
     assert list(found) == ["degrade.source", "testsets.RealSR.path", "annotations"]
     assert found["degrade.source"][0].startswith("'data/LSDIR' does not exist (folder of HQ")
     assert found["testsets.RealSR.path"][0].startswith(
@@ -266,8 +285,11 @@ def test_missing_data_paths_are_named(tmp_path):
 
 
 def test_candidate_settings_need_configured_variants_and_unique_names(tmp_path):
-    settings = [{"name": "a", "variant": "rank16"}, {"name": "a", "variant": "rank64"},
-                {"name": "c", "variant": "rank32"}]  # fmt: skip
+    settings = [
+        {"name": "a", "variant": "rank16"},
+        {"name": "a", "variant": "rank64"},
+        {"name": "c", "variant": "rank32"},
+    ]
     found = problems(tmp_path, candidates__settings__onestep=settings)
     assert found == {
         "candidates.settings.onestep": ["setting name(s) [a] used more than once"],
@@ -281,16 +303,19 @@ def test_candidate_settings_need_configured_variants_and_unique_names(tmp_path):
 def test_a_base_variant_is_required(tmp_path):
     variants = {"rank16": {"lora_rank": 16}, "rank64": {"lora_rank": 64}}
     settings = [{"name": "r16", "variant": "rank16"}, {"name": "r64", "variant": "rank64"}]
-    found = problems(tmp_path, pretrain__onestep__variants=variants,
-                     candidates__settings__onestep=settings)  # fmt: skip
+    found = problems(
+        tmp_path, pretrain__onestep__variants=variants, candidates__settings__onestep=settings
+    )
     assert list(found) == ["pretrain.onestep.variants"]
     assert found["pretrain.onestep.variants"][0].startswith("needs a 'base' variant")
 
 
 def test_onestep_settings_that_differ_only_in_steps_or_cfg_are_refused(tmp_path):
-    settings = [{"name": "r16_cfg4", "variant": "rank16", "cfg": 4.0},
-                {"name": "r16_cfg8", "variant": "rank16", "cfg": 8.0},
-                {"name": "r64", "variant": "rank64"}]  # fmt: skip
+    settings = [
+        {"name": "r16_cfg4", "variant": "rank16", "cfg": 4.0},
+        {"name": "r16_cfg8", "variant": "rank16", "cfg": 8.0},
+        {"name": "r64", "variant": "rank64"},
+    ]
     found = problems(tmp_path, candidates__settings__onestep=settings)
     assert found == {
         "candidates.settings.onestep[0]": [
@@ -310,18 +335,26 @@ def test_onestep_settings_that_differ_only_in_steps_or_cfg_are_refused(tmp_path)
 
 def test_onestep_variants_differing_only_in_vsd_keys_without_vsd_are_refused(tmp_path):
     # the old demo: cfg6/cfg12 with lambda_vsd 0 are the same model but for chance
-    variants = {"base": {}, "cfg6": {"cfg_vsd": 6.0}, "cfg12": {"cfg_vsd": 12.0},
-                "rank16": {"lora_rank": 16}}  # fmt: skip
+    variants = {
+        "base": {},
+        "cfg6": {"cfg_vsd": 6.0},
+        "cfg12": {"cfg_vsd": 12.0},
+        "rank16": {"lora_rank": 16},
+    }
     settings = [{"name": n, "variant": n} for n in ("cfg6", "cfg12", "rank16")]
-    found = problems(tmp_path, pretrain__onestep__variants=variants,
-                     candidates__settings__onestep=settings)  # fmt: skip
+    found = problems(
+        tmp_path, pretrain__onestep__variants=variants, candidates__settings__onestep=settings
+    )
     assert list(found) == ["candidates.settings.onestep"]
     assert found["candidates.settings.onestep"][0].startswith(
         "variants 'cfg6' and 'cfg12' have the same effective settings"
     )
-    with_vsd = problems(tmp_path, pretrain__onestep__variants=variants,
-                        candidates__settings__onestep=settings,
-                        pretrain__onestep__model__lambda_vsd=1.0)  # fmt: skip
+    with_vsd = problems(
+        tmp_path,
+        pretrain__onestep__variants=variants,
+        candidates__settings__onestep=settings,
+        pretrain__onestep__model__lambda_vsd=1.0,
+    )
     assert with_vsd == {}  # the VSD guidance now changes the models
 
 
@@ -333,9 +366,11 @@ def _multistep(**changes):
 
 
 def test_multistep_settings_that_cannot_differ_are_refused(tmp_path):
-    guidance_off = [{"name": "s2_cfg0.5", "variant": "base", "steps": 2, "cfg": 0.5},
-                    {"name": "s2_cfg1", "variant": "base", "steps": 2, "cfg": 1.0},
-                    {"name": "s4_cfg4.5", "variant": "base", "steps": 4, "cfg": 4.5}]  # fmt: skip
+    guidance_off = [
+        {"name": "s2_cfg0.5", "variant": "base", "steps": 2, "cfg": 0.5},
+        {"name": "s2_cfg1", "variant": "base", "steps": 2, "cfg": 1.0},
+        {"name": "s4_cfg4.5", "variant": "base", "steps": 4, "cfg": 4.5},
+    ]
     found = problems(tmp_path, _multistep(candidates__settings__multistep=guidance_off))
     assert found == {
         "candidates.settings.multistep": [
@@ -344,10 +379,13 @@ def test_multistep_settings_that_cannot_differ_are_refused(tmp_path):
         ]
     }
     # a missing cfg is the model's default (pretrain.multistep.model.cfg), as candidates reads it
-    default = [{"name": "s2", "variant": "base", "steps": 2},
-               {"name": "s2_cfg3", "variant": "base", "steps": 2, "cfg": 3.0}]  # fmt: skip
-    config = _multistep(candidates__settings__multistep=default,
-                        pretrain__multistep__model__cfg=3.0)  # fmt: skip
+    default = [
+        {"name": "s2", "variant": "base", "steps": 2},
+        {"name": "s2_cfg3", "variant": "base", "steps": 2, "cfg": 3.0},
+    ]
+    config = _multistep(
+        candidates__settings__multistep=default, pretrain__multistep__model__cfg=3.0
+    )
     assert problems(tmp_path, config) == {
         "candidates.settings.multistep": [
             "settings [s2, s2_cfg3] would be identical (variant 'base', 2 steps; the same "
@@ -369,8 +407,9 @@ def test_segment_source_must_be_hq_or_a_setting(tmp_path):
 
 
 def test_batch_sizes_must_split_over_the_gpus(tmp_path):
-    found = problems(tmp_path, gpus={"pretrain": 3, "train": 3},
-                     train__gradient_accumulation_steps=1)  # fmt: skip
+    found = problems(
+        tmp_path, gpus={"pretrain": 3, "train": 3}, train__gradient_accumulation_steps=1
+    )
     assert found == {
         "pretrain.onestep.batch_size": [
             "16 is not a multiple of gpus.pretrain (3): each DDP process takes an equal share"
@@ -499,8 +538,9 @@ def test_a_misspelt_metric_is_named_under_its_key(tmp_path, key):
 
 def test_metrics_a_key_reads_must_be_scored_or_evaluated(tmp_path):
     front = {"perception": {"piqe": 1.0}, "fidelity": {"lpips": 1.0}}
-    found = problems(tmp_path, report__radar_metrics=["psnr", "lpips"],
-                     report__front_objectives=front)  # fmt: skip
+    found = problems(
+        tmp_path, report__radar_metrics=["psnr", "lpips"], report__front_objectives=front
+    )
     evaluated = "[psnr, ssim, fsim, gmsd, vif, nlpd, piqe]"
     assert found == {
         "report.radar_metrics": [f"metric(s) [lpips] are not in evaluate.metrics {evaluated}"],
@@ -518,14 +558,19 @@ def test_gdpo_metrics_are_checked_before_the_gdpo_job():
             "metric(s) [lpips] are not in score.metrics [psnr, ssim, gmsd, piqe]"
         ]
     }
-    kinds = problems(REPO, ci, train__gdpo_fidelity_metrics=["piqe"],
-                     train__gdpo_detail_metrics=["psnr"])  # fmt: skip
+    kinds = problems(
+        REPO, ci, train__gdpo_fidelity_metrics=["piqe"], train__gdpo_detail_metrics=["psnr"]
+    )
     assert kinds == {
         "train.gdpo_fidelity_metrics": ["[piqe] are not full-reference (gdpo's fidelity term)"],
         "train.gdpo_detail_metrics": ["[psnr] are not no-reference (gdpo's detail term)"],
     }
-    shared = problems(REPO, ci, train__gdpo_fidelity_metrics=["psnr", "ssim"],
-                      train__gdpo_detail_metrics=["piqe", "ssim"])  # fmt: skip
+    shared = problems(
+        REPO,
+        ci,
+        train__gdpo_fidelity_metrics=["psnr", "ssim"],
+        train__gdpo_detail_metrics=["piqe", "ssim"],
+    )
     assert shared["train.gdpo_detail_metrics"][0] == (
         "shares [ssim] with train.gdpo_fidelity_metrics"
     )
@@ -582,8 +627,11 @@ def test_a_fixed_prompt_equal_to_its_negative_prompt_is_refused(tmp_path):
     # the prompts stage refuses the same rows
     import pandas as pd
 
-    row = {"image_id": "a", "prompt": guidance.join_prompts("blurry, ", " blurry"),
-           "negative_prompt": guidance.join_prompts("blurry")}  # fmt: skip
+    row = {
+        "image_id": "a",
+        "prompt": guidance.join_prompts("blurry, ", " blurry"),
+        "negative_prompt": guidance.join_prompts("blurry"),
+    }
     with pytest.raises(guidance.PromptsError):
         guidance.check_guidance(pd.DataFrame([row]))
 
@@ -650,8 +698,9 @@ def test_snakemake_names_a_misspelt_key_briefly_and_hints_at_locks(tmp_path):
     locks = workdir / ".snakemake" / "locks"
     locks.mkdir(parents=True)
     (locks / "0.input.lock").write_text(str(workdir / "results"))
-    result = snakemake(workdir, "--dry-run", "--configfile", "config.yaml", "mine.yaml",
-                       check=False)  # fmt: skip
+    result = snakemake(
+        workdir, "--dry-run", "--configfile", "config.yaml", "mine.yaml", check=False
+    )
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "trian: unknown key at the top level (in mine.yaml); did you mean: train" in out

@@ -16,10 +16,16 @@ from tests.ddp_helpers import run_in_gloo_processes
 from tests.onestep_helpers import TINY, TINY_MODEL, make_pairs
 
 CONFIG = {
-    "steps": 6, "batch_size": 2, "crop_size": 32, "lr": 1e-3, "checkpoint_every": 2,
-    "device": "cpu", "tiny": TINY, "model": TINY_MODEL,
+    "steps": 6,
+    "batch_size": 2,
+    "crop_size": 32,
+    "lr": 1e-3,
+    "checkpoint_every": 2,
+    "device": "cpu",
+    "tiny": TINY,
+    "model": TINY_MODEL,
     "variants": {"rank8": {"lora_rank": 8}, "base": {}},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +89,25 @@ def test_kill_and_resume_gives_identical_weights(data, tmp_path):
 def test_cli_writes_a_loadable_model_and_log_metadata(data, tmp_path):
     out = tmp_path / "models" / "onestep" / "base"
     config = {**CONFIG, "steps": 2}
-    assert main(["--framework", "onestep", "--variant", "base", "--data", str(data), "--out",
-                 str(out), "--config", json.dumps(config), "--seed", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--framework",
+                "onestep",
+                "--variant",
+                "base",
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--config",
+                json.dumps(config),
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     model = load_model(out)
     assert model.framework == "onestep"
     metadata = read_metadata(out / "train_log.parquet")
@@ -120,9 +143,11 @@ def test_two_gloo_processes_give_the_update_of_one_process(data, tmp_path):
     # average (Adam's update alone would not: it is invariant to the gradient's scale)
     for column in ("loss", "grad_norm"):
         torch.testing.assert_close(
-            torch.tensor(log_ddp[column].to_numpy()), torch.tensor(log_single[column].to_numpy()),
-            rtol=1e-5, atol=0,
-        )  # fmt: skip
+            torch.tensor(log_ddp[column].to_numpy()),
+            torch.tensor(log_single[column].to_numpy()),
+            rtol=1e-5,
+            atol=0,
+        )
     # Adam amplifies float noise from the all-reduce's summation order in near-zero gradients;
     # a different update would move weights by ~lr (1e-3) per step
     a, b = _weights(single), _weights(tmp_path / "ddp")
@@ -209,7 +234,25 @@ def test_the_loop_clips_generator_and_regulariser_as_two_groups(data, tmp_path, 
 
 def test_cli_takes_the_shared_checkpoints_flag(data, tmp_path):
     folder = tmp_path / "elsewhere"
-    assert main(["--framework", "onestep", "--variant", "base", "--data", str(data), "--out",
-                 str(tmp_path / "out"), "--config", json.dumps({**CONFIG, "steps": 3}),
-                 "--checkpoints", str(folder), "--max-steps", "1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--framework",
+                "onestep",
+                "--variant",
+                "base",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "out"),
+                "--config",
+                json.dumps({**CONFIG, "steps": 3}),
+                "--checkpoints",
+                str(folder),
+                "--max-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in folder.glob("step-*")] == ["step-00000001"]

@@ -221,8 +221,11 @@ def test_feedback_vocabulary_of_a_hand_made_table():
     }
     # per-image counts: horse 2, face 2, sign 1, bird 1; ties alphabetical
     assert feedback_vocabulary(feedback) == [
-        "a face in the wall", "a horse running", "a bird", "text on a sign",
-    ]  # fmt: skip
+        "a face in the wall",
+        "a horse running",
+        "a bird",
+        "text on a sign",
+    ]
     assert feedback_vocabulary(feedback, max_terms=1) == ["a face in the wall"]
     assert feedback_vocabulary(feedback, min_images=2) == ["a face in the wall", "a horse running"]
     assert feedback_vocabulary(feedback, max_terms=0) == []
@@ -231,10 +234,18 @@ def test_feedback_vocabulary_of_a_hand_made_table():
     )
     assert vocabulary_negative_prompt(feedback.iloc[:0], "lowres") == "lowres"  # no feedback
     # the preference-pairs form (negative_prompt joined with ", ") gives the same vocabulary
-    pairs = pd.DataFrame({"image_id": ["i1", "i1", "i2", "i3", "i4"], "negative_prompt": [
-        "a horse running, a face in the wall", "a horse running", "a horse running, text on a sign",
-        "a bird, a face in the wall", "",
-    ]})  # fmt: skip
+    pairs = pd.DataFrame(
+        {
+            "image_id": ["i1", "i1", "i2", "i3", "i4"],
+            "negative_prompt": [
+                "a horse running, a face in the wall",
+                "a horse running",
+                "a horse running, text on a sign",
+                "a bird, a face in the wall",
+                "",
+            ],
+        }
+    )
     assert feedback_vocabulary(pairs) == feedback_vocabulary(feedback)
     with pytest.raises(PromptsError, match="feedback table"):
         feedback_by_image(pd.DataFrame({"image_id": ["i1"]}))
@@ -244,14 +255,20 @@ def test_feedback_per_image_and_on_a_prompts_table():
     assert image_negative_prompt("lowres, blur", ["a horse running", "lowres"]) == (
         "a horse running, lowres, blur"
     )
-    table = pd.DataFrame({
-        "image_id": ["i1", "i4"], "prompt": ["p", "p"], "negative_prompt": ["lowres", "lowres"],
-        "source": ["fixed"] * 2, "model": ["none"] * 2,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "image_id": ["i1", "i4"],
+            "prompt": ["p", "p"],
+            "negative_prompt": ["lowres", "lowres"],
+            "source": ["fixed"] * 2,
+            "model": ["none"] * 2,
+        }
+    )
     per_image = apply_feedback(table, _feedback(), "image")
     assert per_image["negative_prompt"].tolist() == [
-        "a horse running, a face in the wall, lowres", "lowres",
-    ]  # fmt: skip
+        "a horse running, a face in the wall, lowres",
+        "lowres",
+    ]
     vocabulary = apply_feedback(table, _feedback(), "vocabulary", max_terms=1)
     assert vocabulary["negative_prompt"].tolist() == ["a face in the wall, lowres"] * 2
     assert table["negative_prompt"].tolist() == ["lowres", "lowres"]  # input unchanged

@@ -57,8 +57,17 @@ def _data(folder: Path, ids: list[str], shard: dict | None = None) -> Path:
 
 
 def _argv(images: Path, kind: str, out: Path, *extra: str, config=CONFIG) -> list[str]:
-    return ["--images", str(images), "--kind", kind, "--out", str(out),
-            "--config", json.dumps(config), *extra]  # fmt: skip
+    return [
+        "--images",
+        str(images),
+        "--kind",
+        kind,
+        "--out",
+        str(out),
+        "--config",
+        json.dumps(config),
+        *extra,
+    ]
 
 
 def _table(path: Path) -> pd.DataFrame:
@@ -202,10 +211,16 @@ def test_killed_shard_resumes_with_the_same_table(paired, tmp_path):
     assert "prompts: resumed" in log and "skipped 2 of 5 already complete" in log
     assert not (tmp_path / ".killed.parquet.work").exists()
     reference = tmp_path / "reference.parquet"
-    assert "resumed" not in run_stage(["prompts", *_argv(paired, "paired", reference,
-                                                         "--shard", "2-of-2")])  # fmt: skip
-    assert _table(out)["image_id"].tolist() == ["Cam_000", "Cam_001", "Cam_002", "Cam_003",
-                                                "Cam_005"]  # fmt: skip
+    assert "resumed" not in run_stage(
+        ["prompts", *_argv(paired, "paired", reference, "--shard", "2-of-2")]
+    )
+    assert _table(out)["image_id"].tolist() == [
+        "Cam_000",
+        "Cam_001",
+        "Cam_002",
+        "Cam_003",
+        "Cam_005",
+    ]
     pd.testing.assert_frame_equal(_table(out), _table(reference))
     # the same process settings: the same file, metadata and all
     assert out.read_bytes() == reference.read_bytes()

@@ -35,9 +35,13 @@ def _images(size: int = 32, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 def preset_paths(preset: dict) -> list[str]:
     """Every file or folder a paper preset refers to (results/ excepted: the pipeline's own)."""
-    paths = [preset["degrade"]["source"], preset["segment"]["checkpoint"],
-             preset["caption"]["captioner"], preset["score"]["weights_dir"],
-             preset["evaluate"]["weights_dir"]]  # fmt: skip
+    paths = [
+        preset["degrade"]["source"],
+        preset["segment"]["checkpoint"],
+        preset["caption"]["captioner"],
+        preset["score"]["weights_dir"],
+        preset["evaluate"]["weights_dir"],
+    ]
     for family in preset["pretrain"].values():
         paths.append(family["weights"])
         for key in ("perceptual_weights", "perceptual_weights_dir"):
@@ -79,14 +83,22 @@ def test_sd_folders_load_in_diffusers_and_the_pipeline_loaders(out):
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         assert scheduler.config.prediction_type == "epsilon"
         assert scheduler.config.beta_schedule == "scaled_linear"
-        assert json.loads((folder / "scheduler/scheduler_config.json").read_text())[
-            "_class_name"] == "PNDMScheduler"  # fmt: skip
+        assert (
+            json.loads((folder / "scheduler/scheduler_config.json").read_text())["_class_name"]
+            == "PNDMScheduler"
+        )
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
         assert pipe.vae_scale_factor == 8 and pipe.tokenizer.model_max_length == 77
         tokens = pipe.tokenizer("the cat on the road").input_ids
         assert len(tokens) < 20  # merges apply: fewer tokens than characters
-        image = pipe("a cat", height=64, width=64, num_inference_steps=1, output_type="np",
-                     generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        image = pipe(
+            "a cat",
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
         assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
 
     onestep = OneStepSR.from_sd_base(out / replicas.SD_FOLDERS["onestep"], lambda_vsd=0.0)
@@ -96,8 +108,7 @@ def test_sd_folders_load_in_diffusers_and_the_pipeline_loaders(out):
 
     multistep = MultiStepSR.from_sd_base(out / replicas.SD_FOLDERS["multistep"])
     generators = [torch.Generator().manual_seed(0)]
-    sr = multistep.sample(_images(32), prompts=["a photo"], steps=2, cfg=4.5,
-                          generators=generators)  # fmt: skip
+    sr = multistep.sample(_images(32), prompts=["a photo"], steps=2, cfg=4.5, generators=generators)
     assert sr.shape == (1, 3, 32, 32) and torch.isfinite(sr).all()
 
 
@@ -125,8 +136,12 @@ def test_sam_replica_loads_with_the_documented_architecture_override(out):
     from pipeline import segment
 
     overrides = replicas.config_overrides()["segment"]
-    config = {"checkpoint": str(out / replicas.SAM_CHECKPOINT), "model_type": "vit_h",
-              "device": "cpu", **overrides}  # fmt: skip
+    config = {
+        "checkpoint": str(out / replicas.SAM_CHECKPOINT),
+        "model_type": "vit_h",
+        "device": "cpu",
+        **overrides,
+    }
     segmenter = segment.build_segmenter(config)
     assert segmenter.info["backend"] == "sam"
     image = read_rgb(out / "data/RealSR/HR/Canon_001_HR.png")
@@ -187,8 +202,11 @@ def test_paired_testsets_load_through_evaluate(out):
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
@@ -200,5 +218,8 @@ def test_writers_are_deterministic_from_the_seed(tmp_path):
     a, b, c = (_digest(tmp_path / name) for name in "abc")
     assert a == b
     differing = {key for key in a if a[key] != c[key]}
-    assert {"sam.pth", "sd/unet/diffusion_pytorch_model.safetensors",
-            "RealSR/HR/Canon_001_HR.png"} <= differing  # fmt: skip
+    assert {
+        "sam.pth",
+        "sd/unet/diffusion_pytorch_model.safetensors",
+        "RealSR/HR/Canon_001_HR.png",
+    } <= differing

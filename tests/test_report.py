@@ -83,9 +83,12 @@ def test_table_layout_rows_deltas_and_highlights():
     markdown, table = report.format_tables(summary, CONFIG)
     assert list(table.columns) == ["testset", "model", "kind", "psnr", "lpips"]
     assert list(zip(table["model"], table["kind"], strict=True)) == [
-        ("bicubic", "mean"), ("bicubic", "delta_vs_baseline"), ("pretrained", "mean"),
-        ("dspo", "mean"), ("dspo", "delta_vs_baseline"),
-    ]  # fmt: skip
+        ("bicubic", "mean"),
+        ("bicubic", "delta_vs_baseline"),
+        ("pretrained", "mean"),
+        ("dspo", "mean"),
+        ("dspo", "delta_vs_baseline"),
+    ]
     lines = markdown.splitlines()
     header = next(line for line in lines if line.startswith("| Method"))
     assert header == "| Method | PSNR↑ | LPIPS↓ |"
@@ -109,8 +112,13 @@ def test_table_2_ablation_rows_sit_under_their_dspo_model():
     summary = report.summarise(metrics_frame(values), CONFIG)
     markdown, table = report.format_tables(summary, CONFIG)
     means = table[table["kind"] == "mean"]["model"].tolist()
-    assert means == ["pretrained", "dpo_fidelity", "dspo_fidelity", "dspo_m1_fidelity",
-                     "dspo_fidelity_nom2"]  # fmt: skip
+    assert means == [
+        "pretrained",
+        "dpo_fidelity",
+        "dspo_fidelity",
+        "dspo_m1_fidelity",
+        "dspo_fidelity_nom2",
+    ]
     assert "| Δ dspo_fidelity_nom2 vs pretrained | **+0.50** |" in markdown.splitlines()
     assert "`dspo_fidelity_nom2`: DSPO sampled without the feedback negatives" in markdown
     assert "`dspo_m1_fidelity`: DSPO trained without the feedback negatives (M1 only)" in markdown
@@ -151,9 +159,10 @@ def test_report_stage_writes_every_artifact(tmp_path):
     provenance = tmp_path / "scores.parquet"
     write_table(
         pd.DataFrame(columns=["testset", "model", "image_id", "metric", "value", "lower_better"]),
-        provenance, "eval_metrics",
+        provenance,
+        "eval_metrics",
         {"backend": "classical-segmenter", "stand_ins": {"segment": "no SAM checkpoint"}},
-    )  # fmt: skip
+    )
     paths = []
     rng = np.random.default_rng(0)
     for offset, model in enumerate(("pretrained", "dspo", "bicubic")):
@@ -161,17 +170,34 @@ def test_report_stage_writes_every_artifact(tmp_path):
         frame = metrics_frame({model: {"psnr": [20.0 + offset, 21.0], "lpips": [0.3, 0.2]}})
         frame["image_id"] = frame["image_id"].map({"img0": "img_a", "img1": "img_b"})
         for image_id in ("img_a", "img_b"):
-            write_png(folder / "images" / f"{image_id}.png",
-                      rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))  # fmt: skip
-        metadata = {"testset_kind": "synthetic", "testset_path": str(data), "n_images": 2,
-                    "model_describe": {"weights": f"{model}-weights"}, "metrics": {"psnr": {}},
-                    "stand_ins": {"model_weights": "tiny-random(seed=0)"}, "config": {}}  # fmt: skip
+            write_png(
+                folder / "images" / f"{image_id}.png",
+                rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            )
+        metadata = {
+            "testset_kind": "synthetic",
+            "testset_path": str(data),
+            "n_images": 2,
+            "model_describe": {"weights": f"{model}-weights"},
+            "metrics": {"psnr": {}},
+            "stand_ins": {"model_weights": "tiny-random(seed=0)"},
+            "config": {},
+        }
         write_table(frame, folder / "metrics.parquet", "eval_metrics", metadata)
         manifest = pd.DataFrame(
-            [("syn", model, i, f"images/{i}.png", str(data / "lq" / f"{i}.png"),
-              str(data / "hq" / f"{i}.png")) for i in ("img_a", "img_b")],
+            [
+                (
+                    "syn",
+                    model,
+                    i,
+                    f"images/{i}.png",
+                    str(data / "lq" / f"{i}.png"),
+                    str(data / "hq" / f"{i}.png"),
+                )
+                for i in ("img_a", "img_b")
+            ],
             columns=["testset", "model", "image_id", "sr_path", "lq_path", "hq_path"],
-        )  # fmt: skip
+        )
         write_table(manifest, folder / "images.parquet", "eval_images")
         paths.append(folder)
     out = tmp_path / "eval" / "multistep"
@@ -187,7 +213,7 @@ def test_report_stage_writes_every_artifact(tmp_path):
         "--provenance",
         str(provenance),
     ]
-    assert report.main(argv) == 0  # fmt: skip
+    assert report.main(argv) == 0
     summary = read_table(out / "summary.parquet", "eval_summary")
     assert len(summary) == 3 * 2
     assert read_metadata(out / "summary.parquet")["framework"] == "multistep"

@@ -58,8 +58,9 @@ def test_which_methods_and_objectives_iterate():
     config["rounds"] = {"count": 3}
     # null: every configured method that trains on selected pairs (not ddpo, not ea_adam)
     assert rounds.iterating_methods(config) == ["dspo", "dpo", "sft"]
-    assert rounds.runs(config) == [(m, "fidelity", r) for m in ("dspo", "dpo", "sft")
-                                   for r in (2, 3)]  # fmt: skip
+    assert rounds.runs(config) == [
+        (m, "fidelity", r) for m in ("dspo", "dpo", "sft") for r in (2, 3)
+    ]
     config["rounds"]["methods"] = ["sft", "dspo"]  # kept in the order of `methods`
     assert rounds.iterating_methods(config) == ["dspo", "sft"]
     for refused in (["ddpo"], ["ea_adam"]):
@@ -101,8 +102,9 @@ def test_round_paths_and_job_settings():
     assert rounds.policy_std(config, "multistep") is None
     # a round's select computes its run's objective only; the other stages run as round 1
     config["select"] = {"objectives": {"fidelity": {"psnr": 1.0}, "perception": {"piqe": 1.0}}}
-    select = rounds.job_settings(config, "select", framework="onestep", method="dspo",
-                                 objective="perception", round="2")  # fmt: skip
+    select = rounds.job_settings(
+        config, "select", framework="onestep", method="dspo", objective="perception", round="2"
+    )
     assert select["objectives"] == {"perception": {"piqe": 1.0}}
     assert {k: v for k, v in select.items() if k != "objectives"} == {
         k: v for k, v in settings.job_settings(config, "select").items() if k != "objectives"
@@ -147,11 +149,13 @@ def test_one_model_gives_four_different_candidates_through_the_policy(aligned):
         assert len({(plain / f"{v}/{image_id}.png").read_bytes() for v in ONESTEP_VARIANTS}) == 1
     # round 2: the one-step Gaussian policy, each setting its own seeded noise
     second = root / "r2"
-    table = generate_candidates("onestep", models, data, second, config, seed=5,
-                                policy_std=0.1, round_number=2)  # fmt: skip
+    table = generate_candidates(
+        "onestep", models, data, second, config, seed=5, policy_std=0.1, round_number=2
+    )
     for image_id in ("img0", "img1"):
-        images = [read_rgb(second / f"{v}/{image_id}.png").astype(np.int16)
-                  for v in ONESTEP_VARIANTS]  # fmt: skip
+        images = [
+            read_rgb(second / f"{v}/{image_id}.png").astype(np.int16) for v in ONESTEP_VARIANTS
+        ]
         assert len({image.tobytes() for image in images}) == 4
         base = read_rgb(plain / f"cfg6/{image_id}.png").astype(np.int16)
         # noise of std 0.1 latent units around the one-step sample: near it, not on it
@@ -159,8 +163,7 @@ def test_one_model_gives_four_different_candidates_through_the_policy(aligned):
     row = table[(table.image_id == "img1") & (table.setting == "rank64")].iloc[0]
     assert row.seed == derive_seed(5, "candidates", "img1", "rank64", "round", 2)
     recorded = read_metadata(second / contracts.CANDIDATES_TABLE)
-    assert recorded["round"] == {"round": 2, "policy_std": 0.1,
-                                 "sampling": OneStepSR.POLICY_NAME}  # fmt: skip
+    assert recorded["round"] == {"round": 2, "policy_std": 0.1, "sampling": OneStepSR.POLICY_NAME}
     assert {m["path"] for m in recorded["models"].values()} == {str(root / "aligned")}
     assert "round" not in read_metadata(plain / contracts.CANDIDATES_TABLE)  # round 1 as before
     # reruns are byte-identical; the round keys the draws, the std scales them
@@ -181,8 +184,9 @@ def test_one_model_gives_four_different_candidates_through_the_policy(aligned):
 def test_policy_std_is_for_one_step_models_only(aligned):
     root, data, models = aligned
     with pytest.raises(ValueError, match="one-step models only"):
-        generate_candidates("multistep", {"base": models["cfg6"]}, data, root / "x", {}, 0,
-                            policy_std=0.1)  # fmt: skip
+        generate_candidates(
+            "multistep", {"base": models["cfg6"]}, data, root / "x", {}, 0, policy_std=0.1
+        )
 
 
 # ----------------------------------------------------------------------------- the report
@@ -199,18 +203,25 @@ def _summary(rows):
                 "lower_better": metric == "gmsd",
             }
             for model, metric, value in rows
-        ]  # fmt: skip
+        ]
     )
 
 
 def test_rounds_table_lists_each_run_per_round(tmp_path):
-    summary = _summary([
-        ("pretrained", "psnr", 20.0), ("pretrained", "gmsd", 0.2),
-        ("dspo_fidelity", "psnr", 21.0), ("dspo_fidelity", "gmsd", 0.19),
-        ("dspo_fidelity_r3", "psnr", 23.5), ("dspo_fidelity_r3", "gmsd", 0.15),
-        ("dspo_fidelity_r2", "psnr", 22.25), ("dspo_fidelity_r2", "gmsd", 0.17),
-        ("dpo_fidelity", "psnr", 20.5), ("dpo_fidelity", "gmsd", 0.21),
-    ])  # fmt: skip
+    summary = _summary(
+        [
+            ("pretrained", "psnr", 20.0),
+            ("pretrained", "gmsd", 0.2),
+            ("dspo_fidelity", "psnr", 21.0),
+            ("dspo_fidelity", "gmsd", 0.19),
+            ("dspo_fidelity_r3", "psnr", 23.5),
+            ("dspo_fidelity_r3", "gmsd", 0.15),
+            ("dspo_fidelity_r2", "psnr", 22.25),
+            ("dspo_fidelity_r2", "gmsd", 0.17),
+            ("dpo_fidelity", "psnr", 20.5),
+            ("dpo_fidelity", "gmsd", 0.21),
+        ]
+    )
     frame = rounds_frame(summary)
     assert frame.columns.tolist() == [*ROUNDS_COLUMNS, "psnr", "gmsd"]
     assert frame[["method", "objective", "round", "model"]].values.tolist() == [
@@ -273,9 +284,16 @@ def plans(tmp_path_factory):
     }
 
 
-ROUND_RULES = ("rounds_candidates", "rounds_candidates_gather", "rounds_caption",
-               "rounds_caption_gather", "rounds_score", "rounds_score_gather", "rounds_select",
-               "rounds_train")  # fmt: skip
+ROUND_RULES = (
+    "rounds_candidates",
+    "rounds_candidates_gather",
+    "rounds_caption",
+    "rounds_caption_gather",
+    "rounds_score",
+    "rounds_score_gather",
+    "rounds_select",
+    "rounds_train",
+)
 
 
 @pytest.mark.slow
@@ -285,8 +303,9 @@ def test_one_round_is_the_dag_without_rounds(plans):
     # count 2 adds the round jobs and the round models' evaluations, and changes no other job
     added = [j for j in two if j["rule"] in ROUND_RULES]
     assert sorted(j["rule"] for j in added) == sorted(ROUND_RULES * 2)  # per framework
-    round_evaluations = [j for j in two if j["rule"] in ("evaluate", "evaluate_gather")
-                         and "_r2" in j["output"]]  # fmt: skip
+    round_evaluations = [
+        j for j in two if j["rule"] in ("evaluate", "evaluate_gather") and "_r2" in j["output"]
+    ]
     assert len(round_evaluations) == 2 * 2  # one shard and its gather per framework
     unchanged = [j for j in two if j not in added and j not in round_evaluations]
     assert _signature(unchanged) == _signature(one)
@@ -330,8 +349,12 @@ def test_round_two_reads_its_pairs_and_round_one_model(plans):
             f"results/rounds/{run}/r2/pairs/fidelity.parquet",
             f"results/rounds/{run}/r2/pairs/fidelity_image.parquet",
         ]
-        evaluation = [j for j in plans["ci"] if j["rule"] == "evaluate"
-                      and j["output"] == f"results/shards/eval/{framework}/synthetic/dspo_fidelity_r2/1-of-1"]  # fmt: skip
+        evaluation = [
+            j
+            for j in plans["ci"]
+            if j["rule"] == "evaluate"
+            and j["output"] == f"results/shards/eval/{framework}/synthetic/dspo_fidelity_r2/1-of-1"
+        ]
         assert len(evaluation) == 1
         assert evaluation[0]["input"].startswith(f"results/rounds/{run}/r2/aligned")
         report = _only(plans["ci"], "report", framework)
@@ -350,19 +373,28 @@ def test_rounds_settings_change_what_runs(plans):
     trains = sorted(j["output"] for j in three if j["rule"] == "rounds_train")
     assert trains == sorted(
         f"results/rounds/{fw}/{m}/fidelity/r{r}/aligned"
-        for fw in ("onestep", "multistep") for m in ("dspo", "dpo") for r in (2, 3)
-    )  # fmt: skip
+        for fw in ("onestep", "multistep")
+        for m in ("dspo", "dpo")
+        for r in (2, 3)
+    )
     for framework in ("onestep", "multistep"):
         # round 3 starts from round 2's model; dpo reads its round's image-level pairs
-        job = [j for j in three if j["rule"] == "rounds_train"
-               and j["output"] == f"results/rounds/{framework}/dpo/fidelity/r3/aligned"][0]  # fmt: skip
+        job = [
+            j
+            for j in three
+            if j["rule"] == "rounds_train"
+            and j["output"] == f"results/rounds/{framework}/dpo/fidelity/r3/aligned"
+        ][0]
         inputs = job["input"].split(", ")
         assert (
             inputs[0] == f"results/rounds/{framework}/dpo/fidelity/r3/pairs/fidelity_image.parquet"
         )
         assert inputs[-1] == f"results/rounds/{framework}/dpo/fidelity/r2/aligned"
-    onestep = [j["shell"] for j in three if j["rule"] == "rounds_candidates"
-               and "framework=onestep" in j["wildcards"]]  # fmt: skip
+    onestep = [
+        j["shell"]
+        for j in three
+        if j["rule"] == "rounds_candidates" and "framework=onestep" in j["wildcards"]
+    ]
     assert len(onestep) == 4 and all("--policy-std 0.25 " in s for s in onestep)
     evaluated = {j["output"].rsplit("/", 1)[1] for j in three if j["rule"] == "evaluate_gather"}
     assert {
@@ -377,7 +409,8 @@ def test_rounds_settings_change_what_runs(plans):
 def test_snakemake_refuses_rounds_of_an_online_method(plans):
     workdir = plans["workdir"]
     (workdir / "online.yaml").write_text("rounds: {count: 2, methods: [dspo, ddpo]}\n")
-    result = snakemake(workdir, "--dry-run", "--configfile", "workflow/presets/ci.yaml",
-                       "online.yaml", check=False)  # fmt: skip
+    result = snakemake(
+        workdir, "--dry-run", "--configfile", "workflow/presets/ci.yaml", "online.yaml", check=False
+    )
     assert result.returncode != 0
     assert "config rounds.methods: ['ddpo'] cannot iterate" in result.stdout + result.stderr

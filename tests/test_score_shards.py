@@ -67,10 +67,20 @@ def candidates_of(inputs: Path, image_ids: list[str], name: str) -> Path:
 def argv(inputs: Path, out: Path, metrics=METRICS, candidates: Path | None = None) -> list[str]:
     candidates = candidates or inputs / "candidates" / "candidates.parquet"
     return [
-        "score", "--candidates", str(candidates), "--data", str(inputs),
-        "--masks", str(inputs / "masks.zarr"), "--instances", str(inputs / "instances.parquet"),
-        "--out", str(out), "--config", json.dumps({"metrics": metrics, "device": "cpu"}),
-    ]  # fmt: skip
+        "score",
+        "--candidates",
+        str(candidates),
+        "--data",
+        str(inputs),
+        "--masks",
+        str(inputs / "masks.zarr"),
+        "--instances",
+        str(inputs / "instances.parquet"),
+        "--out",
+        str(out),
+        "--config",
+        json.dumps({"metrics": metrics, "device": "cpu"}),
+    ]
 
 
 def run(inputs: Path, out: Path, metrics=METRICS, candidates: Path | None = None) -> pd.DataFrame:

@@ -61,9 +61,16 @@ def images(tmp_path) -> dict[str, Path]:
 
 def argv(data: Path, out: Path, config=CONFIG) -> list[str]:
     return [
-        "segment", "--data", str(data), "--out-zarr", str(out / "masks.zarr"),
-        "--out-table", str(out / "instances.parquet"), "--config", json.dumps(config),
-    ]  # fmt: skip
+        "segment",
+        "--data",
+        str(data),
+        "--out-zarr",
+        str(out / "masks.zarr"),
+        "--out-table",
+        str(out / "instances.parquet"),
+        "--config",
+        json.dumps(config),
+    ]
 
 
 def run(data: Path, out: Path, config=CONFIG) -> None:

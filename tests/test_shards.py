@@ -16,15 +16,18 @@ def test_shard_of_is_a_pure_function_of_the_key_and_count():
     keys = [f"img{i:04d}" for i in range(600)]
     first = {key: shards.shard_of(key, 4) for key in keys}
     # adding keys never moves the others
-    assert {key: shards.shard_of(key, 4) for key in [*keys, "new1", "new2"]
-            if key in first} == first  # fmt: skip
+    assert {
+        key: shards.shard_of(key, 4) for key in [*keys, "new1", "new2"] if key in first
+    } == first
     counts = pd.Series(first).value_counts()
     assert set(counts.index) == {1, 2, 3, 4}
     assert counts.min() > 100  # roughly even: 150 expected per shard
     assert all(shards.shard_of(key, 1) == 1 for key in keys)
     # the hash is sha256 of the key: pinned, so a new Python or platform cannot move an image
-    assert shards.shard_of("astronaut", 3) == 1 + int.from_bytes(
-        __import__("hashlib").sha256(b"astronaut").digest()[:8], "little") % 3  # fmt: skip
+    assert (
+        shards.shard_of("astronaut", 3)
+        == 1 + int.from_bytes(__import__("hashlib").sha256(b"astronaut").digest()[:8], "little") % 3
+    )
 
 
 def test_shard_parse_and_items():
@@ -106,11 +109,24 @@ INSTANCE_COLUMNS = [
 
 def _instances(ids):
     return pd.DataFrame(
-        [{"image_id": i, "instance_id": k, "area": 4, "bbox_x": 0, "bbox_y": 0, "bbox_w": 2,
-          "bbox_h": 2, "weight": 0.5, "score": 1.0, "is_remainder": k == 0}
-         for i in ids for k in (1, 0)],  # rows of one image in the shard's own order
+        [
+            {
+                "image_id": i,
+                "instance_id": k,
+                "area": 4,
+                "bbox_x": 0,
+                "bbox_y": 0,
+                "bbox_w": 2,
+                "bbox_h": 2,
+                "weight": 0.5,
+                "score": 1.0,
+                "is_remainder": k == 0,
+            }
+            for i in ids
+            for k in (1, 0)
+        ],  # rows of one image in the shard's own order
         columns=INSTANCE_COLUMNS,
-    )  # fmt: skip
+    )
 
 
 def test_gather_table_equals_the_whole_and_merges_metadata(tmp_path):
@@ -120,9 +136,17 @@ def test_gather_table_equals_the_whole_and_merges_metadata(tmp_path):
     for index in (1, 2):
         shard = shards.Shard(index, 2)
         path = tmp_path / f"{index}.parquet"
-        write_table(_instances(sorted(shard.select(ids))), path, "instances",
-                    {"seed": 3, "shard": shard.record(), "skipped": [f"s{index}"],
-                     "where": f"folder{index}"})  # fmt: skip
+        write_table(
+            _instances(sorted(shard.select(ids))),
+            path,
+            "instances",
+            {
+                "seed": 3,
+                "shard": shard.record(),
+                "skipped": [f"s{index}"],
+                "where": f"folder{index}",
+            },
+        )
         parts.append(path)
     gather.gather("instances", parts, tmp_path / "all.parquet")
     gathered = read_table(tmp_path / "all.parquet", "instances")
@@ -155,9 +179,18 @@ def test_gather_folder_links_files_and_refuses_a_file_twice(tmp_path):
         rows = []
         for image_id in ids:
             (folder / "set" / f"{image_id}.png").write_bytes(image_id.encode())
-            rows.append({"image_id": image_id, "setting": "set", "variant": "v", "steps": 1,
-                         "cfg": 1.0, "seed": 1, "negative_prompt": "",
-                         "path": f"set/{image_id}.png"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "setting": "set",
+                    "variant": "v",
+                    "steps": 1,
+                    "cfg": 1.0,
+                    "seed": 1,
+                    "negative_prompt": "",
+                    "path": f"set/{image_id}.png",
+                }
+            )
         frames[index] = pd.DataFrame(rows)
         (folder / ".snakemake_timestamp").touch()  # Snakemake marks every folder output
         write_table(frames[index], folder / contracts.CANDIDATES_TABLE, "candidates")

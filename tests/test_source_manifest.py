@@ -243,8 +243,12 @@ def test_the_degrade_rule_reruns_on_a_content_change_with_manifest_content(tmp_p
     size and mtime reruns its shard (with stat it would not be seen)."""
     work = copy_workflow(tmp_path / "wf")
     config = yaml.safe_load((ROOT / "workflow" / "presets" / "ci.yaml").read_text())
-    config["degrade"] = {"source": "hq_source", "test_fraction": 0.0, "crop_size": 32,
-                         "manifest": "content"}  # fmt: skip
+    config["degrade"] = {
+        "source": "hq_source",
+        "test_fraction": 0.0,
+        "crop_size": 32,
+        "manifest": "content",
+    }
     (work / "tiny.yaml").write_text(yaml.safe_dump(config))
     source = work / "hq_source"
     source.mkdir()

@@ -144,8 +144,9 @@ def test_artifact_strength_changes_the_candidates_and_the_pairs():
     strong_pairs = pairs_of("a", strong[5], strong[0], strong[1])[2]
     assert not np.allclose(weak_pairs["value"], strong_pairs["value"])
     delta = study.unit(strong[5][study.CHECKER]) - study.unit(strong[2])
-    assert study.adoption([delta], [study.checker_pattern(SIZE, SIZE)], [strong[4]["textured"]],
-                          0.04) == pytest.approx(3.0, abs=0.1)  # fmt: skip
+    assert study.adoption(
+        [delta], [study.checker_pattern(SIZE, SIZE)], [strong[4]["textured"]], 0.04
+    ) == pytest.approx(3.0, abs=0.1)
 
 
 def test_image_margin_below_one_removes_the_dilemma():
@@ -193,8 +194,9 @@ def test_negative_control_pairs_carry_neither_artifact():
     # the same image's noise is the same draw; another image's differs
     again = arm_scene(study.NEGATIVE)[3][study.NOISE]
     assert np.array_equal(again, candidates[study.NOISE])
-    other = study.arm_candidates(study.NEGATIVE, hq, masks, 0.08, 2.0,
-                                 numpy_rng(0, study.STAGE, "noise", "b"))[0][study.NOISE]  # fmt: skip
+    other = study.arm_candidates(
+        study.NEGATIVE, hq, masks, 0.08, 2.0, numpy_rng(0, study.STAGE, "noise", "b")
+    )[0][study.NOISE]
     assert not np.array_equal(other, candidates[study.NOISE])
     assert planted == {"textured": (study.NOISE, 0.08), "smooth": (study.NOISE, 0.08)}
 
@@ -202,8 +204,9 @@ def test_negative_control_pairs_carry_neither_artifact():
 def test_controls_choose_the_arms():
     assert study.arms(study.study_settings({})) == [study.MAIN, study.POSITIVE, study.NEGATIVE]
     assert study.arms(study.study_settings({"study": {"controls": ["negative"]}})) == [
-        study.MAIN, study.NEGATIVE,
-    ]  # fmt: skip
+        study.MAIN,
+        study.NEGATIVE,
+    ]
     assert study.arms(study.study_settings({"study": {"controls": []}})) == [study.MAIN]
     with pytest.raises(settings.ConfigError, match="controls"):
         study.study_settings({"study": {"controls": ["sideways"]}})
@@ -212,8 +215,10 @@ def test_controls_choose_the_arms():
 def test_study_settings_come_from_the_schema_and_reach_the_jobs():
     assert study.study_settings({}) == settings.defaults("study")
     assert len(settings.defaults("study")["seeds"]) >= 3
-    config = {"train": {"max_steps": 30, "learning_rate": 1e-4},
-              "study": {"train": {"max_steps": 7}}}  # fmt: skip
+    config = {
+        "train": {"max_steps": 30, "learning_rate": 1e-4},
+        "study": {"train": {"max_steps": 7}},
+    }
     dpo = study.train_settings(config, "dpo")
     assert (dpo["max_steps"], dpo["learning_rate"]) == (7, 1e-4)
     with pytest.raises(settings.ConfigError, match="max_stepz"):
@@ -232,8 +237,10 @@ def test_interval_is_students_t_over_seeds():
 
 
 def _summary(dpo_low, dspo_low, positive_low=0.02):
-    rows = [{"arm": study.MAIN, "method": "dpo", "low": dpo_low},
-            {"arm": study.MAIN, "method": "dspo", "low": dspo_low}]  # fmt: skip
+    rows = [
+        {"arm": study.MAIN, "method": "dpo", "low": dpo_low},
+        {"arm": study.MAIN, "method": "dspo", "low": dspo_low},
+    ]
     if positive_low is not None:
         rows.append({"arm": study.POSITIVE, "method": "dpo", "low": positive_low})
     frame = pd.DataFrame(rows).assign(region="textured", signature=study.CHECKER)
@@ -280,8 +287,9 @@ def test_study_rules_plan_one_train_job_per_arm_method_and_seed(tmp_path):
 def test_in_report_puts_the_section_into_the_studys_framework_report_only():
     on = study.study_settings({"study": {"in_report": True}})
     assert study.report_inputs(on, "onestep") == {
-        "section": "results/study/section.md", "plot": "results/study/adoption.png",
-    }  # fmt: skip
+        "section": "results/study/section.md",
+        "plot": "results/study/adoption.png",
+    }
     assert study.report_inputs(on, "multistep") == {}
     assert study.report_inputs(study.study_settings({}), "onestep") == {}
 
@@ -324,17 +332,30 @@ def _adoption_frame(values):
             for region in study.REGIONS:
                 for name in study.SETTINGS:
                     hit = (region, name) == ("textured", study.CHECKER)
-                    rows.append({"arm": arm, "method": method_name, "seed": seed,
-                                 "region": region, "signature": name,
-                                 "adoption": value if hit else 0.0, "amplitude": 0.08,
-                                 "n_images": 2, "n_pixels": 100})  # fmt: skip
+                    rows.append(
+                        {
+                            "arm": arm,
+                            "method": method_name,
+                            "seed": seed,
+                            "region": region,
+                            "signature": name,
+                            "adoption": value if hit else 0.0,
+                            "amplitude": 0.08,
+                            "n_images": 2,
+                            "n_pixels": 100,
+                        }
+                    )
     return pd.DataFrame(rows)
 
 
-STUDY_VALUES = {("positive", "dpo"): [0.10, 0.12, 0.11], ("positive", "dspo"): [0.05, 0.06, 0.07],
-                ("main", "dpo"): [0.00, 0.01, -0.01], ("main", "dspo"): [-0.03, -0.04, -0.02],
-                ("negative", "dpo"): [0.001, -0.001, 0.0],
-                ("negative", "dspo"): [-0.02, -0.03, -0.025]}  # fmt: skip
+STUDY_VALUES = {
+    ("positive", "dpo"): [0.10, 0.12, 0.11],
+    ("positive", "dspo"): [0.05, 0.06, 0.07],
+    ("main", "dpo"): [0.00, 0.01, -0.01],
+    ("main", "dspo"): [-0.03, -0.04, -0.02],
+    ("negative", "dpo"): [0.001, -0.001, 0.0],
+    ("negative", "dspo"): [-0.02, -0.03, -0.025],
+}
 
 
 def test_section_states_design_before_numbers_and_every_arm():
@@ -345,9 +366,15 @@ def test_section_states_design_before_numbers_and_every_arm():
     assert difference[0] == pytest.approx(0.03) and difference[3] == 3
     outcome = study.verdict(summary, difference)
     assert outcome.startswith("not supported (Diffusion-DPO")  # main dpo's interval covers 0
-    text = study.section(summary=summary, difference=difference, outcome=outcome,
-                         config=study.study_settings({}), train={"max_steps": 30, "beta": 8000.0},
-                         seeds=[0, 1, 2], held_out=24)  # fmt: skip
+    text = study.section(
+        summary=summary,
+        difference=difference,
+        outcome=outcome,
+        config=study.study_settings({}),
+        train={"max_steps": 30, "beta": 8000.0},
+        seeds=[0, 1, 2],
+        held_out=24,
+    )
     first_number = text.index("| positive control | dpo |")
     for stated in ("**Hypothesis.**", "**Controls**", "**Measure.**", "**Decision rule.**"):
         assert text.index(stated) < first_number, stated
@@ -371,8 +398,9 @@ def test_report_copies_the_study_section_into_the_demo_report(tmp_path):
     out = tmp_path / "eval"
     out.mkdir()
     (out / "report.md").write_text("# report\n\nbody\n")
-    name = report_stage.append_study_section(out / "report.md", tmp_path / "section.md",
-                                             tmp_path / "adoption.png")  # fmt: skip
+    name = report_stage.append_study_section(
+        out / "report.md", tmp_path / "section.md", tmp_path / "adoption.png"
+    )
     text = (out / "report.md").read_text()
     assert text.startswith("# report\n\nbody\n\n## Figure 1 study\n\nnumbers\n")
     assert text.rstrip().endswith(f"]({name})")
@@ -395,34 +423,62 @@ def test_report_reads_every_arm_and_writes_report_plot_and_section(tmp_path):
         chosen = chosen.assign(weight=1.0, negative_prompt="", source="iqa")
         is_image = chosen["instance_id"] == WHOLE_IMAGE_ID
         write_table(chosen[~is_image], folder / f"{study.OBJECTIVE}.parquet", "preference_pairs")
-        write_table(chosen[is_image], folder / f"{study.OBJECTIVE}_image.parquet",
-                    "preference_pairs")  # fmt: skip
+        write_table(
+            chosen[is_image], folder / f"{study.OBJECTIVE}_image.parquet", "preference_pairs"
+        )
         write_table(scores, tmp_path / arm / "scores.parquet", "scores")
         pairs_dirs[arm], scores_paths[arm] = folder, tmp_path / arm / "scores.parquet"
         for method_name in ("dpo", "dspo"):
             for seed in range(3):
-                log = pd.DataFrame({"step": [1, 2], "loss": [0.6931, 0.1],
-                                    "implicit_accuracy": [0.0, 1.0]})  # fmt: skip
-                for column in ("err_theta_winner", "err_theta_loser", "err_ref_winner",
-                               "err_ref_loser", "lr", "grad_norm"):  # fmt: skip
+                log = pd.DataFrame(
+                    {"step": [1, 2], "loss": [0.6931, 0.1], "implicit_accuracy": [0.0, 1.0]}
+                )
+                for column in (
+                    "err_theta_winner",
+                    "err_theta_loser",
+                    "err_ref_winner",
+                    "err_ref_loser",
+                    "lr",
+                    "grad_norm",
+                ):
                     log[column] = 0.0
                 path = tmp_path / arm / "aligned" / method_name / f"seed{seed}"
                 write_table(log, path / "train_log.parquet", "train_log")
                 aligned[(arm, method_name, seed)] = path
-    regions = pd.DataFrame([{"split": "train", "image_id": "a", "instance_id": i,
-                             "area": int((label_map == i).sum()), "texture": value, "kind": kind,
-                             "planted": study.CHECKER if kind == "textured" else study.CAST,
-                             "amplitude": 0.08} for i, (kind, value) in kinds.items()])  # fmt: skip
+    regions = pd.DataFrame(
+        [
+            {
+                "split": "train",
+                "image_id": "a",
+                "instance_id": i,
+                "area": int((label_map == i).sum()),
+                "texture": value,
+                "kind": kind,
+                "planted": study.CHECKER if kind == "textured" else study.CAST,
+                "amplitude": 0.08,
+            }
+            for i, (kind, value) in kinds.items()
+        ]
+    )
     write_table(regions, tmp_path / "regions.parquet", "study_regions")
-    write_table(_adoption_frame(STUDY_VALUES), tmp_path / "adoption.parquet", "study_adoption",
-                {"images": ["t1", "t2"], "data": "test", "amplitudes": {"checker": 0.08,
-                                                                         "cast": 0.06}})  # fmt: skip
-    outcome = study.report(adoption_path=tmp_path / "adoption.parquet", pairs_dirs=pairs_dirs,
-                           regions_path=tmp_path / "regions.parquet", scores_paths=scores_paths,
-                           aligned=aligned, out_path=tmp_path / "report.md",
-                           plot_path=tmp_path / "adoption.png", config=study.study_settings({}),
-                           train={"max_steps": 2, "beta": 8000.0},
-                           section_path=tmp_path / "section.md")  # fmt: skip
+    write_table(
+        _adoption_frame(STUDY_VALUES),
+        tmp_path / "adoption.parquet",
+        "study_adoption",
+        {"images": ["t1", "t2"], "data": "test", "amplitudes": {"checker": 0.08, "cast": 0.06}},
+    )
+    outcome = study.report(
+        adoption_path=tmp_path / "adoption.parquet",
+        pairs_dirs=pairs_dirs,
+        regions_path=tmp_path / "regions.parquet",
+        scores_paths=scores_paths,
+        aligned=aligned,
+        out_path=tmp_path / "report.md",
+        plot_path=tmp_path / "adoption.png",
+        config=study.study_settings({}),
+        train={"max_steps": 2, "beta": 8000.0},
+        section_path=tmp_path / "section.md",
+    )
     text = (tmp_path / "report.md").read_text()
     assert outcome.startswith("not supported") and f"**Outcome: {outcome}.**" in text
     # what select made of each arm: positive pairs only the 2 textured instances, checker wins

@@ -73,9 +73,17 @@ def inputs(tmp_path: Path) -> dict:
                 rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8),
             )
             candidate_rows.append(
-                {"image_id": image_id, "setting": setting, "variant": "base", "steps": 20, "cfg": 4.5,
-                 "seed": 0, "negative_prompt": "", "path": str(path)}
-            )  # fmt: skip
+                {
+                    "image_id": image_id,
+                    "setting": setting,
+                    "variant": "base",
+                    "steps": 20,
+                    "cfg": 4.5,
+                    "seed": 0,
+                    "negative_prompt": "",
+                    "path": str(path),
+                }
+            )
         labels = np.full((SIZE, SIZE), 3, dtype=np.uint16)
         labels[: 6 + n, :10] = 1
         labels[10:, 4:] = 2
@@ -84,14 +92,29 @@ def inputs(tmp_path: Path) -> dict:
         wins = [(0, 1), (2, 0), (3, 1)] if n % 2 == 0 else [(1, 2), (1, 3), (0, 2)]
         for instance_id, (win, lose) in zip((1, 2, 3), wins, strict=True):
             pair_rows.append(
-                {"image_id": image_id, "instance_id": instance_id, "weight": areas[instance_id],
-                 "winner": SETTINGS[win], "loser": SETTINGS[lose], "margin": 0.5,
-                 "negative_prompt": "a horse" if (n, instance_id) == (1, 2) else "", "source": "iqa"}
-            )  # fmt: skip
+                {
+                    "image_id": image_id,
+                    "instance_id": instance_id,
+                    "weight": areas[instance_id],
+                    "winner": SETTINGS[win],
+                    "loser": SETTINGS[lose],
+                    "margin": 0.5,
+                    "negative_prompt": "a horse" if (n, instance_id) == (1, 2) else "",
+                    "source": "iqa",
+                }
+            )
         pair_rows.append(
-            {"image_id": image_id, "instance_id": -1, "weight": 1.0, "winner": SETTINGS[n % 4],
-             "loser": SETTINGS[(n + 2) % 4], "margin": 1.0, "negative_prompt": "", "source": "iqa"}
-        )  # fmt: skip
+            {
+                "image_id": image_id,
+                "instance_id": -1,
+                "weight": 1.0,
+                "winner": SETTINGS[n % 4],
+                "loser": SETTINGS[(n + 2) % 4],
+                "margin": 1.0,
+                "negative_prompt": "",
+                "source": "iqa",
+            }
+        )
     write_table(
         pd.DataFrame(candidate_rows), tmp_path / "candidates" / "candidates.parquet", "candidates"
     )
@@ -334,12 +357,29 @@ def test_cli_trains_a_saved_model(inputs, tmp_path):
     tiny_model().save_pretrained(tmp_path / "pretrained")
     out = tmp_path / "aligned"
     args = [
-        "--framework", "multistep", "--method", "dpo", "--objective", "united",
-        "--pairs", str(inputs["pairs_path"]), "--candidates", str(inputs["candidates_path"]),
-        "--data", str(inputs["data_dir"]), "--masks", str(inputs["masks_path"]),
-        "--model", str(tmp_path / "pretrained"), "--out", str(out),
-        "--config", json.dumps({"max_steps": 1, "batch_size": 2}), "--seed", "1",
-    ]  # fmt: skip
+        "--framework",
+        "multistep",
+        "--method",
+        "dpo",
+        "--objective",
+        "united",
+        "--pairs",
+        str(inputs["pairs_path"]),
+        "--candidates",
+        str(inputs["candidates_path"]),
+        "--data",
+        str(inputs["data_dir"]),
+        "--masks",
+        str(inputs["masks_path"]),
+        "--model",
+        str(tmp_path / "pretrained"),
+        "--out",
+        str(out),
+        "--config",
+        json.dumps({"max_steps": 1, "batch_size": 2}),
+        "--seed",
+        "1",
+    ]
     assert T.main(args) == 0
     assert read_table(out / "train_log.parquet", "train_log")["step"].tolist() == [1]
     assert (out / "dspo_model.json").is_file()
@@ -355,8 +395,16 @@ def test_two_gloo_processes_give_the_update_of_one_process(inputs, tmp_path, mem
     # beta 100 and Adam eps 1 (update ~ lr * g, not lr * sign(g) for near-zero g) keep that
     # noise from being amplified, so a real difference in the update would still show.
     # two_pass: several backward passes per micro-step, all-reduced once (no_sync until the last)
-    config = {**BASE, "max_steps": 2, "batch_size": 4, "checkpoint_every": 10, "beta": 100.0,
-              "adam_epsilon": 1.0, "learning_rate": 1e-2, "gradient_accumulation_steps": 2}  # fmt: skip
+    config = {
+        **BASE,
+        "max_steps": 2,
+        "batch_size": 4,
+        "checkpoint_every": 10,
+        "beta": 100.0,
+        "adam_epsilon": 1.0,
+        "learning_rate": 1e-2,
+        "gradient_accumulation_steps": 2,
+    }
     single = _run(inputs, tmp_path / "single", {**config, "memory": "one_pass"})
     run_in_gloo_processes(2, _run, inputs, tmp_path / "ddp", {**config, "memory": memory})
     assert read_metadata(tmp_path / "ddp" / "train_log.parquet")["processes"] == 2
@@ -439,8 +487,14 @@ def test_memory_setting_chooses_the_pass(inputs):
 def test_two_pass_training_matches_one_pass_training(inputs, tmp_path, monkeypatch):
     """The whole stage with memory two_pass trains to the one-pass weights (float32; as in the
     gloo test, beta 100 and Adam eps 1 keep float32 summation noise from being amplified)."""
-    config = {**BASE, "max_steps": 2, "batch_size": 2, "beta": 100.0, "adam_epsilon": 1.0,
-              "learning_rate": 1e-2}  # fmt: skip
+    config = {
+        **BASE,
+        "max_steps": 2,
+        "batch_size": 2,
+        "beta": 100.0,
+        "adam_epsilon": 1.0,
+        "learning_rate": 1e-2,
+    }
     passes = []
     second_pass = backward_one_candidate_at_a_time
     monkeypatch.setattr(

@@ -21,12 +21,22 @@ def _scores(values):
 
 
 def test_wins_ties_and_losses_with_a_wilson_interval():
-    scores = _scores({("a", 0): (20.0, 21.0), ("a", 1): (20.0, 20.0), ("b", 0): (22.0, 21.0),
-                      ("b", 1): (20.0, 25.0)})  # fmt: skip
+    scores = _scores(
+        {
+            ("a", 0): (20.0, 21.0),
+            ("a", 1): (20.0, 20.0),
+            ("b", 0): (22.0, 21.0),
+            ("b", 1): (20.0, 25.0),
+        }
+    )
     row = winrates.win_rate(scores, {"psnr": 1.0}, 1e-9)
     assert (row["wins"], row["ties"], row["losses"], row["instances"], row["images"]) == (
-        2, 1, 1, 4, 2,
-    )  # fmt: skip
+        2,
+        1,
+        1,
+        4,
+        2,
+    )
     assert row["win_rate"] == pytest.approx(2.5 / 4)
     low, high = proportion_confint(2.5, 4, alpha=0.05, method="wilson")
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high))
@@ -38,8 +48,13 @@ def test_wins_ties_and_losses_with_a_wilson_interval():
 
 def _instances(outcomes):
     """{(image, instance): (pretrained, aligned)} with the aligned output winning where 1."""
-    return _scores({(f"img{i}", j): (20.0, 21.0 if won else 19.0)
-                    for i, image in enumerate(outcomes) for j, won in enumerate(image)})  # fmt: skip
+    return _scores(
+        {
+            (f"img{i}", j): (20.0, 21.0 if won else 19.0)
+            for i, image in enumerate(outcomes)
+            for j, won in enumerate(image)
+        }
+    )
 
 
 def test_perfectly_correlated_instances_widen_the_interval_to_about_one_per_image():
@@ -65,8 +80,9 @@ def test_independent_looking_instances_keep_the_wilson_interval():
     """Every image wins 2 of its 4 instances: no spread between images, deff floored at 1."""
     row = winrates.win_rate(_instances([[1, 1, 0, 0]] * 5), {"psnr": 1.0}, 1e-9)
     assert row["effective_n"] == pytest.approx(20.0)
-    assert (row["cluster_low"], row["cluster_high"]) == pytest.approx((row["ci_low"],
-                                                                        row["ci_high"]))  # fmt: skip
+    assert (row["cluster_low"], row["cluster_high"]) == pytest.approx(
+        (row["ci_low"], row["ci_high"])
+    )
 
 
 def test_clustered_interval_by_hand():
@@ -90,17 +106,36 @@ def test_the_report_gets_the_curves_and_win_rate_sections(tmp_path):
     from pipeline.io.tables import write_table
 
     curves = pd.DataFrame(
-        [(s, split, 4, 0.6, 0.5 + s / 100, 1e-3 * s, 4.0 * s) for s in (5, 10)
-         for split in ("train", "heldout")],
+        [
+            (s, split, 4, 0.6, 0.5 + s / 100, 1e-3 * s, 4.0 * s)
+            for s in (5, 10)
+            for split in ("train", "heldout")
+        ],
         columns=["step", "split", "items", "loss", "implicit_accuracy", "margin", "reward_margin"],
-    )  # fmt: skip
+    )
     write_table(
         curves, tmp_path / "c.parquet", "train_curves", {"method": "dspo", "objective": "u"}
     )
-    rates = pd.DataFrame([{"testset": "t", "model": "dspo_u", "objective": "u", "instances": 4,
-                           "images": 2, "wins": 2, "ties": 1, "losses": 1, "win_rate": 0.625,
-                           "ci_low": 0.2, "ci_high": 0.9, "effective_n": 2.5,
-                           "cluster_low": 0.1, "cluster_high": 0.95}])  # fmt: skip
+    rates = pd.DataFrame(
+        [
+            {
+                "testset": "t",
+                "model": "dspo_u",
+                "objective": "u",
+                "instances": 4,
+                "images": 2,
+                "wins": 2,
+                "ties": 1,
+                "losses": 1,
+                "win_rate": 0.625,
+                "ci_low": 0.2,
+                "ci_high": 0.9,
+                "effective_n": 2.5,
+                "cluster_low": 0.1,
+                "cluster_high": 0.95,
+            }
+        ]
+    )
     write_table(rates, tmp_path / "w.parquet", "win_rates")
     report = tmp_path / "report.md"
     report.write_text("# report\n")
@@ -130,9 +165,15 @@ def test_hq_table_paths_are_relative_to_the_table_so_results_can_move(tmp_path, 
     evaluation = tmp_path / "results" / "eval" / "pretrained"
     evaluation.mkdir(parents=True)
     manifest = pd.DataFrame(
-        {"testset": ["t"], "model": ["pretrained"], "image_id": ["a"], "sr_path": ["images/a.png"],
-         "lq_path": ["results/data/test/lq/a.png"], "hq_path": ["results/data/test/hq/a.png"]}
-    )  # fmt: skip
+        {
+            "testset": ["t"],
+            "model": ["pretrained"],
+            "image_id": ["a"],
+            "sr_path": ["images/a.png"],
+            "lq_path": ["results/data/test/lq/a.png"],
+            "hq_path": ["results/data/test/hq/a.png"],
+        }
+    )
     write_table(manifest, evaluation / contracts.EVAL_IMAGES, "eval_images", {})
     table = tmp_path / "results" / "masks" / "test_t_hq.parquet"
     table.parent.mkdir(parents=True)

@@ -19,9 +19,14 @@ from pipeline.io.tables import SCHEMAS, read_metadata, read_table, write_table
 from tests.shard_helpers import run_killed_after, run_stage
 
 IDS = [f"img_{c}" for c in "abcdef"]
-SEGMENT = {"device": "cpu", "top_k": 5,
-           "classical": {"method": "felzenszwalb",
-                         "felzenszwalb": {"scale": 100.0, "sigma": 0.8, "min_size": 40}}}  # fmt: skip
+SEGMENT = {
+    "device": "cpu",
+    "top_k": 5,
+    "classical": {
+        "method": "felzenszwalb",
+        "felzenszwalb": {"scale": 100.0, "sigma": 0.8, "min_size": 40},
+    },
+}
 #: two aligned models under two objectives (rows of one image: one model after the other)
 MODELS = {"aligned_f": "fidelity", "aligned_p": "perception"}
 
@@ -30,11 +35,15 @@ def _config():
     from pipeline import settings
 
     score = settings.resolve("score", {"device": "cpu", "min_crop_size": 16})
-    return {"models": MODELS,
-            "objectives": {"fidelity": {"psnr": 1.0, "ssim": 1.0},
-                           "perception": {"gmsd": 1.0, "psnr": 0.5}},
-            "score": {key: score[key] for key in winrates.REGISTRY_KEYS},
-            "tie_tolerance": 1e-9}  # fmt: skip
+    return {
+        "models": MODELS,
+        "objectives": {
+            "fidelity": {"psnr": 1.0, "ssim": 1.0},
+            "perception": {"gmsd": 1.0, "psnr": 0.5},
+        },
+        "score": {key: score[key] for key in winrates.REGISTRY_KEYS},
+        "tie_tolerance": 1e-9,
+    }
 
 
 def _images(root, ids):
@@ -63,21 +72,41 @@ def _evaluation(folder, model, outputs, root, ids):
     for image_id in ids:
         write_png(folder / "images" / f"{image_id}.png", outputs[model][image_id])
     manifest = pd.DataFrame(
-        {"testset": "syn", "model": model, "image_id": list(ids),
-         "sr_path": [f"images/{i}.png" for i in ids],
-         "lq_path": [str(root / "lq" / f"{i}.png") for i in ids],
-         "hq_path": [str(root / "hq" / f"{i}.png") for i in ids]},
+        {
+            "testset": "syn",
+            "model": model,
+            "image_id": list(ids),
+            "sr_path": [f"images/{i}.png" for i in ids],
+            "lq_path": [str(root / "lq" / f"{i}.png") for i in ids],
+            "hq_path": [str(root / "hq" / f"{i}.png") for i in ids],
+        },
         columns=SCHEMAS["eval_images"].names,
-    )  # fmt: skip
+    )
     (folder / "images").mkdir(parents=True, exist_ok=True)
     write_table(manifest, folder / contracts.EVAL_IMAGES, "eval_images", {"model": model})
     return folder
 
 
 def _segment(hq, masks, instances):
-    assert segment.main(["--candidates", str(hq), "--setting", "hq", "--out-zarr", str(masks),
-                         "--out-table", str(instances), "--config", json.dumps(SEGMENT),
-                         "--seed", "0"]) == 0  # fmt: skip
+    assert (
+        segment.main(
+            [
+                "--candidates",
+                str(hq),
+                "--setting",
+                "hq",
+                "--out-zarr",
+                str(masks),
+                "--out-table",
+                str(instances),
+                "--config",
+                json.dumps(SEGMENT),
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
 
 
 def _whole(root, outputs, ids, out):
@@ -93,22 +122,38 @@ def _shard_job(root, outputs, ids, out, item):
     """Shard job ``item``: the shard's evaluations, test HQ table, segmentation, scores."""
     held = shards.Shard.parse(item).select(ids)
     evals = [_evaluation(out / "eval" / m / item, m, outputs, root, held) for m in outputs]
-    paths = {"hq": out / "hq" / f"{item}.parquet", "masks": out / "masks" / f"{item}.zarr",
-             "instances": out / "inst" / f"{item}.parquet",
-             "win": out / "win" / f"{item}.parquet"}  # fmt: skip
+    paths = {
+        "hq": out / "hq" / f"{item}.parquet",
+        "masks": out / "masks" / f"{item}.zarr",
+        "instances": out / "inst" / f"{item}.parquet",
+        "win": out / "win" / f"{item}.parquet",
+    }
     winrates.hq_table(evals[0], paths["hq"])
     _segment(paths["hq"], paths["masks"], paths["instances"])
-    winrates.shard_instances(evals, paths["masks"], paths["instances"], _config(), paths["win"],
-                             shard=item)  # fmt: skip
+    winrates.shard_instances(
+        evals, paths["masks"], paths["instances"], _config(), paths["win"], shard=item
+    )
     return paths, evals
 
 
 def _gather_cli(jobs, out, config_file):
-    argv = ["--gather", *[str(j["win"]) for j in jobs], "--out", str(out / "win_rates.parquet"),
-            "--config", str(config_file), "--seed", "0"]  # fmt: skip
+    argv = [
+        "--gather",
+        *[str(j["win"]) for j in jobs],
+        "--out",
+        str(out / "win_rates.parquet"),
+        "--config",
+        str(config_file),
+        "--seed",
+        "0",
+    ]
     for name in ("hq", "masks", "instances"):
-        argv += [f"--{name}-shards", *[str(j[name]) for j in jobs],
-                 f"--out-{name}", str(out / f"{name}.out")]  # fmt: skip
+        argv += [
+            f"--{name}-shards",
+            *[str(j[name]) for j in jobs],
+            f"--out-{name}",
+            str(out / f"{name}.out"),
+        ]
     assert winrates.main(argv) == 0
     return {name: out / f"{name}.out" for name in ("hq", "masks", "instances")}
 
@@ -158,8 +203,9 @@ def test_shards_gathered_equal_the_single_job(whole, tmp_path):
         files = contracts.candidate_files(gathered["hq"], hq)
         for image_id in IDS:
             assert files[(image_id, "hq")].resolve() == (root / "hq" / f"{image_id}.png").resolve()
-        expected_paths = [os.path.relpath((root / "hq" / f"{i}.png").resolve(), out.resolve())
-                          for i in IDS]  # fmt: skip
+        expected_paths = [
+            os.path.relpath((root / "hq" / f"{i}.png").resolve(), out.resolve()) for i in IDS
+        ]
         assert list(hq["path"]) == expected_paths
         pd.testing.assert_frame_equal(hq.drop(columns="path"), hq_one.drop(columns="path"))
         _assert_masks_equal(gathered["masks"], one / "test_syn.zarr")
@@ -182,8 +228,9 @@ def test_the_shard_table_holds_what_win_rate_reads(whole, tmp_path):
     instances = read_table(job["instances"], "instances")
     for model, objective in sorted(MODELS.items()):
         metrics = sorted(_config()["objectives"][objective])
-        scores = winrates.instance_scores(manifests["pretrained"], manifests[model],
-                                          job["masks"], instances, registry, metrics)  # fmt: skip
+        scores = winrates.instance_scores(
+            manifests["pretrained"], manifests[model], job["masks"], instances, registry, metrics
+        )
         part = table[table["model"] == model]
         assert set(part["objective"]) == {objective} and set(part["testset"]) == {"syn"}
         pd.testing.assert_frame_equal(
@@ -201,8 +248,11 @@ def test_an_empty_shard_writes_empty_tables_and_gathers(tmp_path):
     empty = next(item for item in shards.items(3) if not shards.Shard.parse(item).select(ids))
     jobs = [_shard_job(root, outputs, ids, tmp_path / "k3", item)[0] for item in shards.items(3)]
     job = jobs[shards.items(3).index(empty)]
-    for name, schema in (("hq", "candidates"), ("instances", "instances"),
-                         ("win", "win_instances")):  # fmt: skip
+    for name, schema in (
+        ("hq", "candidates"),
+        ("instances", "instances"),
+        ("win", "win_instances"),
+    ):
         table = read_table(job[name], schema)
         assert table.empty and list(table.columns) == SCHEMAS[schema].names
     assert not job["win"].with_name(f".{job['win'].name}.work").exists()
@@ -229,9 +279,23 @@ def test_a_killed_shard_resumes_per_image(whole, tmp_path):
     config.write_text(json.dumps(_config()))
 
     def argv(out, seed=0):
-        return ["winrates", "--evaluations", *map(str, evals), "--masks", str(job["masks"]),
-                "--instances", str(job["instances"]), "--shard", "1-of-1", "--out", str(out),
-                "--config", str(config), "--seed", str(seed)]  # fmt: skip
+        return [
+            "winrates",
+            "--evaluations",
+            *map(str, evals),
+            "--masks",
+            str(job["masks"]),
+            "--instances",
+            str(job["instances"]),
+            "--shard",
+            "1-of-1",
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+            "--seed",
+            str(seed),
+        ]
 
     out = tmp_path / "win.parquet"
     work = out.with_name(f".{out.name}.work")
@@ -243,5 +307,6 @@ def test_a_killed_shard_resumes_per_image(whole, tmp_path):
     log = run_stage(argv(out))
     assert f"skipped 3 of {len(IDS)} already complete" in log
     assert not work.exists()
-    pd.testing.assert_frame_equal(read_table(out, "win_instances"),
-                                  read_table(job["win"], "win_instances"), check_exact=True)  # fmt: skip
+    pd.testing.assert_frame_equal(
+        read_table(out, "win_instances"), read_table(job["win"], "win_instances"), check_exact=True
+    )

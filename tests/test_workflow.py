@@ -14,8 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 import zarr
 
+from pipeline import contracts
 from pipeline.io.masks import read_label_map
 from pipeline.io.tables import read_metadata, read_table
 from tests.workflow_helpers import ROOT, copy_workflow, planned_jobs, snakemake
@@ -81,9 +83,19 @@ def test_ci_plan_covers_both_frameworks(tmp_path):
     # ... and one-step's ea_adam fused model and its two members
     # ... and dspo's round 2 per framework (rounds: count 2, methods [dspo])
     assert jobs["evaluate"] == 2 * (2 + 8) + 1 + 3 + 2
-    assert all(jobs[f"rounds_{stage}"] == 2
-               for stage in ("candidates", "candidates_gather", "caption", "caption_gather",
-                             "score", "score_gather", "select", "train"))  # fmt: skip
+    assert all(
+        jobs[f"rounds_{stage}"] == 2
+        for stage in (
+            "candidates",
+            "candidates_gather",
+            "caption",
+            "caption_gather",
+            "score",
+            "score_gather",
+            "select",
+            "train",
+        )
+    )
     assert jobs["prompts"] == 2  # the training split and the test set
     assert jobs["winrates"] == jobs["winrates_gather"] == 2  # one test set per framework
     assert all(jobs[f"{stage}_gather"] == jobs[stage] for stage in ("candidates", "evaluate"))
@@ -113,6 +125,17 @@ def test_ci_preset_end_to_end(tmp_path):
     snakemake(workdir, *CI, *TWO_AT_A_TIME, "--forcerun", "select", "--until", "select")
     assert (results / "pairs/multistep/fidelity.parquet").read_bytes() == pairs
     assert (results / "scores/multistep.parquet").read_bytes() == scores
+
+    # a method from a file outside the package runs through the train rule, and only its jobs
+    # run (docs/adding_a_method.md)
+    shutil.copy(ROOT / "tests/methods/toy_ipo.py", workdir / "toy_ipo.py")
+    methods = yaml.safe_load((workdir / "workflow/presets/ci.yaml").read_text())["methods"]
+    toy = ("--config", "method_files=[toy_ipo.py]", f"methods=[{','.join(methods)},toy_ipo]")
+    assert planned_jobs(workdir, *CI, *toy, "--until", "train") == {"train": 2}
+    snakemake(workdir, *CI, *toy, *TWO_AT_A_TIME, "--until", "train")
+    for framework in ("onestep", "multistep"):
+        log = results / f"aligned/{framework}/toy_ipo/fidelity/{contracts.TRAIN_LOG}"
+        assert read_metadata(log)["loss"] == "toy_ipo"
 
     # a changed degradation setting reruns degrade and everything after it
     changed = _with_setting(workdir, "degrade:\n  degradation: {jpeg_range: [40, 95]}\n")
@@ -162,8 +185,18 @@ def same_bytes_sharded(reference: Path, destination: Path, shards: int, cores: i
     # the same code as the first run (a copy of its working directory, without its outputs)
     skip = shutil.ignore_patterns("results", "logs", "benchmarks", ".snakemake", "__pycache__")
     copy = Path(shutil.copytree(reference, destination, ignore=skip))
-    snakemake(copy, *CI, "--config", f"shards={shards}", "--resources", "gpu=0",
-              "--until", "select", "candidates_gather", cores=cores)  # fmt: skip
+    snakemake(
+        copy,
+        *CI,
+        "--config",
+        f"shards={shards}",
+        "--resources",
+        "gpu=0",
+        "--until",
+        "select",
+        "candidates_gather",
+        cores=cores,
+    )
     compare = _compare_results()
     for part in UNTIL_SELECT:
         a, b = reference / "results" / part, copy / "results" / part

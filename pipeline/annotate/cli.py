@@ -74,9 +74,11 @@ def round_settings(args: argparse.Namespace, results: Path, testsets: dict[str, 
 def add_round_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--testset", action="append", help="NAME=PATH of a test set (repeat)")
     parser.add_argument(
-        "--configfile", type=Path, default=Path("config.yaml"),
+        "--configfile",
+        type=Path,
+        default=Path("config.yaml"),
         help="where the test sets are read from without --testset (its `testsets`)",
-    )  # fmt: skip
+    )
     parser.add_argument("--round", type=int, default=1, help="compare round number")
     parser.add_argument("--models", help="comma-separated models to compare (default: all)")
     parser.add_argument("--focus", help="the model compared against each other (default dspo_*)")
@@ -242,19 +244,41 @@ def simulate(args: argparse.Namespace) -> int:
                     answer = simulated_answer(scores, task.left, task.right, left[1])
                 if rng.random() < args.noise:
                     answer = str(rng.choice(["left", "right", "tie", "both_bad"]))
-                rows.append((name, round_number, task.testset, task.image_id, task.left,
-                             task.right, answer, task.repeated, task.gold, True, stamp, stamp))  # fmt: skip
+                rows.append(
+                    (
+                        name,
+                        round_number,
+                        task.testset,
+                        task.image_id,
+                        task.left,
+                        task.right,
+                        answer,
+                        task.repeated,
+                        task.gold,
+                        True,
+                        stamp,
+                        stamp,
+                    )
+                )
     out = Path(
         args.out or contracts.artifact_in(results, "simulated_votes", framework=args.framework)
     )
     frame = pd.DataFrame(rows, columns=SCHEMAS["votes"].names)
-    simulation = {"annotators": args.annotators, "rounds": args.rounds, "noise": args.noise,
-                  "metric": args.metric, "repeat_fraction": args.repeat_fraction,
-                  "gold": args.gold, "seed": args.seed}  # fmt: skip
+    simulation = {
+        "annotators": args.annotators,
+        "rounds": args.rounds,
+        "noise": args.noise,
+        "metric": args.metric,
+        "repeat_fraction": args.repeat_fraction,
+        "gold": args.gold,
+        "seed": args.seed,
+    }
     write_table(
-        frame, out, "votes",
+        frame,
+        out,
+        "votes",
         {"simulated": True, "noise": args.noise, "metric": args.metric, "simulation": simulation},
-    )  # fmt: skip
+    )
     print(json.dumps({"votes": len(frame), "out": str(out), "simulated": True}), file=sys.stderr)
     return 0
 
@@ -274,9 +298,10 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--host", default="127.0.0.1", help="address to bind (default local only)")
     sub.add_argument("--port", type=int, default=8765)
     sub.add_argument(
-        "--allow-remote", action="store_true",
+        "--allow-remote",
+        action="store_true",
         help="allow a --host that is not a loopback address (warns: plain HTTP)",
-    )  # fmt: skip
+    )
     sub.add_argument("--top-k", type=int, default=5, help="largest instances per image")
     sub.add_argument("--no-compare", action="store_true", help="serve the instance task only")
     add_round_arguments(sub)

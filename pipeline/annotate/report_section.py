@@ -20,8 +20,17 @@ from pipeline.io.atomic import atomic_path
 
 #: the plot's name beside report.md
 PLOT_NAME = contracts.report_file("human_plot")
-WINRATE_COLUMNS = ["testset", "model", "opponent", "n", "win_rate", "wilson_low", "wilson_high",
-                   "boot_low", "boot_high"]  # fmt: skip
+WINRATE_COLUMNS = [
+    "testset",
+    "model",
+    "opponent",
+    "n",
+    "win_rate",
+    "wilson_low",
+    "wilson_high",
+    "boot_low",
+    "boot_high",
+]
 BT_COLUMNS = ["testset", "model", "reference", "score", "boot_low", "boot_high", "n"]
 
 
@@ -50,23 +59,38 @@ def section(winrate_dir: str | Path, plot: str | None = PLOT_NAME) -> str:
         detail = ", ".join(f"{key} {setup[key]}" for key in sorted(setup))
         lines += [
             "**SIMULATED annotators, not human judgements**: the votes were made by `annotate "
-            "simulate` from the evaluation metric" + (f" ({detail})" if detail else "")
+            "simulate` from the evaluation metric"
+            + (f" ({detail})" if detail else "")
             + "; they show the Fig. 3 layout, not what people prefer. Real votes: "
             "`human_eval.votes` in the config (docs/annotation.md).",
             "",
-        ]  # fmt: skip
+        ]
     else:
-        lines += [f"Votes of {len(summary.get('annotators', []))} annotators over rounds "
-                  f"{summary.get('rounds', [])} (`{summary.get('votes', '?')}`).", ""]  # fmt: skip
-    lines += ["Win rate: wins plus half the ties (both bad counts as a tie) over all answers; "
-              "Wilson and (annotator, round) cluster bootstrap 95% intervals; gold pairs and "
-              f"repeats left out. All tables in `{folder}`.", ""]  # fmt: skip
+        lines += [
+            f"Votes of {len(summary.get('annotators', []))} annotators over rounds "
+            f"{summary.get('rounds', [])} (`{summary.get('votes', '?')}`).",
+            "",
+        ]
+    lines += [
+        "Win rate: wins plus half the ties (both bad counts as a tie) over all answers; "
+        "Wilson and (annotator, round) cluster bootstrap 95% intervals; gold pairs and "
+        f"repeats left out. All tables in `{folder}`.",
+        "",
+    ]
     if plot:
         lines += [f"![human win rates{' (SIMULATED)' if simulated else ''}]({plot})", ""]
-    lines += ["### Win rates" + (" (SIMULATED)" if simulated else ""), "",
-              _table(rates[WINRATE_COLUMNS]), ""]  # fmt: skip
-    lines += ["### Bradley–Terry scores" + (" (SIMULATED)" if simulated else ""), "",
-              _table(scores[BT_COLUMNS]), ""]  # fmt: skip
+    lines += [
+        "### Win rates" + (" (SIMULATED)" if simulated else ""),
+        "",
+        _table(rates[WINRATE_COLUMNS]),
+        "",
+    ]
+    lines += [
+        "### Bradley–Terry scores" + (" (SIMULATED)" if simulated else ""),
+        "",
+        _table(scores[BT_COLUMNS]),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -83,6 +107,7 @@ def append_to_report(report_md: str | Path, winrate_dir: str | Path) -> list[str
         written.append(PLOT_NAME)
     text = report_md.read_text(encoding="utf-8")
     with atomic_path(report_md) as temporary:
-        temporary.write_text(text.rstrip("\n") + "\n\n" + section(folder, plot) + "\n",
-                             encoding="utf-8")  # fmt: skip
+        temporary.write_text(
+            text.rstrip("\n") + "\n\n" + section(folder, plot) + "\n", encoding="utf-8"
+        )
     return written

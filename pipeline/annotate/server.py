@@ -50,11 +50,19 @@ MAX_TEXT = 500
 ANSWERS = ("left", "right", "tie", "both_bad")
 #: the page's policy: its own script, style and images (and the blob: URLs app.js makes of the
 #: images it fetches), nothing inline, never in a frame (docs/design.md §11)
-CONTENT_SECURITY_POLICY = "; ".join([
-    "default-src 'self'", "script-src 'self'", "style-src 'self'", "img-src 'self' blob:",
-    "connect-src 'self'", "object-src 'none'", "base-uri 'none'", "form-action 'none'",
-    "frame-ancestors 'none'",
-])  # fmt: skip
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self' blob:",
+        "connect-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'none'",
+        "frame-ancestors 'none'",
+    ]
+)
 SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),

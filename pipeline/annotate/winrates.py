@@ -135,7 +135,7 @@ def win_rates(
                 *boot,
                 clusters.ngroups,
                 bool(group["simulated"].any()),
-            )  # fmt: skip
+            )
         )
     return pd.DataFrame(rows, columns=WINRATE_COLUMNS)
 
@@ -160,9 +160,11 @@ def bt_fit(votes: pd.DataFrame, models: list[str], reference: str) -> np.ndarray
             outcome.append(y)
             weight.append(w)
     model = sm.GLM(
-        np.asarray(outcome), np.asarray(design), family=sm.families.Binomial(),
+        np.asarray(outcome),
+        np.asarray(design),
+        family=sm.families.Binomial(),
         var_weights=np.asarray(weight),
-    )  # fmt: skip
+    )
     params = np.asarray(model.fit_regularized(alpha=BT_RIDGE, L1_wt=0.0).params)
     return np.array([0.0 if m == reference else params[index[m]] for m in models])
 

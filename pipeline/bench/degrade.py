@@ -26,6 +26,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,8 @@ def pinned_pool(workers: int, threads: int) -> ProcessPoolExecutor:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pipeline bench degrade`` (module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench degrade", description=__doc__.splitlines()[0]
     )
@@ -66,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=512)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     timing.add_arguments(parser, repeats=5)
-    args = parser.parse_args(argv)
-    timing.pin_threads(args.threads)  # before the pool starts: its workers inherit the variables
+    return parser
 
+
+def time_ways(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each round's seconds of every way (module docstring): the pairs in one process and in
+    ``--workers``, the spin tasks in both pools, and the degradation chain alone."""
     config = stage_config(
         {"demo_images": LARGE_DEMO_IMAGES, "crop_size": args.crop, "crops_per_image": args.pairs}
     )
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [by_image[i % len(images)][i // len(images)] for i in range(args.pairs)]
         spins = [SPIN_ADDITIONS] * args.pairs
         with pinned_pool(1, args.threads) as one, pinned_pool(args.workers, args.threads) as pool:
-            times = timing.interleave(
+            return timing.interleave(
                 {
                     "one_process": lambda: list(one.map(degrade_pair, tasks, chunksize=1)),
                     "workers": lambda: list(pool.map(degrade_pair, tasks, chunksize=1)),
@@ -100,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.repeats,
                 args.warmup,
             )
+
+
+def report(
+    args: argparse.Namespace, times: dict[str, list[float]]
+) -> tuple[dict[str, Any], timing.Target]:
+    """The report of the rounds' ``times`` and its target, ``scaling_vs_machine``."""
     ratio = timing.paired_ratio(times["one_process"], times["workers"])
     machine = timing.paired_ratio(times["spin_one"], times["spin_workers"])
     scaling = timing.summarize(
@@ -141,4 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         0.8,
         f"{args.workers} processes over one: at least 0.8 of the speed-up a pure loop gets",
     )
+    return result, target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline bench degrade``: time the ways, print the report, check the target."""
+    args = build_parser().parse_args(argv)
+    timing.pin_threads(args.threads)  # before the pool starts: its workers inherit the variables
+    result, target = report(args, time_ways(args))
     return timing.finish(result, [target], args)

@@ -57,14 +57,27 @@ SD2_UNET = {
 #: its vae/config.json
 SD2_VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 512}
 #: OpenCLIP ViT-H/14's text tower as SD 2 uses it (23 layers: the penultimate of 24)
-SD2_TEXT = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
-            "num_attention_heads": 16}  # fmt: skip
+SD2_TEXT = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+}
 #: the same architectures at tiny widths (CPU smoke path)
-SMOKE_UNET = {**SD2_UNET, "block_out_channels": (32, 32, 64, 64),
-              "attention_head_dim": (1, 1, 2, 2), "cross_attention_dim": 32, "layers_per_block": 1}  # fmt: skip
+SMOKE_UNET = {
+    **SD2_UNET,
+    "block_out_channels": (32, 32, 64, 64),
+    "attention_head_dim": (1, 1, 2, 2),
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+}
 SMOKE_VAE = {**SD2_VAE, "block_out_channels": (32, 32, 32, 32), "layers_per_block": 1}
-SMOKE_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2}  # fmt: skip
+SMOKE_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+}
 SCALES = {"sd2": (SD2_UNET, SD2_VAE, SD2_TEXT), "smoke": (SMOKE_UNET, SMOKE_VAE, SMOKE_TEXT)}
 DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -83,16 +96,19 @@ def build_parts(scale: str, seed: int = 0) -> dict[str, Any]:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             **text_config,
-        )  # fmt: skip
+        )
     )
     unet = UNet2DConditionModel(
         in_channels=4, out_channels=4, down_block_types=DOWN, up_block_types=UP, **unet_config
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, **vae_config,
-    )  # fmt: skip
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **vae_config,
+    )
     return {"unet": unet, "codec": VaeCodec(vae), "text": text, "tokenizer": tokenizer}
 
 
@@ -105,15 +121,23 @@ def build_models(scale: str, device: str, dtype: str) -> dict[str, Any]:
         parts["unet"], conditioning_embedding_out_channels=conditioning_widths(8)
     )
     multistep = MultiStepSR(
-        parts["unet"], controlnet, parts["text"], parts["tokenizer"], parts["codec"], scheduler,
+        parts["unet"],
+        controlnet,
+        parts["text"],
+        parts["tokenizer"],
+        parts["codec"],
+        scheduler,
         MultiStepSettings(gradient_checkpointing=True, weights=f"random {scale}"),
-    ).to_device(device, dtype)  # fmt: skip
+    ).to_device(device, dtype)
     onestep_parts = build_parts(scale)
     onestep = OneStepSR(
-        onestep_parts["unet"], onestep_parts["text"], onestep_parts["tokenizer"],
-        onestep_parts["codec"], DDPMScheduler.from_config(sd_scheduler_config()),
+        onestep_parts["unet"],
+        onestep_parts["text"],
+        onestep_parts["tokenizer"],
+        onestep_parts["codec"],
+        DDPMScheduler.from_config(sd_scheduler_config()),
         OneStepSettings(weights=f"random {scale}"),
-    ).to_device(device, dtype)  # fmt: skip
+    ).to_device(device, dtype)
     return {"multistep": multistep, "onestep": onestep}
 
 
@@ -181,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="sd2", choices=sorted(SCALES))
     parser.add_argument("--resolution", type=int, default=512, help="HQ side in pixels")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "float32"),
-                        help="bf16: frozen modules in bf16 and autocast (on CUDA; fp32 on a CPU)")  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "float32"),
+        help="bf16: frozen modules in bf16 and autocast (on CUDA; fp32 on a CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sample-steps", type=int, default=20, help="multi-step sampling")
     parser.add_argument("--seed", type=int, default=0)
@@ -193,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(args.scale, args.device, dtype)
     device = torch.device(args.device)
     result: dict[str, Any] = {
-        "benchmark": "gpu", "scale": args.scale, "resolution": args.resolution,
-        "dtype": args.dtype, "device": str(device), "gradient_checkpointing": True,
+        "benchmark": "gpu",
+        "scale": args.scale,
+        "resolution": args.resolution,
+        "dtype": args.dtype,
+        "device": str(device),
+        "gradient_checkpointing": True,
         "unet_parameters": sum(p.numel() for p in models["multistep"].unet.parameters()),
-        "steps": {}, "sampling_images_per_second": {},
-    }  # fmt: skip
+        "steps": {},
+        "sampling_images_per_second": {},
+    }
     targets = []
     for batch in args.batches:
         steps = step_functions(models["multistep"], batch, args.resolution, args.seed)
@@ -219,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 "<",
                 1.0,
                 "two-pass DSPO saves less for backward than one-pass",
-            )  # fmt: skip
+            )
         )
         result["steps"][f"batch{batch}"] = entry
         for framework, model in models.items():

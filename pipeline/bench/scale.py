@@ -249,7 +249,7 @@ def add_benchmarks(workdir: Path) -> list[str]:
                                 lines[j].replace("log:", "benchmark:"),
                                 f'{indent}{prefix}"benchmarks/{stem}.tsv"\n',
                             ],
-                        )  # fmt: skip
+                        )
                     )
                     break
         for j, new in reversed(inserts):
@@ -284,9 +284,13 @@ def snakemake(
     command = [sys.executable, "-m", "snakemake", "--cores", str(cores), *args]
     start = time.perf_counter()
     result = subprocess.run(
-        command, cwd=workdir, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        command,
+        cwd=workdir,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - start
     with open(log, "a") as sink:
         sink.write(f"$ {' '.join(command)}  # {seconds:.1f} s, exit {result.returncode}\n")
@@ -359,8 +363,13 @@ def read_benchmark(path: Path) -> dict[str, float] | None:
         cpu = None
     seconds = float(row["s"])
     end = path.stat().st_mtime
-    return {"seconds": seconds, "max_rss_mb": rss, "cpu_time": cpu, "start": end - seconds,
-            "end": end}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "max_rss_mb": rss,
+        "cpu_time": cpu,
+        "start": end - seconds,
+        "end": end,
+    }
 
 
 def read_records(folder: Path, since: float = 0.0) -> list[dict[str, Any]]:
@@ -480,13 +489,23 @@ def startup_probe(
     )
     command = [sys.executable, "-m", "pipeline", stage, "--help"]
     if rule in RUN_GPU_RULES:
-        prefix = [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", "0",
-                  "--threads", str(threads), "--"]  # fmt: skip
+        prefix = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run-gpu",
+            "--gpus",
+            "0",
+            "--threads",
+            str(threads),
+            "--",
+        ]
         command = [*prefix, "python", "-m", "pipeline", stage, "--help"]
     probe_env = {k: v for k, v in env.items() if k != HOOK_VARIABLE}
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=workdir, env=probe_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=workdir, env=probe_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -521,8 +540,9 @@ class Workspace:
 
     def run(self, *args: str, cores: int) -> tuple[float, str]:
         config = ("--configfile", PRESET, str(self.overlay))
-        return snakemake(self.dir, [*config, "--resources", "gpu=0", *args], self.env, cores,
-                         self.log)  # fmt: skip
+        return snakemake(
+            self.dir, [*config, "--resources", "gpu=0", *args], self.env, cores, self.log
+        )
 
 
 def summarize_stage(jobs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -558,8 +578,7 @@ def scale_part(args: argparse.Namespace, root: Path) -> tuple[dict[str, Any], Wo
             "jobs": jobs,
         }
     small, large = min(args.images), max(args.images)
-    rules = sorted({job["rule"] for run in runs.values() for job in run["jobs"]},
-                   key=rule_order)  # fmt: skip
+    rules = sorted({job["rule"] for run in runs.values() for job in run["jobs"]}, key=rule_order)
     probes = {
         rule: startup_probe(workspace.dir, rule, workspace.env, args.threads)
         for rule in rules
@@ -633,8 +652,16 @@ def growth(
 
 
 def rule_order(rule: str) -> tuple[int, str]:
-    order = ("degrade", "prompts", "pretrain", "candidates", "segment", "caption", "score",
-             "select")  # fmt: skip
+    order = (
+        "degrade",
+        "prompts",
+        "pretrain",
+        "candidates",
+        "segment",
+        "caption",
+        "score",
+        "select",
+    )
     stage = stage_of(rule)
     return (order.index(stage) if stage in order else len(order), rule)
 
@@ -767,10 +794,13 @@ def speedup_part(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 entry[f"{stage}_k{k}"] = {**stage_timing(jobs, stage), "load_before": before}
         if round_number >= args.warmup:
             rounds.append(entry)
-    span = {k: [sum(r[f"{s}_k{k}"]["span_s"] for s in SPEEDUP_STAGES) for r in rounds]
-            for k in (1, 2)}  # fmt: skip
-    work = {k: [sum(r[f"{s}_k{k}"]["job_seconds"] for s in SPEEDUP_STAGES) for r in rounds]
-            for k in (1, 2)}  # fmt: skip
+    span = {
+        k: [sum(r[f"{s}_k{k}"]["span_s"] for s in SPEEDUP_STAGES) for r in rounds] for k in (1, 2)
+    }
+    work = {
+        k: [sum(r[f"{s}_k{k}"]["job_seconds"] for s in SPEEDUP_STAGES) for r in rounds]
+        for k in (1, 2)
+    }
     per_stage = {
         stage: timing.paired_ratio(
             [r[f"{stage}_k1"]["span_s"] for r in rounds],
@@ -779,8 +809,10 @@ def speedup_part(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for stage in SPEEDUP_STAGES
     }
     # on idle cores the K = 2 jobs run side by side: the span is about the larger job's CPU
-    cpu = {k: [sum(r[f"{s}_k{k}"]["cpu_s"] or 0 for s in SPEEDUP_STAGES) for r in rounds]
-           for k in (1, 2)}  # fmt: skip
+    cpu = {
+        k: [sum(r[f"{s}_k{k}"]["cpu_s"] or 0 for s in SPEEDUP_STAGES) for r in rounds]
+        for k in (1, 2)
+    }
     largest = [sum(r[f"{s}_k2"]["max_job_cpu_s"] or 0 for s in SPEEDUP_STAGES) for r in rounds]
     return {
         "images": args.speedup_images,
@@ -802,20 +834,35 @@ def targets_of(result: Mapping[str, Any]) -> list[timing.Target]:
     for rule, entry in result.get("scale", {}).get("stages", {}).items():
         bound = entry.get("bound")
         if bound:
-            targets.append(timing.Target(
-                f"rss_{rule}", bound["value"], "<=", RSS_FACTOR,
-                f"{rule}: (peak RSS at the largest N - output table) / peak RSS at the smallest N",
-            ))  # fmt: skip
+            targets.append(
+                timing.Target(
+                    f"rss_{rule}",
+                    bound["value"],
+                    "<=",
+                    RSS_FACTOR,
+                    f"{rule}: (peak RSS at the largest N - output table) / peak RSS at the smallest N",
+                )
+            )
     if "dag" in result:
-        targets.append(timing.Target(
-            "dag_seconds", result["dag"]["seconds"], "<", DAG_BOUND_S,
-            f"snakemake -n at {result['dag']['shards']} shards, wall seconds (median of rounds)",
-        ))  # fmt: skip
+        targets.append(
+            timing.Target(
+                "dag_seconds",
+                result["dag"]["seconds"],
+                "<",
+                DAG_BOUND_S,
+                f"snakemake -n at {result['dag']['shards']} shards, wall seconds (median of rounds)",
+            )
+        )
     if "speedup" in result:
-        targets.append(timing.Target(
-            "speedup_span", result["speedup"]["span_ratio_k1_over_k2"]["median"], ">=",
-            SPEEDUP_BOUND, "candidates + segment + score span, K=1 over K=2 (median of rounds)",
-        ))  # fmt: skip
+        targets.append(
+            timing.Target(
+                "speedup_span",
+                result["speedup"]["span_ratio_k1_over_k2"]["median"],
+                ">=",
+                SPEEDUP_BOUND,
+                "candidates + segment + score span, K=1 over K=2 (median of rounds)",
+            )
+        )
     return targets
 
 
@@ -823,21 +870,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench scale", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--images", type=int, nargs="+", default=[100, 1000],
-                        help="photo counts of the scale runs (at least two)")  # fmt: skip
+    parser.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[100, 1000],
+        help="photo counts of the scale runs (at least two)",
+    )
     parser.add_argument("--shards", type=int, default=2, help="K of the scale runs")
     parser.add_argument("--cores", type=int, default=2, help="snakemake --cores")
-    parser.add_argument("--until", nargs="+", default=["select"], metavar="RULE",
-                        help="snakemake --until of the scale runs (a smaller DAG for a smoke "
-                        "test)")  # fmt: skip
-    parser.add_argument("--dag-shards", type=int, default=64,
-                        help="K of the timed dry run (0: skip)")  # fmt: skip
-    parser.add_argument("--speedup-images", type=int, default=200,
-                        help="photos of the K=1 vs K=2 part (0: skip)")  # fmt: skip
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
-                        help="what to run (default: all three)")  # fmt: skip
-    parser.add_argument("--scratch", type=Path, default=None,
-                        help="folder for the copies (default: a temporary one)")  # fmt: skip
+    parser.add_argument(
+        "--until",
+        nargs="+",
+        default=["select"],
+        metavar="RULE",
+        help="snakemake --until of the scale runs (a smaller DAG for a smoke test)",
+    )
+    parser.add_argument(
+        "--dag-shards", type=int, default=64, help="K of the timed dry run (0: skip)"
+    )
+    parser.add_argument(
+        "--speedup-images", type=int, default=200, help="photos of the K=1 vs K=2 part (0: skip)"
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=PARTS,
+        help="what to run (default: all three)",
+    )
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=None,
+        help="folder for the copies (default: a temporary one)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     timing.add_arguments(parser, repeats=1)
     parser.set_defaults(warmup=0)

@@ -87,9 +87,16 @@ DEFAULT_COSTS = Path(__file__).resolve().parent / "costs_cpu.json"
 FORMAT = "dspo-stage-costs/1"
 #: the per-image stages, in the order of the chain
 DATA_STAGES = (
-    "degrade", "prompts", "candidates", "segment", "caption", "score", "select", "evaluate",
+    "degrade",
+    "prompts",
+    "candidates",
+    "segment",
+    "caption",
+    "score",
+    "select",
+    "evaluate",
     "winrates",
-)  # fmt: skip
+)
 #: the model the second evaluation of the pretrained model stands for (winrates needs an
 #: aligned one)
 ALIGNED_MODEL = model_names.ModelSpec.aligned(model_names.DSPO, "fidelity")
@@ -196,8 +203,16 @@ class Chain:
 
     def gpu(self, stage: str, accelerate: bool = False) -> list[str]:
         """``python -m pipeline run-gpu --gpus G --threads T [--accelerate] --`` of a GPU rule."""
-        wrapper = [sys.executable, "-m", "pipeline", "run-gpu", "--gpus", str(self.gpus[stage]),
-                   "--threads", self.threads]  # fmt: skip
+        wrapper = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run-gpu",
+            "--gpus",
+            str(self.gpus[stage]),
+            "--threads",
+            self.threads,
+        ]
         return [*wrapper, *(["--accelerate"] if accelerate else []), "--"]
 
     def stage(self, *args: str) -> list[str]:
@@ -210,14 +225,28 @@ class Chain:
 
     def degrade(self, source: Path, size: int, out: Path, log: Path) -> dict[str, float]:
         section = dict(self.config.get("degrade") or {})
-        section.update(source=str(source), crop_size=size, crops_per_image=1, test_fraction=0.0,
-                       test_ids=[])  # fmt: skip
-        config = self.write_config(f"degrade-{size}", settings.job_settings(
-            {**self.config, "degrade": section}, "degrade"))  # fmt: skip
-        argv = self.stage("degrade", "--split", "train", "--out", str(out), "--config", config,
-                          "--seed", self.seed, "--workers", self.threads)  # fmt: skip
-        return self.run(argv, log, {"OMP_NUM_THREADS": self.threads,
-                                    "MKL_NUM_THREADS": self.threads})  # fmt: skip
+        section.update(
+            source=str(source), crop_size=size, crops_per_image=1, test_fraction=0.0, test_ids=[]
+        )
+        config = self.write_config(
+            f"degrade-{size}", settings.job_settings({**self.config, "degrade": section}, "degrade")
+        )
+        argv = self.stage(
+            "degrade",
+            "--split",
+            "train",
+            "--out",
+            str(out),
+            "--config",
+            config,
+            "--seed",
+            self.seed,
+            "--workers",
+            self.threads,
+        )
+        return self.run(
+            argv, log, {"OMP_NUM_THREADS": self.threads, "MKL_NUM_THREADS": self.threads}
+        )
 
     def prompts(self, data: Path, kind: str, out: Path, log: Path) -> dict[str, float]:
         section = settings.job_settings(self.config, "prompts")
@@ -225,9 +254,24 @@ class Chain:
         suffix = settings.job_settings(self.config, "evaluate")["name_suffix_pattern"]
         wrapper = [*self.gpu("prompts")]
         wrapper[wrapper.index("--gpus") + 1] = str(gpus)
-        argv = [*wrapper, *self.stage("prompts", "--images", str(data), "--kind", kind, "--out",
-                str(out), "--config", self.job_config("prompts"), "--name-suffix-pattern",
-                suffix, "--seed", self.seed)]  # fmt: skip
+        argv = [
+            *wrapper,
+            *self.stage(
+                "prompts",
+                "--images",
+                str(data),
+                "--kind",
+                kind,
+                "--out",
+                str(out),
+                "--config",
+                self.job_config("prompts"),
+                "--name-suffix-pattern",
+                suffix,
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
     def candidate_variants(self, framework: str) -> list[str]:
@@ -238,65 +282,191 @@ class Chain:
         """Every variant the chains need: the candidates' and the base (evaluate, train)."""
         return sorted({*self.candidate_variants(framework), "base"})
 
-    def pretrain(self, framework: str, variant: str, data: Path, prompts: Path, out: Path,
-                 steps: int, log: Path) -> dict[str, float]:  # fmt: skip
+    def pretrain(
+        self,
+        framework: str,
+        variant: str,
+        data: Path,
+        prompts: Path,
+        out: Path,
+        steps: int,
+        log: Path,
+    ) -> dict[str, float]:
         job = settings.job_settings(self.config, "pretrain", framework=framework, variant=variant)
         job["steps"] = steps
         job["checkpoint_every"] = max(steps, 1)
         config = self.write_config(f"pretrain-{framework}-{variant}-{steps}", job)
-        argv = [*self.gpu("pretrain", accelerate=True), *self.stage(
-            "pretrain", "--framework", framework, "--variant", variant, "--data", str(data),
-            "--prompts", str(prompts), "--out", str(out), "--checkpoints", str(out) + ".ckpt",
-            "--config", config, "--seed", self.seed)]  # fmt: skip
+        argv = [
+            *self.gpu("pretrain", accelerate=True),
+            *self.stage(
+                "pretrain",
+                "--framework",
+                framework,
+                "--variant",
+                variant,
+                "--data",
+                str(data),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--checkpoints",
+                str(out) + ".ckpt",
+                "--config",
+                config,
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
-    def candidates(self, framework: str, models: Mapping[str, Path], data: Path, prompts: Path,
-                   out: Path, log: Path) -> dict[str, float]:  # fmt: skip
+    def candidates(
+        self,
+        framework: str,
+        models: Mapping[str, Path],
+        data: Path,
+        prompts: Path,
+        out: Path,
+        log: Path,
+    ) -> dict[str, float]:
         model_args = [arg for v, p in sorted(models.items()) for arg in ("--model", f"{v}={p}")]
-        argv = [*self.gpu("candidates"), *self.stage(
-            "candidates", "--framework", framework, *model_args, "--data", str(data),
-            "--prompts", str(prompts), "--out", str(out),
-            "--config", self.job_config("candidates", framework=framework), "--seed", self.seed)]  # fmt: skip
+        argv = [
+            *self.gpu("candidates"),
+            *self.stage(
+                "candidates",
+                "--framework",
+                framework,
+                *model_args,
+                "--data",
+                str(data),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--config",
+                self.job_config("candidates", framework=framework),
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
     def segment_source(self) -> str:
         return settings.job_settings(self.config, "segment")["source"]
 
     def segment(self, images: list[str], masks: Path, instances: Path, log: Path):
-        argv = [*self.gpu("segment"), *self.stage(
-            "segment", *images, "--out-zarr", str(masks), "--out-table", str(instances),
-            "--config", self.job_config("segment"), "--seed", self.seed)]  # fmt: skip
+        argv = [
+            *self.gpu("segment"),
+            *self.stage(
+                "segment",
+                *images,
+                "--out-zarr",
+                str(masks),
+                "--out-table",
+                str(instances),
+                "--config",
+                self.job_config("segment"),
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
-    def caption(self, data: Path, candidates: Path, masks: Path, instances: Path, out: Path,
-                log: Path) -> dict[str, float]:  # fmt: skip
-        argv = [*self.gpu("caption"), *self.stage(
-            "caption", "--data", str(data), "--candidates", str(candidates / contracts.CANDIDATES_TABLE),
-            "--masks-zarr", str(masks), "--instances", str(instances), "--out", str(out),
-            "--config", self.job_config("caption"), "--seed", self.seed)]  # fmt: skip
+    def caption(
+        self, data: Path, candidates: Path, masks: Path, instances: Path, out: Path, log: Path
+    ) -> dict[str, float]:
+        argv = [
+            *self.gpu("caption"),
+            *self.stage(
+                "caption",
+                "--data",
+                str(data),
+                "--candidates",
+                str(candidates / contracts.CANDIDATES_TABLE),
+                "--masks-zarr",
+                str(masks),
+                "--instances",
+                str(instances),
+                "--out",
+                str(out),
+                "--config",
+                self.job_config("caption"),
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
-    def score(self, data: Path, candidates: Path, masks: Path, instances: Path, out: Path,
-              log: Path) -> dict[str, float]:  # fmt: skip
-        argv = [*self.gpu("score"), *self.stage(
-            "score", "--candidates", str(candidates / contracts.CANDIDATES_TABLE), "--data",
-            str(data), "--masks", str(masks), "--instances", str(instances), "--out", str(out),
-            "--config", self.job_config("score"), "--seed", self.seed)]  # fmt: skip
+    def score(
+        self, data: Path, candidates: Path, masks: Path, instances: Path, out: Path, log: Path
+    ) -> dict[str, float]:
+        argv = [
+            *self.gpu("score"),
+            *self.stage(
+                "score",
+                "--candidates",
+                str(candidates / contracts.CANDIDATES_TABLE),
+                "--data",
+                str(data),
+                "--masks",
+                str(masks),
+                "--instances",
+                str(instances),
+                "--out",
+                str(out),
+                "--config",
+                self.job_config("score"),
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
     def select(self, scores: Path, instances: Path, captions: Path, out: Path, log: Path):
-        argv = self.stage("select", "--scores", str(scores), "--instances", str(instances),
-                          "--captions", str(captions), "--out-dir", str(out),
-                          "--config", self.job_config("select"), "--seed", self.seed)  # fmt: skip
+        argv = self.stage(
+            "select",
+            "--scores",
+            str(scores),
+            "--instances",
+            str(instances),
+            "--captions",
+            str(captions),
+            "--out-dir",
+            str(out),
+            "--config",
+            self.job_config("select"),
+            "--seed",
+            self.seed,
+        )
         return self.run(argv, log)
 
-    def evaluate(self, model: Path, name: str, testset: Path, prompts: Path, out: Path,
-                 log: Path) -> dict[str, float]:  # fmt: skip
-        argv = [*self.gpu("evaluate"), *self.stage(
-            "evaluate", "--model", str(model), "--model-name", name, "--testset", "bench",
-            "--testset-kind", "synthetic", "--testset-path", str(testset), "--prompts",
-            str(prompts), "--out", str(out), "--config", self.job_config("evaluate"),
-            "--seed", self.seed)]  # fmt: skip
+    def evaluate(
+        self, model: Path, name: str, testset: Path, prompts: Path, out: Path, log: Path
+    ) -> dict[str, float]:
+        argv = [
+            *self.gpu("evaluate"),
+            *self.stage(
+                "evaluate",
+                "--model",
+                str(model),
+                "--model-name",
+                name,
+                "--testset",
+                "bench",
+                "--testset-kind",
+                "synthetic",
+                "--testset-path",
+                str(testset),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--config",
+                self.job_config("evaluate"),
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
     def winrate_config(self, models: Mapping[str, str]) -> str:
@@ -309,13 +479,14 @@ class Chain:
             "score": {
                 k: score[k]
                 for k in ("weights_dir", "weights", "options", "device", "min_crop_size")
-            },  # fmt: skip
+            },
             "tie_tolerance": select["tie_tolerance"],
         }
         return self.write_config("winrates", job)
 
-    def winrates(self, evaluations: Mapping[str, Path], objective: str, folder: Path,
-                 log: Path) -> dict[str, float]:  # fmt: skip
+    def winrates(
+        self, evaluations: Mapping[str, Path], objective: str, folder: Path, log: Path
+    ) -> dict[str, float]:
         """The winrates rule's three commands; their summed seconds and largest RSS."""
         pretrained = evaluations["pretrained"]
         hq, masks, instances = folder / "hq.parquet", folder / "masks.zarr", folder / "inst.parquet"
@@ -323,7 +494,7 @@ class Chain:
         parts = [
             self.run(
                 self.stage("winrates", "--hq-table-of", str(pretrained), "--out", str(hq)), log
-            ),  # fmt: skip
+            ),
             self.run(
                 [
                     *self.gpu("score"),
@@ -344,7 +515,7 @@ class Chain:
                     ),
                 ],
                 log,
-            ),  # fmt: skip
+            ),
             self.run(
                 [
                     *self.gpu("score"),
@@ -365,26 +536,62 @@ class Chain:
                     ),
                 ],
                 log,
-            ),  # fmt: skip
+            ),
         ]
         return combine(parts)
 
-    def train(self, framework: str, method: str, objective: str, pairs_dir: Path,
-              candidates: Path, data: Path, prompts: Path, masks: Path, model: Path, out: Path,
-              steps: int, log: Path) -> dict[str, float]:  # fmt: skip
+    def train(
+        self,
+        framework: str,
+        method: str,
+        objective: str,
+        pairs_dir: Path,
+        candidates: Path,
+        data: Path,
+        prompts: Path,
+        masks: Path,
+        model: Path,
+        out: Path,
+        steps: int,
+        log: Path,
+    ) -> dict[str, float]:
         job = settings.job_settings(self.config, "train", method=method, objective=objective)
         job["max_steps"] = steps
         config = self.write_config(f"train-{framework}-{method}-{steps}", job)
         pairs = []
         for path in contracts.train_pairs_artifacts(framework, objective, method):
             pairs.append(str(pairs_dir / Path(path).name))
-        argv = [*self.gpu("train", accelerate=True), *self.stage(
-            "train", "--framework", framework, "--method", method, "--objective", objective,
-            *(["--pairs", *pairs] if pairs else []),
-            "--candidates", str(candidates / contracts.CANDIDATES_TABLE), "--data", str(data),
-            "--prompts", str(prompts), "--masks", str(masks), "--model", str(model),
-            "--out", str(out), "--checkpoints", str(out) + ".ckpt", "--config", config,
-            "--seed", self.seed)]  # fmt: skip
+        argv = [
+            *self.gpu("train", accelerate=True),
+            *self.stage(
+                "train",
+                "--framework",
+                framework,
+                "--method",
+                method,
+                "--objective",
+                objective,
+                *(["--pairs", *pairs] if pairs else []),
+                "--candidates",
+                str(candidates / contracts.CANDIDATES_TABLE),
+                "--data",
+                str(data),
+                "--prompts",
+                str(prompts),
+                "--masks",
+                str(masks),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--checkpoints",
+                str(out) + ".ckpt",
+                "--config",
+                config,
+                "--seed",
+                self.seed,
+            ),
+        ]
         return self.run(argv, log)
 
 
@@ -435,27 +642,55 @@ def run_chain(
     if not record("prompts", point, chain.prompts, data, "train", prompts, logs / "prompts.log"):
         return
     test_prompts = folder / "prompts_test.parquet"
-    record("prompts", point, chain.prompts, data, "synthetic", test_prompts,
-           logs / "prompts_test.log")  # fmt: skip
+    record(
+        "prompts", point, chain.prompts, data, "synthetic", test_prompts, logs / "prompts_test.log"
+    )
     masks, instances = folder / "masks.zarr", folder / "instances.parquet"
     hq_frame = chain.segment_source() == "hq"
     if hq_frame:
-        record("segment", point, chain.segment, ["--data", str(data)], masks, instances,
-               logs / "segment.log")  # fmt: skip
+        record(
+            "segment",
+            point,
+            chain.segment,
+            ["--data", str(data)],
+            masks,
+            instances,
+            logs / "segment.log",
+        )
     for fw in frameworks:
         out = folder / fw
         candidates = out / "candidates"
         chosen = {v: models[fw][v] for v in chain.candidate_variants(fw)}
-        if not record(f"candidates/{fw}", point, chain.candidates, fw, chosen, data, prompts,
-                      candidates, logs / f"candidates_{fw}.log"):  # fmt: skip
+        if not record(
+            f"candidates/{fw}",
+            point,
+            chain.candidates,
+            fw,
+            chosen,
+            data,
+            prompts,
+            candidates,
+            logs / f"candidates_{fw}.log",
+        ):
             continue
         fw_masks, fw_instances = masks, instances
         if not hq_frame:
             fw_masks, fw_instances = out / "masks.zarr", out / "instances.parquet"
-            images = ["--candidates", str(candidates / contracts.CANDIDATES_TABLE),
-                      "--setting", chain.segment_source()]  # fmt: skip
-            record("segment", point, chain.segment, images, fw_masks, fw_instances,
-                   logs / f"segment_{fw}.log")  # fmt: skip
+            images = [
+                "--candidates",
+                str(candidates / contracts.CANDIDATES_TABLE),
+                "--setting",
+                chain.segment_source(),
+            ]
+            record(
+                "segment",
+                point,
+                chain.segment,
+                images,
+                fw_masks,
+                fw_instances,
+                logs / f"segment_{fw}.log",
+            )
         if not fw_masks.exists():
             continue
         captions, scores = out / "captions.parquet", out / "scores.parquet"
@@ -463,19 +698,52 @@ def run_chain(
         record("caption", point, chain.caption, *inputs, captions, logs / f"caption_{fw}.log")
         record("score", point, chain.score, *inputs, scores, logs / f"score_{fw}.log")
         if captions.exists() and scores.exists():
-            record("select", point, chain.select, scores, fw_instances, captions,
-                   out / "pairs", logs / f"select_{fw}.log")  # fmt: skip
-        record("evaluate/bicubic", point, chain.evaluate, "bicubic", "bicubic", data,
-               test_prompts, out / "eval" / "bicubic", logs / f"evaluate_{fw}_bicubic.log")  # fmt: skip
+            record(
+                "select",
+                point,
+                chain.select,
+                scores,
+                fw_instances,
+                captions,
+                out / "pairs",
+                logs / f"select_{fw}.log",
+            )
+        record(
+            "evaluate/bicubic",
+            point,
+            chain.evaluate,
+            "bicubic",
+            "bicubic",
+            data,
+            test_prompts,
+            out / "eval" / "bicubic",
+            logs / f"evaluate_{fw}_bicubic.log",
+        )
         evaluations = {}
         for name in (model_names.PRETRAINED, ALIGNED_MODEL.name):
-            if record(f"evaluate/{fw}", point, chain.evaluate, models[fw]["base"], name, data,
-                      test_prompts, out / "eval" / name, logs / f"evaluate_{fw}_{name}.log"):  # fmt: skip
+            if record(
+                f"evaluate/{fw}",
+                point,
+                chain.evaluate,
+                models[fw]["base"],
+                name,
+                data,
+                test_prompts,
+                out / "eval" / name,
+                logs / f"evaluate_{fw}_{name}.log",
+            ):
                 evaluations[name] = out / "eval" / name
         if len(evaluations) == 2:
             objective = ALIGNED_MODEL.objective
-            record("winrates", point, chain.winrates, evaluations, objective,
-                   out / "winrates", logs / f"winrates_{fw}.log")  # fmt: skip
+            record(
+                "winrates",
+                point,
+                chain.winrates,
+                evaluations,
+                objective,
+                out / "winrates",
+                logs / f"winrates_{fw}.log",
+            )
 
 
 def build_models(
@@ -500,12 +768,23 @@ def build_models(
         runs = [(v, steps) for v in chain.variants(fw)] + [("base", max(1, steps // 4))]
         for variant, n in runs:
             out = folder / "models" / fw / (variant if n == steps else f"{variant}-{n}")
-            recorder.record(f"pretrain/{fw}", {"steps": n}, chain.pretrain, fw, variant, data,
-                            prompts, out, n, logs / f"pretrain_{fw}.log")  # fmt: skip
+            recorder.record(
+                f"pretrain/{fw}",
+                {"steps": n},
+                chain.pretrain,
+                fw,
+                variant,
+                data,
+                prompts,
+                out,
+                n,
+                logs / f"pretrain_{fw}.log",
+            )
             if n == steps and out.exists():
                 models[fw][variant] = out
-        distinguish_variants({v: models[fw][v] for v in chain.candidate_variants(fw)
-                              if v in models[fw]})  # fmt: skip
+        distinguish_variants(
+            {v: models[fw][v] for v in chain.candidate_variants(fw) if v in models[fw]}
+        )
     return models
 
 
@@ -526,8 +805,9 @@ def distinguish_variants(models: Mapping[str, Path]) -> None:
         with torch.no_grad():
             for name, parameter in model.unet.named_parameters():
                 if "conv_out" in name:
-                    noise = torch.randn(parameter.shape, generator=torch_generator(
-                        0, "bench-stages", variant, name))  # fmt: skip
+                    noise = torch.randn(
+                        parameter.shape, generator=torch_generator(0, "bench-stages", variant, name)
+                    )
                     parameter.add_(0.01 * noise)
         kept = {f.name: f.read_bytes() for f in path.glob("*.parquet")}  # the train log
         model.save_pretrained(path)
@@ -556,12 +836,22 @@ def measure_training(
         for method in methods:
             for steps in step_counts:
                 recorder.record(
-                    f"train/{fw}/{method}", {"steps": steps}, chain.train, fw, method, objective,
-                    out / "pairs", out / "candidates", folder / "data",
-                    folder / "prompts.parquet", masks, models[fw]["base"],
-                    out / "aligned" / f"{method}-{steps}", steps,
+                    f"train/{fw}/{method}",
+                    {"steps": steps},
+                    chain.train,
+                    fw,
+                    method,
+                    objective,
+                    out / "pairs",
+                    out / "candidates",
+                    folder / "data",
+                    folder / "prompts.parquet",
+                    masks,
+                    models[fw]["base"],
+                    out / "aligned" / f"{method}-{steps}",
+                    steps,
                     folder / "logs" / f"train_{fw}_{method}.log",
-                )  # fmt: skip
+                )
 
 
 # -- fits ---------------------------------------------------------------------------------------
@@ -575,8 +865,9 @@ def fit_costs(
     from scipy.optimize import nnls
 
     seconds = np.array([job[basis] for job in jobs], dtype=float)
-    design = np.column_stack([np.ones(len(jobs))] + [
-        np.array([job[c] for job in jobs], dtype=float) for c in columns])  # fmt: skip
+    design = np.column_stack(
+        [np.ones(len(jobs))] + [np.array([job[c] for job in jobs], dtype=float) for c in columns]
+    )
     coefficients, _ = nnls(design, seconds)
     residual = seconds - design @ coefficients
     rms = float(np.sqrt(np.mean(residual**2)))
@@ -603,8 +894,12 @@ def per_image_fit(jobs: Sequence[Mapping[str, Any]], basis: str) -> dict[str, An
     rows = [{**job, "image_megapixels": job["images"] * job["megapixels"]} for job in jobs]
     fit = fit_costs(rows, ["images", "image_megapixels"], BASES[basis])
     startup, per_image, per_mp = fit.pop("coefficients")
-    return {"startup_s": round(startup, 4), "per_image_s": round(per_image, 6),
-            "per_megapixel_s": round(per_mp, 6), "fit": fit}  # fmt: skip
+    return {
+        "startup_s": round(startup, 4),
+        "per_image_s": round(per_image, 6),
+        "per_megapixel_s": round(per_mp, 6),
+        "fit": fit,
+    }
 
 
 def startup_share(entry: Mapping[str, Any], images: float, megapixels: float) -> float:
@@ -667,7 +962,7 @@ def step_costs(jobs: Sequence[Mapping[str, Any]], basis: str) -> dict[str, Any]:
                 "cpu_seconds": round(job["cpu_seconds"], 3),
             }
             for job in jobs
-        ],  # fmt: skip
+        ],
     }
 
 
@@ -693,8 +988,13 @@ def device_description() -> dict[str, Any]:
     }
 
 
-def build_costs(recorder: Recorder, args: argparse.Namespace, config: Mapping[str, Any],
-                frameworks: Sequence[str], wall: float) -> dict[str, Any]:  # fmt: skip
+def build_costs(
+    recorder: Recorder,
+    args: argparse.Namespace,
+    config: Mapping[str, Any],
+    frameworks: Sequence[str],
+    wall: float,
+) -> dict[str, Any]:
     device = device_description()
     where = device["gpu"] or device["cpu_model"]
     preset = Path(args.configfile[0]).name
@@ -755,10 +1055,9 @@ def build_costs(recorder: Recorder, args: argparse.Namespace, config: Mapping[st
     }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline bench stages", description=__doc__.splitlines()[0]
-    )
+def add_grid_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of what is measured: the grid of crop sizes and image counts, the
+    frameworks, the train methods and the shard sizes the start-up share is reported at."""
     parser.add_argument(
         "--sizes",
         type=int,
@@ -790,6 +1089,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[100, 1000, 10000],
         help="images per shard job at which to report the start-up share",
     )
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of how the jobs run: the presets, the code, the folders and the steps of
+    the pretrain and train jobs."""
     parser.add_argument(
         "--configfile",
         nargs="+",
@@ -826,6 +1130,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("FEW", "MORE"),
         help="the two max_steps each --train-methods method is timed at",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pipeline bench stages`` (module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline bench stages", description=__doc__.splitlines()[0]
+    )
+    add_grid_arguments(parser)
+    add_job_arguments(parser)
     parser.add_argument("--out", default=str(DEFAULT_COSTS), help="the costs file to write")
     parser.add_argument(
         "--basis",
@@ -835,7 +1148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "seconds (a loaded shared machine inflates wall time; both fits are "
         "written)",
     )
-    timing.add_arguments(parser, repeats=1)  # fmt: skip
+    timing.add_arguments(parser, repeats=1)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's options (:func:`build_parser`), the grid's bounds checked."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if min(args.counts) < 1 or min(args.sizes) < 4:
         parser.error("--counts must be >= 1 and --sizes >= 4")
@@ -852,13 +1171,14 @@ def main(argv: list[str] | None = None) -> int:
     frameworks = args.frameworks or list(root["frameworks"])
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(args.code_root).resolve()),
-                                       os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(args.code_root).resolve()), os.environ.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep),
         "DSPO_ALLOW_DOWNLOADS": "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
-    }  # fmt: skip
+    }
     own_scratch = args.scratch is None
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-stages-")).resolve()
     if not os.access(Path(args.code_root) / "pipeline", os.W_OK):  # a read-only baseline
@@ -908,17 +1228,24 @@ def main(argv: list[str] | None = None) -> int:
         },
         # not "failed": timing.finish writes the failed targets there
         "failed_stages": recorder.failed,
-        "not_measured": [s for s in DATA_STAGES
-                         if not any(k.split("/")[0] == s for k in costs["stages"])],
-    }  # fmt: skip
+        "not_measured": [
+            s for s in DATA_STAGES if not any(k.split("/")[0] == s for k in costs["stages"])
+        ],
+    }
     shares = [e["fits"][args.basis]["fit"]["residual_share"] for e in costs["stages"].values()]
     targets = [
-        timing.Target("fit_residual_share", max(shares) if shares else 0.0, "<=", 0.5,
-                      "the fit explains every stage's seconds (largest RMS residual / mean)"),
-    ]  # fmt: skip
+        timing.Target(
+            "fit_residual_share",
+            max(shares) if shares else 0.0,
+            "<=",
+            0.5,
+            "the fit explains every stage's seconds (largest RMS residual / mean)",
+        ),
+    ]
     if recorder.failed:
-        targets.append(timing.Target("failed_stages", len(recorder.failed), "<=", 0,
-                                     "every stage CLI ran"))  # fmt: skip
+        targets.append(
+            timing.Target("failed_stages", len(recorder.failed), "<=", 0, "every stage CLI ran")
+        )
     return timing.finish(result, targets, args)
 
 

@@ -184,7 +184,7 @@ def sft_batch(dpo: Sequence[LoadedItem]) -> list[LoadedItem]:
 
 METHODS = ("dspo", "naive", "dpo", "sft", "dro", "dspo_two_pass")
 
-#: methods timed through the train stage by default (issue 15: every method's step, one run)
+#: methods timed through the train stage by default (every method's step, in one run)
 TRAIN_METHODS = ("dspo", "dpo", "sft", "dro", "dro_online", "ddpo", "gdpo", "gdpo_instance")
 
 #: the run configuration the train rows' jobs are resolved from (settings.job_settings, as the
@@ -193,8 +193,12 @@ TRAIN_METHODS = ("dspo", "dpo", "sft", "dro", "dro_online", "ddpo", "gdpo", "gdp
 #: command line)
 TRAIN_CONFIG: dict[str, Any] = {
     "score": {"metrics": ["psnr", "ssim", "gmsd", "piqe"], "device": "cpu"},
-    "select": {"objectives": {"fidelity": {"psnr": 1.0, "ssim": 1.0, "gmsd": 1.0},
-                              "perception": {"piqe": 1.0}}},
+    "select": {
+        "objectives": {
+            "fidelity": {"psnr": 1.0, "ssim": 1.0, "gmsd": 1.0},
+            "perception": {"piqe": 1.0},
+        }
+    },
     "train": {
         "device": "cpu",
         "learning_rate": 1e-6,
@@ -203,11 +207,19 @@ TRAIN_CONFIG: dict[str, Any] = {
         "policy_cfg": 1.0,
         "dro_buffer_size": 4,
         "gdpo_detail_metrics": ["piqe"],
-        "ea_adam": {"population_size": 2, "neighbourhood_size": 2, "ea_every": 1,
-                    "ea_iterations": 1, "fitness_images": 2, "fitness_crop": 16,
-                    "fitness_steps": 2, "fusion_images": 2, "fusion_steps": 2},
+        "ea_adam": {
+            "population_size": 2,
+            "neighbourhood_size": 2,
+            "ea_every": 1,
+            "ea_iterations": 1,
+            "fitness_images": 2,
+            "fitness_crop": 16,
+            "fitness_steps": 2,
+            "fusion_images": 2,
+            "fusion_steps": 2,
+        },
     },
-}  # fmt: skip
+}
 
 TRAIN_OBJECTIVE = "fidelity"
 
@@ -245,26 +257,60 @@ def write_train_inputs(
             noisy = hq.astype(np.int16) + rng.integers(-40, 41, hq.shape)
             path = Path(name) / f"{image_id}.png"
             write_png(root / "candidates" / path, np.clip(noisy, 0, 255).astype(np.uint8))
-            candidates.append({"image_id": image_id, "setting": name, "variant": "base",
-                               "steps": 1, "cfg": 1.0, "seed": seed, "negative_prompt": "",
-                               "path": str(path)})  # fmt: skip
+            candidates.append(
+                {
+                    "image_id": image_id,
+                    "setting": name,
+                    "variant": "base",
+                    "steps": 1,
+                    "cfg": 1.0,
+                    "seed": seed,
+                    "negative_prompt": "",
+                    "path": str(path),
+                }
+            )
         labels = np.arange(size)[None, :].repeat(size, 0) * n_instances // size + 1
         label_maps[image_id] = labels.astype(np.uint16)
         for instance_id in range(1, n_instances + 1):
             win, lose = rng.choice(n_candidates, size=2, replace=False)
-            pairs.append({"image_id": image_id, "instance_id": instance_id,
-                          "weight": float((labels == instance_id).mean()),
-                          "winner": settings_names[win], "loser": settings_names[lose],
-                          "margin": 0.5, "negative_prompt": "", "source": "bench"})  # fmt: skip
-        pairs.append({"image_id": image_id, "instance_id": contracts.WHOLE_IMAGE_ID,
-                      "weight": 1.0, "winner": settings_names[0], "loser": settings_names[1],
-                      "margin": 1.0, "negative_prompt": "", "source": "bench"})  # fmt: skip
+            pairs.append(
+                {
+                    "image_id": image_id,
+                    "instance_id": instance_id,
+                    "weight": float((labels == instance_id).mean()),
+                    "winner": settings_names[win],
+                    "loser": settings_names[lose],
+                    "margin": 0.5,
+                    "negative_prompt": "",
+                    "source": "bench",
+                }
+            )
+        pairs.append(
+            {
+                "image_id": image_id,
+                "instance_id": contracts.WHOLE_IMAGE_ID,
+                "weight": 1.0,
+                "winner": settings_names[0],
+                "loser": settings_names[1],
+                "margin": 1.0,
+                "negative_prompt": "",
+                "source": "bench",
+            }
+        )
         row = dict.fromkeys(SCHEMAS["degradation_pairs"].names)
-        row.update(image_id=image_id, source_id=image_id, split="train",
-                   hq_path=f"hq/{image_id}.png", lq_path=f"lq/{image_id}.png")  # fmt: skip
+        row.update(
+            image_id=image_id,
+            source_id=image_id,
+            split="train",
+            hq_path=f"hq/{image_id}.png",
+            lq_path=f"lq/{image_id}.png",
+        )
         degradations.append(row)
-    write_table(pd.DataFrame(degradations, columns=SCHEMAS["degradation_pairs"].names),
-                data / contracts.DATA_TABLE, "degradation_pairs")  # fmt: skip
+    write_table(
+        pd.DataFrame(degradations, columns=SCHEMAS["degradation_pairs"].names),
+        data / contracts.DATA_TABLE,
+        "degradation_pairs",
+    )
     write_table(pd.DataFrame(candidates), root / "candidates" / "candidates.parquet", "candidates")
     write_table(pd.DataFrame(pairs), root / "pairs.parquet", "preference_pairs")
     write_label_maps(root / "masks.zarr", label_maps, {"backend": "bench"})
@@ -279,12 +325,19 @@ def write_train_inputs(
 def train_job_settings(method: str, batch: int, policy_steps: int, group_size: int) -> dict:
     """The train section a DAG job of ``method`` would get from :data:`TRAIN_CONFIG` with the
     command line's batch, DDIM steps and group size (``max_steps`` is set per call)."""
-    config = {**TRAIN_CONFIG, "train": {
-        **TRAIN_CONFIG["train"], "batch_size": batch, "policy_steps": policy_steps,
-        "policy_group_size": group_size, "stat_tracker_buffer_size": group_size,
-        "stat_tracker_min_count": group_size, "dro_sampler_steps": policy_steps,
-        "dro_sampler_batch_size": batch,
-    }}  # fmt: skip
+    config = {
+        **TRAIN_CONFIG,
+        "train": {
+            **TRAIN_CONFIG["train"],
+            "batch_size": batch,
+            "policy_steps": policy_steps,
+            "policy_group_size": group_size,
+            "stat_tracker_buffer_size": group_size,
+            "stat_tracker_min_count": group_size,
+            "dro_sampler_steps": policy_steps,
+            "dro_sampler_batch_size": batch,
+        },
+    }
     return settings.job_settings(config, "train", method=method, objective=TRAIN_OBJECTIVE)
 
 
@@ -314,11 +367,21 @@ def train_call(
     def run() -> None:
         out = Path(tempfile.mkdtemp(prefix=f"{method}-{max_steps}-", dir=scratch))
         try:
-            train(framework=framework, method=method, objective=TRAIN_OBJECTIVE,
-                  pairs_path=pairs, candidates_path=inputs["candidates_path"],
-                  data_dir=inputs["data_dir"], masks_path=inputs["masks_path"],
-                  model_dir="bench tiny model", out_dir=out / "model", config=config,
-                  seed=seed, checkpoint_dir=out / "checkpoints", model=build_model())  # fmt: skip
+            train(
+                framework=framework,
+                method=method,
+                objective=TRAIN_OBJECTIVE,
+                pairs_path=pairs,
+                candidates_path=inputs["candidates_path"],
+                data_dir=inputs["data_dir"],
+                masks_path=inputs["masks_path"],
+                model_dir="bench tiny model",
+                out_dir=out / "model",
+                config=config,
+                seed=seed,
+                checkpoint_dir=out / "checkpoints",
+                model=build_model(),
+            )
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -339,8 +402,15 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as folder:
         scratch = Path(folder)
         factor = build_tiny_model(args.framework, seed=args.seed).codec.downscale
-        inputs = write_train_inputs(scratch / "inputs", args.batch, args.candidates,
-                                    args.instances, args.size, factor, args.seed)  # fmt: skip
+        inputs = write_train_inputs(
+            scratch / "inputs",
+            args.batch,
+            args.candidates,
+            args.instances,
+            args.size,
+            factor,
+            args.seed,
+        )
 
         def build_model() -> SRModel:
             return build_tiny_model(args.framework, seed=args.seed)
@@ -348,7 +418,7 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
         calls = {
             f"{m}@{k}": train_call(
                 m, args.framework, inputs, sections[m], k, build_model, scratch, args.seed
-            )  # fmt: skip
+            )
             for m in methods
             for k in (first, first + extra)
         }
@@ -357,7 +427,7 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
         m: [
             (b - a) / extra
             for a, b in zip(times[f"{m}@{first}"], times[f"{m}@{first + extra}"], strict=True)
-        ]  # fmt: skip
+        ]
         for m in methods
     }
     block: dict[str, Any] = {
@@ -373,7 +443,7 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
             "group_size": args.group_size,
             "train": {
                 m: {k: v for k, v in s.items() if k != "reward"} for m, s in sections.items()
-            },  # fmt: skip
+            },
             "reward": next((s["reward"] for s in sections.values() if "reward" in s), None),
             "loops": {m: contracts.method(m).loop for m in methods},
         },
@@ -385,7 +455,8 @@ def time_train_steps(args: argparse.Namespace, methods: Sequence[str]) -> dict[s
     return block
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pipeline bench train-step`` (module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline bench train-step", description=__doc__.splitlines()[0]
     )
@@ -399,29 +470,53 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="timed, in this order"
     )
     parser.add_argument(
-        "--train-methods", nargs="*", default=list(TRAIN_METHODS), metavar="METHOD",
+        "--train-methods",
+        nargs="*",
+        default=list(TRAIN_METHODS),
+        metavar="METHOD",
         help="methods timed through the train stage, in this order (any of "
         "pipeline.contracts.METHODS; none: skip these rows)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--train-steps", type=int, default=2, help="steps whose time is the difference"
     )
     parser.add_argument("--policy-steps", type=int, default=4, help="online methods' DDIM steps")
     parser.add_argument("--group-size", type=int, default=4, help="policy samples per LQ")
     timing.add_arguments(parser, repeats=3)
-    args = parser.parse_args(argv)
-    train_methods = check_train_methods(args.train_methods)
-    timing.pin_threads(args.threads)
+    return parser
 
-    model = build_tiny_model(args.framework, seed=args.seed)
-    config = TrainConfig(uncond_drop_rate=0.0)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6)
-    policy = PolicyErrors(model)
+
+@dataclasses.dataclass
+class Batches:
+    """The seeded in-memory batches the ``--methods`` rows step on, and their draws."""
+
+    dspo: list[LoadedItem]
+    dpo: list[LoadedItem]
+    sft: list[LoadedItem]
+    conditions: list[Conditions]
+
+
+def make_batches(model: SRModel, config: TrainConfig, args: argparse.Namespace) -> Batches:
+    """The DSPO, DPO and SFT items of :func:`synthetic_batch` and one draw per LQ."""
     dspo, dpo = synthetic_batch(args.batch, args.candidates, args.instances, args.size, args.seed)
     sft = sft_batch(dpo)
     conditions = [
         draw_conditions(model, entry, config, args.seed, 0, s) for s, entry in enumerate(dspo)
     ]
+    return Batches(dspo, dpo, sft, conditions)
+
+
+def method_steps(
+    methods: Sequence[str],
+    model: SRModel,
+    policy: PolicyErrors,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    config: TrainConfig,
+) -> dict[str, Callable[[], None]]:
+    """One zero-argument optimizer step (loss, backward, AdamW step) per method of ``methods``,
+    in their order without repeats."""
+    dspo, dpo, sft, conditions = batches.dspo, batches.dpo, batches.sft, batches.conditions
     losses = {
         "dspo": lambda: batch_loss(policy, model, dspo, conditions, "dspo", config)[0],
         "naive": lambda: instance_loop_loss(model, dspo, conditions, "dspo", config),
@@ -431,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def step(loss_fn):
+        """The optimizer step of the loss ``loss_fn`` returns."""
+
         def run():
             optimizer.zero_grad(set_to_none=True)
             loss_fn().backward()
@@ -439,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     def two_pass_step():
+        """DSPO's step with ``train.memory: two_pass`` (module docstring)."""
         optimizer.zero_grad(set_to_none=True)
         _, _, gradients = error_map_gradients(model, dspo, conditions, "dspo", config)
         backward_one_candidate_at_a_time(
@@ -446,22 +544,31 @@ def main(argv: list[str] | None = None) -> int:
         )
         optimizer.step()
 
-    steps = {
+    return {
         method: two_pass_step if method == "dspo_two_pass" else step(losses[method])
-        for method in dict.fromkeys(args.methods)
+        for method in dict.fromkeys(methods)
     }
-    times = timing.interleave(steps, args.repeats, args.warmup)
+
+
+def saved_bytes(
+    steps: dict[str, Callable[[], None]], model: SRModel, policy: PolicyErrors, batches: Batches
+) -> dict[str, int]:
+    """Each step's peak saved-for-backward bytes, and those of one candidate's forward per LQ."""
     parameters = list(model.parameters())
     saved = {
         method: timing.saved_tensor_peak(run, exclude=parameters) for method, run in steps.items()
     }
-    one_each = [LoadedItem(e.item, e.lq, e.targets[:1], e.masks) for e in dspo]
+    one_each = [LoadedItem(e.item, e.lq, e.targets[:1], e.masks) for e in batches.dspo]
     saved["one_candidate_forward"] = timing.saved_tensor_peak(
-        lambda: policy(one_each, conditions), exclude=parameters
+        lambda: policy(one_each, batches.conditions), exclude=parameters
     )
+    return saved
 
-    distinct = [len(entry.item.candidates) for entry in dspo]
-    distinct_mean = sum(distinct) / len(distinct)
+
+def step_targets(
+    times: dict[str, list[float]], saved: dict[str, int], distinct_mean: float
+) -> tuple[dict[str, Any], list[timing.Target]]:
+    """The per-round ratios and the targets (module docstring) of the methods timed."""
     ratios, targets = {}, []
     if {"naive", "dspo"} <= times.keys():
         ratios["naive_over_dspo"] = timing.paired_ratio(times["naive"], times["dspo"])
@@ -510,6 +617,23 @@ def main(argv: list[str] | None = None) -> int:
                 "two-pass DSPO saves at most 1.1 x one candidate's forward for backward",
             )
         )
+    return ratios, targets
+
+
+def run(args: argparse.Namespace, train_methods: Sequence[str]) -> int:
+    """Time the ``--methods`` steps and the ``train_methods`` rows, print the report, and return
+    the exit status (:func:`pipeline.bench.timing.finish`)."""
+    model = build_tiny_model(args.framework, seed=args.seed)
+    config = TrainConfig(uncond_drop_rate=0.0)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6)
+    policy = PolicyErrors(model)
+    batches = make_batches(model, config, args)
+    steps = method_steps(args.methods, model, policy, optimizer, batches, config)
+    times = timing.interleave(steps, args.repeats, args.warmup)
+    saved = saved_bytes(steps, model, policy, batches)
+    distinct = [len(entry.item.candidates) for entry in batches.dspo]
+    distinct_mean = sum(distinct) / len(distinct)
+    ratios, targets = step_targets(times, saved, distinct_mean)
     result = {
         "benchmark": "train-step",
         "framework": args.framework,
@@ -533,6 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     if train_methods:
         result["train_step"] = time_train_steps(args, train_methods)
     return timing.finish(result, targets, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline bench train-step``: parse, check the train methods, then :func:`run`."""
+    args = build_parser().parse_args(argv)
+    train_methods = check_train_methods(args.train_methods)
+    timing.pin_threads(args.threads)
+    return run(args, train_methods)
 
 
 if __name__ == "__main__":

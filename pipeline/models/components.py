@@ -151,8 +151,12 @@ def _pickle_alternative(directory: Path, name: str) -> str | None:
     if not name.endswith(".safetensors"):
         return None
     stem = name.removesuffix(".safetensors")
-    for candidate in (f"{stem}.bin", f"pytorch_{stem}.bin", f"{stem}.bin.index.json",
-                      f"pytorch_{stem}.bin.index.json"):  # fmt: skip
+    for candidate in (
+        f"{stem}.bin",
+        f"pytorch_{stem}.bin",
+        f"{stem}.bin.index.json",
+        f"pytorch_{stem}.bin.index.json",
+    ):
         if (directory / candidate).is_file():
             return candidate
     return None

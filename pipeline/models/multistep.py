@@ -188,9 +188,14 @@ class MultiStepSR(DiffusionParts, SRModel):
             )
         scheduler = DDPMScheduler.from_config(sd_scheduler_config())
         return cls(
-            unet, controlnet, text_encoder, tokenizer, latent_codec, scheduler,
+            unet,
+            controlnet,
+            text_encoder,
+            tokenizer,
+            latent_codec,
+            scheduler,
             MultiStepSettings(**settings),
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_sd_base(
@@ -235,9 +240,14 @@ class MultiStepSR(DiffusionParts, SRModel):
                 raise
             raise hub_load_error(source, error) from error
         model = cls(
-            unet, controlnet, text_encoder, tokenizer, codec, scheduler,
+            unet,
+            controlnet,
+            text_encoder,
+            tokenizer,
+            codec,
+            scheduler,
             MultiStepSettings(**{"weights": source, **settings}),
-        )  # fmt: skip
+        )
         return model.to_device(device, dtype)
 
     @classmethod
@@ -436,9 +446,13 @@ class MultiStepSR(DiffusionParts, SRModel):
         if negative_prompts is not None and self.settings.error_map_cfg > 1.0:
             negative = self._text(self._negatives(negative_prompts, batch))
             prediction = self.guided_noise(
-                noisy, timesteps, lq_per_target, embeddings,
-                negative.repeat_interleave(count, dim=0), self.settings.error_map_cfg,
-            )  # fmt: skip
+                noisy,
+                timesteps,
+                lq_per_target,
+                embeddings,
+                negative.repeat_interleave(count, dim=0),
+                self.settings.error_map_cfg,
+            )
         else:
             prediction = self.predict_noise(noisy, timesteps, lq_per_target, embeddings)
         target = self._training_target(latents, noise, timesteps)
@@ -547,14 +561,20 @@ class MultiStepSR(DiffusionParts, SRModel):
             image_rows = slice(rows.start * down, rows.stop * down)
             image_cols = slice(cols.start * down, cols.stop * down)
             return self.guided_noise(
-                latents[..., rows, cols], timesteps, lq[..., image_rows, image_cols],
-                prompt_embeddings, negative_embeddings, cfg,
-            )  # fmt: skip
+                latents[..., rows, cols],
+                timesteps,
+                lq[..., image_rows, image_cols],
+                prompt_embeddings,
+                negative_embeddings,
+                cfg,
+            )
 
         return tiled_apply(
-            predict_tile, latents.shape,
-            self.settings.latent_tile_size, self.settings.latent_tile_overlap,
-        )  # fmt: skip
+            predict_tile,
+            latents.shape,
+            self.settings.latent_tile_size,
+            self.settings.latent_tile_overlap,
+        )
 
     def _padded(self, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The LQ on the model's device and its copy padded (replicate) to the model's stride."""
@@ -629,12 +649,17 @@ class MultiStepSR(DiffusionParts, SRModel):
                 latents, timesteps, padded_lq, prompt_embeddings, negative_embeddings, cfg
             )
             # one scheduler step per image so each image's noise comes from its own generator
-            latents = torch.cat([
-                scheduler.step(
-                    noise_prediction[i : i + 1], timestep, latents[i : i + 1], generator=generators[i]
-                ).prev_sample
-                for i in range(batch)
-            ])  # fmt: skip
+            latents = torch.cat(
+                [
+                    scheduler.step(
+                        noise_prediction[i : i + 1],
+                        timestep,
+                        latents[i : i + 1],
+                        generator=generators[i],
+                    ).prev_sample
+                    for i in range(batch)
+                ]
+            )
         return self._decode_sample(latents, padded_lq, lq)
 
     # -- the stochastic policy of online methods (DDPO; docs/online_alignment.md) ------------
@@ -662,13 +687,22 @@ class MultiStepSR(DiffusionParts, SRModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One DDIM step as a Gaussian policy: (next latents, log-prob ``[B]``, guided noise)."""
         noise_prediction = self._tiled_noise(
-            latents, timesteps.to(self.device), padded_lq, prompt_embeddings,
-            negative_embeddings, cfg,
-        )  # fmt: skip
+            latents,
+            timesteps.to(self.device),
+            padded_lq,
+            prompt_embeddings,
+            negative_embeddings,
+            cfg,
+        )
         following, log_prob = online.ddim_step_with_log_prob(
-            scheduler, noise_prediction, timesteps, latents, eta,
-            prev_sample=prev_sample, generator=None if generators is None else list(generators),
-        )  # fmt: skip
+            scheduler,
+            noise_prediction,
+            timesteps,
+            latents,
+            eta,
+            prev_sample=prev_sample,
+            generator=None if generators is None else list(generators),
+        )
         return following, log_prob, noise_prediction
 
     @torch.no_grad()
@@ -716,9 +750,16 @@ class MultiStepSR(DiffusionParts, SRModel):
         states, log_probs, predictions = [latents], [], []
         for column in range(grid.shape[1]):
             latents, log_prob, prediction = self._policy_step(
-                scheduler, latents, grid[:, column], padded_lq, prompt_embeddings,
-                negative_embeddings, cfg, eta, generators=None if eta == 0 else generators,
-            )  # fmt: skip
+                scheduler,
+                latents,
+                grid[:, column],
+                padded_lq,
+                prompt_embeddings,
+                negative_embeddings,
+                cfg,
+                eta,
+                generators=None if eta == 0 else generators,
+            )
             states.append(latents)
             log_probs.append(log_prob)
             predictions.append(prediction)

@@ -67,9 +67,21 @@ from pipeline.seeding import derive_seed
 MODEL_FILE = "dspo_model.json"
 #: OSEDiff ``initialize_unet`` LoRA targets (module-name suffixes)
 UNET_LORA_TARGETS = [
-    "to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in", "conv_shortcut",
-    "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj",
-]  # fmt: skip
+    "to_k",
+    "to_q",
+    "to_v",
+    "to_out.0",
+    "conv",
+    "conv1",
+    "conv2",
+    "conv_in",
+    "conv_shortcut",
+    "conv_out",
+    "proj_out",
+    "proj_in",
+    "ff.net.2",
+    "ff.net.0.proj",
+]
 #: OSEDiff ``initialize_vae``: the encoder's convs/attention plus quant_conv; decoder untouched
 VAE_LORA_TARGETS = (
     r"^(encoder\..*\.(conv1|conv2|conv_in|conv_shortcut|conv|conv_out|to_k|to_q|to_v|to_out\.0)"
@@ -257,8 +269,11 @@ class OneStepSR(DiffusionParts, SRModel):
 
     # -- adapter stack ---------------------------------------------------------------------
     def _new_adapter(self, rank: int) -> dict:
-        return {"name": f"stage{len(self.adapters)}", "rank": int(rank),
-                "alpha": float(self.settings.lora_alpha)}  # fmt: skip
+        return {
+            "name": f"stage{len(self.adapters)}",
+            "rank": int(rank),
+            "alpha": float(self.settings.lora_alpha),
+        }
 
     @property
     def _vae(self) -> AutoencoderKL | None:
@@ -268,11 +283,18 @@ class OneStepSR(DiffusionParts, SRModel):
 
     def _inject_adapter(self, adapter: dict) -> None:
         seed = derive_seed(self.settings.seed, "lora_init", "onestep", adapter["name"])
-        _inject(self.unet, adapter["name"], adapter["rank"], adapter["alpha"],
-                UNET_LORA_TARGETS, seed)  # fmt: skip
+        _inject(
+            self.unet, adapter["name"], adapter["rank"], adapter["alpha"], UNET_LORA_TARGETS, seed
+        )
         if self._vae is not None:
-            _inject(self._vae, adapter["name"], adapter["rank"], adapter["alpha"],
-                    VAE_LORA_TARGETS, seed + 1)  # fmt: skip
+            _inject(
+                self._vae,
+                adapter["name"],
+                adapter["rank"],
+                adapter["alpha"],
+                VAE_LORA_TARGETS,
+                seed + 1,
+            )
         self.adapters.append(dict(adapter))
         self._set_active([a["name"] for a in self.adapters])
 
@@ -310,8 +332,14 @@ class OneStepSR(DiffusionParts, SRModel):
         """A small randomly initialised model (tests, CPU demo): base UNets trained from scratch,
         LQ concatenated to the generator input for the pixel codec, no colour fix."""
         lq_condition = "concat" if codec == "pixel" else "none"
-        settings = {"train_base": True, "lq_condition": lq_condition, "color_fix": "none",
-                    "weights": f"tiny-random(seed={seed})", "seed": seed, **settings}  # fmt: skip
+        settings = {
+            "train_base": True,
+            "lq_condition": lq_condition,
+            "color_fix": "none",
+            "weights": f"tiny-random(seed={seed})",
+            "seed": seed,
+            **settings,
+        }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, "model_init", "onestep"))
             latent_codec = build_tiny_codec(codec, factor, pixel_scale)
@@ -324,8 +352,9 @@ class OneStepSR(DiffusionParts, SRModel):
             nn.init.zeros_(unet.conv_out.weight)
             nn.init.zeros_(unet.conv_out.bias)
         scheduler = DDPMScheduler.from_config(sd_scheduler_config())
-        return cls(unet, text_encoder, tokenizer, latent_codec, scheduler,
-                   OneStepSettings(**settings))  # fmt: skip
+        return cls(
+            unet, text_encoder, tokenizer, latent_codec, scheduler, OneStepSettings(**settings)
+        )
 
     @classmethod
     def from_sd_base(
@@ -398,8 +427,10 @@ class OneStepSR(DiffusionParts, SRModel):
         state = load_file(unet_file)
         missing, unexpected = self.unet.load_state_dict(state, strict=False)
         if unexpected or (full and missing):
-            raise ValueError(f"{unet_file} does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")  # fmt: skip
+            raise ValueError(
+                f"{unet_file} does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         vae_file = folder / "vae_lora.safetensors"
         if self._vae is not None:
             if not vae_file.is_file():
@@ -423,11 +454,16 @@ class OneStepSR(DiffusionParts, SRModel):
             state = self.unet.state_dict()
             if not full:
                 state = {k: v for k, v in state.items() if "lora_" in k or k.startswith("conv_in.")}
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-                      folder / "unet.safetensors")  # fmt: skip
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in state.items()},
+                folder / "unet.safetensors",
+            )
             if self._vae is not None:
-                vae_state = {k: v.detach().contiguous().cpu()
-                             for k, v in self._vae.state_dict().items() if "lora_" in k}  # fmt: skip
+                vae_state = {
+                    k: v.detach().contiguous().cpu()
+                    for k, v in self._vae.state_dict().items()
+                    if "lora_" in k
+                }
                 save_file(vae_state, folder / "vae_lora.safetensors")
             if full:
                 # diffusers' private keys (e.g. _use_default_values, built from a set) would make
@@ -474,7 +510,7 @@ class OneStepSR(DiffusionParts, SRModel):
                 "gradient": "gradient-L1 stand-in for LPIPS",
                 "lpips": f"LPIPS-VGG ({self.settings.perceptual_weights})",
                 "none": "none",
-            }[perceptual],  # fmt: skip
+            }[perceptual],
             "cfg_vsd": str(self.settings.cfg_vsd),
         }
 
@@ -582,8 +618,9 @@ class OneStepSR(DiffusionParts, SRModel):
         real = real.to(self.device).requires_grad_(False)
         fake = copy.deepcopy(real)
         seed = derive_seed(self.settings.seed, "lora_init", "onestep", "fake")
-        _inject(fake, "fake", self.settings.lora_rank, self.settings.lora_alpha,
-                UNET_LORA_TARGETS, seed)  # fmt: skip
+        _inject(
+            fake, "fake", self.settings.lora_rank, self.settings.lora_alpha, UNET_LORA_TARGETS, seed
+        )
         fake.requires_grad_(False)
         self.regulariser = nn.ModuleDict({"real": real, "fake": fake})
 
@@ -624,9 +661,10 @@ class OneStepSR(DiffusionParts, SRModel):
                 ).sample.float()
             else:
                 both = self.regulariser["real"](
-                    torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                    torch.cat([noisy, noisy]),
+                    torch.cat([timesteps, timesteps]),
                     encoder_hidden_states=torch.cat([negative, embeddings]),
-                ).sample.float()  # fmt: skip
+                ).sample.float()
                 uncond, cond = both.chunk(2)
                 real_eps = uncond + self.settings.cfg_vsd * (cond - uncond)
             x0_fake = self._x0(noisy, fake_eps.sample.float(), timesteps)
@@ -674,8 +712,12 @@ class OneStepSR(DiffusionParts, SRModel):
                 raise ValueError(
                     f"{len(negative_prompts)} negative prompts for {len(prompts)} pairs"
                 )
-            negative = self._text([text or settings.negative_prompt
-                                   for text in negative_prompts or [""] * len(prompts)])  # fmt: skip
+            negative = self._text(
+                [
+                    text or settings.negative_prompt
+                    for text in negative_prompts or [""] * len(prompts)
+                ]
+            )
             terms["vsd"] = self.distribution_matching_loss(z_hat, embeddings, negative, generator)
             terms["vsd_lora"] = self.diffusion_loss(
                 self.regulariser["fake"], z_hat.detach(), embeddings, generator
@@ -690,8 +732,10 @@ class OneStepSR(DiffusionParts, SRModel):
                     self.regulariser["real"], real_latents, self._text(real_prompts), generator
                 )
                 total = total + terms["score_real"]
-        return total, {"loss": float(total.detach()),
-                       **{k: float(v.detach()) for k, v in terms.items()}}  # fmt: skip
+        return total, {
+            "loss": float(total.detach()),
+            **{k: float(v.detach()) for k, v in terms.items()},
+        }
 
     def draw_timesteps_and_noise(
         self, lq: torch.Tensor, generator: torch.Generator
@@ -742,8 +786,9 @@ class OneStepSR(DiffusionParts, SRModel):
         ``settings.timestep``, recomputed here, so ``states`` and ``timesteps`` are accepted for
         the interface and unused, as are ``negative_prompts``."""
         if targets.shape[0] != lq.shape[0] or len(prompts) != lq.shape[0]:
-            raise ValueError(f"{targets.shape[0]} targets and {len(prompts)} prompts for "
-                             f"{lq.shape[0]} LQs")  # fmt: skip
+            raise ValueError(
+                f"{targets.shape[0]} targets and {len(prompts)} prompts for {lq.shape[0]} LQs"
+            )
         lq = lq.to(self.device)
         z_hat = self.predict_latent(lq, self._text(prompts))
         height, width = z_hat.shape[-2:]
@@ -805,8 +850,12 @@ class OneStepSR(DiffusionParts, SRModel):
                 tile = unet_input[..., rows, cols]
                 return self.unet(tile, timesteps, encoder_hidden_states=embeddings).sample.float()
 
-        eps = tiled_apply(predict_tile, z_lq.shape, self.settings.latent_tile_size,
-                          self.settings.latent_tile_overlap)  # fmt: skip
+        eps = tiled_apply(
+            predict_tile,
+            z_lq.shape,
+            self.settings.latent_tile_size,
+            self.settings.latent_tile_overlap,
+        )
         return lq, padded, z_lq, self._x0(z_lq, eps, timesteps)
 
     def _decode_one_step(

@@ -75,8 +75,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # the schema checks these too; a TrainConfig built in code is checked here
-        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                    "eval_every", "curve_items"):  # fmt: skip
+        for key in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "eval_every",
+            "curve_items",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
 

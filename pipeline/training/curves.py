@@ -95,8 +95,9 @@ def split_items(
 ) -> Split:
     """Split ``items`` by whole photo (``photos``: ``{image_id: photo}``) or, without ``photos``,
     by crop; every item in exactly one part, order kept."""
-    unit_of = {item.image_id: (photos[item.image_id] if photos else item.image_id)
-               for item in items}  # fmt: skip
+    unit_of = {
+        item.image_id: (photos[item.image_id] if photos else item.image_id) for item in items
+    }
     chosen = set(heldout_units(unit_of.values(), fraction, seed))
     heldout = [item for item in items if unit_of[item.image_id] in chosen]
     training = [item for item in items if unit_of[item.image_id] not in chosen]
@@ -130,8 +131,12 @@ class Curves:
         """The split for the train log's metadata."""
         if self.split is None:
             return {"heldout_items": self.heldout_ids}
-        return {"heldout_items": self.heldout_ids, "heldout_unit": self.split.unit,
-                "heldout_units": self.split.heldout_units, "units": self.split.units}  # fmt: skip
+        return {
+            "heldout_items": self.heldout_ids,
+            "heldout_unit": self.split.unit,
+            "heldout_units": self.split.heldout_units,
+            "units": self.split.units,
+        }
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -158,20 +163,26 @@ def hold_out(inputs: Any, config: TrainConfig, seed: int) -> tuple[Any, Curves]:
     if config.heldout_fraction > 0:
         photos = photos_of(getattr(inputs.loader, "data_dir", None), [i.image_id for i in items])
         if photos is None:
-            print("train: the data table does not name every LQ's source photo (source_id); "
-                  "the held-out split is by crop, so held-out crops may share a photo with "
-                  "training crops", file=sys.stderr)  # fmt: skip
+            print(
+                "train: the data table does not name every LQ's source photo (source_id); "
+                "the held-out split is by crop, so held-out crops may share a photo with "
+                "training crops",
+                file=sys.stderr,
+            )
     split = split_items(items, config.heldout_fraction, seed, photos)
     if config.heldout_fraction > 0 and not split.heldout:
-        print(f"train: heldout_fraction {config.heldout_fraction} of {split.units} "
-              f"{split.unit}s rounds to none held out; the curves have no held-out part",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"train: heldout_fraction {config.heldout_fraction} of {split.units} "
+            f"{split.unit}s rounds to none held out; the curves have no held-out part",
+            file=sys.stderr,
+        )
     chosen = {
         "train": _chosen(split.training, config.curve_items, seed, "train"),
         "heldout": _chosen(split.heldout, config.curve_items, seed, "heldout"),
     }
-    curves = Curves(chosen, [i.image_id for i in split.heldout], config.eval_every,
-                    config.max_steps, split)  # fmt: skip
+    curves = Curves(
+        chosen, [i.image_id for i in split.heldout], config.eval_every, config.max_steps, split
+    )
     return dataclasses.replace(inputs, items=split.training), curves
 
 
@@ -190,9 +201,14 @@ def evaluate(trainer: Any, items: Sequence[PreferenceItem]) -> dict[str, float]:
         ]
         with torch.no_grad():
             loss, stats = batch_loss(
-                PolicyErrors(model), model, loaded, conditions, trainer.method, config,
+                PolicyErrors(model),
+                model,
+                loaded,
+                conditions,
+                trainer.method,
+                config,
                 autocast=trainer.accelerator.autocast,
-            )  # fmt: skip
+            )
         margin = (stats["err_ref_winner"] - stats["err_theta_winner"]) - (
             stats["err_ref_loser"] - stats["err_theta_loser"]
         )

@@ -73,9 +73,17 @@ from pipeline.training.step import STAGE
 
 LOG_TABLE = "ddpo_log"
 LOG_COLUMNS = (
-    "step", "loss", "reward_mean", "reward_std", "scores", "approx_kl", "clipfrac", "ratio_mean",
-    "lr", "grad_norm",
-)  # fmt: skip
+    "step",
+    "loss",
+    "reward_mean",
+    "reward_std",
+    "scores",
+    "approx_kl",
+    "clipfrac",
+    "ratio_mean",
+    "lr",
+    "grad_norm",
+)
 PPO_STATS = ("approx_kl", "clipfrac", "ratio_mean")
 
 
@@ -118,11 +126,17 @@ class Reward:
         count = len(next(iter(scores.values())))
         names = [f"{k:06d}" for k in range(count)]
         rows = [
-            (image_id, contracts.WHOLE_IMAGE_ID, names[k], metric, float(values[k]),
-             self.registry.info(metric).lower_better)
+            (
+                image_id,
+                contracts.WHOLE_IMAGE_ID,
+                names[k],
+                metric,
+                float(values[k]),
+                self.registry.info(metric).lower_better,
+            )
             for metric, values in scores.items()
             for k in range(count)
-        ]  # fmt: skip
+        ]
         frame = pd.DataFrame(
             rows,
             columns=["image_id", "instance_id", "candidate", "metric", "value", "lower_better"],
@@ -141,11 +155,19 @@ def policy_name(model: SRModel) -> str:
 def policy_record(model: SRModel, config: TrainConfig) -> dict[str, Any]:
     """What the policy is, for metadata (the one-step arm is never called DDPO)."""
     if model.framework == "multistep":
-        return {"name": policy_name(model), "steps": config.policy_steps,
-                "eta": config.policy_eta, "cfg": config.policy_cfg}  # fmt: skip
-    return {"name": policy_name(model), "std": config.onestep_policy_std, "steps": 1,
-            "note": "one Gaussian action on the one-step latent (a bandit policy gradient), "
-                    "not DDPO's multi-step MDP"}  # fmt: skip
+        return {
+            "name": policy_name(model),
+            "steps": config.policy_steps,
+            "eta": config.policy_eta,
+            "cfg": config.policy_cfg,
+        }
+    return {
+        "name": policy_name(model),
+        "std": config.onestep_policy_std,
+        "steps": 1,
+        "note": "one Gaussian action on the one-step latent (a bandit policy gradient), "
+        "not DDPO's multi-step MDP",
+    }
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -186,30 +208,49 @@ class Trainer:
 
     def sample_group(self, step: int, position: int, image_id: str) -> Group:
         hq, lq, prompt, negative, sample = sampling.sample_group(
-            self.model, self.accelerator, self.config, self.seed, step, position, image_id,
-            self.lq_paths[image_id], self.hq_paths[image_id], self.texts,
-        )  # fmt: skip
+            self.model,
+            self.accelerator,
+            self.config,
+            self.seed,
+            step,
+            position,
+            image_id,
+            self.lq_paths[image_id],
+            self.hq_paths[image_id],
+            self.texts,
+        )
         size = self.config.policy_group_size
         scores = self.reward.raw_scores(sample.images, hq)
         rewards = self.reward.objective(image_id, scores)
-        return Group(position, image_id, lq, [prompt] * size, [negative] * size, sample, scores,
-                     rewards)  # fmt: skip
+        return Group(
+            position, image_id, lq, [prompt] * size, [negative] * size, sample, scores, rewards
+        )
 
     def timestep_order(self, step: int, epoch: int, group: Group) -> torch.Tensor:
         """``int64 [G, T_train]``: which recorded steps each sample trains on in this pass."""
         steps = group.sample.log_probs.shape[1]
         trained = max(1, int(steps * self.config.ppo_timestep_fraction))
-        return torch.stack([
-            torch.randperm(steps, generator=torch_generator(
-                self.seed, STAGE, step, "ppo-order", epoch, group.slot, k, group.image_id
-            ))[:trained]
-            for k in range(len(group.prompts))
-        ])  # fmt: skip
+        return torch.stack(
+            [
+                torch.randperm(
+                    steps,
+                    generator=torch_generator(
+                        self.seed, STAGE, step, "ppo-order", epoch, group.slot, k, group.image_id
+                    ),
+                )[:trained]
+                for k in range(len(group.prompts))
+            ]
+        )
 
     def ppo_backward(
-        self, step: int, epoch: int, group: Group, advantages: torch.Tensor, samples: int,
+        self,
+        step: int,
+        epoch: int,
+        group: Group,
+        advantages: torch.Tensor,
+        samples: int,
         stats: dict[str, list],
-    ) -> float:  # fmt: skip
+    ) -> float:
         """One pass's PPO backward over a group's trained timesteps: the loss of each timestep
         weighted by the group's share of the global batch's ``samples`` and of the timesteps;
         appends the PPO statistics; returns the weighted loss."""
@@ -220,18 +261,28 @@ class Trainer:
             index = order[:, column]
             with accelerator.autocast():
                 log_prob = policy_log_probs(
-                    self.model, group.lq, group.sample, index, group.prompts, group.negatives,
+                    self.model,
+                    group.lq,
+                    group.sample,
+                    index,
+                    group.prompts,
+                    group.negatives,
                     config,
-                )  # fmt: skip
+                )
             old = group.sample.log_probs[rows, index].to(log_prob.device)
             loss, ppo = online.ppo_clipped_loss(
-                log_prob, old, advantages.to(log_prob.device),
-                clip_range=config.ppo_clip_range, adv_clip_max=config.ppo_adv_clip_max,
-            )  # fmt: skip
+                log_prob,
+                old,
+                advantages.to(log_prob.device),
+                clip_range=config.ppo_clip_range,
+                adv_clip_max=config.ppo_adv_clip_max,
+            )
             checkpoints.check_finite(
-                accelerator, loss, f"non-finite PPO loss at step {step + 1} (image "
+                accelerator,
+                loss,
+                f"non-finite PPO loss at step {step + 1} (image "
                 f"{group.image_id}); {self.stopped()}",
-            )  # fmt: skip
+            )
             share = len(group.rewards) / (samples * order.shape[1])
             accelerator.backward(loss * share)
             total += float(loss.detach()) * share
@@ -257,11 +308,15 @@ class Trainer:
         first = sum(len(g.rewards) for g in groups) * accelerator.process_index
         mine = advantages_all[first : first + sum(len(g.rewards) for g in groups)]
         raw = {
-            metric: float(np.mean(gather_objects(accelerator, [
-                float(v) for g in groups for v in g.scores[metric].tolist()
-            ])))
+            metric: float(
+                np.mean(
+                    gather_objects(
+                        accelerator, [float(v) for g in groups for v in g.scores[metric].tolist()]
+                    )
+                )
+            )
             for metric in self.reward.metrics
-        }  # fmt: skip
+        }
 
         samples = len(rewards)  # the loss is the mean over the global batch's samples
         losses, stats, norms = [], {key: [] for key in PPO_STATS}, []
@@ -272,8 +327,14 @@ class Trainer:
                 advantages = torch.as_tensor(mine[offset : offset + size], dtype=torch.float32)
                 offset += size
                 epoch_loss += self.ppo_backward(step, epoch, group, advantages, samples, stats)
-            norm = summed_update(accelerator, self.optimizer, self.trainable,
-                                 config.max_grad_norm, step, self.stopped())  # fmt: skip
+            norm = summed_update(
+                accelerator,
+                self.optimizer,
+                self.trainable,
+                config.max_grad_norm,
+                step,
+                self.stopped(),
+            )
             norms.append(norm)
             losses.append(float(np.sum(gather_objects(accelerator, [epoch_loss]))))
         means = checkpoints.reduce_mean(accelerator, [float(np.mean(stats[k])) for k in PPO_STATS])
@@ -313,9 +374,19 @@ class DdpoRun(SampledRun):
             config.stat_tracker_buffer_size, config.stat_tracker_min_count
         )
         return Trainer(
-            config, self.job.seed, self.model, self.accelerator, self.optimizer, self.trainable,
-            self.reward, tracker, self.image_ids, self.lq_paths, self.hq_paths, self.texts,
-        )  # fmt: skip
+            config,
+            self.job.seed,
+            self.model,
+            self.accelerator,
+            self.optimizer,
+            self.trainable,
+            self.reward,
+            tracker,
+            self.image_ids,
+            self.lq_paths,
+            self.hq_paths,
+            self.texts,
+        )
 
     def resume(self, path: Path) -> tuple[int, list[dict]]:
         done = super().resume(path)

@@ -112,12 +112,14 @@ def negatives_record(model: SRModel, config: TrainConfig) -> dict[str, Any]:
         return {
             "name": "Diffusion-DRO online negatives: states of the snapshot's DDIM trajectories",
             "sampler": "DDIM (pipeline.policy.ddim_step_with_log_prob; DRO uses DPM-Solver++)",
-            "steps": config.dro_sampler_steps, "cfg": config.dro_sampler_cfg,
-            "eta": config.dro_sampler_eta, "perturbed_timesteps": config.dro_perturb_timesteps,
+            "steps": config.dro_sampler_steps,
+            "cfg": config.dro_sampler_cfg,
+            "eta": config.dro_sampler_eta,
+            "perturbed_timesteps": config.dro_perturb_timesteps,
             "state": "x_t fed to the snapshot's UNet at each step of its trajectory",
             "target": "the snapshot's guided epsilon-prediction at x_t",
             "error": "||eps_theta(x_t, t, lq, prompt) - target||^2",
-        }  # fmt: skip
+        }
     return {
         "name": "one-step Gaussian policy action of the snapshot (NOT Diffusion-DRO's multi-step "
         "trajectory states)",
@@ -126,9 +128,13 @@ def negatives_record(model: SRModel, config: TrainConfig) -> dict[str, Any]:
         "state": "z_L = encode(LQ) at the one-step timestep (the model's only state)",
         "target": "z ~ N(z_hat_snapshot(LQ), onestep_policy_std^2 I), the snapshot's own action",
         "error": "||z_hat_theta(LQ) - z||^2 (the one-step error map with a latent target)",
-        "unused": ["dro_sampler_steps", "dro_sampler_cfg", "dro_sampler_eta",
-                   "dro_perturb_timesteps"],
-    }  # fmt: skip
+        "unused": [
+            "dro_sampler_steps",
+            "dro_sampler_cfg",
+            "dro_sampler_eta",
+            "dro_perturb_timesteps",
+        ],
+    }
 
 
 # -- negatives -----------------------------------------------------------------------------------
@@ -163,10 +169,15 @@ def sample_negatives(
     ``z_L`` and the one-step Gaussian policy's action)."""
     if model.framework == "multistep":
         sample = model.sample_trajectory(
-            lq, prompts=list(prompts), negative_prompts=list(negatives),
-            steps=config.dro_sampler_steps, cfg=config.dro_sampler_cfg,
-            eta=config.dro_sampler_eta, generators=list(generators), timesteps=grids,
-        )  # fmt: skip
+            lq,
+            prompts=list(prompts),
+            negative_prompts=list(negatives),
+            steps=config.dro_sampler_steps,
+            cfg=config.dro_sampler_cfg,
+            eta=config.dro_sampler_eta,
+            generators=list(generators),
+            timesteps=grids,
+        )
         return sample.latents[:, :-1], sample.timesteps, sample.noise_predictions
     sample = model.sample_policy(
         lq, prompts=list(prompts), std=config.onestep_policy_std, generators=list(generators)
@@ -283,9 +294,11 @@ class Trainer:
         """The unconditional text of the item (M2 feedback + the table's negative prompt), as
         :func:`pipeline.training.step.draw_conditions` builds it."""
         base = self.texts[item.image_id][1] if self.texts else ""
-        return guidance.image_negative_prompt(base, item.negative_prompt) if (
-            self.config.negative_prompts
-        ) else ""  # fmt: skip
+        return (
+            guidance.image_negative_prompt(base, item.negative_prompt)
+            if (self.config.negative_prompts)
+            else ""
+        )
 
     def trajectory_prompt(self, item: PreferenceItem, generator: torch.Generator) -> str:
         """The prompt a trajectory is sampled and trained under: the LQ's, or with probability
@@ -370,10 +383,16 @@ class Trainer:
                 self.model, lq, prompts, negatives, generators("negatives"), grids, self.config
             )
         return [
-            {"position": p, "image_id": item.image_id, "prompt": prompt,
-             "states": states[k].cpu(), "timesteps": timesteps[k].cpu(), "targets": targets[k].cpu()}
+            {
+                "position": p,
+                "image_id": item.image_id,
+                "prompt": prompt,
+                "states": states[k].cpu(),
+                "timesteps": timesteps[k].cpu(),
+                "targets": targets[k].cpu(),
+            }
             for k, (p, item, prompt) in enumerate(zip(positions, chosen, prompts, strict=True))
-        ]  # fmt: skip
+        ]
 
     def refill(self, step: int, micro: int) -> None:
         """DRO's refill: ``refill_batches`` sampler batches into the buffer (each process
@@ -403,8 +422,10 @@ class Trainer:
         """This process's examples of a micro-step: the global micro-batch drawn from the buffer
         (one generator, the same on every process), each paired with its LQ's expert."""
         world, rank, per_micro = (
-            self.accelerator.num_processes, self.accelerator.process_index, self.per_micro()
-        )  # fmt: skip
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+            self.per_micro(),
+        )
         drawn = self.buffer.sample(
             per_micro * world, torch_generator(self.seed, STAGE, step, micro, "negatives-draw")
         )
@@ -417,9 +438,11 @@ class Trainer:
             generator = torch_generator(self.seed, STAGE, step, "expert", slot, image_id)
             _, noise = self.model.draw_timesteps_and_noise(expert.lq[None], generator)
             conditions = Conditions(
-                drawn["timesteps"][row : row + 1], noise, drawn["prompts"][row],
+                drawn["timesteps"][row : row + 1],
+                noise,
+                drawn["prompts"][row],
                 self.negative_prompt(item),
-            )  # fmt: skip
+            )
             examples.append(
                 Example(expert, winners, conditions, drawn["states"][row], drawn["targets"][row])
             )
@@ -460,7 +483,7 @@ class Trainer:
                 torch.tensor(e.expert.item.weights),
                 torch.tensor(e.winners),
                 self.config.dro_margin,
-            )  # fmt: skip
+            )
             for i, e in enumerate(examples)
         ]
 
@@ -481,26 +504,35 @@ class Trainer:
             results = self.example_losses(examples)
             loss = torch.stack([loss for loss, _ in results]).sum()
             checkpoints.check_finite(
-                accelerator, loss, f"non-finite loss at step {step + 1} (images "
+                accelerator,
+                loss,
+                f"non-finite loss at step {step + 1} (images "
                 f"{[e.expert.item.image_id for e in examples]}); {self.stopped()}",
-            )  # fmt: skip
+            )
             accelerator.backward(loss / config.batch_size)
             totals += [float(loss.detach()), *(sum(s[k] for _, s in results) for k in STAT_KEYS)]
             if micro == last:
                 grad_norm = summed_update(
-                    accelerator, self.optimizer, self.trainable, config.max_grad_norm, step,
+                    accelerator,
+                    self.optimizer,
+                    self.trainable,
+                    config.max_grad_norm,
+                    step,
                     self.stopped(),
-                )  # fmt: skip
+                )
                 self.in_sync = False
             if self.buffer.due_for_sync(index):
                 self.sync()
         examples_per_process = self.per_micro() * config.gradient_accumulation_steps
         means = checkpoints.reduce_mean(accelerator, (totals / examples_per_process).tolist())
         return {
-            "step": step + 1, **dict(zip(("loss", *STAT_KEYS), means, strict=True)),
-            "buffer_size": len(self.buffer), "syncs": self.syncs, "lr": lr,
+            "step": step + 1,
+            **dict(zip(("loss", *STAT_KEYS), means, strict=True)),
+            "buffer_size": len(self.buffer),
+            "syncs": self.syncs,
+            "lr": lr,
             "grad_norm": grad_norm,
-        }  # fmt: skip
+        }
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -556,9 +588,11 @@ class DroOnlineRun(MethodRun):
         job = self.job
         self.items, self.pair_level = read_items(job.pairs_path, job.method)
         self.loader = ItemLoader(
-            read_table(job.candidates_path, "candidates"), Path(job.candidates_path),
-            Path(job.data_dir), Path(job.masks_path),
-        )  # fmt: skip
+            read_table(job.candidates_path, "candidates"),
+            Path(job.candidates_path),
+            Path(job.data_dir),
+            Path(job.masks_path),
+        )
         self.loader.check(self.items)
         self.hq_paths = None
         if self.config.dro_positives == "hq":
@@ -578,9 +612,20 @@ class DroOnlineRun(MethodRun):
         )
         snapshot = {n: p.detach().clone() for n, p in self.named.items()}
         return Trainer(
-            config, self.job.seed, self.model, self.accelerator, self.optimizer, self.trainable,
-            self.named, self.items, self.loader, self.texts, self.hq_paths, buffer, snapshot,
-        )  # fmt: skip
+            config,
+            self.job.seed,
+            self.model,
+            self.accelerator,
+            self.optimizer,
+            self.trainable,
+            self.named,
+            self.items,
+            self.loader,
+            self.texts,
+            self.hq_paths,
+            buffer,
+            snapshot,
+        )
 
     def resume(self, path: Path) -> tuple[int, list[dict]]:
         done = super().resume(path)
@@ -597,8 +642,11 @@ class DroOnlineRun(MethodRun):
     def finish(self) -> None:
         # the saved model's description names how it was aligned (the report's weights column),
         # as ddpo's and gdpo's do: the one-step arm's negatives are the one-step Gaussian policy's
-        negatives = ("one-step Gaussian policy negatives" if self.model.framework == "onestep"
-                     else "DDIM trajectory negatives")  # fmt: skip
+        negatives = (
+            "one-step Gaussian policy negatives"
+            if self.model.framework == "onestep"
+            else "DDIM trajectory negatives"
+        )
         weights = self.model.settings.weights
         self.model.settings.weights = f"{weights} + {self.job.method} ({negatives})"
 
@@ -608,26 +656,31 @@ class DroOnlineRun(MethodRun):
             "loss_formula": "mean over examples of sum_m w_m relu(d_m + dro_margin), d_m = "
             "r(policy, s_m) - r(expert, s_m), r = E_ref - E_theta pooled under instance mask s_m",
             "instance_weighting": "DSPO masks and weights on Diffusion-DRO's hinge: a "
-            "combination neither paper has" if self.pair_level == "instance" else
-            "one full mask (the table has no instance pairs): Diffusion-DRO's image form",
+            "combination neither paper has"
+            if self.pair_level == "instance"
+            else "one full mask (the table has no instance pairs): Diffusion-DRO's image form",
             "pairs": str(job.pairs_path),
             "pair_level": self.pair_level,
             "positives": {
                 "source": config.dro_positives,
-                "what": "each instance's selected winner" if config.dro_positives == "winners"
+                "what": "each instance's selected winner"
+                if config.dro_positives == "winners"
                 else "the HQ image (expert demonstration)",
             },
             "negatives": negatives_record(self.model, config),
-            "buffer": {"size": config.dro_buffer_size, "refill_every": config.dro_refill_every,
-                       "sampler_batch_size": config.dro_sampler_batch_size,
-                       "refill_batches": config.dro_refill_batches},
+            "buffer": {
+                "size": config.dro_buffer_size,
+                "refill_every": config.dro_refill_every,
+                "sampler_batch_size": config.dro_sampler_batch_size,
+                "refill_batches": config.dro_refill_batches,
+            },
             "sync_every": sync_period(config),
             "syncs": self.trainer.syncs,
             "prompts": self.prompt_record,
             "items": len(self.items),
             "candidates": str(job.candidates_path),
             "masks": str(job.masks_path),
-        }  # fmt: skip
+        }
 
 
 RUN = DroOnlineRun

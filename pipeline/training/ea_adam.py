@@ -135,8 +135,11 @@ class MemberOptimizers:
         if len(groups) != len(self.optimizers):
             raise ValueError(f"{len(groups)} member optimizers saved, {len(self.optimizers)} here")
         for i, optimizer in enumerate(self.optimizers):
-            state = {int(k) - i * n: v for k, v in document["state"].items()
-                     if i * n <= int(k) < (i + 1) * n}  # fmt: skip
+            state = {
+                int(k) - i * n: v
+                for k, v in document["state"].items()
+                if i * n <= int(k) < (i + 1) * n
+            }
             group = {**groups[i], "params": [p - i * n for p in groups[i]["params"]]}
             optimizer.load_state_dict({"state": state, "param_groups": [group]})
 
@@ -179,10 +182,12 @@ class Fitness:
             for image_id, lq, target in zip(self.ids, self.lq, self.hq, strict=True):
                 prompt, negative = self.texts[image_id] if self.texts else ("", None)
                 out = self.model.sample(
-                    lq[None].to(next(self.model.parameters()).device), prompts=[prompt],
-                    negative_prompts=None if negative is None else [negative], steps=self.steps,
+                    lq[None].to(next(self.model.parameters()).device),
+                    prompts=[prompt],
+                    negative_prompts=None if negative is None else [negative],
+                    steps=self.steps,
                     generators=[torch_generator(self.seed, "ea_fitness", image_id)],
-                )  # fmt: skip
+                )
                 sr.append(unit_tensor(signed_to_uint8(out[0])))  # measured as evaluate's PNGs
                 hq.append(target)
         scores = score_images(self.metrics(), torch.stack(sr), torch.stack(hq), self.registry)
@@ -233,13 +238,25 @@ def fitness_subset(model: SRModel, named, data_dir, prompts_path, ea: dict, seed
         )
     score = ea["score"] or settings.resolve("score", {})
     registry = MetricRegistry(
-        weights_dir=score.get("weights_dir"), weights=score.get("weights") or {},
-        options=score.get("options") or {}, device=score.get("device", "auto"),
-        min_crop_size=score.get("min_crop_size", 32), seed=seed,
-    )  # fmt: skip
-    return Fitness(model, named, lqs, hqs, ids, texts,
-                   {o: dict(objectives[o]) for o in OBJECTIVES}, registry,
-                   ea["fitness_steps"], seed)  # fmt: skip
+        weights_dir=score.get("weights_dir"),
+        weights=score.get("weights") or {},
+        options=score.get("options") or {},
+        device=score.get("device", "auto"),
+        min_crop_size=score.get("min_crop_size", 32),
+        seed=seed,
+    )
+    return Fitness(
+        model,
+        named,
+        lqs,
+        hqs,
+        ids,
+        texts,
+        {o: dict(objectives[o]) for o in OBJECTIVES},
+        registry,
+        ea["fitness_steps"],
+        seed,
+    )
 
 
 @dataclasses.dataclass
@@ -266,11 +283,17 @@ class Run:
         if self.state.step % self.ea["ea_every"] == 0:
             ea = self.ea
             self.state = population.ea_phase(
-                self.state, self.fitness, ea["ea_iterations"], protected=ea["protected_members"],
-                p_crossover=ea["p_crossover"], p_mutation=ea["p_mutation"],
-                p_global_mating=ea["p_global_mating"], eta=ea["sbx_eta"],
-                mutation_rate=ea["mutation_rate"], mutation_sigma=ea["mutation_sigma"],
-            )  # fmt: skip
+                self.state,
+                self.fitness,
+                ea["ea_iterations"],
+                protected=ea["protected_members"],
+                p_crossover=ea["p_crossover"],
+                p_mutation=ea["p_mutation"],
+                p_global_mating=ea["p_global_mating"],
+                eta=ea["sbx_eta"],
+                mutation_rate=ea["mutation_rate"],
+                mutation_sigma=ea["mutation_sigma"],
+            )
             self.optimizers.reset()
         return rows
 
@@ -284,9 +307,14 @@ class Run:
         for micro in range(config.gradient_accumulation_steps):
             loaded, conditions = trainer.micro_batch(step, micro, slots)
             loss, _ = batch_loss(
-                trainer.policy, self.model, loaded, conditions, LOSS_METHOD, config,
+                trainer.policy,
+                self.model,
+                loaded,
+                conditions,
+                LOSS_METHOD,
+                config,
                 autocast=self.accelerator.autocast,
-            )  # fmt: skip
+            )
             checkpoints.check_finite(
                 self.accelerator, loss, f"non-finite {objective} loss at step {step + 1}"
             )
@@ -296,8 +324,10 @@ class Run:
             if total is None:
                 total = list(grads)
             else:
-                total = [a if b is None else (b if a is None else a + b)
-                         for a, b in zip(total, grads, strict=True)]  # fmt: skip
+                total = [
+                    a if b is None else (b if a is None else a + b)
+                    for a, b in zip(total, grads, strict=True)
+                ]
             value += float(loss.detach()) / config.gradient_accumulation_steps
         return total, value
 
@@ -323,22 +353,31 @@ class Run:
         for name, parameter in self.named.items():
             parameter.grad = mixed[name]
         grad_norm = checkpoints.total_norm(
-            checkpoints.clip_gradients(self.accelerator, [list(self.named.values())],
-                                       config.max_grad_norm)
-        )  # fmt: skip
+            checkpoints.clip_gradients(
+                self.accelerator, [list(self.named.values())], config.max_grad_norm
+            )
+        )
         checkpoints.check_finite(
-            self.accelerator, grad_norm,
+            self.accelerator,
+            grad_norm,
             f"non-finite gradient norm of member {i} at step {step + 1}",
-        )  # fmt: skip
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         checkpoints.check_finite(
-            self.accelerator, checkpoints.weights_flag(self.named.values()),
+            self.accelerator,
+            checkpoints.weights_flag(self.named.values()),
             f"non-finite weights of member {i} after step {step + 1}",
-        )  # fmt: skip
+        )
         state.members[i] = _weights(self.named)
-        return {"step": step + 1, "member": i, "loss_perception": values[0],
-                "loss_fidelity": values[1], "lr": lr, "grad_norm": grad_norm}  # fmt: skip
+        return {
+            "step": step + 1,
+            "member": i,
+            "loss_perception": values[0],
+            "loss_fidelity": values[1],
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
 
     def fusion_loss(self, fused: Mapping[str, torch.Tensor], step: int, items: int) -> torch.Tensor:
         """``fusion_preference``-weighted DSPO losses of the fused adapter (functional), on the
@@ -350,8 +389,10 @@ class Run:
             if weight == 0:
                 continue
             trainer = self.trainers[objective]
-            subset = dataclasses.replace(trainer, inputs=dataclasses.replace(
-                trainer.inputs, items=trainer.inputs.items[:items]))  # fmt: skip
+            subset = dataclasses.replace(
+                trainer,
+                inputs=dataclasses.replace(trainer.inputs, items=trainer.inputs.items[:items]),
+            )
             slots = step_slots(len(subset.inputs.items), draw_step, config.batch_size, self.seed)
 
             def policy(loaded, conditions, _policy=trainer.policy):
@@ -359,8 +400,15 @@ class Run:
 
             for micro in range(config.gradient_accumulation_steps):
                 loaded, conditions = subset.micro_batch(draw_step, micro, slots)
-                loss, _ = batch_loss(policy, self.model, loaded, conditions, LOSS_METHOD, config,
-                                     autocast=self.accelerator.autocast)  # fmt: skip
+                loss, _ = batch_loss(
+                    policy,
+                    self.model,
+                    loaded,
+                    conditions,
+                    LOSS_METHOD,
+                    config,
+                    autocast=self.accelerator.autocast,
+                )
                 term = float(weight) * loss / config.gradient_accumulation_steps
                 total = term if total is None else total + term
         return total
@@ -389,10 +437,16 @@ class EaAdamRun(MethodRun):
         job = self.job
         self.paths = pairs_paths(job.pairs_path)
         self.inputs = {
-            objective: read_inputs(LOSS_METHOD, path, job.candidates_path, job.data_dir,
-                                   job.masks_path, job.prompts_path)
+            objective: read_inputs(
+                LOSS_METHOD,
+                path,
+                job.candidates_path,
+                job.data_dir,
+                job.masks_path,
+                job.prompts_path,
+            )
             for objective, path in zip(OBJECTIVES, self.paths, strict=True)
-        }  # fmt: skip
+        }
 
     def fingerprinted_pairs(self) -> Path:
         return self.paths[0]  # the perception table; fingerprint_run adds the fidelity table
@@ -400,8 +454,10 @@ class EaAdamRun(MethodRun):
     def fingerprint_run(self) -> checkpoints.Fingerprint:
         fingerprint = super().fingerprint_run()
         fields = dict(fingerprint.fields)
-        fields["inputs"] = {**fields["inputs"],
-                            "pairs_fidelity": checkpoints.content_hash(self.paths[1])}  # fmt: skip
+        fields["inputs"] = {
+            **fields["inputs"],
+            "pairs_fidelity": checkpoints.content_hash(self.paths[1]),
+        }
         fields["ea_adam"] = {k: v for k, v in self.section.items() if k != "frameworks"}
         return checkpoints.Fingerprint(_canonical(fields))
 
@@ -412,9 +468,12 @@ class EaAdamRun(MethodRun):
         config, ea, seed, model = self.config, self.section, self.job.seed, self.model
         initial = _weights(self.named)
         state = population.init_population(
-            initial, ea["population_size"], seed=seed, stage=STAGE,
+            initial,
+            ea["population_size"],
+            seed=seed,
+            stage=STAGE,
             neighbourhood_size=ea["neighbourhood_size"],
-        )  # fmt: skip
+        )
         policy = PolicyErrors(model)
         trainers = {
             o: Trainer(
@@ -427,15 +486,26 @@ class EaAdamRun(MethodRun):
                 model,
                 None,
                 self.trainable,
-            )  # fmt: skip
+            )
             for o in OBJECTIVES
         }
-        fitness = fitness_subset(model, self.named, self.job.data_dir, self.job.prompts_path,
-                                 ea, seed)  # fmt: skip
+        fitness = fitness_subset(
+            model, self.named, self.job.data_dir, self.job.prompts_path, ea, seed
+        )
         if ea["ea_every"] <= config.max_steps:  # the pretrained adapter's metric magnitudes
             fitness.scale = {m: max(abs(v), 1e-12) for m, v in fitness.raw(initial).items()}
-        return Run(trainers, model, self.named, self.optimizer, config, ea, seed,
-                   self.accelerator, state, fitness)  # fmt: skip
+        return Run(
+            trainers,
+            model,
+            self.named,
+            self.optimizer,
+            config,
+            ea,
+            seed,
+            self.accelerator,
+            state,
+            fitness,
+        )
 
     def resume(self, path: Path) -> tuple[int, list[dict]]:
         flat = self.trainer.state.to_flat()
@@ -452,8 +522,11 @@ class EaAdamRun(MethodRun):
 
     def checkpoint(self) -> dict[str, Any]:
         run = self.trainer
-        return {"named": run.state.to_flat(), "optimizer": self.optimizer,
-                "extra": {"fitness_evaluations": run.fitness.evaluations}}  # fmt: skip
+        return {
+            "named": run.state.to_flat(),
+            "optimizer": self.optimizer,
+            "extra": {"fitness_evaluations": run.fitness.evaluations},
+        }
 
     def description(self) -> str:
         return f"train {self.job.method} P={self.section['population_size']}"
@@ -467,9 +540,12 @@ class EaAdamRun(MethodRun):
             self.fusion_weights, self.fusion_history = torch.ones(len(self.layers), 1), []
         else:
             self.fusion_weights, self.fusion_history = population.learn_fusion_weights(
-                members, lambda fused, s: run.fusion_loss(fused, s, ea["fusion_images"]),
-                steps=ea["fusion_steps"], lr=ea["fusion_lr"], layers=self.layers,
-            )  # fmt: skip
+                members,
+                lambda fused, s: run.fusion_loss(fused, s, ea["fusion_images"]),
+                steps=ea["fusion_steps"],
+                lr=ea["fusion_lr"],
+                layers=self.layers,
+            )
         self.fused = population.fuse_adapters(members, self.fusion_weights, self.layers)
 
     def metadata(self) -> dict[str, Any]:
@@ -478,12 +554,16 @@ class EaAdamRun(MethodRun):
             "pairs": {o: str(p) for o, p in zip(OBJECTIVES, self.paths, strict=True)},
             "items": {o: len(self.inputs[o].items) for o in OBJECTIVES},
             "prompts": self.inputs[OBJECTIVES[0]].prompt_record,
-            "ea_adam": self.section, "ea_rounds": state.ea_rounds,
-            "fitness_evaluations": fitness.evaluations, "fitness_images": fitness.ids,
-            "fitness_scale": fitness.scale, "fusion_loss": self.fusion_history,
-            "fusion_layers": self.layers, "candidates": str(job.candidates_path),
+            "ea_adam": self.section,
+            "ea_rounds": state.ea_rounds,
+            "fitness_evaluations": fitness.evaluations,
+            "fitness_images": fitness.ids,
+            "fitness_scale": fitness.scale,
+            "fusion_loss": self.fusion_history,
+            "fusion_layers": self.layers,
+            "candidates": str(job.candidates_path),
             "masks": str(job.masks_path),
-        }  # fmt: skip
+        }
 
     def write(self, folder: Path, metadata: dict[str, Any]) -> None:
         """The fused model, every member, the population table and state, and the log."""
@@ -493,18 +573,24 @@ class EaAdamRun(MethodRun):
         for i, member in enumerate(state.members):
             _set_weights(self.named, member)
             self.model.save_pretrained(folder / contracts.MEMBERS_DIR / str(i))
-            rows.append({
-                "member": i,
-                "preference_perception": float(state.preferences[i, 0]),
-                "preference_fidelity": float(state.preferences[i, 1]),
-                "fitness_perception": float(state.fitness[i, 0]),
-                "fitness_fidelity": float(state.fitness[i, 1]),
-                "fusion_weight": float(weights[:, i].mean()),
-                "path": f"{contracts.MEMBERS_DIR}/{i}",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "member": i,
+                    "preference_perception": float(state.preferences[i, 0]),
+                    "preference_fidelity": float(state.preferences[i, 1]),
+                    "fitness_perception": float(state.fitness[i, 0]),
+                    "fitness_fidelity": float(state.fitness[i, 1]),
+                    "fusion_weight": float(weights[:, i].mean()),
+                    "path": f"{contracts.MEMBERS_DIR}/{i}",
+                }
+            )
         save_file(state.to_flat(), folder / contracts.POPULATION_STATE)
-        write_table(pd.DataFrame(rows), folder / contracts.POPULATION_TABLE, "population",
-                    {**metadata, "fusion_weights": weights.tolist()})  # fmt: skip
+        write_table(
+            pd.DataFrame(rows),
+            folder / contracts.POPULATION_TABLE,
+            "population",
+            {**metadata, "fusion_weights": weights.tolist()},
+        )
         self.write_log(folder, metadata)
 
 

@@ -76,9 +76,20 @@ from pipeline.training.step import STAGE
 
 LOG_TABLE = "gdpo_log"
 LOG_COLUMNS = (
-    "step", "loss", "reward_mean", "reward_std", "scores", "fidelity_weight", "detail_weight",
-    "margin", "implicit_accuracy", "err_theta", "err_ref", "lr", "grad_norm",
-)  # fmt: skip
+    "step",
+    "loss",
+    "reward_mean",
+    "reward_std",
+    "scores",
+    "fidelity_weight",
+    "detail_weight",
+    "margin",
+    "implicit_accuracy",
+    "err_theta",
+    "err_ref",
+    "lr",
+    "grad_norm",
+)
 LOSS_STATS = ("margin", "implicit_accuracy", "err_theta", "err_ref")
 #: the level of each GDPO loss (:attr:`pipeline.contracts.Method.loss`)
 LEVELS = {"gdpo": "image", "gdpo_instance": "instance"}
@@ -158,8 +169,9 @@ def group_advantages(rewards: np.ndarray) -> np.ndarray:
 def _sobel_magnitude(images: torch.Tensor) -> torch.Tensor:
     """``[P, 1, h, w]`` float64 -> the 3 x 3 Sobel gradient magnitude, replicated borders (as
     ``cv2.Sobel(ksize=3, borderType=BORDER_REPLICATE)``)."""
-    kernel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
-                          dtype=torch.float64)[None, None]  # fmt: skip
+    kernel = torch.tensor(
+        [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=torch.float64
+    )[None, None]
     padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
     dx = F.conv2d(padded, kernel)
     dy = F.conv2d(padded, kernel.transpose(-1, -2))
@@ -173,9 +185,11 @@ def patch_complexity(patches: np.ndarray) -> np.ndarray:
     patches = np.asarray(patches, dtype=np.float64)
     height, width = patches.shape[-2:]
     resized = F.interpolate(
-        torch.from_numpy(patches)[:, None], size=(COMPLEXITY_RESIZE, COMPLEXITY_RESIZE),
-        mode="bilinear", align_corners=False,
-    )  # fmt: skip
+        torch.from_numpy(patches)[:, None],
+        size=(COMPLEXITY_RESIZE, COMPLEXITY_RESIZE),
+        mode="bilinear",
+        align_corners=False,
+    )
     magnitudes = _sobel_magnitude(resized)[:, 0].numpy()
     out = np.empty(len(patches))
     for index, magnitude in enumerate(magnitudes):
@@ -339,12 +353,21 @@ def policy_record(model: SRModel, config: TrainConfig) -> dict[str, Any]:
     """What the group's sampler is, for metadata."""
     name = POLICY_NAMES[model.framework]
     if model.framework == "multistep":
-        return {"name": name, "steps": config.policy_steps, "eta": config.policy_eta,
-                "cfg": config.policy_cfg, "samples_from": "current policy"}  # fmt: skip
-    return {"name": name, "std": config.onestep_policy_std, "steps": 1,
+        return {
+            "name": name,
+            "steps": config.policy_steps,
+            "eta": config.policy_eta,
+            "cfg": config.policy_cfg,
             "samples_from": "current policy",
-            "note": "z ~ N(z_hat, std^2 I) on the one-step latent; GDPO-SR's noise-aware "
-                    "one-step sampling (NAOSD) is not used"}  # fmt: skip
+        }
+    return {
+        "name": name,
+        "std": config.onestep_policy_std,
+        "steps": 1,
+        "samples_from": "current policy",
+        "note": "z ~ N(z_hat, std^2 I) on the one-step latent; GDPO-SR's noise-aware "
+        "one-step sampling (NAOSD) is not used",
+    }
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -420,24 +443,57 @@ class Trainer:
                 self._attributes[image_id] = attribute_weights(hq, masks)
             adaptive = self._attributes[image_id]
         count = masks.shape[0]
-        fidelity = (adaptive[0] if config.gdpo_fidelity_weight is None
-                    else np.full(count, float(config.gdpo_fidelity_weight)))  # fmt: skip
-        detail = (adaptive[1] if config.gdpo_detail_weight is None
-                  else np.full(count, float(config.gdpo_detail_weight)))  # fmt: skip
+        fidelity = (
+            adaptive[0]
+            if config.gdpo_fidelity_weight is None
+            else np.full(count, float(config.gdpo_fidelity_weight))
+        )
+        detail = (
+            adaptive[1]
+            if config.gdpo_detail_weight is None
+            else np.full(count, float(config.gdpo_detail_weight))
+        )
         return fidelity, detail
 
     def sample_group(self, step: int, position: int, image_id: str) -> Group:
         hq, lq, prompt, negative, sample = sampling.sample_group(
-            self.model, self.accelerator, self.config, self.seed, step, position, image_id,
-            self.lq_paths[image_id], self.hq_paths[image_id], self.texts,
-        )  # fmt: skip
+            self.model,
+            self.accelerator,
+            self.config,
+            self.seed,
+            step,
+            position,
+            image_id,
+            self.lq_paths[image_id],
+            self.hq_paths[image_id],
+            self.texts,
+        )
         masks, weights = self.instances(image_id, tuple(hq.shape[-2:]))
         scores = self.reward.raw_scores(sample.images, hq, masks)
         fidelity, detail = self.reward_weights(image_id, hq, masks)
-        rewards = group_rewards(scores, self.reward.lower_better, self.reward.fidelity,
-                                self.reward.detail, fidelity, detail)  # fmt: skip
-        return Group(position, image_id, lq, prompt, negative, sample, masks, weights, scores,
-                     fidelity, detail, rewards, group_advantages(rewards))  # fmt: skip
+        rewards = group_rewards(
+            scores,
+            self.reward.lower_better,
+            self.reward.fidelity,
+            self.reward.detail,
+            fidelity,
+            detail,
+        )
+        return Group(
+            position,
+            image_id,
+            lq,
+            prompt,
+            negative,
+            sample,
+            masks,
+            weights,
+            scores,
+            fidelity,
+            detail,
+            rewards,
+            group_advantages(rewards),
+        )
 
     def group_loss(self, step: int, group: Group) -> tuple[torch.Tensor, dict[str, float]]:
         """The group's GDPO loss: policy and reference error maps of every sample under the
@@ -456,9 +512,14 @@ class Trainer:
             err_ref = model.error_maps(*arguments)[0]
         masks = losses.resize_masks_to_grid(group.masks, *err_theta.shape[-2:])
         return gdpo_loss(
-            err_theta, err_ref, masks, torch.as_tensor(group.weights),
-            torch.as_tensor(group.advantages), beta=self.config.gdpo_beta, k=self.config.k,
-        )  # fmt: skip
+            err_theta,
+            err_ref,
+            masks,
+            torch.as_tensor(group.weights),
+            torch.as_tensor(group.advantages),
+            beta=self.config.gdpo_beta,
+            k=self.config.k,
+        )
 
     def update(self, step: int) -> dict[str, Any]:
         config, accelerator = self.config, self.accelerator
@@ -472,9 +533,11 @@ class Trainer:
             group = self.sample_group(step, position, self.image_ids[slots[position]])
             loss, group_stats = self.group_loss(step, group)
             checkpoints.check_finite(
-                accelerator, loss, f"non-finite GDPO loss at step {step + 1} (image "
+                accelerator,
+                loss,
+                f"non-finite GDPO loss at step {step + 1} (image "
                 f"{group.image_id}); {self.stopped()}",
-            )  # fmt: skip
+            )
             accelerator.backward(loss / config.batch_size)
             total += float(loss.detach()) / config.batch_size
             for key in LOSS_STATS:
@@ -485,14 +548,19 @@ class Trainer:
             fidelity.append(float(group.fidelity_weight @ group.weights))
             detail.append(float(group.detail_weight @ group.weights))
         grad_norm = summed_update(
-            accelerator, self.optimizer, self.trainable, config.max_grad_norm, step,
+            accelerator,
+            self.optimizer,
+            self.trainable,
+            config.max_grad_norm,
+            step,
             self.stopped(),
-        )  # fmt: skip
+        )
         rewards_all = np.asarray(gather_objects(accelerator, rewards))
         means = checkpoints.reduce_mean(
-            accelerator, [float(np.mean(stats[k])) for k in LOSS_STATS] + [
-                float(np.mean(fidelity)), float(np.mean(detail))]
-        )  # fmt: skip
+            accelerator,
+            [float(np.mean(stats[k])) for k in LOSS_STATS]
+            + [float(np.mean(fidelity)), float(np.mean(detail))],
+        )
         scores = {
             m: float(np.mean(gather_objects(accelerator, raw[m]))) for m in self.reward.metrics
         }
@@ -539,10 +607,20 @@ class GdpoRun(SampledRun):
     def build(self) -> Trainer:
         masks = Path(self.job.masks_path) if self.job.masks_path else None
         return Trainer(
-            self.config, self.job.seed, self.level, self.model, self.accelerator,
-            self.optimizer, self.trainable, self.reward, self.image_ids, self.lq_paths,
-            self.hq_paths, self.texts, masks,
-        )  # fmt: skip
+            self.config,
+            self.job.seed,
+            self.level,
+            self.model,
+            self.accelerator,
+            self.optimizer,
+            self.trainable,
+            self.reward,
+            self.image_ids,
+            self.lq_paths,
+            self.hq_paths,
+            self.texts,
+            masks,
+        )
 
     def checkpoint(self) -> dict[str, Any]:
         return {**super().checkpoint(), "extra": {"gdpo": {"level": self.level}}}

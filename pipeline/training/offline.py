@@ -124,9 +124,14 @@ class Trainer:
             else:
                 with contextlib.nullcontext() if sync else accelerator.no_sync(self.policy):
                     loss, stats = batch_loss(
-                        self.policy, self.model, loaded, conditions, self.method, config,
+                        self.policy,
+                        self.model,
+                        loaded,
+                        conditions,
+                        self.method,
+                        config,
                         autocast=accelerator.autocast,
-                    )  # fmt: skip
+                    )
                     self.check_loss(step, loss, loaded)
                     accelerator.backward(loss / config.gradient_accumulation_steps)
             totals += torch.tensor(
@@ -145,38 +150,56 @@ class Trainer:
 
     def check_loss(self, step: int, loss: torch.Tensor, loaded: list[LoadedItem]) -> None:
         checkpoints.check_finite(
-            self.accelerator, loss, f"non-finite loss at step {step + 1} "
+            self.accelerator,
+            loss,
+            f"non-finite loss at step {step + 1} "
             f"(images {[e.item.image_id for e in loaded]}); {self.stopped()}",
-        )  # fmt: skip
+        )
 
     def two_pass(self, step: int, loaded: list[LoadedItem], conditions, sync: bool):
         """One micro-step with train.memory two_pass (pipeline.training.step): the same
         gradient as the one-pass step, one candidate's activations at a time."""
         accelerator = self.accelerator
         loss, stats, gradients = error_map_gradients(
-            self.model, loaded, conditions, self.method, self.config,
-            scale=1.0 / self.config.gradient_accumulation_steps, autocast=accelerator.autocast,
-        )  # fmt: skip
+            self.model,
+            loaded,
+            conditions,
+            self.method,
+            self.config,
+            scale=1.0 / self.config.gradient_accumulation_steps,
+            autocast=accelerator.autocast,
+        )
         self.check_loss(step, loss, loaded)
         backward_one_candidate_at_a_time(
-            self.policy, loaded, conditions, gradients, accelerator.backward,
+            self.policy,
+            loaded,
+            conditions,
+            gradients,
+            accelerator.backward,
             autocast=accelerator.autocast,
-            hold_sync=lambda: accelerator.no_sync(self.policy), sync_at_end=sync,
-        )  # fmt: skip
+            hold_sync=lambda: accelerator.no_sync(self.policy),
+            sync_at_end=sync,
+        )
         return loss, stats
 
     def check_final_weights(self, step: int, loaded: list[LoadedItem], conditions) -> None:
         """One more forward with the last step's weights, as the next step would run it."""
         with torch.no_grad():
             after, _ = batch_loss(
-                PolicyErrors(self.model), self.model, loaded, conditions, self.method,
-                self.config, autocast=self.accelerator.autocast,
-            )  # fmt: skip
+                PolicyErrors(self.model),
+                self.model,
+                loaded,
+                conditions,
+                self.method,
+                self.config,
+                autocast=self.accelerator.autocast,
+            )
         checkpoints.check_finite(
-            self.accelerator, after,
+            self.accelerator,
+            after,
             f"non-finite loss after the last step (step {step + 1}) with its weights; "
             f"{self.stopped()}",
-        )  # fmt: skip
+        )
 
 
 class OfflineRun(MethodRun):
@@ -189,15 +212,28 @@ class OfflineRun(MethodRun):
 
     def read_inputs(self) -> None:
         job = self.job
-        inputs = read_inputs(job.method, job.pairs_path, job.candidates_path, job.data_dir,
-                             job.masks_path, job.prompts_path)  # fmt: skip
+        inputs = read_inputs(
+            job.method,
+            job.pairs_path,
+            job.candidates_path,
+            job.data_dir,
+            job.masks_path,
+            job.prompts_path,
+        )
         self.inputs, self.curve = curves.hold_out(inputs, self.config, job.seed)  # never trained
 
     def build(self) -> Trainer:
         return Trainer(
-            self.job.method, self.config, self.job.seed, self.inputs, self.accelerator,
-            PolicyErrors(self.model), self.model, self.optimizer, self.trainable,
-        )  # fmt: skip
+            self.job.method,
+            self.config,
+            self.job.seed,
+            self.inputs,
+            self.accelerator,
+            PolicyErrors(self.model),
+            self.model,
+            self.optimizer,
+            self.trainable,
+        )
 
     def prepare(self) -> None:
         policy, self.optimizer = self.accelerator.prepare(self.trainer.policy, self.optimizer)

@@ -99,16 +99,21 @@ def clipped_update(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     checkpoints.check_finite(
-        accelerator, checkpoints.weights_flag(trainable),
+        accelerator,
+        checkpoints.weights_flag(trainable),
         f"non-finite weights after step {step + 1}; {stopped}",
-    )  # fmt: skip
+    )
     return grad_norm
 
 
 def summed_update(
-    accelerator, optimizer, trainable: list[nn.Parameter], max_grad_norm: float, step: int,
+    accelerator,
+    optimizer,
+    trainable: list[nn.Parameter],
+    max_grad_norm: float,
+    step: int,
     stopped: str,
-) -> float:  # fmt: skip
+) -> float:
     """:func:`clipped_update` after summing the gradients over processes (the online loops
     take their gradients outside accelerate's DDP, each process's share already scaled)."""
     if accelerator.num_processes > 1:

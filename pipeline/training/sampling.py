@@ -31,9 +31,14 @@ def sample_policy(model: SRModel, lq, prompts, negatives, generators, config) ->
     (each step's log-prob recorded); one-step, the one-step Gaussian policy."""
     if model.framework == "multistep":
         return model.sample_trajectory(
-            lq, prompts=prompts, negative_prompts=negatives, steps=config.policy_steps,
-            cfg=config.policy_cfg, eta=config.policy_eta, generators=generators,
-        )  # fmt: skip
+            lq,
+            prompts=prompts,
+            negative_prompts=negatives,
+            steps=config.policy_steps,
+            cfg=config.policy_cfg,
+            eta=config.policy_eta,
+            generators=generators,
+        )
     return model.sample_policy(
         lq, prompts=prompts, std=config.onestep_policy_std, generators=generators
     )
@@ -43,18 +48,32 @@ def policy_log_probs(model: SRModel, lq, sample, index, prompts, negatives, conf
     """The log-probs of recorded steps ``index`` of ``sample`` under the current weights."""
     if model.framework == "multistep":
         return model.trajectory_log_probs(
-            lq, sample, index, prompts=prompts, negative_prompts=negatives,
-            steps=config.policy_steps, cfg=config.policy_cfg, eta=config.policy_eta,
-        )  # fmt: skip
+            lq,
+            sample,
+            index,
+            prompts=prompts,
+            negative_prompts=negatives,
+            steps=config.policy_steps,
+            cfg=config.policy_cfg,
+            eta=config.policy_eta,
+        )
     return model.trajectory_log_probs(
         lq, sample, index, prompts=prompts, std=config.onestep_policy_std
     )
 
 
 def sample_group(
-    model: SRModel, accelerator, config: TrainConfig, seed: int, step: int, position: int,
-    image_id: str, lq_path: Path, hq_path: Path, texts: dict[str, tuple[str, str]] | None,
-) -> tuple[torch.Tensor, torch.Tensor, str, str, PolicySample]:  # fmt: skip
+    model: SRModel,
+    accelerator,
+    config: TrainConfig,
+    seed: int,
+    step: int,
+    position: int,
+    image_id: str,
+    lq_path: Path,
+    hq_path: Path,
+    texts: dict[str, tuple[str, str]] | None,
+) -> tuple[torch.Tensor, torch.Tensor, str, str, PolicySample]:
     """One LQ's ``policy_group_size`` samples of the current policy, without gradients, sample
     ``k`` of the LQ in global slot ``position`` drawn by ``torch_generator(seed, "train", step,
     "policy", position, k, image_id)``: (HQ ``[3, H, W]`` in [0, 1], the HQ-sized LQ repeated
@@ -147,14 +166,20 @@ class SampledRun(MethodRun):
             k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED
         }
         effective.update(
-            framework=job.framework, method=job.method, objective=job.objective,
+            framework=job.framework,
+            method=job.method,
+            objective=job.objective,
             reward=self.section,
-        )  # fmt: skip
+        )
         return checkpoints.run_fingerprint(
-            STAGE, settings=effective, seed=job.seed, inputs=self.fingerprint_inputs(),
+            STAGE,
+            settings=effective,
+            seed=job.seed,
+            inputs=self.fingerprint_inputs(),
             weights=checkpoints.base_weights(job.model_dir, self.model),
-            processes=self.accelerator.num_processes, device=self.accelerator.device.type,
-        )  # fmt: skip
+            processes=self.accelerator.num_processes,
+            device=self.accelerator.device.type,
+        )
 
     def policy_record(self) -> dict[str, Any]:
         raise NotImplementedError

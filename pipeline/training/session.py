@@ -166,7 +166,10 @@ class MethodRun:
 
 def method_run(job: Job) -> MethodRun:
     """The job's method, from its module's ``RUN`` class."""
-    module = importlib.import_module(contracts.method_module(job.method))
+    if contracts.method(job.method).file is not None:  # a method file outside the package
+        module = contracts.method_file_module(job.method)
+    else:
+        module = importlib.import_module(contracts.method_module(job.method))
     return module.RUN(job)
 
 

@@ -21,6 +21,12 @@ from pipeline.contracts import artifact, shard_artifact  # noqa: E402  (every pa
 if workflow.is_main_process and "--unlock" not in sys.argv:
     if hint := preflight.lock_hint(Path.cwd()):
         print(hint, file=sys.stderr)
+# Methods from files outside the package (docs/adding_a_method.md): registered here, before
+# the method names are checked, and through the environment in every job this run starts.
+METHOD_FILES = [str(Path(p).resolve()) for p in config.get("method_files") or []]
+if METHOD_FILES:
+    os.environ[contracts.METHOD_FILES_ENV] = os.pathsep.join(METHOD_FILES)
+    contracts.load_method_files(METHOD_FILES)
 # A misspelt key or a refused value, named with the nearest valid names and its file, before
 # Snakemake's validation (whose error prints the whole schema for a top-level key).
 preflight.check_schema(config, workflow.configfiles)
@@ -68,6 +74,9 @@ def train_code_hash(wildcards):
     """A train job's code: the stage (with the training session and the shared step code) and
     its own method's module only, so editing one method reruns that method's jobs
     (docs/design.md §16)."""
+    method = contracts.method(wildcards.method)
+    if method.file is not None:  # a method file outside the package: its bytes and imports
+        return _code_hash(ROOT, "pipeline.train", files=(method.file,))
     return _code_hash(ROOT, "pipeline.train", contracts.method_module(wildcards.method))
 
 
