@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,11 @@ def size_batches(
     by_size: dict[tuple[int, int], list] = {}
     for pair in pairs:
         by_size.setdefault(pair[2], []).append(pair)
-    return [group[i : i + batch_size] for group in by_size.values()
-            for i in range(0, len(group), batch_size)]  # fmt: skip
+    return [
+        group[i : i + batch_size]
+        for group in by_size.values()
+        for i in range(0, len(group), batch_size)
+    ]
 
 
 def setting_steps_cfg(model: SRModel, setting: dict[str, Any]) -> tuple[int, float]:
@@ -128,92 +132,168 @@ def generate_candidates(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     pairs = pair_images(data_dir)
     ids_all = [image_id for image_id, _, _ in pairs]
-    if prompts is not None:
-        texts, prompt_record = guidance.stage_prompts(
-            prompts, ids_all, feedback=negative_prompts, mode="image", where="candidates"
-        )
-    else:
-        feedback = (
-            guidance.feedback_by_image(pd.read_parquet(negative_prompts))
-            if negative_prompts
-            else {}
-        )
-        texts = {i: ("", guidance.join_prompts(feedback.get(i, []))) for i in ids_all}
-        prompt_record = guidance.no_table_record("feedback text" if negative_prompts else None)
-    for setting in config["settings"]:
-        if setting["variant"] not in model_dirs:
-            raise KeyError(f"setting {setting['name']!r} needs model variant "
-                           f"{setting['variant']!r}; given: {sorted(model_dirs)}")  # fmt: skip
-    used = {s["variant"]: str(model_dirs[s["variant"]]) for s in config["settings"]}
+    texts, prompt_record = _image_prompts(ids_all, prompts, negative_prompts)
+    used = _used_model_dirs(config["settings"], model_dirs)
     work = shards.ShardWork(
         out_dir,
         shards.fingerprint(
-            "candidates", inputs=[data_dir, prompts, negative_prompts, *sorted(set(used.values()))],
-            framework=framework, config=config, seed=seed, models=used,
-            policy_std=policy_std, round=int(round_number),
+            "candidates",
+            inputs=[data_dir, prompts, negative_prompts, *sorted(set(used.values()))],
+            framework=framework,
+            config=config,
+            seed=seed,
+            models=used,
+            policy_std=policy_std,
+            round=int(round_number),
         ),
         stage="candidates",
-    )  # fmt: skip
+    )
     todo = set(work.todo(ids_all))
     # every model once, before any batch (variants naming one folder, a later round, share it)
-    models: dict[str, SRModel] = {}
-    by_dir: dict[str, SRModel] = {}
-    for variant, folder in used.items():
-        if folder not in by_dir:
-            by_dir[folder] = load_model(folder, device=config["device"]).eval()
-        models[variant] = by_dir[folder]
+    models = _load_models(used, config["device"])
     steps_cfg = {s["name"]: setting_steps_cfg(models[s["variant"]], s) for s in config["settings"]}
+    sampling = _Sampling(config["settings"], models, steps_cfg, texts, seed, round_keys, policy_std)
     batches = size_batches([pair for pair in pairs if pair[0] in todo], config["batch_size"])
     for batch in tqdm(batches, file=sys.stderr, mininterval=1, desc="candidates"):
-        ids = [image_id for image_id, _, _ in batch]
-        lqs = [load_lq(path, size) for _, path, size in batch]  # this batch's LQs only
-        image_rows: dict[str, list[dict[str, Any]]] = {image_id: [] for image_id in ids}
-        for setting in config["settings"]:
-            variant, model = setting["variant"], models[setting["variant"]]
-            steps, cfg = steps_cfg[setting["name"]]
-            generators = [torch_generator(seed, "candidates", i, setting["name"], *round_keys)
-                          for i in ids]  # fmt: skip
-            with batch_invariant(model):
-                if policy_std is not None:  # the one-step Gaussian policy (a later round)
-                    outputs = model.sample_policy(
-                        torch.stack(lqs), prompts=[texts[i][0] for i in ids],
-                        std=float(policy_std), generators=generators,
-                    ).images  # fmt: skip
-                else:
-                    outputs = model.sample(
-                        torch.stack(lqs),
-                        prompts=[texts[i][0] for i in ids],
-                        negative_prompts=[texts[i][1] for i in ids],
-                        steps=steps, cfg=cfg, generators=generators,
-                    )  # fmt: skip
-            for image_id, output in zip(ids, outputs, strict=True):
-                relative = f"{setting['name']}/{image_id}.png"
-                write_png(work.files / relative, signed_to_uint8(output.cpu()))
-                image_rows[image_id].append({
-                    "image_id": image_id, "setting": setting["name"], "variant": variant,
-                    "steps": steps, "cfg": cfg,
-                    "seed": derive_seed(seed, "candidates", image_id, setting["name"],
-                                        *round_keys),
-                    "negative_prompt": texts[image_id][1], "path": relative,
-                })  # fmt: skip
+        rows = _sample_batch(batch, sampling, work.files)
         # an image is complete once every setting's PNG is in place (docs/design.md §15)
-        for image_id in ids:
-            work.finish(image_id, sorted(image_rows[image_id], key=lambda row: row["setting"]))
+        for image_id, image_rows in rows.items():
+            work.finish(image_id, sorted(image_rows, key=lambda row: row["setting"]))
     table = work.rows(ids_all, COLUMNS)  # sorted by image_id, then setting
     metadata = {
-        "framework": framework, "seed": seed, "config": config,
+        "framework": framework,
+        "seed": seed,
+        "config": config,
         "models": {v: {"path": str(model_dirs[v]), **m.describe()} for v, m in models.items()},
         "negative_prompts": str(negative_prompts) if negative_prompts else None,
         "prompts": prompt_record,
         "paths": "relative to the folder of this table",
-    }  # fmt: skip
+    }
     if round_number != 1 or policy_std is not None:  # round 1's metadata stays as it was
-        metadata["round"] = {"round": int(round_number), "policy_std": policy_std,
-                             "sampling": next(iter(models.values())).POLICY_NAME
-                             if policy_std is not None else "the model's sample"}  # fmt: skip
+        metadata["round"] = {
+            "round": int(round_number),
+            "policy_std": policy_std,
+            "sampling": next(iter(models.values())).POLICY_NAME
+            if policy_std is not None
+            else "the model's sample",
+        }
     write_table(table, work.files / contracts.CANDIDATES_TABLE, "candidates", metadata)
     work.commit_folder()
     return table
+
+
+def _image_prompts(
+    ids: list[str], prompts: str | Path | None, negative_prompts: str | Path | None
+) -> tuple[dict[str, tuple[str, str]], dict[str, Any]]:
+    """Each image's (prompt, negative prompt) and the record of where they came from."""
+    if prompts is not None:
+        return guidance.stage_prompts(
+            prompts, ids, feedback=negative_prompts, mode="image", where="candidates"
+        )
+    feedback = (
+        guidance.feedback_by_image(pd.read_parquet(negative_prompts)) if negative_prompts else {}
+    )
+    texts = {i: ("", guidance.join_prompts(feedback.get(i, []))) for i in ids}
+    return texts, guidance.no_table_record("feedback text" if negative_prompts else None)
+
+
+def _used_model_dirs(
+    candidate_settings: list[dict[str, Any]], model_dirs: dict[str, str | Path]
+) -> dict[str, str]:
+    """The model folder of every variant the settings use; raises ``KeyError`` on a missing one."""
+    for setting in candidate_settings:
+        if setting["variant"] not in model_dirs:
+            raise KeyError(
+                f"setting {setting['name']!r} needs model variant "
+                f"{setting['variant']!r}; given: {sorted(model_dirs)}"
+            )
+    return {s["variant"]: str(model_dirs[s["variant"]]) for s in candidate_settings}
+
+
+def _load_models(used: dict[str, str], device: str) -> dict[str, SRModel]:
+    """Every variant's model, each folder loaded once (variants naming one folder share it)."""
+    models: dict[str, SRModel] = {}
+    by_dir: dict[str, SRModel] = {}
+    for variant, folder in used.items():
+        if folder not in by_dir:
+            by_dir[folder] = load_model(folder, device=device).eval()
+        models[variant] = by_dir[folder]
+    return models
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """How every batch is sampled: the settings, their models, (steps, cfg), prompts and keys."""
+
+    settings: list[dict[str, Any]]
+    models: dict[str, SRModel]
+    steps_cfg: dict[str, tuple[int, float]]  # by setting name
+    texts: dict[str, tuple[str, str]]  # (prompt, negative prompt) by image id
+    seed: int
+    round_keys: tuple
+    policy_std: float | None
+
+
+def _sample_batch(
+    batch: list[tuple[str, Path, tuple[int, int]]], sampling: _Sampling, files: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """Each image's candidates-table rows, one per setting, after writing the batch's PNGs."""
+    seed, round_keys, texts = sampling.seed, sampling.round_keys, sampling.texts
+    ids = [image_id for image_id, _, _ in batch]
+    lqs = [load_lq(path, size) for _, path, size in batch]  # this batch's LQs only
+    image_rows: dict[str, list[dict[str, Any]]] = {image_id: [] for image_id in ids}
+    for setting in sampling.settings:
+        variant, model = setting["variant"], sampling.models[setting["variant"]]
+        steps, cfg = sampling.steps_cfg[setting["name"]]
+        generators = [
+            torch_generator(seed, "candidates", i, setting["name"], *round_keys) for i in ids
+        ]
+        outputs = _sample_setting(sampling, model, lqs, ids, steps, cfg, generators)
+        for image_id, output in zip(ids, outputs, strict=True):
+            relative = f"{setting['name']}/{image_id}.png"
+            write_png(files / relative, signed_to_uint8(output.cpu()))
+            image_rows[image_id].append(
+                {
+                    "image_id": image_id,
+                    "setting": setting["name"],
+                    "variant": variant,
+                    "steps": steps,
+                    "cfg": cfg,
+                    "seed": derive_seed(seed, "candidates", image_id, setting["name"], *round_keys),
+                    "negative_prompt": texts[image_id][1],
+                    "path": relative,
+                }
+            )
+    return image_rows
+
+
+def _sample_setting(
+    sampling: _Sampling,
+    model: SRModel,
+    lqs: list[torch.Tensor],
+    ids: list[str],
+    steps: int,
+    cfg: float,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """One setting's SR images of a batch (signed ``[B, 3, H, W]``), batch-invariantly."""
+    texts = sampling.texts
+    with batch_invariant(model):
+        if sampling.policy_std is not None:  # the one-step Gaussian policy (a later round)
+            return model.sample_policy(
+                torch.stack(lqs),
+                prompts=[texts[i][0] for i in ids],
+                std=float(sampling.policy_std),
+                generators=generators,
+            ).images
+        return model.sample(
+            torch.stack(lqs),
+            prompts=[texts[i][0] for i in ids],
+            negative_prompts=[texts[i][1] for i in ids],
+            steps=steps,
+            cfg=cfg,
+            generators=generators,
+        )
 
 
 def _model_arg(text: str) -> tuple[str, str]:
@@ -226,25 +306,53 @@ def _model_arg(text: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline candidates", description=__doc__)
     parser.add_argument("--framework", required=True, choices=["onestep", "multistep"])
-    parser.add_argument("--model", action="append", type=_model_arg, required=True,
-                        metavar="VARIANT=DIR", help="a pretrained model folder per variant")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_arg,
+        required=True,
+        metavar="VARIANT=DIR",
+        help="a pretrained model folder per variant",
+    )
     parser.add_argument("--data", required=True, help="data split folder with pairs.parquet")
     parser.add_argument("--out", required=True, help="candidates/{framework} folder")
-    parser.add_argument("--prompts", default=None,
-                        help="prompts/train.parquet: each image's prompt and negative prompt")  # fmt: skip
-    parser.add_argument("--negative-prompts", default=None,
-                        help="M2 feedback table (image_id, negative_prompt): joined before the "
-                             "negative prompts")  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="prompts/train.parquet: each image's prompt and negative prompt",
+    )
+    parser.add_argument(
+        "--negative-prompts",
+        default=None,
+        help="M2 feedback table (image_id, negative_prompt): joined before the negative prompts",
+    )
     parser.add_argument("--config", default="{}", help="the candidates config section (JSON)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--round", type=int, default=1,
-                        help="the alignment round (>= 2: a later round; keys every draw)")  # fmt: skip
-    parser.add_argument("--policy-std", type=float, default=None,
-                        help="one-step models: sample the one-step Gaussian policy with this std")  # fmt: skip
+    parser.add_argument(
+        "--round",
+        type=int,
+        default=1,
+        help="the alignment round (>= 2: a later round; keys every draw)",
+    )
+    parser.add_argument(
+        "--policy-std",
+        type=float,
+        default=None,
+        help="one-step models: sample the one-step Gaussian policy with this std",
+    )
     args = parser.parse_args(argv)
-    generate_candidates(args.framework, dict(args.model), args.data, args.out,
-                        settings.cli_config(args.config), args.seed, args.negative_prompts,
-                        args.prompts, args.policy_std, args.round)  # fmt: skip
+    generate_candidates(
+        args.framework,
+        dict(args.model),
+        args.data,
+        args.out,
+        settings.cli_config(args.config),
+        args.seed,
+        args.negative_prompts,
+        args.prompts,
+        args.policy_std,
+        args.round,
+    )
     return 0
 
 

@@ -246,44 +246,15 @@ def run_caption_stage(
         config["batch_size"],
     )
     embedder = TextEmbedder(config["text_encoder"], config["device"])
-    instances = read_table(instances_table, "instances")
-    candidates = read_table(candidates_table, "candidates")
-    hq_paths = contracts.data_images(data_dir, "hq")
-    candidate_paths = contracts.candidate_files(candidates_table, candidates)
-    settings_of = {
-        str(image_id): sorted(map(str, group["setting"]))
-        for image_id, group in candidates.groupby("image_id", sort=False)
-    }
-    by_image = dict(list(instances.groupby("image_id", sort=True)))
-    ids = list(by_image)
-    missing = [image_id for image_id in ids if image_id not in hq_paths]
-    if missing:
-        raise FileNotFoundError(
-            f"image {missing[0]!r}: no HQ image in the data folder {data_dir} "
-            f"(not in its {contracts.DATA_TABLE})"
-        )
+    inputs = _StageInputs(data_dir, candidates_table, instances_table)
+    ids = list(inputs.by_image)
     todo = work.todo(ids) if work is not None else ids
     rows: list[pd.DataFrame] = []
     for image_id in tqdm(todo, desc="caption", file=sys.stderr, mininterval=1):
-        images = {HQ: read_rgb(hq_paths[image_id])}  # this image's pixels only
-        for setting in settings_of.get(str(image_id), []):
-            images[setting] = read_rgb(candidate_paths[(str(image_id), setting)])
-        label_map = read_label_map(masks_zarr, image_id)
-        for candidate, image in images.items():
-            if image.shape[:2] != label_map.shape:
-                raise ValueError(
-                    f"{image_id} {candidate}: image {image.shape[:2]} does not match its "
-                    f"label map {label_map.shape} in {masks_zarr}"
-                )
-        image_rows = caption_instances(
-            images, label_map, by_image[image_id], captioner, config["crop_fill"]
+        images = inputs.images(image_id)  # this image's pixels only
+        scored = _caption_image(
+            image_id, images, masks_zarr, inputs.by_image[image_id], captioner, embedder, config
         )
-        captions = pd.DataFrame(
-            [{"image_id": image_id, **row} for row in image_rows],
-            columns=["image_id", "instance_id", "candidate", "caption"],
-        )
-        # scored per image: an image's rows never depend on the others in the job
-        scored = score_captions(captions, embedder, float(config["threshold"]))[CAPTION_COLUMNS]
         if work is not None:
             work.finish(image_id, scored)
         else:
@@ -294,7 +265,74 @@ def run_caption_stage(
         captions = pd.concat(rows, ignore_index=True)
     else:
         captions = pd.DataFrame(columns=CAPTION_COLUMNS)
-    metadata = {
+    return captions, _stage_metadata(captioner, embedder, config, masks_zarr, captions)
+
+
+class _StageInputs:
+    """The stage's images: each one's instances, and its pixels (HQ and candidates) on demand."""
+
+    def __init__(self, data_dir: Path, candidates_table: Path, instances_table: Path) -> None:
+        instances = read_table(instances_table, "instances")
+        candidates = read_table(candidates_table, "candidates")
+        self.hq_paths = contracts.data_images(data_dir, "hq")
+        self.candidate_paths = contracts.candidate_files(candidates_table, candidates)
+        self.settings_of = {
+            str(image_id): sorted(map(str, group["setting"]))
+            for image_id, group in candidates.groupby("image_id", sort=False)
+        }
+        #: each image's instances, by image id (sorted)
+        self.by_image = dict(list(instances.groupby("image_id", sort=True)))
+        missing = [image_id for image_id in self.by_image if image_id not in self.hq_paths]
+        if missing:
+            raise FileNotFoundError(
+                f"image {missing[0]!r}: no HQ image in the data folder {data_dir} "
+                f"(not in its {contracts.DATA_TABLE})"
+            )
+
+    def images(self, image_id: str) -> dict[str, np.ndarray]:
+        """The image's RGB pixels: the HQ first, then each candidate by setting."""
+        images = {HQ: read_rgb(self.hq_paths[image_id])}
+        for setting in self.settings_of.get(str(image_id), []):
+            images[setting] = read_rgb(self.candidate_paths[(str(image_id), setting)])
+        return images
+
+
+def _caption_image(
+    image_id: str,
+    images: Mapping[str, np.ndarray],
+    masks_zarr: Path,
+    instances: pd.DataFrame,
+    captioner: BlipCaptioner,
+    embedder: TextEmbedder,
+    config: Mapping[str, Any],
+) -> pd.DataFrame:
+    """One image's scored caption rows (``CAPTION_COLUMNS``): every instance of the HQ and of
+    each candidate in ``images``; raises ``ValueError`` if an image and its label map differ."""
+    label_map = read_label_map(masks_zarr, image_id)
+    for candidate, image in images.items():
+        if image.shape[:2] != label_map.shape:
+            raise ValueError(
+                f"{image_id} {candidate}: image {image.shape[:2]} does not match its "
+                f"label map {label_map.shape} in {masks_zarr}"
+            )
+    image_rows = caption_instances(images, label_map, instances, captioner, config["crop_fill"])
+    captions = pd.DataFrame(
+        [{"image_id": image_id, **row} for row in image_rows],
+        columns=["image_id", "instance_id", "candidate", "caption"],
+    )
+    # scored per image: an image's rows never depend on the others in the job
+    return score_captions(captions, embedder, float(config["threshold"]))[CAPTION_COLUMNS]
+
+
+def _stage_metadata(
+    captioner: BlipCaptioner,
+    embedder: TextEmbedder,
+    config: Mapping[str, Any],
+    masks_zarr: Path,
+    captions: pd.DataFrame,
+) -> dict[str, Any]:
+    """The ``captions`` table's metadata: the models, decoding settings, masks and the count."""
+    return {
         "skipped": False,
         "captioner": str(Path(captioner.path).resolve())
         if Path(captioner.path).exists()
@@ -308,7 +346,6 @@ def run_caption_stage(
         "masks": read_store_attrs(masks_zarr),
         "hallucinated": int(captions["hallucinated"].sum()),
     }
-    return captions, metadata
 
 
 def main(argv: list[str] | None = None) -> int:

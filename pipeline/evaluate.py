@@ -265,83 +265,165 @@ def evaluate(
     )
     images = [image for image in every if shard.holds(image.image_id)]
     ids = [image.image_id for image in images]
-    if prompts is not None:
-        texts, prompt_record = guidance.stage_prompts(
-            prompts, ids, feedback=feedback,
-            mode="vocabulary", where=f"evaluate {model_name} on {testset}",
-        )  # fmt: skip
-    elif feedback is not None:
-        raise ValueError("evaluate: --feedback needs --prompts (the negative prompts it joins)")
-    else:
-        texts, prompt_record = None, guidance.no_table_record(None)
+    where = f"evaluate {model_name} on {testset}"
+    texts, prompt_record = _image_prompts(ids, prompts, feedback, where)
     model = load_sr_model(model_path, config)
     metric_names = list(config["metrics"])
-    registry = registry or MetricRegistry(
+    registry = registry or _metric_registry(config, seed)
+    lower_better = {name: registry.info(name).lower_better for name in metric_names}
+    job = _Job(model_path, model_name, testset, testset_kind, testset_path, shard, config, seed)
+    work = _shard_work(job, out_dir, prompts, feedback)
+    todo = set(work.todo(ids))
+    (work.files / "images").mkdir(exist_ok=True)
+    done = len(images) - len(todo)
+    progress = tqdm(
+        total=len(images), initial=done, unit="img", file=sys.stderr, desc=where, mininterval=1
+    )
+    remaining = [image for image in images if image.image_id in todo]
+    for batch in batches(remaining, int(config["batch_size"])):
+        sr_images = super_resolve(model, batch, testset, config, seed, texts)
+        for pair, sr in zip(batch, sr_images, strict=True):
+            _finish_image(job, work, pair, sr, registry, metric_names, lower_better)
+        progress.update(len(batch))
+    progress.close()
+    table = work.rows(ids, COLUMNS)
+    metadata = _table_metadata(
+        job, model.describe(), len(every), len(images), prompt_record, registry, metric_names
+    )
+    write_table(table, work.files / contracts.EVAL_METRICS, "eval_metrics", metadata)
+    _write_manifest(job, work.files, images)
+    work.commit_folder()
+    return table
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one evaluation job is: the model, the test set, the shard, the settings and seed."""
+
+    model_path: str
+    model_name: str
+    testset: str
+    testset_kind: str
+    testset_path: str | Path
+    shard: shards.Shard
+    config: dict[str, Any]
+    seed: int
+
+
+def _metric_registry(config: dict[str, Any], seed: int) -> MetricRegistry:
+    """The metrics of the ``evaluate`` section (weights offline, on its device)."""
+    return MetricRegistry(
         weights_dir=config["weights_dir"],
         weights=config["weights"],
         options=config["options"],
         device=config["device"],
         seed=seed,
     )
-    lower_better = {name: registry.info(name).lower_better for name in metric_names}
-    work = shards.ShardWork(
+
+
+def _image_prompts(
+    ids: list[str], prompts: str | Path | None, feedback: str | Path | None, where: str
+) -> tuple[dict[str, tuple[str, str]] | None, dict[str, Any]]:
+    """Each image's (prompt, negative prompt) (None without a table) and their record."""
+    if prompts is not None:
+        return guidance.stage_prompts(
+            prompts, ids, feedback=feedback, mode="vocabulary", where=where
+        )
+    if feedback is not None:
+        raise ValueError("evaluate: --feedback needs --prompts (the negative prompts it joins)")
+    return None, guidance.no_table_record(None)
+
+
+def _shard_work(
+    job: _Job, out_dir: str | Path, prompts: str | Path | None, feedback: str | Path | None
+) -> shards.ShardWork:
+    """The job's work folder in ``out_dir``, resumed if an earlier attempt's fingerprint matches."""
+    model_input = None if job.model_path == BICUBIC else job.model_path
+    return shards.ShardWork(
         out_dir,
         shards.fingerprint(
-            "evaluate", inputs=[None if model_path == BICUBIC else model_path, testset_path,
-                                prompts, feedback],
-            config=config, seed=seed, model=model_name, model_path=str(model_path),
-            testset=testset, testset_kind=testset_kind, shard=shard.item,
+            "evaluate",
+            inputs=[model_input, job.testset_path, prompts, feedback],
+            config=job.config,
+            seed=job.seed,
+            model=job.model_name,
+            model_path=str(job.model_path),
+            testset=job.testset,
+            testset_kind=job.testset_kind,
+            shard=job.shard.item,
         ),
         stage="evaluate",
-    )  # fmt: skip
-    todo = set(work.todo(ids))
-    (work.files / "images").mkdir(exist_ok=True)
-    progress = tqdm(
-        total=len(images), initial=len(images) - len(todo), unit="img", file=sys.stderr,
-        desc=f"evaluate {model_name} on {testset}", mininterval=1,
-    )  # fmt: skip
-    remaining = [image for image in images if image.image_id in todo]
-    for batch in batches(remaining, int(config["batch_size"])):
-        sr_images = super_resolve(model, batch, testset, config, seed, texts)
-        for pair, sr in zip(batch, sr_images, strict=True):
-            image_id = pair.image.image_id
-            write_png(work.files / "images" / f"{image_id}.png", sr)  # the manifest's sr_path
-            scores = measure(registry, metric_names, [sr], [pair.hq])
-            rows = [(testset, model_name, image_id, name, float(scores[name][0]),
-                     lower_better[name]) for name in metric_names]  # fmt: skip
-            # the image is complete once its PNG is in place (docs/design.md §15)
-            work.finish(image_id, pd.DataFrame(rows, columns=COLUMNS))
-        progress.update(len(batch))
-    progress.close()
-    table = work.rows(ids, COLUMNS)
-    description = model.describe()
-    metadata = {
-        "model": model_name,
-        "model_path": str(model_path),
+    )
+
+
+def _finish_image(
+    job: _Job,
+    work: shards.ShardWork,
+    pair: LoadedPair,
+    sr: np.ndarray,
+    registry: MetricRegistry,
+    metric_names: Sequence[str],
+    lower_better: dict[str, bool],
+) -> None:
+    """Nothing: writes one image's SR PNG, measures it and marks it complete with its rows."""
+    image_id = pair.image.image_id
+    write_png(work.files / "images" / f"{image_id}.png", sr)  # the manifest's sr_path
+    scores = measure(registry, metric_names, [sr], [pair.hq])
+    rows = [
+        (job.testset, job.model_name, image_id, name, float(scores[name][0]), lower_better[name])
+        for name in metric_names
+    ]
+    # the image is complete once its PNG is in place (docs/design.md §15)
+    work.finish(image_id, pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _table_metadata(
+    job: _Job,
+    description: dict[str, str],
+    n_images: int,
+    shard_images: int,
+    prompt_record: dict[str, Any],
+    registry: MetricRegistry,
+    metric_names: Sequence[str],
+) -> dict[str, Any]:
+    """The metadata of ``metrics.parquet``: model, test set, shard, settings, metrics, stand-ins."""
+    return {
+        "model": job.model_name,
+        "model_path": str(job.model_path),
         "model_describe": description,
-        "testset": testset,
-        "testset_kind": testset_kind,
-        "testset_path": str(testset_path),
+        "testset": job.testset,
+        "testset_kind": job.testset_kind,
+        "testset_path": str(job.testset_path),
         # the test set's images (every shard's), what the report lists; the shard's own below
-        "n_images": len(every),
-        "shard_images": len(images),
-        "shard": shard.record(),
-        "seed": seed,
-        "config": config,
+        "n_images": n_images,
+        "shard_images": shard_images,
+        "shard": job.shard.record(),
+        "seed": job.seed,
+        "config": job.config,
         "prompts": prompt_record,
         **metrics_metadata(registry, metric_names),
         "stand_ins": stand_ins(description, metric_names),
     }
-    write_table(table, work.files / contracts.EVAL_METRICS, "eval_metrics", metadata)
+
+
+def _write_manifest(job: _Job, files: Path, images: Sequence[TestImage]) -> None:
+    """Nothing: writes ``images.parquet``, the manifest of the shard's images."""
     manifest = pd.DataFrame(
-        [(testset, model_name, image.image_id, f"images/{image.image_id}.png", str(image.lq),
-          str(image.hq)) for image in images],
+        [
+            (
+                job.testset,
+                job.model_name,
+                image.image_id,
+                f"images/{image.image_id}.png",
+                str(image.lq),
+                str(image.hq),
+            )
+            for image in images
+        ],
         columns=MANIFEST_COLUMNS,
-    )  # fmt: skip
-    write_table(manifest, work.files / contracts.EVAL_IMAGES, "eval_images",
-                {"model": model_name, "testset": testset, "shard": shard.record()})  # fmt: skip
-    work.commit_folder()
-    return table
+    )
+    metadata = {"model": job.model_name, "testset": job.testset, "shard": job.shard.record()}
+    write_table(manifest, files / contracts.EVAL_IMAGES, "eval_images", metadata)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,19 +438,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--config", default="{}", help="the `evaluate` config section as JSON")
     parser.add_argument("--seed", type=int, required=True, help="global seed")
-    parser.add_argument("--prompts", type=Path, default=None,
-                        help="prompts/{testset}.parquet: each image's prompt and negative prompt")  # fmt: skip
-    parser.add_argument("--feedback", type=Path, default=None,
-                        help="M2: the pairs table the model was trained on; its hallucination "
-                             "vocabulary joins the negative prompts")  # fmt: skip
-    parser.add_argument("--shard", default=None,
-                        help="I-of-K: only the test images of shard I of K (docs/design.md §15)")  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        help="prompts/{testset}.parquet: each image's prompt and negative prompt",
+    )
+    parser.add_argument(
+        "--feedback",
+        type=Path,
+        default=None,
+        help="M2: the pairs table the model was trained on; its hallucination "
+        "vocabulary joins the negative prompts",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I-of-K: only the test images of shard I of K (docs/design.md §15)",
+    )
     args = parser.parse_args(argv)
     table = evaluate(
-        args.model, args.model_name, args.testset, args.testset_kind, args.testset_path,
-        args.out, settings.cli_config(args.config), args.seed,
-        prompts=args.prompts, feedback=args.feedback, shard=args.shard,
-    )  # fmt: skip
+        args.model,
+        args.model_name,
+        args.testset,
+        args.testset_kind,
+        args.testset_path,
+        args.out,
+        settings.cli_config(args.config),
+        args.seed,
+        prompts=args.prompts,
+        feedback=args.feedback,
+        shard=args.shard,
+    )
     means = table.groupby("metric", sort=False)["value"].mean()
     summary = ", ".join(f"{name} {value:.4g}" for name, value in means.items())
     print(f"evaluate: {args.model_name} on {args.testset}: {summary}", file=sys.stderr)

@@ -142,6 +142,43 @@ def ddim_step_with_log_prob(
     at the final step) has no finite log-prob either; SD's schedule (``set_alpha_to_one:
     false``) never has one.
     """
+    _check_step_arguments(scheduler, model_output, sample, eta, prev_sample, generator)
+    batch = sample.shape[0]
+    alpha_prod_t, alpha_prod_t_prev, std_dev_t = _step_coefficients(scheduler, timestep, batch, eta)
+
+    model_output = _at_least_fp32(model_output)
+    x_t = _at_least_fp32(sample)
+    alpha_prod_t = _per_sample(alpha_prod_t, x_t)
+    alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, x_t)
+    std_dev_t = _per_sample(std_dev_t, x_t)
+    pred_original_sample, pred_epsilon = _predict_x0_and_epsilon(
+        scheduler, model_output, x_t, alpha_prod_t
+    )
+
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
+    prev_sample_mean = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+
+    if prev_sample is None and eta == 0:  # diffusers draws no noise at eta 0 either
+        prev_sample = prev_sample_mean.to(sample.dtype)
+    elif prev_sample is None:
+        noise = _draw_noise(model_output.shape, model_output, generator)
+        prev_sample = (prev_sample_mean + std_dev_t * noise).to(sample.dtype)
+    if eta == 0:
+        log_prob = torch.full((batch,), math.nan, device=x_t.device, dtype=x_t.dtype)
+    else:
+        log_prob = gaussian_log_prob(_at_least_fp32(prev_sample), prev_sample_mean, std_dev_t)
+    return prev_sample, log_prob
+
+
+def _check_step_arguments(
+    scheduler,
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+) -> None:
+    """Nothing; raises unless :func:`ddim_step_with_log_prob`'s arguments fit together."""
     from diffusers import DDIMScheduler
 
     if not isinstance(scheduler, DDIMScheduler):
@@ -163,8 +200,12 @@ def ddim_step_with_log_prob(
     if prev_sample is not None and eta == 0:
         raise ValueError("eta = 0 is deterministic DDIM: a given prev_sample has no density")
 
+
+def _step_coefficients(
+    scheduler, timestep: int | torch.Tensor, batch: int, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample ``[B]``: ``abar_t``, ``abar_prev`` and the step's std ``sigma_t`` (Eq. 16)."""
     config = scheduler.config
-    batch = sample.shape[0]
     timesteps = _timesteps(timestep, batch)
     prev_timesteps = timesteps - config.num_train_timesteps // scheduler.num_inference_steps
     alphas = scheduler.alphas_cumprod
@@ -178,15 +219,16 @@ def ddim_step_with_log_prob(
     variance = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (
         1 - alpha_prod_t / alpha_prod_t_prev
     )
-    std_dev_t = eta * variance**0.5
+    return alpha_prod_t, alpha_prod_t_prev, eta * variance**0.5
 
-    model_output = _at_least_fp32(model_output)
-    x_t = _at_least_fp32(sample)
-    alpha_prod_t = _per_sample(alpha_prod_t, x_t)
-    alpha_prod_t_prev = _per_sample(alpha_prod_t_prev, x_t)
-    std_dev_t = _per_sample(std_dev_t, x_t)
+
+def _predict_x0_and_epsilon(
+    scheduler, model_output: torch.Tensor, x_t: torch.Tensor, alpha_prod_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` from the model output by the scheduler's ``prediction_type``, with
+    ``x0_hat`` thresholded or clipped as ``DDIMScheduler.step`` does."""
+    config = scheduler.config
     beta_prod_t = 1 - alpha_prod_t
-
     kind = config.prediction_type
     if kind == "epsilon":
         pred_original_sample = (x_t - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
@@ -206,20 +248,7 @@ def ddim_step_with_log_prob(
         pred_original_sample = pred_original_sample.clamp(
             -config.clip_sample_range, config.clip_sample_range
         )
-
-    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
-    prev_sample_mean = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
-
-    if prev_sample is None and eta == 0:  # diffusers draws no noise at eta 0 either
-        prev_sample = prev_sample_mean.to(sample.dtype)
-    elif prev_sample is None:
-        noise = _draw_noise(model_output.shape, model_output, generator)
-        prev_sample = (prev_sample_mean + std_dev_t * noise).to(sample.dtype)
-    if eta == 0:
-        log_prob = torch.full((batch,), math.nan, device=x_t.device, dtype=x_t.dtype)
-    else:
-        log_prob = gaussian_log_prob(_at_least_fp32(prev_sample), prev_sample_mean, std_dev_t)
-    return prev_sample, log_prob
+    return pred_original_sample, pred_epsilon
 
 
 # -- one-step policy -----------------------------------------------------------------------------
@@ -572,7 +601,11 @@ class OnlineNegativeBuffer:
             buffer.states = state["states"].clone()
             buffer.timesteps = state["timesteps"].to(torch.long).clone()
             buffer.targets = state["targets"].clone()
-            if not (len(buffer.image_ids) == len(buffer.prompts) == len(buffer.states)
-                    == len(buffer.timesteps)):  # fmt: skip
+            if not (
+                len(buffer.image_ids)
+                == len(buffer.prompts)
+                == len(buffer.states)
+                == len(buffer.timesteps)
+            ):
                 raise ValueError("online-negative buffer state: entries of different lengths")
         return buffer

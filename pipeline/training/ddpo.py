@@ -60,7 +60,7 @@ from pipeline.objectives import objective_scores
 from pipeline.seeding import torch_generator
 from pipeline.training import sampling
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import learning_rate, step_slots, summed_update
+from pipeline.training.run import learning_rate, step_slots
 from pipeline.training.sampling import (  # noqa: F401  (ddpo's public names)
     SampledRun,
     metric_registry,
@@ -188,7 +188,7 @@ class Group:
 
 
 @dataclasses.dataclass
-class Trainer:
+class Trainer(sampling.SampledTrainer):
     config: TrainConfig
     seed: int
     model: SRModel
@@ -203,22 +203,8 @@ class Trainer:
     texts: dict[str, tuple[str, str]] | None
     last_good: Path | None = None
 
-    def stopped(self) -> str:
-        return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
-
     def sample_group(self, step: int, position: int, image_id: str) -> Group:
-        hq, lq, prompt, negative, sample = sampling.sample_group(
-            self.model,
-            self.accelerator,
-            self.config,
-            self.seed,
-            step,
-            position,
-            image_id,
-            self.lq_paths[image_id],
-            self.hq_paths[image_id],
-            self.texts,
-        )
+        hq, lq, prompt, negative, sample = self.draw_group(step, position, image_id)
         size = self.config.policy_group_size
         scores = self.reward.raw_scores(sample.images, hq)
         rewards = self.reward.objective(image_id, scores)
@@ -327,14 +313,7 @@ class Trainer:
                 advantages = torch.as_tensor(mine[offset : offset + size], dtype=torch.float32)
                 offset += size
                 epoch_loss += self.ppo_backward(step, epoch, group, advantages, samples, stats)
-            norm = summed_update(
-                accelerator,
-                self.optimizer,
-                self.trainable,
-                config.max_grad_norm,
-                step,
-                self.stopped(),
-            )
+            norm = self.summed_update(step)
             norms.append(norm)
             losses.append(float(np.sum(gather_objects(accelerator, [epoch_loss]))))
         means = checkpoints.reduce_mean(accelerator, [float(np.mean(stats[k])) for k in PPO_STATS])

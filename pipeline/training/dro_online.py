@@ -84,7 +84,7 @@ from pipeline.models.base import SRModel
 from pipeline.seeding import numpy_rng, torch_generator
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, LoadedItem, PreferenceItem, preference_items
-from pipeline.training.run import learning_rate, micro_batch_size, summed_update
+from pipeline.training.run import TrainerBase, learning_rate, micro_batch_size
 from pipeline.training.session import MethodRun
 from pipeline.training.step import STAGE, Conditions, error_maps_batched
 
@@ -253,7 +253,7 @@ class Example:
 
 
 @dataclasses.dataclass
-class Trainer:
+class Trainer(TrainerBase):
     """One run's state between steps: the buffer, the sampling snapshot and the stream."""
 
     config: TrainConfig
@@ -276,9 +276,6 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.by_id = {item.image_id: item for item in self.items}
-
-    def stopped(self) -> str:
-        return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
 
     # -- layout --------------------------------------------------------------------------------
     def per_micro(self) -> int:
@@ -512,14 +509,7 @@ class Trainer:
             accelerator.backward(loss / config.batch_size)
             totals += [float(loss.detach()), *(sum(s[k] for _, s in results) for k in STAT_KEYS)]
             if micro == last:
-                grad_norm = summed_update(
-                    accelerator,
-                    self.optimizer,
-                    self.trainable,
-                    config.max_grad_norm,
-                    step,
-                    self.stopped(),
-                )
+                grad_norm = self.summed_update(step)
                 self.in_sync = False
             if self.buffer.due_for_sync(index):
                 self.sync()

@@ -65,7 +65,7 @@ from pipeline.models.base import PolicySample, SRModel
 from pipeline.seeding import torch_generator
 from pipeline.training import sampling
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import learning_rate, step_slots, summed_update
+from pipeline.training.run import learning_rate, step_slots
 from pipeline.training.sampling import (
     SampledRun,
     metric_registry,
@@ -393,7 +393,7 @@ class Group:
 
 
 @dataclasses.dataclass
-class Trainer:
+class Trainer(sampling.SampledTrainer):
     config: TrainConfig
     seed: int
     level: str  # "image" or "instance"
@@ -410,9 +410,6 @@ class Trainer:
     last_good: Path | None = None
     _instances: dict[str, tuple[torch.Tensor, np.ndarray]] = dataclasses.field(default_factory=dict)
     _attributes: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-
-    def stopped(self) -> str:
-        return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
 
     def instances(self, image_id: str, size: tuple[int, int]) -> tuple[torch.Tensor, np.ndarray]:
         """The LQ's masks ``bool [M, H, W]`` and weights ``[M]``: one full mask for gdpo; for
@@ -456,18 +453,7 @@ class Trainer:
         return fidelity, detail
 
     def sample_group(self, step: int, position: int, image_id: str) -> Group:
-        hq, lq, prompt, negative, sample = sampling.sample_group(
-            self.model,
-            self.accelerator,
-            self.config,
-            self.seed,
-            step,
-            position,
-            image_id,
-            self.lq_paths[image_id],
-            self.hq_paths[image_id],
-            self.texts,
-        )
+        hq, lq, prompt, negative, sample = self.draw_group(step, position, image_id)
         masks, weights = self.instances(image_id, tuple(hq.shape[-2:]))
         scores = self.reward.raw_scores(sample.images, hq, masks)
         fidelity, detail = self.reward_weights(image_id, hq, masks)
@@ -547,14 +533,7 @@ class Trainer:
                 raw[metric].extend((group.scores[metric] @ group.weights).tolist())
             fidelity.append(float(group.fidelity_weight @ group.weights))
             detail.append(float(group.detail_weight @ group.weights))
-        grad_norm = summed_update(
-            accelerator,
-            self.optimizer,
-            self.trainable,
-            config.max_grad_norm,
-            step,
-            self.stopped(),
-        )
+        grad_norm = self.summed_update(step)
         rewards_all = np.asarray(gather_objects(accelerator, rewards))
         means = checkpoints.reduce_mean(
             accelerator,

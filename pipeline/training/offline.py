@@ -36,7 +36,13 @@ from pipeline.models.base import SRModel
 from pipeline.training import curves
 from pipeline.training.config import TrainConfig
 from pipeline.training.items import ItemLoader, LoadedItem, PreferenceItem, preference_items
-from pipeline.training.run import clipped_update, learning_rate, micro_batch_size, step_slots
+from pipeline.training.run import (
+    TrainerBase,
+    clipped_update,
+    learning_rate,
+    micro_batch_size,
+    step_slots,
+)
 from pipeline.training.session import MethodRun
 from pipeline.training.step import (
     PolicyErrors,
@@ -78,7 +84,7 @@ def read_inputs(
 
 
 @dataclasses.dataclass
-class Trainer:
+class Trainer(TrainerBase):
     """One run's state between steps: what :func:`train`'s loop advances one update at a time."""
 
     method: str
@@ -91,9 +97,6 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     trainable: list[torch.nn.Parameter]
     last_good: Path | None = None  # the newest checkpoint written or resumed
-
-    def stopped(self) -> str:
-        return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
 
     def micro_batch(self, step: int, micro: int, slots: list[int]):
         """This process's LQs of one micro-step and their shared draws."""

@@ -172,3 +172,23 @@ def run_fingerprint(
         processes=processes,
         device=device,
     )
+
+
+class TrainerBase:
+    """What every method's trainer shares (a base of their dataclasses, which hold ``config``,
+    ``accelerator``, ``optimizer``, ``trainable`` and ``last_good``): the message naming the last
+    good checkpoint, and the update of the methods that sum their gradients themselves."""
+
+    def stopped(self) -> str:
+        return f"training stopped; last good checkpoint: {self.last_good or 'none'}"
+
+    def summed_update(self, step: int) -> float:
+        """:func:`summed_update` of this trainer's parameters at ``step``."""
+        return summed_update(
+            self.accelerator,
+            self.optimizer,
+            self.trainable,
+            self.config.max_grad_norm,
+            step,
+            self.stopped(),
+        )

@@ -19,7 +19,7 @@ from pipeline.iqa import MetricRegistry
 from pipeline.models.base import PolicySample, SRModel, upsample_lq
 from pipeline.seeding import torch_generator
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import _NOT_FINGERPRINTED
+from pipeline.training.run import _NOT_FINGERPRINTED, TrainerBase
 from pipeline.training.session import MethodRun
 from pipeline.training.step import STAGE
 
@@ -100,6 +100,26 @@ def my_positions(config: TrainConfig, accelerator) -> range:
             f"train.batch_size {config.batch_size} must be a multiple of the processes ({world})"
         )
     return range(rank * per_process, (rank + 1) * per_process)
+
+
+class SampledTrainer(TrainerBase):
+    """What the trainers of ddpo and gdpo share (a base of their dataclasses, which hold
+    ``model``, ``seed``, ``lq_paths``, ``hq_paths`` and ``texts``): drawing an LQ's group."""
+
+    def draw_group(self, step: int, position: int, image_id: str):
+        """:func:`sample_group` of ``image_id`` in global slot ``position`` at ``step``."""
+        return sample_group(
+            self.model,
+            self.accelerator,
+            self.config,
+            self.seed,
+            step,
+            position,
+            image_id,
+            self.lq_paths[image_id],
+            self.hq_paths[image_id],
+            self.texts,
+        )
 
 
 # -- the reward ----------------------------------------------------------------------------------
