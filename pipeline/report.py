@@ -23,9 +23,11 @@ The steps, each a function below:
    NIQE out and compares the aligned models without the bicubic baseline; both are defaults;
 4. :func:`plot_crop_grid` — a visual comparison (Fig. 5): centre crops of a few images, LQ
    (nearest-neighbour enlarged), every model's SR output, HQ;
-5. :func:`write_report_markdown` — ``report.md``: the run configuration and what every stage
-   recorded in its table metadata (backend, stand-ins, weights), read with
-   :func:`pipeline.io.tables.read_metadata` from the ``--provenance`` files.
+5. :func:`write_report_markdown` and :func:`provenance_markdown` — ``report.md``, top-down: the
+   protocol (seed, baseline, intervals) and the result tables with their plots first, the
+   later sections (front, rounds, curves and win rates, study, human evaluation) next, and
+   last what every stage recorded in its table metadata (backend, stand-ins, weights), read
+   with :func:`pipeline.io.tables.read_metadata` from the ``--provenance`` files.
 """
 
 from __future__ import annotations
@@ -454,28 +456,64 @@ def _cell(value: Any) -> str:
 def write_report_markdown(
     path: str | Path,
     framework: str,
-    summary: pd.DataFrame,
-    metadata: dict[tuple[str, str], dict],
-    provenance: Sequence[str | Path],
     config: dict[str, Any],
     artifacts: Sequence[str],
     seed: int,
+    tables: str,
+    testsets: Sequence[str],
 ) -> None:
-    """Step 5: the run configuration, the evaluated models and every stage's provenance."""
+    """Step 5, the head of ``report.md``: how the numbers were made (seed, baseline, intervals),
+    the result tables and each test set's plots. The later sections follow; what every stage
+    used (:func:`provenance_markdown`) closes the report."""
+    interval = (
+        f"{config['bootstrap_samples']} bootstrap resamples over the images"
+        if config["ci_method"] == "bootstrap"
+        else "Student's t over the images, 95%"
+    )
     lines = [
         f"# DSPO evaluation report: {framework}",
         "",
         f"- global seed: {seed}",
         f"- baseline for the deltas: `{config['baseline_model']}`",
-        f"- confidence intervals: {config['ci_method']}"
-        + (
-            f" ({config['bootstrap_samples']} resamples)"
-            if config["ci_method"] == "bootstrap"
-            else " (Student's t, 95%)"
-        ),
+        f"- confidence intervals: {config['ci_method']} ({interval})",
         f"- artifacts: {', '.join(f'`{a}`' for a in artifacts)}",
+        "- what every stage used (weights, backends, stand-ins): the last section",
         "",
-        "## Evaluations",
+        "## Results",
+        "",
+        *_nested(tables),
+        "",
+    ]
+    for testset in testsets:
+        radar, grid = (contracts.report_file(k, testset=testset) for k in ("radar", "grid"))
+        lines += [f"![{testset}: metrics, outward is better]({radar})", ""]
+        lines += [f"![{testset}: crops of every model]({grid})", ""]
+    with atomic_path(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _nested(markdown: str) -> list[str]:
+    """``tables.md`` inside the report's Results section: its title dropped, its headings one
+    level deeper."""
+    lines = markdown.rstrip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    while lines and not lines[0].strip():
+        lines = lines[1:]
+    return [f"#{line}" if line.startswith("#") else line for line in lines]
+
+
+def provenance_markdown(
+    metadata: dict[tuple[str, str], dict], provenance: Sequence[str | Path]
+) -> str:
+    """The report's last section: the evaluated models (weights, metrics, stand-ins), the
+    evaluation settings and what every upstream stage recorded in its table metadata (backend,
+    stand-ins, weights; all of it folded), read with :func:`pipeline.io.tables.read_metadata`
+    from the ``--provenance`` files."""
+    lines = [
+        "## Provenance",
+        "",
+        "### Evaluations",
         "",
         "| test set | model | images | model weights | metrics | stand-ins |",
         "|---|---|---|---|---|---|",
@@ -489,16 +527,16 @@ def write_report_markdown(
         stand_ins = _json(recorded.get("stand_ins", {})) if recorded.get("stand_ins") else "none"
         cells = [testset, model, recorded.get("n_images", ""), weights, metrics, stand_ins]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    lines += ["", "## Evaluation settings", ""]
+    lines += ["", "### Evaluation settings", ""]
     settings = {_json(m.get("config", {})) for m in metadata.values()}
     for text in sorted(settings):
         lines += ["```json", json.dumps(json.loads(text), indent=2, sort_keys=True), "```"]
-    lines += ["", "## Provenance of the upstream stages", ""]
+    lines += ["", "### Upstream stages", ""]
     if not provenance:
         lines.append("No provenance files were given.")
     for file in provenance:
         document = read_metadata(file)
-        lines += [f"### `{file}` (table `{document.get('table', '?')}`)", ""]
+        lines += [f"#### `{file}` (table `{document.get('table', '?')}`)", ""]
         highlights = provenance_highlights(document)
         lines += [f"- **{key}**: `{_json(value)}`" for key, value in highlights] or [
             "- no backend, stand-in or weights entries recorded"
@@ -514,8 +552,16 @@ def write_report_markdown(
             "</details>",
             "",
         ]
-    with atomic_path(path) as temporary:
-        temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return "\n".join(lines)
+
+
+def append_markdown(report_md: str | Path, text: str) -> None:
+    """Append a section to ``report_md`` (atomically)."""
+    before = Path(report_md).read_text(encoding="utf-8")
+    with atomic_path(report_md) as temporary:
+        temporary.write_text(
+            before.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n", encoding="utf-8"
+        )
 
 
 # ----------------------------------------------------------------------------- EA-Adam front
@@ -750,9 +796,15 @@ def report(
     framework: str | None = None,
     curves: Sequence[str | Path] = (),
     win_rates: Sequence[str | Path] = (),
+    study: tuple[str | Path, str | Path] | None = None,
+    human_eval: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write summary.parquet, tables.md/.csv, radar/grid PNGs and report.md into ``out_dir``;
-    with ``curves`` / ``win_rates`` tables, their section too (:mod:`pipeline.alignment_report`)."""
+    """Write summary.parquet, tables.md/.csv, radar/grid PNGs and report.md into ``out_dir``.
+    report.md reads top-down: the protocol and the result tables with their plots first, then
+    the EA-Adam front, the rounds, the alignment curves and win rates (``curves`` /
+    ``win_rates``, :mod:`pipeline.alignment_report`), the Figure 1 study (``study``: its section
+    and plot) and the human evaluation (``human_eval``: an ``annotate winrate`` folder), and
+    last what every stage used (:func:`provenance_markdown`)."""
     config = stage_config(config)
     out_dir = Path(out_dir)
     framework = framework or out_dir.name
@@ -791,27 +843,20 @@ def report(
     artifacts += front_files
     rounds_files, rounds_text = write_rounds(summary, out_dir)
     artifacts += rounds_files
-    write_report_markdown(
-        out_dir / contracts.report_file("report"),
-        framework,
-        summary,
-        metadata,
-        provenance,
-        config,
-        artifacts,
-        seed,
-    )
-    if front_text:  # the front follows the report's sections
-        text = (out_dir / contracts.report_file("report")).read_text(encoding="utf-8")
-        with atomic_path(out_dir / contracts.report_file("report")) as temporary:
-            temporary.write_text(text + "\n" + front_text + "\n", encoding="utf-8")
-    if rounds_text:  # the metrics per round follow
-        text = (out_dir / contracts.report_file("report")).read_text(encoding="utf-8")
-        with atomic_path(out_dir / contracts.report_file("report")) as temporary:
-            temporary.write_text(text + "\n" + rounds_text + "\n", encoding="utf-8")
-    alignment_report.append_to_report(
-        out_dir / contracts.report_file("report"), curves, win_rates, framework
-    )
+    report_md = out_dir / contracts.report_file("report")
+    testsets = list(dict.fromkeys(summary["testset"]))
+    write_report_markdown(report_md, framework, config, artifacts, seed, markdown, testsets)
+    for text in (front_text, rounds_text):  # the EA-Adam front, then the metrics per round
+        if text:
+            append_markdown(report_md, text)
+    alignment_report.append_to_report(report_md, curves, win_rates, framework)
+    if study is not None:  # the controlled study, before the human evaluation
+        append_study_section(report_md, *study)
+    if human_eval is not None:  # the human evaluation (maybe SIMULATED)
+        from pipeline.annotate.report_section import append_to_report
+
+        append_to_report(report_md, human_eval)
+    append_markdown(report_md, provenance_markdown(metadata, provenance))  # closes the report
     return summary
 
 
@@ -886,6 +931,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--study-plot", type=Path, default=None, help="the study's plot")
     args = parser.parse_args(argv)
+    if args.study_section is not None and args.study_plot is None:
+        parser.error("--study-section needs --study-plot")
     summary = report(
         args.evaluations,
         args.out,
@@ -895,17 +942,9 @@ def main(argv: list[str] | None = None) -> int:
         args.framework,
         args.curves,
         args.win_rates,
+        study=(args.study_section, args.study_plot) if args.study_section else None,
+        human_eval=args.human_eval,
     )
-    if args.study_section is not None:  # the controlled study, before the human evaluation
-        if args.study_plot is None:
-            parser.error("--study-section needs --study-plot")
-        append_study_section(
-            args.out / contracts.report_file("report"), args.study_section, args.study_plot
-        )
-    if args.human_eval is not None:  # the human evaluation (maybe SIMULATED) closes the report
-        from pipeline.annotate.report_section import append_to_report
-
-        append_to_report(args.out / contracts.report_file("report"), args.human_eval)
     print(f"report: {len(summary)} summary rows in {args.out}", file=sys.stderr)
     return 0
 

@@ -32,6 +32,7 @@ from pipeline.training import ddpo
 from pipeline.training.config import TrainConfig
 from tests.data_helpers import write_data_table
 from tests.ddp_helpers import run_in_gloo_processes
+from tests.resume_helpers import assert_resume_kept_the_metadata
 
 IMAGES = ("img_a", "img_b", "img_c")
 SIZE = 16
@@ -253,6 +254,7 @@ def test_ddpo_trains_logs_and_resumes_bit_for_bit(data, tmp_path, monkeypatch):
     a, b = trained(full), trained(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert read_metadata(resumed / "train_log.parquet")["resumed_from"].endswith("step-00000002")
+    assert_resume_kept_the_metadata(full, resumed)
 
 
 @pytest.mark.parametrize(

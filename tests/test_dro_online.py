@@ -26,6 +26,7 @@ from pipeline.seeding import torch_generator
 from pipeline.training import dro_online, session
 from pipeline.training.config import TrainConfig
 from tests.data_helpers import write_data_table
+from tests.resume_helpers import assert_resume_kept_the_metadata
 
 SETTINGS = ("s1", "s2", "s3")
 IMAGES = ("img_a", "img_b", "img_c")
@@ -428,6 +429,7 @@ def test_kill_and_resume_is_bit_identical(inputs, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(read_table(resumed / "train_log.parquet", "dro_online_log"), log)
     assert same_weights(trained(full), trained(resumed))
     assert read_metadata(resumed / "train_log.parquet")["resumed_from"].endswith("step-00000002")
+    assert_resume_kept_the_metadata(full, resumed)
 
 
 # a snapshot that lags one micro-step: at M = 1 the negatives' own term has no gradient (their

@@ -30,6 +30,7 @@ from pipeline.training.step import (
 )
 from tests.data_helpers import write_data_table
 from tests.ddp_helpers import run_in_gloo_processes
+from tests.resume_helpers import assert_resume_kept_the_metadata
 
 SETTINGS = ("s20_c4.5", "s20_c10.5", "s80_c4.5", "s80_c10.5")
 IMAGES = ("img_a", "img_b", "img_c", "img_d")
@@ -271,6 +272,7 @@ def test_train_writes_model_and_log_and_resumes_bit_for_bit(inputs, tmp_path, mo
     assert a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert read_metadata(resumed / "train_log.parquet")["resumed_from"].endswith("step-00000002")
+    assert_resume_kept_the_metadata(full, resumed)
 
 
 @pytest.mark.parametrize("change", ["beta", "swapped-pairs", "base-weights"])
