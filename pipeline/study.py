@@ -92,20 +92,36 @@ class Arm:
 
 
 ARM = {
-    MAIN: Arm((CHECKER, CAST), 1.0, CHECKER, {"textured": CAST, "smooth": CHECKER},
-              "`checker` vs `cast` under PSNR: image winner `checker` (better overall, with the "
-              "checkerboard on every textured instance); each instance's winner the candidate "
-              "clean there", "the hypothesis: Diffusion-DPO adopts the checkerboard, DSPO does not"),
-    POSITIVE: Arm((CHECKER, CLEAN), -1.0, CHECKER, {"textured": CHECKER, "smooth": None},
-                  "`checker` vs `clean` under the reversed objective (PSNR weight -1): winner "
-                  "`checker`, loser clean, at the image level and on textured instances (smooth "
-                  "instances are identical: no pair)",
-                  "both methods adopt the checkerboard (interval above 0)"),
-    NEGATIVE: Arm((CLEAN, NOISE), 1.0, CLEAN, {"textured": CLEAN, "smooth": CLEAN},
-                  "`clean` vs `noise` (white noise everywhere) under PSNR: winner clean at both "
-                  "levels; neither candidate carries the checkerboard or the cast",
-                  "adoption of both signatures about 0 (interval around 0)"),
-}  # fmt: skip
+    MAIN: Arm(
+        (CHECKER, CAST),
+        1.0,
+        CHECKER,
+        {"textured": CAST, "smooth": CHECKER},
+        "`checker` vs `cast` under PSNR: image winner `checker` (better overall, with the "
+        "checkerboard on every textured instance); each instance's winner the candidate "
+        "clean there",
+        "the hypothesis: Diffusion-DPO adopts the checkerboard, DSPO does not",
+    ),
+    POSITIVE: Arm(
+        (CHECKER, CLEAN),
+        -1.0,
+        CHECKER,
+        {"textured": CHECKER, "smooth": None},
+        "`checker` vs `clean` under the reversed objective (PSNR weight -1): winner "
+        "`checker`, loser clean, at the image level and on textured instances (smooth "
+        "instances are identical: no pair)",
+        "both methods adopt the checkerboard (interval above 0)",
+    ),
+    NEGATIVE: Arm(
+        (CLEAN, NOISE),
+        1.0,
+        CLEAN,
+        {"textured": CLEAN, "smooth": CLEAN},
+        "`clean` vs `noise` (white noise everywhere) under PSNR: winner clean at both "
+        "levels; neither candidate carries the checkerboard or the cast",
+        "adoption of both signatures about 0 (interval around 0)",
+    ),
+}
 #: the select objective the study's pairs are made under (the study's scores hold one metric)
 OBJECTIVE = "study"
 METRIC = "psnr"
@@ -192,8 +208,10 @@ def report_inputs(study: Mapping[str, Any], framework: str) -> dict[str, str]:
     when ``study.in_report`` and ``framework`` is ``study.framework`` (the report rule's inputs and
     its ``--study-section``/``--study-plot`` options), else ``{}``."""
     if study["in_report"] and framework == study["framework"]:
-        return {"section": contracts.artifact("study_section"),
-                "plot": contracts.artifact("study_plot")}  # fmt: skip
+        return {
+            "section": contracts.artifact("study_section"),
+            "plot": contracts.artifact("study_plot"),
+        }
     return {}
 
 
@@ -300,8 +318,10 @@ def arm_candidates(
     if arm == MAIN:
         return main, {"textured": (CHECKER, strength), "smooth": (CAST, amplitude)}
     if arm == POSITIVE:
-        return ({CHECKER: main[CHECKER], CLEAN: base.copy()},
-                {"textured": (CHECKER, strength), "smooth": ("", 0.0)})  # fmt: skip
+        return (
+            {CHECKER: main[CHECKER], CLEAN: base.copy()},
+            {"textured": (CHECKER, strength), "smooth": ("", 0.0)},
+        )
     if arm == NEGATIVE:
         noisy = to_uint8(unit(base) + strength * rng.standard_normal(base.shape))
         return {CLEAN: base.copy(), NOISE: noisy}, {r: (NOISE, strength) for r in REGIONS}
@@ -330,9 +350,16 @@ def score_rows(
     for name, image in candidates.items():
         for instance_id in [contracts.WHOLE_IMAGE_ID, *ids]:
             mask = None if instance_id == contracts.WHOLE_IMAGE_ID else label_map == instance_id
-            rows.append({"image_id": image_id, "instance_id": instance_id, "candidate": name,
-                         "metric": METRIC, "value": psnr(image, hq, mask),
-                         "lower_better": False})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "instance_id": instance_id,
+                    "candidate": name,
+                    "metric": METRIC,
+                    "value": psnr(image, hq, mask),
+                    "lower_better": False,
+                }
+            )
     return rows
 
 
@@ -364,8 +391,144 @@ def super_resolve(model, lq: np.ndarray, size: tuple[int, int], prompt: tuple[st
 # ------------------------------------------------------------------------------- build
 
 
-REGION_COLUMNS = ["split", "image_id", "instance_id", "area", "texture", "kind", "planted",
-                  "amplitude"]  # fmt: skip
+REGION_COLUMNS = [
+    "split",
+    "image_id",
+    "instance_id",
+    "area",
+    "texture",
+    "kind",
+    "planted",
+    "amplitude",
+]
+
+
+def candidate_row(image_id: str, name: str, relative: Path, seed: int) -> dict[str, Any]:
+    """The ``candidates`` row of one planted candidate image (``relative`` to the folder)."""
+    return {
+        "image_id": image_id,
+        "setting": name,
+        "variant": name,
+        "steps": 1,
+        "cfg": 0.0,
+        "seed": int(seed),
+        "negative_prompt": "",
+        "path": str(relative),
+    }
+
+
+def region_rows(
+    image_id: str,
+    label_map: np.ndarray,
+    kinds: Mapping[int, tuple[str, float]],
+    planted: Mapping[str, tuple[str, float]],
+) -> list[dict[str, Any]]:
+    """The regions rows (:data:`REGION_COLUMNS`) of one training image, by instance id."""
+    return [
+        {
+            "split": "train",
+            "image_id": image_id,
+            "instance_id": instance_id,
+            "area": int((label_map == instance_id).sum()),
+            "texture": value,
+            "kind": kind,
+            "planted": planted[kind][0],
+            "amplitude": planted[kind][1],
+        }
+        for instance_id, (kind, value) in sorted(kinds.items())
+    ]
+
+
+def candidate_base(
+    model: Any,
+    hq: np.ndarray,
+    lq_paths: Mapping[str, Path],
+    prompts: Mapping[str, tuple[str, str]],
+    image_id: str,
+) -> np.ndarray:
+    """One training image's candidate base (uint8): its HQ, or ``model``'s output of its LQ."""
+    if model is None:
+        return hq
+    lq = read_rgb(lq_paths[image_id])
+    return to_uint8(super_resolve(model, lq, hq.shape[:2], prompts[image_id]))
+
+
+@dataclasses.dataclass
+class ArmBuild:
+    """One arm's build under way (:func:`build`): its folder, planting, table rows and skips."""
+
+    folder: Path
+    arm: str
+    strength: float
+    margin: float
+    seed: int
+    candidates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    regions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    scores: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def plant_image(
+        self,
+        image_id: str,
+        hq: np.ndarray,
+        label_map: np.ndarray,
+        base: np.ndarray,
+        kinds: Mapping[int, tuple[str, float]],
+        masks: Mapping[str, np.ndarray],
+    ) -> None:
+        """Plant, write and add the rows of one training image's candidates on ``base``."""
+        rng = numpy_rng(self.seed, STAGE, "noise", image_id)
+        candidates, planted = arm_candidates(self.arm, base, masks, self.strength, self.margin, rng)
+        for name, image in candidates.items():
+            relative = Path(name) / f"{image_id}.png"
+            write_png(self.folder / relative, image)
+            self.candidates.append(candidate_row(image_id, name, relative, self.seed))
+        self.regions += region_rows(image_id, label_map, kinds, planted)
+        self.scores += score_rows(image_id, candidates, hq, label_map)
+
+
+def build_metadata(
+    *,
+    arm: str,
+    config: Mapping[str, Any],
+    seed: int,
+    model: Any,
+    model_dir: str | Path,
+    masks_path: str | Path,
+    data_dir: str | Path,
+    skipped: list[str],
+) -> dict[str, Any]:
+    """The metadata of the build's three tables (``model`` None when the base is the HQ)."""
+    return {
+        "stage": STAGE,
+        "arm": arm,
+        "candidates": list(ARM[arm].candidates),
+        "objective_psnr_weight": ARM[arm].psnr_weight,
+        "study": dict(config),
+        "base": config["base"],
+        "seed": int(seed),
+        "model": str(model_dir) if model is not None else None,
+        "model_describe": model.describe() if model is not None else None,
+        "masks": str(masks_path),
+        "data": str(data_dir),
+        "skipped": skipped,
+    }
+
+
+def write_candidate_tables(built: ArmBuild, metadata: Mapping[str, Any]) -> None:
+    """The build's candidates and regions tables in its candidates folder."""
+    write_table(
+        pd.DataFrame(built.candidates),
+        built.folder / contracts.CANDIDATES_TABLE,
+        "candidates",
+        metadata,
+    )
+    write_table(
+        pd.DataFrame(built.regions, columns=REGION_COLUMNS),
+        built.folder / REGIONS_TABLE,
+        "study_regions",
+        metadata,
+    )
 
 
 def build(
@@ -391,57 +554,43 @@ def build(
     prompts = load_prompts(prompts_path, hq_paths)
     model = _load_model(model_dir) if config["base"] == "pretrained" else None
     strength, margin = float(config["artifact_strength"]), float(config["image_margin"])
-    candidate_rows, region_rows, scores, skipped = [], [], [], []
     with atomic_path(out_dir) as folder:
+        built = ArmBuild(folder, arm, strength, margin, seed)
         for image_id in sorted(hq_paths):
             hq = read_rgb(hq_paths[image_id])
             label_map = read_label_map(masks_path, image_id)
             kinds = region_kinds(unit(hq), label_map, config["texture_quantile"])
             masks = kind_masks(label_map, kinds)
             if not masks["textured"].any() or not masks["smooth"].any():
-                skipped.append(image_id)  # one kind only: no dilemma to plant
+                built.skipped.append(image_id)  # one kind only: no dilemma to plant
                 continue
-            base = hq  # the candidates' base: the HQ, or the pretrained model's output
-            if model is not None:
-                lq = read_rgb(lq_paths[image_id])
-                base = to_uint8(super_resolve(model, lq, hq.shape[:2], prompts[image_id]))
-            rng = numpy_rng(seed, STAGE, "noise", image_id)
-            candidates, planted = arm_candidates(arm, base, masks, strength, margin, rng)
-            for name, image in candidates.items():
-                relative = Path(name) / f"{image_id}.png"
-                write_png(folder / relative, image)
-                candidate_rows.append({"image_id": image_id, "setting": name, "variant": name,
-                                       "steps": 1, "cfg": 0.0, "seed": int(seed),
-                                       "negative_prompt": "", "path": str(relative)})  # fmt: skip
-            for instance_id, (kind, value) in sorted(kinds.items()):
-                region_rows.append({"split": "train", "image_id": image_id,
-                                    "instance_id": instance_id,
-                                    "area": int((label_map == instance_id).sum()),
-                                    "texture": value, "kind": kind, "planted": planted[kind][0],
-                                    "amplitude": planted[kind][1]})  # fmt: skip
-            scores += score_rows(image_id, candidates, hq, label_map)
-        if not candidate_rows:
-            raise ValueError(f"study build: no training image has both textured and smooth "
-                             f"instances ({len(skipped)} images; texture_quantile "
-                             f"{config['texture_quantile']})")  # fmt: skip
-        metadata = {"stage": STAGE, "arm": arm, "candidates": list(ARM[arm].candidates),
-                    "objective_psnr_weight": ARM[arm].psnr_weight, "study": dict(config),
-                    "base": config["base"], "seed": int(seed),
-                    "model": str(model_dir) if model is not None else None,
-                    "model_describe": model.describe() if model is not None else None,
-                    "masks": str(masks_path), "data": str(data_dir), "skipped": skipped}  # fmt: skip
-        write_table(pd.DataFrame(candidate_rows), folder / contracts.CANDIDATES_TABLE,
-                    "candidates", metadata)  # fmt: skip
-        write_table(pd.DataFrame(region_rows, columns=REGION_COLUMNS),
-                    folder / REGIONS_TABLE, "study_regions", metadata)  # fmt: skip
-    write_table(pd.DataFrame(scores), scores_path, "scores", metadata)
-    return {"arm": arm, "images": len(candidate_rows) // 2, "skipped": len(skipped)}
+            base = candidate_base(model, hq, lq_paths, prompts, image_id)
+            built.plant_image(image_id, hq, label_map, base, kinds, masks)
+        if not built.candidates:
+            raise ValueError(
+                f"study build: no training image has both textured and smooth "
+                f"instances ({len(built.skipped)} images; texture_quantile "
+                f"{config['texture_quantile']})"
+            )
+        metadata = build_metadata(
+            arm=arm,
+            config=config,
+            seed=seed,
+            model=model,
+            model_dir=model_dir,
+            masks_path=masks_path,
+            data_dir=data_dir,
+            skipped=built.skipped,
+        )
+        write_candidate_tables(built, metadata)
+    write_table(pd.DataFrame(built.scores), scores_path, "scores", metadata)
+    return {"arm": arm, "images": len(built.candidates) // 2, "skipped": len(built.skipped)}
 
 
 #: how the report names each base
 BASE_WORDS = {"hq": "the HQ image", "pretrained": "the pretrained model's output"}
 #: the regions table inside the study's candidates folder
-REGIONS_TABLE = "regions.parquet"
+REGIONS_TABLE = contracts.STUDY_REGIONS
 
 
 # ------------------------------------------------------------------------------ measure
@@ -510,24 +659,37 @@ def measure(
     rows = []
     for (arm, method_name, seed), path in sorted(aligned.items()):
         model = _load_model(path)
-        deltas = [super_resolve(model, lq, size, prompts[i]) - reference[i]
-                  for i, lq, size, _ in images]  # fmt: skip
+        deltas = [
+            super_resolve(model, lq, size, prompts[i]) - reference[i] for i, lq, size, _ in images
+        ]
         for region in REGIONS:
             masks = [m[region] for *_, m in images]
             for name, signature in SIGNATURES.items():
                 patterns = [signature(*size) for _, _, size, _ in images]
-                rows.append({"arm": arm, "method": method_name, "seed": int(seed),
-                             "region": region,
-                             "signature": name,
-                             "adoption": adoption(deltas, patterns, masks, amplitudes[name]),
-                             "amplitude": amplitudes[name],
-                             "n_images": sum(bool(m.any()) for m in masks),
-                             "n_pixels": int(sum(m.sum() for m in masks))})  # fmt: skip
+                rows.append(
+                    {
+                        "arm": arm,
+                        "method": method_name,
+                        "seed": int(seed),
+                        "region": region,
+                        "signature": name,
+                        "adoption": adoption(deltas, patterns, masks, amplitudes[name]),
+                        "amplitude": amplitudes[name],
+                        "n_images": sum(bool(m.any()) for m in masks),
+                        "n_pixels": int(sum(m.sum() for m in masks)),
+                    }
+                )
     frame = pd.DataFrame(rows)
-    metadata = {"stage": STAGE, "study": dict(config), "data": str(data_dir),
-                "masks": str(masks_path), "pretrained": str(pretrained_dir),
-                "aligned": {f"{a}:{m}:{s}": str(p) for (a, m, s), p in aligned.items()},
-                "images": ids, "amplitudes": amplitudes}  # fmt: skip
+    metadata = {
+        "stage": STAGE,
+        "study": dict(config),
+        "data": str(data_dir),
+        "masks": str(masks_path),
+        "pretrained": str(pretrained_dir),
+        "aligned": {f"{a}:{m}:{s}": str(p) for (a, m, s), p in aligned.items()},
+        "images": ids,
+        "amplitudes": amplitudes,
+    }
     write_table(frame, out_path, "study_adoption", metadata)
     return frame
 
@@ -555,8 +717,15 @@ def summarise(frame: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     rows = []
     for keys, group in frame.groupby(SUMMARY_KEYS):
         mean, low, high = interval(group["adoption"].tolist(), level)
-        rows.append({**dict(zip(SUMMARY_KEYS, keys, strict=True)), "mean": mean, "low": low,
-                     "high": high, "seeds": len(group)})  # fmt: skip
+        rows.append(
+            {
+                **dict(zip(SUMMARY_KEYS, keys, strict=True)),
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "seeds": len(group),
+            }
+        )
     return pd.DataFrame(rows, columns=[*SUMMARY_KEYS, "mean", "low", "high", "seeds"])
 
 
@@ -584,10 +753,12 @@ def pair_truth(pairs_dir: str | Path, regions: pd.DataFrame, arm: str = MAIN) ->
     design = ARM[arm]
     folder = Path(pairs_dir)
     instance = read_table(folder / f"{OBJECTIVE}.parquet", "preference_pairs")
-    image = read_table(folder / f"{OBJECTIVE}_image.parquet", "preference_pairs")
+    image = read_table(folder / contracts.pairs_file(OBJECTIVE, "image"), "preference_pairs")
     kinds = {(r.image_id, int(r.instance_id)): r.kind for r in regions.itertuples()}
-    correct = [row.winner == design.instance_winner[kinds[(row.image_id, int(row.instance_id))]]
-               for row in instance.itertuples()]  # fmt: skip
+    correct = [
+        row.winner == design.instance_winner[kinds[(row.image_id, int(row.instance_id))]]
+        for row in instance.itertuples()
+    ]
     return {
         "images": len(set(regions["image_id"])),
         "image_pairs": len(image),
@@ -606,17 +777,29 @@ def train_summary(aligned: Mapping[tuple[str, str, int], str | Path]) -> pd.Data
     """Per aligned model: steps and the first and last logged loss and implicit accuracy."""
     rows = []
     for (arm, method_name, seed), path in sorted(aligned.items()):
-        log = read_table(Path(path) / "train_log.parquet", "train_log")
+        log = read_table(Path(path) / contracts.TRAIN_LOG, "train_log")
         last = log.iloc[-1]
-        rows.append({"arm": arm, "method": method_name, "seed": seed, "steps": int(last["step"]),
-                     "loss_first": float(log["loss"].iloc[0]), "loss_last": float(last["loss"]),
-                     "accuracy_last": float(last["implicit_accuracy"])})  # fmt: skip
+        rows.append(
+            {
+                "arm": arm,
+                "method": method_name,
+                "seed": seed,
+                "steps": int(last["step"]),
+                "loss_first": float(log["loss"].iloc[0]),
+                "loss_last": float(last["loss"]),
+                "accuracy_last": float(last["implicit_accuracy"]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def _row(summary: pd.DataFrame, arm: str, method_name: str, region: str, name: str):
-    found = summary[(summary["arm"] == arm) & (summary["method"] == method_name)
-                    & (summary["region"] == region) & (summary["signature"] == name)]  # fmt: skip
+    found = summary[
+        (summary["arm"] == arm)
+        & (summary["method"] == method_name)
+        & (summary["region"] == region)
+        & (summary["signature"] == name)
+    ]
     return found.iloc[0] if len(found) else None
 
 
@@ -632,8 +815,10 @@ def verdict(summary: pd.DataFrame, difference: tuple[float, float, float, int]) 
     control (without it the main arm's result is not interpretable), then the main arm."""
     control = positive_control_adopts(summary)
     if control is False:
-        return ("not interpretable (the positive control did not measurably adopt the "
-                "checkerboard: this measure and training budget cannot show adoption)")  # fmt: skip
+        return (
+            "not interpretable (the positive control did not measurably adopt the "
+            "checkerboard: this measure and training budget cannot show adoption)"
+        )
     dpo = _row(summary, MAIN, "dpo", "textured", CHECKER)
     dspo = _row(summary, MAIN, "dspo", "textured", CHECKER)
     dpo_adopts, dspo_adopts, apart = dpo["low"] > 0, dspo["low"] > 0, difference[1] > 0
@@ -658,12 +843,16 @@ def negative_reading(summary: pd.DataFrame) -> str | None:
         if row is None:
             return None
         covers = row["low"] <= 0 <= row["high"]
-        parts.append(f"{method_name} {_fmt(row['mean'], row['low'], row['high'])} "
-                     f"({'covers' if covers else 'excludes'} 0)")  # fmt: skip
-    return ("Negative control (pairs without either artifact), checkerboard on textured "
-            "instances: " + "; ".join(parts) + ". Where it excludes 0, training on pairs that "
-            "carry no checkerboard moves the measure by that much: read the main arm against "
-            "it.")  # fmt: skip
+        parts.append(
+            f"{method_name} {_fmt(row['mean'], row['low'], row['high'])} "
+            f"({'covers' if covers else 'excludes'} 0)"
+        )
+    return (
+        "Negative control (pairs without either artifact), checkerboard on textured "
+        "instances: " + "; ".join(parts) + ". Where it excludes 0, training on pairs that "
+        "carry no checkerboard moves the measure by that much: read the main arm against "
+        "it."
+    )
 
 
 def _fmt(mean: float, low: float, high: float) -> str:
@@ -687,23 +876,37 @@ def plot(frame: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
     arm_names = [a for a in REPORT_ORDER if a in set(frame["arm"])]
     methods = sorted(set(frame["method"]))
     # one y scale per signature, so the arms compare at a glance
-    figure, axes = plt.subplots(len(arm_names), len(SETTINGS), squeeze=False, sharey="col",
-                                figsize=(4.2 * len(SETTINGS), 3.0 * len(arm_names)))  # fmt: skip
+    figure, axes = plt.subplots(
+        len(arm_names),
+        len(SETTINGS),
+        squeeze=False,
+        sharey="col",
+        figsize=(4.2 * len(SETTINGS), 3.0 * len(arm_names)),
+    )
     for row_axes, arm in zip(axes, arm_names, strict=True):
         for axis, name in zip(row_axes, SETTINGS, strict=True):
             for offset, method_name in enumerate(methods):
                 for position, region in enumerate(REGIONS):
                     x = position + (offset - (len(methods) - 1) / 2) * 0.25
                     found = _row(summary, arm, method_name, region, name)
-                    axis.errorbar(x, found["mean"], yerr=[[found["mean"] - found["low"]],
-                                  [found["high"] - found["mean"]]], fmt="o", capsize=4,
-                                  color=f"C{offset}",
-                                  label=method_name if position == 0 else None)  # fmt: skip
-                    seeds = frame[(frame["arm"] == arm) & (frame["method"] == method_name)
-                                  & (frame["region"] == region)
-                                  & (frame["signature"] == name)]["adoption"]  # fmt: skip
-                    axis.scatter([x + 0.06] * len(seeds), seeds, s=10, color=f"C{offset}",
-                                 alpha=0.5)  # fmt: skip
+                    axis.errorbar(
+                        x,
+                        found["mean"],
+                        yerr=[[found["mean"] - found["low"]], [found["high"] - found["mean"]]],
+                        fmt="o",
+                        capsize=4,
+                        color=f"C{offset}",
+                        label=method_name if position == 0 else None,
+                    )
+                    seeds = frame[
+                        (frame["arm"] == arm)
+                        & (frame["method"] == method_name)
+                        & (frame["region"] == region)
+                        & (frame["signature"] == name)
+                    ]["adoption"]
+                    axis.scatter(
+                        [x + 0.06] * len(seeds), seeds, s=10, color=f"C{offset}", alpha=0.5
+                    )
             axis.axhline(0.0, color="grey", linewidth=0.8)
             axis.set_xticks(range(len(REGIONS)), [f"{r} instances" for r in REGIONS])
             axis.set_title(f"{ARM_TITLES[arm]}: {name} signature", fontsize="medium")
@@ -715,8 +918,9 @@ def plot(frame: pd.DataFrame, summary: pd.DataFrame, path: str | Path) -> None:
     plt.close(figure)
 
 
-def _design_lines(config: Mapping[str, Any], seeds: Sequence[int], pct: int,
-                  arm_names: Sequence[str]) -> list[str]:  # fmt: skip
+def _design_lines(
+    config: Mapping[str, Any], seeds: Sequence[int], pct: int, arm_names: Sequence[str]
+) -> list[str]:
     """Hypothesis, setup, controls, measure and decision rule: what the report states before
     any number."""
     lines = [
@@ -740,8 +944,9 @@ def _design_lines(config: Mapping[str, Any], seeds: Sequence[int], pct: int,
     controls = [a for a in CONTROLS if a in arm_names]
     if controls:
         lines += ["**Controls** (same training: steps, β, seeds, base model):", ""]
-        lines += [f"- {ARM_TITLES[a]}: {ARM[a].words}. Expected: {ARM[a].expect}."
-                  for a in controls]  # fmt: skip
+        lines += [
+            f"- {ARM_TITLES[a]}: {ARM[a].words}. Expected: {ARM[a].expect}." for a in controls
+        ]
         lines.append("")
     lines += [
         "**Measure.** On held-out images, the change of each aligned model's output over the "
@@ -767,8 +972,10 @@ def _result_rows(summary: pd.DataFrame, arm: str) -> list[str]:
     rows = []
     for method_name in sorted(set(summary.loc[summary["arm"] == arm, "method"])):
         for name in SETTINGS:
-            cells = [_fmt(*(_row(summary, arm, method_name, region, name)[["mean", "low", "high"]]))
-                     for region in REGIONS]  # fmt: skip
+            cells = [
+                _fmt(*(_row(summary, arm, method_name, region, name)[["mean", "low", "high"]]))
+                for region in REGIONS
+            ]
             rows.append(f"| {method_name} | {name} | {cells[0]} | {cells[1]} |")
     return rows
 
@@ -788,33 +995,50 @@ def section(
     level = float(config["ci_level"])
     pct = int(round(level * 100))
     arm_names = [a for a in REPORT_ORDER if a in set(summary["arm"])]
-    lines = ["## Figure 1 study: does image-level preference teach a local artifact?", "",
-             "A controlled study where the truth is known (`snakemake study`; design and past "
-             "runs: docs/study.md; full report: `results/study/report.md`).", "",
-             *_design_lines(config, seeds, pct, arm_names), "",
-             f"Adoption on {held_out} held-out images, mean over {len(seeds)} seeds [{pct}% t "
-             "interval]; the checkerboard where it is planted (textured instances), the cast "
-             "where it is planted (smooth instances):", "",
-             "| arm | method | checkerboard on textured | cast on smooth |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Figure 1 study: does image-level preference teach a local artifact?",
+        "",
+        "A controlled study where the truth is known (`snakemake study`; design and past "
+        "runs: docs/study.md; full report: `results/study/report.md`).",
+        "",
+        *_design_lines(config, seeds, pct, arm_names),
+        "",
+        f"Adoption on {held_out} held-out images, mean over {len(seeds)} seeds [{pct}% t "
+        "interval]; the checkerboard where it is planted (textured instances), the cast "
+        "where it is planted (smooth instances):",
+        "",
+        "| arm | method | checkerboard on textured | cast on smooth |",
+        "|---|---|---|---|",
+    ]
     for arm in arm_names:
         for method_name in sorted(set(summary.loc[summary["arm"] == arm, "method"])):
             checker = _row(summary, arm, method_name, "textured", CHECKER)
             cast = _row(summary, arm, method_name, "smooth", CAST)
-            lines.append(f"| {ARM_TITLES[arm]} | {method_name} | "
-                         f"{_fmt(checker['mean'], checker['low'], checker['high'])} | "
-                         f"{_fmt(cast['mean'], cast['low'], cast['high'])} |")  # fmt: skip
-    lines += ["", f"Main arm, paired DPO − DSPO checkerboard adoption on textured instances: "
-              f"{_fmt(*difference[:3])} over {difference[3]} seeds.", "",
-              f"**Outcome: {outcome}.**", ""]  # fmt: skip
+            lines.append(
+                f"| {ARM_TITLES[arm]} | {method_name} | "
+                f"{_fmt(checker['mean'], checker['low'], checker['high'])} | "
+                f"{_fmt(cast['mean'], cast['low'], cast['high'])} |"
+            )
+    lines += [
+        "",
+        f"Main arm, paired DPO − DSPO checkerboard adoption on textured instances: "
+        f"{_fmt(*difference[:3])} over {difference[3]} seeds.",
+        "",
+        f"**Outcome: {outcome}.**",
+        "",
+    ]
     negative = negative_reading(summary)
     if negative:
         lines += [negative, ""]
     steps = {
         k: train[k] for k in ("max_steps", "batch_size", "learning_rate", "beta") if k in train
     }
-    lines += [f"Training of every arm: {json.dumps(steps)}; the seeds vary the batch order and "
-              "the prompt drops only, so the intervals describe training noise, not image "
-              "sampling.", ""]  # fmt: skip
+    lines += [
+        f"Training of every arm: {json.dumps(steps)}; the seeds vary the batch order and "
+        "the prompt drops only, so the intervals describe training noise, not image "
+        "sampling.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -844,10 +1068,46 @@ def report(
     seeds = sorted(set(frame["seed"]))
     arm_names = [a for a in REPORT_ORDER if a in set(frame["arm"])]
     pct = int(round(level * 100))
-    lines = ["# Controlled study: the Figure 1 dilemma", "",
-             "## Hypothesis, measure, controls and decision rule (fixed before the numbers)", "",
-             *_design_lines(config, seeds, pct, arm_names), "",
-             "## What the select stage made of the candidates", ""]  # fmt: skip
+    lines = [
+        "# Controlled study: the Figure 1 dilemma",
+        "",
+        "## Hypothesis, measure, controls and decision rule (fixed before the numbers)",
+        "",
+        *_design_lines(config, seeds, pct, arm_names),
+        "",
+        "## What the select stage made of the candidates",
+        "",
+    ]
+    lines += _selection_lines(arm_names, pairs_dirs, regions, scores_paths)
+    lines += _result_lines(frame, meta, summary, difference, outcome, arm_names)
+    lines += _seed_lines(frame, seeds, arm_names)
+    lines += _training_lines(aligned, train, plot_path)
+    plot(frame, summary, plot_path)
+    with atomic_path(out_path) as temporary:
+        Path(temporary).write_text("\n".join(lines))
+    if section_path is not None:
+        text = section(
+            summary=summary,
+            difference=difference,
+            outcome=outcome,
+            config=config,
+            train=train,
+            seeds=seeds,
+            held_out=len(meta.get("images", [])),
+        )
+        with atomic_path(section_path) as temporary:
+            Path(temporary).write_text(text)
+    return outcome
+
+
+def _selection_lines(
+    arm_names: Sequence[str],
+    pairs_dirs: Mapping[str, str | Path],
+    regions: pd.DataFrame,
+    scores_paths: Mapping[str, str | Path],
+) -> list[str]:
+    """One bullet per arm: what the select stage made of its candidates, against the design."""
+    lines = []
     for arm in arm_names:
         truth = pair_truth(pairs_dirs[arm], regions, arm)
         scores = read_table(scores_paths[arm], "scores")
@@ -856,66 +1116,127 @@ def report(
         )
         first, second = ARM[arm].candidates
         gap = (whole[first] - whole[second]).to_numpy()
-        lines += [f"- **{ARM_TITLES[arm]}** ({ARM[arm].words}): {truth['images']} training "
-                  f"images, {truth['instances']} instances ({truth['textured_instances']} "
-                  f"textured). Image-level pairs: {truth['image_pairs']}, winner "
-                  f"`{ARM[arm].image_winner}` in {truth['image_winner_expected']} (whole-image "
-                  f"PSNR of `{first}` − `{second}`: median {np.median(gap):+.2f} dB, min "
-                  f"{gap.min():+.2f} dB). Instance-level pairs: {truth['instance_pairs']} "
-                  f"(intended: {truth['instances_with_pairs_expected']}), winner as intended "
-                  f"in {truth['instance_winner_expected']}."]  # fmt: skip
-    lines += ["", "## Result", "",
-              f"Held-out images: {len(meta.get('images', []))} (`{meta.get('data')}`), "
-              f"{frame['n_pixels'].max() if len(frame) else 0} pixels at most per region kind. "
-              f"Planted amplitudes (main arm; every arm's adoption is in these units): "
-              f"checkerboard {meta['amplitudes'][CHECKER]:.4f}, cast (mean) "
-              f"{meta['amplitudes'][CAST]:.4f}.", ""]  # fmt: skip
+        lines += [
+            f"- **{ARM_TITLES[arm]}** ({ARM[arm].words}): {truth['images']} training "
+            f"images, {truth['instances']} instances ({truth['textured_instances']} "
+            f"textured). Image-level pairs: {truth['image_pairs']}, winner "
+            f"`{ARM[arm].image_winner}` in {truth['image_winner_expected']} (whole-image "
+            f"PSNR of `{first}` − `{second}`: median {np.median(gap):+.2f} dB, min "
+            f"{gap.min():+.2f} dB). Instance-level pairs: {truth['instance_pairs']} "
+            f"(intended: {truth['instances_with_pairs_expected']}), winner as intended "
+            f"in {truth['instance_winner_expected']}."
+        ]
+    return lines
+
+
+def _result_lines(
+    frame: pd.DataFrame,
+    meta: Mapping[str, Any],
+    summary: pd.DataFrame,
+    difference: tuple[float, float, float, int],
+    outcome: str,
+    arm_names: Sequence[str],
+) -> list[str]:
+    """The report's result: the held-out set, each arm's adoption table, outcome and controls."""
+    lines = [
+        "",
+        "## Result",
+        "",
+        f"Held-out images: {len(meta.get('images', []))} (`{meta.get('data')}`), "
+        f"{frame['n_pixels'].max() if len(frame) else 0} pixels at most per region kind. "
+        f"Planted amplitudes (main arm; every arm's adoption is in these units): "
+        f"checkerboard {meta['amplitudes'][CHECKER]:.4f}, cast (mean) "
+        f"{meta['amplitudes'][CAST]:.4f}.",
+        "",
+    ]
     for arm in arm_names:
-        lines += [f"### {ARM_TITLES[arm].capitalize()}", "", f"Expected: {ARM[arm].expect}.", "",
-                  "| method | signature | textured instances | smooth instances |",
-                  "|---|---|---|---|", *_result_rows(summary, arm), ""]  # fmt: skip
+        lines += [
+            f"### {ARM_TITLES[arm].capitalize()}",
+            "",
+            f"Expected: {ARM[arm].expect}.",
+            "",
+            "| method | signature | textured instances | smooth instances |",
+            "|---|---|---|---|",
+            *_result_rows(summary, arm),
+            "",
+        ]
         if arm == MAIN:
-            lines += [f"Paired DPO − DSPO checkerboard adoption on textured instances: "
-                      f"{_fmt(*difference[:3])} over {difference[3]} seeds.", ""]  # fmt: skip
+            lines += [
+                f"Paired DPO − DSPO checkerboard adoption on textured instances: "
+                f"{_fmt(*difference[:3])} over {difference[3]} seeds.",
+                "",
+            ]
     control = positive_control_adopts(summary)
     lines += [f"**Outcome: {outcome}.**", ""]
     if control is not None:
-        lines += [f"Positive control: Diffusion-DPO {'adopts' if control else 'does not adopt'} "
-                  "the checkerboard its winners carry (interval "
-                  f"{'above' if control else 'not above'} 0).", ""]  # fmt: skip
+        lines += [
+            f"Positive control: Diffusion-DPO {'adopts' if control else 'does not adopt'} "
+            "the checkerboard its winners carry (interval "
+            f"{'above' if control else 'not above'} 0).",
+            "",
+        ]
     negative = negative_reading(summary)
     if negative:
         lines += [negative, ""]
-    lines += ["Per seed (adoption of the checkerboard on textured instances):", "",
-              "| arm | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    return lines
+
+
+def _seed_lines(frame: pd.DataFrame, seeds: Sequence[int], arm_names: Sequence[str]) -> list[str]:
+    """The per-seed table: each arm and method's checkerboard adoption on textured instances."""
+    lines = [
+        "Per seed (adoption of the checkerboard on textured instances):",
+        "",
+        "| arm | method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
     for arm in arm_names:
         for method_name in sorted(set(frame.loc[frame["arm"] == arm, "method"])):
-            values = frame[(frame["arm"] == arm) & (frame["method"] == method_name)
-                           & (frame["region"] == "textured")
-                           & (frame["signature"] == CHECKER)].set_index("seed")["adoption"]  # fmt: skip
-            lines.append(f"| {ARM_TITLES[arm]} | {method_name} | " + " | ".join(
-                f"{values.get(s, float('nan')):+.4f}" for s in seeds) + " |")  # fmt: skip
+            values = frame[
+                (frame["arm"] == arm)
+                & (frame["method"] == method_name)
+                & (frame["region"] == "textured")
+                & (frame["signature"] == CHECKER)
+            ].set_index("seed")["adoption"]
+            lines.append(
+                f"| {ARM_TITLES[arm]} | {method_name} | "
+                + " | ".join(f"{values.get(s, float('nan')):+.4f}" for s in seeds)
+                + " |"
+            )
+    return lines
+
+
+def _training_lines(
+    aligned: Mapping[tuple[str, str, int], str | Path],
+    train: Mapping[str, Any],
+    plot_path: str | Path,
+) -> list[str]:
+    """The training table (last logged step per aligned model), its settings and the plot."""
     training = train_summary(aligned)
-    lines += ["", "Training (the real train stage; last logged step):", "",
-              "| arm | method | seed | steps | loss first → last | implicit accuracy (last) |",
-              "|---|---|---|---|---|---|",
-              *(f"| {ARM_TITLES[r.arm]} | {r.method} | {r.seed} | {r.steps} | "
-                f"{r.loss_first:.4f} → {r.loss_last:.4f} | {r.accuracy_last:.2f} |"
-                for r in training.itertuples()),
-              "",
-              "Train settings: " + json.dumps({k: train[k] for k in ("max_steps", "batch_size",
-                                               "learning_rate", "beta", "k") if k in train}) + ".",
-              "", f"![adoption]({Path(plot_path).name})", ""]  # fmt: skip
-    plot(frame, summary, plot_path)
-    with atomic_path(out_path) as temporary:
-        Path(temporary).write_text("\n".join(lines))
-    if section_path is not None:
-        text = section(summary=summary, difference=difference, outcome=outcome, config=config,
-                       train=train, seeds=seeds, held_out=len(meta.get("images", [])))  # fmt: skip
-        with atomic_path(section_path) as temporary:
-            Path(temporary).write_text(text)
-    return outcome
+    return [
+        "",
+        "Training (the real train stage; last logged step):",
+        "",
+        "| arm | method | seed | steps | loss first → last | implicit accuracy (last) |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {ARM_TITLES[r.arm]} | {r.method} | {r.seed} | {r.steps} | "
+            f"{r.loss_first:.4f} → {r.loss_last:.4f} | {r.accuracy_last:.2f} |"
+            for r in training.itertuples()
+        ),
+        "",
+        "Train settings: "
+        + json.dumps(
+            {
+                k: train[k]
+                for k in ("max_steps", "batch_size", "learning_rate", "beta", "k")
+                if k in train
+            }
+        )
+        + ".",
+        "",
+        f"![adoption]({Path(plot_path).name})",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -945,8 +1266,9 @@ def _by_arm(values: Sequence[str], option: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline study",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline study", description=__doc__.splitlines()[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="one arm's candidates, regions and scores")
     b.add_argument("--arm", default=MAIN, choices=sorted(ARM))
@@ -980,22 +1302,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = settings.resolve("study", settings.cli_config(args.config))
     if args.command == "build":
-        counts = build(data_dir=args.data, prompts_path=args.prompts, masks_path=args.masks,
-                       model_dir=args.model, out_dir=args.out, scores_path=args.scores,
-                       config=config, arm=args.arm, seed=args.seed)  # fmt: skip
+        counts = build(
+            data_dir=args.data,
+            prompts_path=args.prompts,
+            masks_path=args.masks,
+            model_dir=args.model,
+            out_dir=args.out,
+            scores_path=args.scores,
+            config=config,
+            arm=args.arm,
+            seed=args.seed,
+        )
         print(json.dumps(counts), file=sys.stderr)
     elif args.command == "measure":
-        measure(data_dir=args.data, prompts_path=args.prompts, masks_path=args.masks,
-                pretrained_dir=args.pretrained, aligned=_aligned_args(args.aligned),
-                regions_path=args.regions, out_path=args.out, config=config)  # fmt: skip
+        measure(
+            data_dir=args.data,
+            prompts_path=args.prompts,
+            masks_path=args.masks,
+            pretrained_dir=args.pretrained,
+            aligned=_aligned_args(args.aligned),
+            regions_path=args.regions,
+            out_path=args.out,
+            config=config,
+        )
     else:
-        outcome = report(adoption_path=args.adoption,
-                         pairs_dirs=_by_arm(args.pairs_dir, "--pairs-dir"),
-                         regions_path=args.regions, scores_paths=_by_arm(args.scores, "--scores"),
-                         aligned=_aligned_args(args.aligned), out_path=args.out,
-                         plot_path=args.plot, config=config,
-                         train=settings.cli_config(args.train_config),
-                         section_path=args.section)  # fmt: skip
+        outcome = report(
+            adoption_path=args.adoption,
+            pairs_dirs=_by_arm(args.pairs_dir, "--pairs-dir"),
+            regions_path=args.regions,
+            scores_paths=_by_arm(args.scores, "--scores"),
+            aligned=_aligned_args(args.aligned),
+            out_path=args.out,
+            plot_path=args.plot,
+            config=config,
+            train=settings.cli_config(args.train_config),
+            section_path=args.section,
+        )
         print(f"study outcome: {outcome}", file=sys.stderr)
     return 0
 

@@ -423,26 +423,8 @@ def gather(
     return rates
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline winrates", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--hq-table-of", type=Path, help="write the HQ table of this evaluation")
-    parser.add_argument(
-        "--evaluations",
-        nargs="*",
-        type=Path,
-        default=[],
-        help="eval/{framework}/{testset}/{model} folders (or their shard I), pretrained among them",
-    )
-    parser.add_argument("--masks", type=Path, help="the test set's label maps (segment output)")
-    parser.add_argument("--instances", type=Path, help="the test set's instances table")
-    parser.add_argument(
-        "--shard",
-        default=None,
-        help="I-of-K: score the test images of shard I and write their "
-        "win_instances table at --out (not the win rates)",
-    )
+def add_gather_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the gather (docs/design.md §15): the shards' tables and where each goes."""
     parser.add_argument(
         "--gather",
         nargs="+",
@@ -476,6 +458,30 @@ def main(argv: list[str] | None = None) -> int:
         help="with --gather: the shards' test instances tables, gathered at --out-instances",
     )
     parser.add_argument("--out-instances", type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m pipeline winrates`` (module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline winrates", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--hq-table-of", type=Path, help="write the HQ table of this evaluation")
+    parser.add_argument(
+        "--evaluations",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="eval/{framework}/{testset}/{model} folders (or their shard I), pretrained among them",
+    )
+    parser.add_argument("--masks", type=Path, help="the test set's label maps (segment output)")
+    parser.add_argument("--instances", type=Path, help="the test set's instances table")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="I-of-K: score the test images of shard I and write their "
+        "win_instances table at --out (not the win rates)",
+    )
+    add_gather_arguments(parser)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument(
         "--config",
@@ -483,20 +489,31 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON (or a file): models {name: objective}, objectives, score, tie_tolerance",
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def gather_pairs(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> dict[str, tuple[list[Path], Path] | None]:
+    """``{hq, masks, instances: (shard outputs, out) or None}`` of the command line's gathers."""
+    pairs = {}
+    for name in ("hq", "masks", "instances"):
+        given, out = getattr(args, f"{name}_shards"), getattr(args, f"out_{name}")
+        if (given is None) != (out is None):
+            parser.error(f"--{name}-shards and --out-{name} go together")
+        pairs[name] = None if given is None else (given, out)
+    return pairs
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The command line's job: the HQ table, the gather, one shard's scores or the win rates."""
     if args.hq_table_of is not None:
         hq_table(args.hq_table_of, args.out)
         return 0
     text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
     config = json.loads(text)
     if args.gather is not None:
-        pairs = {}
-        for name in ("hq", "masks", "instances"):
-            given, out = getattr(args, f"{name}_shards"), getattr(args, f"out_{name}")
-            if (given is None) != (out is None):
-                parser.error(f"--{name}-shards and --out-{name} go together")
-            pairs[name] = None if given is None else (given, out)
-        gather(args.gather, args.out, config, args.seed, **pairs)
+        gather(args.gather, args.out, config, args.seed, **gather_pairs(args, parser))
         return 0
     if args.shard is not None:
         frame = shard_instances(
@@ -516,6 +533,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"winrates: {len(frame)} models in {args.out}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline winrates``: parse the command line, then :func:`run`."""
+    parser = build_parser()
+    return run(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

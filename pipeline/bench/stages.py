@@ -61,6 +61,7 @@ a fit that explains little of the measurements is not a cost model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -622,6 +623,32 @@ class Recorder:
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class ChainFiles:
+    """What one chain (:func:`run_chain`) writes in its folder that its frameworks share."""
+
+    folder: Path
+    logs: Path
+    data: Path
+    prompts: Path
+    test_prompts: Path
+    masks: Path
+    instances: Path
+
+    @classmethod
+    def under(cls, folder: Path) -> ChainFiles:
+        """The chain's files in ``folder``."""
+        return cls(
+            folder=folder,
+            logs=folder / "logs",
+            data=folder / "data",
+            prompts=folder / "prompts.parquet",
+            test_prompts=folder / "prompts_test.parquet",
+            masks=folder / "masks.zarr",
+            instances=folder / "instances.parquet",
+        )
+
+
 def run_chain(
     chain: Chain,
     recorder: Recorder,
@@ -633,117 +660,144 @@ def run_chain(
 ) -> None:
     """One chain of the data stages at ``count`` images of ``size`` px, into ``folder``."""
     point = {"images": count, "megapixels": size * size / 1e6, "size": size}
-    record = recorder.record
-    logs = folder / "logs"
-    source = write_sources(folder / "source", count, size)
-    data, prompts = folder / "data", folder / "prompts.parquet"
-    if not record("degrade", point, chain.degrade, source, size, data, logs / "degrade.log"):
+    files = ChainFiles.under(folder)
+    if not run_data_stages(chain, recorder, point, files, size, count):
         return
-    if not record("prompts", point, chain.prompts, data, "train", prompts, logs / "prompts.log"):
-        return
-    test_prompts = folder / "prompts_test.parquet"
-    record(
-        "prompts", point, chain.prompts, data, "synthetic", test_prompts, logs / "prompts_test.log"
-    )
-    masks, instances = folder / "masks.zarr", folder / "instances.parquet"
     hq_frame = chain.segment_source() == "hq"
     if hq_frame:
-        record(
+        recorder.record(
             "segment",
             point,
             chain.segment,
-            ["--data", str(data)],
-            masks,
-            instances,
-            logs / "segment.log",
+            ["--data", str(files.data)],
+            files.masks,
+            files.instances,
+            files.logs / "segment.log",
         )
     for fw in frameworks:
-        out = folder / fw
-        candidates = out / "candidates"
-        chosen = {v: models[fw][v] for v in chain.candidate_variants(fw)}
-        if not record(
-            f"candidates/{fw}",
-            point,
-            chain.candidates,
-            fw,
-            chosen,
-            data,
-            prompts,
-            candidates,
-            logs / f"candidates_{fw}.log",
-        ):
-            continue
-        fw_masks, fw_instances = masks, instances
-        if not hq_frame:
-            fw_masks, fw_instances = out / "masks.zarr", out / "instances.parquet"
-            images = [
-                "--candidates",
-                str(candidates / contracts.CANDIDATES_TABLE),
-                "--setting",
-                chain.segment_source(),
-            ]
-            record(
-                "segment",
-                point,
-                chain.segment,
-                images,
-                fw_masks,
-                fw_instances,
-                logs / f"segment_{fw}.log",
-            )
-        if not fw_masks.exists():
-            continue
-        captions, scores = out / "captions.parquet", out / "scores.parquet"
-        inputs = (data, candidates, fw_masks, fw_instances)
-        record("caption", point, chain.caption, *inputs, captions, logs / f"caption_{fw}.log")
-        record("score", point, chain.score, *inputs, scores, logs / f"score_{fw}.log")
-        if captions.exists() and scores.exists():
-            record(
-                "select",
-                point,
-                chain.select,
-                scores,
-                fw_instances,
-                captions,
-                out / "pairs",
-                logs / f"select_{fw}.log",
-            )
+        run_framework(chain, recorder, models, fw, point, files, hq_frame)
+
+
+def run_data_stages(
+    chain: Chain,
+    recorder: Recorder,
+    point: Mapping[str, Any],
+    files: ChainFiles,
+    size: int,
+    count: int,
+) -> bool:
+    """A chain's sources, degrade and prompts; False when nothing after them can run."""
+    record, logs, data = recorder.record, files.logs, files.data
+    source = write_sources(files.folder / "source", count, size)
+    if not record("degrade", point, chain.degrade, source, size, data, logs / "degrade.log"):
+        return False
+    if not record(
+        "prompts", point, chain.prompts, data, "train", files.prompts, logs / "prompts.log"
+    ):
+        return False
+    record(
+        "prompts",
+        point,
+        chain.prompts,
+        data,
+        "synthetic",
+        files.test_prompts,
+        logs / "prompts_test.log",
+    )
+    return True
+
+
+def run_framework(
+    chain: Chain,
+    recorder: Recorder,
+    models: Mapping[str, Mapping[str, Path]],
+    fw: str,
+    point: Mapping[str, Any],
+    files: ChainFiles,
+    hq_frame: bool,
+) -> None:
+    """One framework's candidates, segment, caption, score, select and evaluations of a chain."""
+    record, logs = recorder.record, files.logs
+    out = files.folder / fw
+    candidates = out / "candidates"
+    chosen = {v: models[fw][v] for v in chain.candidate_variants(fw)}
+    if not record(
+        f"candidates/{fw}",
+        point,
+        chain.candidates,
+        fw,
+        chosen,
+        files.data,
+        files.prompts,
+        candidates,
+        logs / f"candidates_{fw}.log",
+    ):
+        return
+    masks, instances = files.masks, files.instances
+    if not hq_frame:
+        masks, instances = out / "masks.zarr", out / "instances.parquet"
+        images = [
+            "--candidates",
+            str(candidates / contracts.CANDIDATES_TABLE),
+            "--setting",
+            chain.segment_source(),
+        ]
         record(
-            "evaluate/bicubic",
+            "segment", point, chain.segment, images, masks, instances, logs / f"segment_{fw}.log"
+        )
+    if not masks.exists():
+        return
+    captions, scores = out / "captions.parquet", out / "scores.parquet"
+    inputs = (files.data, candidates, masks, instances)
+    record("caption", point, chain.caption, *inputs, captions, logs / f"caption_{fw}.log")
+    record("score", point, chain.score, *inputs, scores, logs / f"score_{fw}.log")
+    if captions.exists() and scores.exists():
+        pairs = out / "pairs"
+        log = logs / f"select_{fw}.log"
+        record("select", point, chain.select, scores, instances, captions, pairs, log)
+    evaluate_framework(chain, recorder, models, fw, point, files)
+
+
+def evaluate_framework(
+    chain: Chain,
+    recorder: Recorder,
+    models: Mapping[str, Mapping[str, Path]],
+    fw: str,
+    point: Mapping[str, Any],
+    files: ChainFiles,
+) -> None:
+    """One framework's evaluations of a chain (bicubic, pretrained, aligned) and win rates."""
+    record, logs = recorder.record, files.logs
+    out = files.folder / fw
+    record(
+        "evaluate/bicubic",
+        point,
+        chain.evaluate,
+        "bicubic",
+        "bicubic",
+        files.data,
+        files.test_prompts,
+        out / "eval" / "bicubic",
+        logs / f"evaluate_{fw}_bicubic.log",
+    )
+    evaluations = {}
+    for name in (model_names.PRETRAINED, ALIGNED_MODEL.name):
+        if record(
+            f"evaluate/{fw}",
             point,
             chain.evaluate,
-            "bicubic",
-            "bicubic",
-            data,
-            test_prompts,
-            out / "eval" / "bicubic",
-            logs / f"evaluate_{fw}_bicubic.log",
-        )
-        evaluations = {}
-        for name in (model_names.PRETRAINED, ALIGNED_MODEL.name):
-            if record(
-                f"evaluate/{fw}",
-                point,
-                chain.evaluate,
-                models[fw]["base"],
-                name,
-                data,
-                test_prompts,
-                out / "eval" / name,
-                logs / f"evaluate_{fw}_{name}.log",
-            ):
-                evaluations[name] = out / "eval" / name
-        if len(evaluations) == 2:
-            objective = ALIGNED_MODEL.objective
-            record(
-                "winrates",
-                point,
-                chain.winrates,
-                evaluations,
-                objective,
-                out / "winrates",
-                logs / f"winrates_{fw}.log",
-            )
+            models[fw]["base"],
+            name,
+            files.data,
+            files.test_prompts,
+            out / "eval" / name,
+            logs / f"evaluate_{fw}_{name}.log",
+        ):
+            evaluations[name] = out / "eval" / name
+    if len(evaluations) == 2:
+        objective = ALIGNED_MODEL.objective
+        log = logs / f"winrates_{fw}.log"
+        record("winrates", point, chain.winrates, evaluations, objective, out / "winrates", log)
 
 
 def build_models(
@@ -1161,61 +1215,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import load_config
-
-    args = parse_args(argv)
-    timing.pin_threads(args.threads)
-    config = load_config(args.configfile, [f"threads={args.threads}"])
-    root = settings.resolve("", config)
-    frameworks = args.frameworks or list(root["frameworks"])
-    env = {
+def job_env(code_root: str | Path) -> dict[str, str]:
+    """The jobs' environment: this one, offline, unbuffered, ``code_root`` on ``PYTHONPATH``."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
-            [str(Path(args.code_root).resolve()), os.environ.get("PYTHONPATH", "")]
+            [str(Path(code_root).resolve()), os.environ.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep),
         "DSPO_ALLOW_DOWNLOADS": "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    own_scratch = args.scratch is None
-    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-stages-")).resolve()
-    if not os.access(Path(args.code_root) / "pipeline", os.W_OK):  # a read-only baseline
-        env["PYTHONPYCACHEPREFIX"] = str(scratch / "pycache")
-    started = time.perf_counter()
-    try:
-        chain = Chain(config, scratch, env, Path(args.workdir or scratch).resolve())
-        recorder = Recorder()
-        smallest = (min(args.sizes), min(args.counts))
-        models = build_models(
-            chain, recorder, scratch / "setup", frameworks, *smallest, args.pretrain_steps
+
+
+def run_rounds(
+    chain: Chain,
+    recorder: Recorder,
+    args: argparse.Namespace,
+    scratch: Path,
+    frameworks: Sequence[str],
+) -> None:
+    """The bench's jobs in ``scratch``: models, warm-up chains, timed rounds, training."""
+    smallest = (min(args.sizes), min(args.counts))
+    models = build_models(
+        chain, recorder, scratch / "setup", frameworks, *smallest, args.pretrain_steps
+    )
+    points = [(size, count) for size in args.sizes for count in args.counts]
+    recorder.timed = False
+    for index in range(args.warmup):  # one image: imports, byte code, file cache
+        run_chain(chain, recorder, models, smallest[0], 1, scratch / f"warmup{index}", frameworks)
+    recorder.timed = True
+    first = None
+    for repeat in range(args.repeats):
+        for size, count in points:
+            folder = scratch / f"r{repeat}" / f"{size}px_{count}"
+            run_chain(chain, recorder, models, size, count, folder, frameworks)
+            first = first or folder
+    if args.train_methods and first is not None:
+        measure_training(
+            chain, recorder, models, first, frameworks, args.train_methods, args.train_steps
         )
-        points = [(size, count) for size in args.sizes for count in args.counts]
-        recorder.timed = False
-        for index in range(args.warmup):  # one image: imports, byte code, file cache
-            run_chain(
-                chain, recorder, models, smallest[0], 1, scratch / f"warmup{index}", frameworks
-            )
-        recorder.timed = True
-        first = None
-        for repeat in range(args.repeats):
-            for size, count in points:
-                folder = scratch / f"r{repeat}" / f"{size}px_{count}"
-                run_chain(chain, recorder, models, size, count, folder, frameworks)
-                first = first or folder
-        if args.train_methods and first is not None:
-            measure_training(
-                chain, recorder, models, first, frameworks, args.train_methods, args.train_steps
-            )
-    finally:
-        if own_scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-    costs = build_costs(recorder, args, config, frameworks, time.perf_counter() - started)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(costs, indent=1) + "\n")
-    result = {
+
+
+def bench_result(
+    costs: Mapping[str, Any], recorder: Recorder, args: argparse.Namespace, out: Path
+) -> dict[str, Any]:
+    """The JSON object the bench prints (before :func:`pipeline.bench.timing.finish`)."""
+    return {
         "benchmark": "stages",
         "costs_file": str(out),
         **{k: costs[k] for k in ("label", "measured_on", "sizes", "counts", "repeats")},
@@ -1232,7 +1279,11 @@ def main(argv: list[str] | None = None) -> int:
             s for s in DATA_STAGES if not any(k.split("/")[0] == s for k in costs["stages"])
         ],
     }
-    shares = [e["fits"][args.basis]["fit"]["residual_share"] for e in costs["stages"].values()]
+
+
+def bench_targets(costs: Mapping[str, Any], recorder: Recorder, basis: str) -> list[timing.Target]:
+    """The ``--check`` targets: the fits explain the seconds, and every stage CLI ran."""
+    shares = [e["fits"][basis]["fit"]["residual_share"] for e in costs["stages"].values()]
     targets = [
         timing.Target(
             "fit_residual_share",
@@ -1246,7 +1297,37 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(
             timing.Target("failed_stages", len(recorder.failed), "<=", 0, "every stage CLI ran")
         )
-    return timing.finish(result, targets, args)
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline bench stages``: run the jobs, write the costs file, report."""
+    from pipeline.config import load_config
+
+    args = parse_args(argv)
+    timing.pin_threads(args.threads)
+    config = load_config(args.configfile, [f"threads={args.threads}"])
+    root = settings.resolve("", config)
+    frameworks = args.frameworks or list(root["frameworks"])
+    env = job_env(args.code_root)
+    own_scratch = args.scratch is None
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-stages-")).resolve()
+    if not os.access(Path(args.code_root) / "pipeline", os.W_OK):  # a read-only baseline
+        env["PYTHONPYCACHEPREFIX"] = str(scratch / "pycache")
+    started = time.perf_counter()
+    try:
+        chain = Chain(config, scratch, env, Path(args.workdir or scratch).resolve())
+        recorder = Recorder()
+        run_rounds(chain, recorder, args, scratch, frameworks)
+    finally:
+        if own_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    costs = build_costs(recorder, args, config, frameworks, time.perf_counter() - started)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(costs, indent=1) + "\n")
+    result = bench_result(costs, recorder, args, out)
+    return timing.finish(result, bench_targets(costs, recorder, args.basis), args)
 
 
 if __name__ == "__main__":

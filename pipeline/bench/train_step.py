@@ -236,6 +236,81 @@ def check_train_methods(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def bench_pair(
+    image_id: str, instance_id: int, weight: float, winner: str, loser: str, margin: float
+) -> dict[str, Any]:
+    """One ``preference_pairs`` row of the synthetic training split."""
+    return {
+        "image_id": image_id,
+        "instance_id": instance_id,
+        "weight": weight,
+        "winner": winner,
+        "loser": loser,
+        "margin": margin,
+        "negative_prompt": "",
+        "source": "bench",
+    }
+
+
+def write_candidates(
+    root: Path,
+    image_id: str,
+    hq: np.ndarray,
+    names: Sequence[str],
+    seed: int,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """A noisy copy of ``hq`` per setting of ``names`` under ``root/candidates``; their rows."""
+    rows = []
+    for name in names:
+        noisy = hq.astype(np.int16) + rng.integers(-40, 41, hq.shape)
+        path = Path(name) / f"{image_id}.png"
+        write_png(root / "candidates" / path, np.clip(noisy, 0, 255).astype(np.uint8))
+        rows.append(
+            {
+                "image_id": image_id,
+                "setting": name,
+                "variant": "base",
+                "steps": 1,
+                "cfg": 1.0,
+                "seed": seed,
+                "negative_prompt": "",
+                "path": str(path),
+            }
+        )
+    return rows
+
+
+def lq_pairs(
+    image_id: str,
+    labels: np.ndarray,
+    n_instances: int,
+    names: Sequence[str],
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """One LQ's preference rows: a random pair per instance and one image-level pair."""
+    pairs = []
+    for instance_id in range(1, n_instances + 1):
+        win, lose = rng.choice(len(names), size=2, replace=False)
+        weight = float((labels == instance_id).mean())
+        pairs.append(bench_pair(image_id, instance_id, weight, names[win], names[lose], 0.5))
+    pairs.append(bench_pair(image_id, contracts.WHOLE_IMAGE_ID, 1.0, names[0], names[1], 1.0))
+    return pairs
+
+
+def degradation_row(image_id: str) -> dict[str, Any]:
+    """One LQ's ``degradation_pairs`` row (the columns it does not name are None)."""
+    row = dict.fromkeys(SCHEMAS["degradation_pairs"].names)
+    row.update(
+        image_id=image_id,
+        source_id=image_id,
+        split="train",
+        hq_path=f"hq/{image_id}.png",
+        lq_path=f"lq/{image_id}.png",
+    )
+    return row
+
+
 def write_train_inputs(
     root: Path, n_lq: int, n_candidates: int, n_instances: int, size: int, factor: int, seed: int
 ) -> dict[str, Path]:
@@ -253,59 +328,11 @@ def write_train_inputs(
         hq = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         write_png(data / "hq" / f"{image_id}.png", hq)
         write_png(data / "lq" / f"{image_id}.png", hq[::factor, ::factor].copy())
-        for name in settings_names:
-            noisy = hq.astype(np.int16) + rng.integers(-40, 41, hq.shape)
-            path = Path(name) / f"{image_id}.png"
-            write_png(root / "candidates" / path, np.clip(noisy, 0, 255).astype(np.uint8))
-            candidates.append(
-                {
-                    "image_id": image_id,
-                    "setting": name,
-                    "variant": "base",
-                    "steps": 1,
-                    "cfg": 1.0,
-                    "seed": seed,
-                    "negative_prompt": "",
-                    "path": str(path),
-                }
-            )
+        candidates += write_candidates(root, image_id, hq, settings_names, seed, rng)
         labels = np.arange(size)[None, :].repeat(size, 0) * n_instances // size + 1
         label_maps[image_id] = labels.astype(np.uint16)
-        for instance_id in range(1, n_instances + 1):
-            win, lose = rng.choice(n_candidates, size=2, replace=False)
-            pairs.append(
-                {
-                    "image_id": image_id,
-                    "instance_id": instance_id,
-                    "weight": float((labels == instance_id).mean()),
-                    "winner": settings_names[win],
-                    "loser": settings_names[lose],
-                    "margin": 0.5,
-                    "negative_prompt": "",
-                    "source": "bench",
-                }
-            )
-        pairs.append(
-            {
-                "image_id": image_id,
-                "instance_id": contracts.WHOLE_IMAGE_ID,
-                "weight": 1.0,
-                "winner": settings_names[0],
-                "loser": settings_names[1],
-                "margin": 1.0,
-                "negative_prompt": "",
-                "source": "bench",
-            }
-        )
-        row = dict.fromkeys(SCHEMAS["degradation_pairs"].names)
-        row.update(
-            image_id=image_id,
-            source_id=image_id,
-            split="train",
-            hq_path=f"hq/{image_id}.png",
-            lq_path=f"lq/{image_id}.png",
-        )
-        degradations.append(row)
+        pairs += lq_pairs(image_id, labels, n_instances, settings_names, rng)
+        degradations.append(degradation_row(image_id))
     write_table(
         pd.DataFrame(degradations, columns=SCHEMAS["degradation_pairs"].names),
         data / contracts.DATA_TABLE,
