@@ -44,7 +44,7 @@ What is checked (relative paths are read from ``root``, the run's working direct
 :func:`lock_hint` names ``snakemake --unlock`` when Snakemake's lock files are present (a
 killed run leaves them; whether one is stale cannot be told from here, see there).
 
-Candidate settings that cannot differ are refused (issue 12; docs/design.md §9, "a guidance
+Candidate settings that cannot differ are refused (docs/design.md §9, "a guidance
 setting that cannot change the output is a configuration error"):
 
 - one-step: a one-step model runs one step and has no sampling guidance, so ``steps``/``cfg`` in

@@ -1,4 +1,4 @@
-"""Compare two results folders file by file, metadata aside (issue 13, point 7).
+"""Compare two results folders file by file, metadata aside (docs/design.md §15).
 
 ``python scripts/compare_results.py A B`` prints one line per file that differs or exists on one
 side only, and a count; A and B may also be two tables, stores or files. Parquet tables are compared by their rows (the ``dspo`` metadata

@@ -1,4 +1,4 @@
-"""The training step and candidate sampling at paper scale, for a real GPU (issue 18).
+"""The training step and candidate sampling at paper scale, for a real GPU (README, Benchmarks).
 
 ``python -m pipeline bench gpu [--scale sd2|smoke] [--resolution 512] [--batches 1 4]
 [--dtype bf16] [--repeats 3]`` builds the multi-step model (SD 2-base UNet + a ControlNet from

@@ -630,15 +630,11 @@ class DroOnlineRun(MethodRun):
         return {"loss": f"{row['loss']:.2e}", "active": f"{row['hinge_active']:.2f}"}
 
     def finish(self) -> None:
-        # the saved model's description names how it was aligned (the report's weights column),
-        # as ddpo's and gdpo's do: the one-step arm's negatives are the one-step Gaussian policy's
-        negatives = (
-            "one-step Gaussian policy negatives"
-            if self.model.framework == "onestep"
-            else "DDIM trajectory negatives"
+        # as ddpo's and gdpo's: the one-step arm's negatives are the one-step Gaussian policy's
+        onestep = self.model.framework == "onestep"
+        self.name_alignment(
+            "one-step Gaussian policy negatives" if onestep else "DDIM trajectory negatives"
         )
-        weights = self.model.settings.weights
-        self.model.settings.weights = f"{weights} + {self.job.method} ({negatives})"
 
     def metadata(self) -> dict[str, Any]:
         config, job = self.config, self.job

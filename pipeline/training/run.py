@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,14 @@ def trainable_names(model: SRModel) -> dict[str, nn.Parameter]:
 _NOT_FINGERPRINTED = ("max_steps", "checkpoint_every", "keep_checkpoints")
 
 
+def fingerprinted_settings(config: TrainConfig, **fields: Any) -> dict[str, Any]:
+    """The settings a checkpoint must match: the train section but the keys a resumed run may
+    change, and ``fields`` (framework, method, objective, a method's own settings)."""
+    effective = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    effective.update(fields)
+    return effective
+
+
 def run_fingerprint(
     config: TrainConfig,
     *,
@@ -153,8 +162,9 @@ def run_fingerprint(
     of the pairs and candidates tables, of the mask store, of the data folder's table (and of the
     prompts table when one is given), the base model's weight files (or the in-memory model's
     state) and the process layout."""
-    effective = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
-    effective.update(framework=framework, method=method, objective=objective)
+    effective = fingerprinted_settings(
+        config, framework=framework, method=method, objective=objective
+    )
     inputs = {
         "pairs": pairs_path,
         "candidates": candidates_path,

@@ -19,7 +19,7 @@ from pipeline.iqa import MetricRegistry
 from pipeline.models.base import PolicySample, SRModel, upsample_lq
 from pipeline.seeding import torch_generator
 from pipeline.training.config import TrainConfig
-from pipeline.training.run import _NOT_FINGERPRINTED, TrainerBase
+from pipeline.training.run import TrainerBase, fingerprinted_settings
 from pipeline.training.session import MethodRun
 from pipeline.training.step import STAGE
 
@@ -182,10 +182,8 @@ class SampledRun(MethodRun):
 
     def fingerprint_run(self) -> checkpoints.Fingerprint:
         job, config = self.job, self.config
-        effective = {
-            k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED
-        }
-        effective.update(
+        effective = fingerprinted_settings(
+            config,
             framework=job.framework,
             method=job.method,
             objective=job.objective,
@@ -205,10 +203,8 @@ class SampledRun(MethodRun):
         raise NotImplementedError
 
     def finish(self) -> None:
-        # the saved model's description names how it was aligned (the report's weights column)
         self.policy = self.policy_record()
-        weights = self.model.settings.weights
-        self.model.settings.weights = f"{weights} + {self.job.method} ({self.policy['name']})"
+        self.name_alignment(self.policy["name"])
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -150,6 +150,12 @@ class MethodRun:
     def finish(self) -> None:
         """Work after the last step, on every process (EA-Adam's fusion, the model's name)."""
 
+    def name_alignment(self, how: str) -> None:
+        """Append ``+ <method> (<how>)`` to the saved model's weights description, so the
+        report's weights column says how an online method aligned it."""
+        weights = self.model.settings.weights
+        self.model.settings.weights = f"{weights} + {self.job.method} ({how})"
+
     def metadata(self) -> dict[str, Any]:
         """The method's metadata keys (beside the session's; the same key overrides)."""
         return {}
